@@ -1,0 +1,2 @@
+//! # tilt-assets: the default model files
+#![deny(missing_docs)]

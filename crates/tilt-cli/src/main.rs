@@ -1,0 +1,87 @@
+//! `tilt`: inference-time alignment with the exact theory beside every method.
+//!
+//! A thin face: each subcommand parses its flags, calls the libraries, and prints one JSON
+//! object (or JSON lines) on stdout. Exit codes: 0 success, 1 a failure while running,
+//! 2 bad input (clap's usage errors and every input our libraries reject).
+
+mod output;
+mod theory;
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+/// Inference-time alignment of language models, with the exact theory beside every method.
+/// All divergences are in nats.
+#[derive(Debug, Parser)]
+#[command(name = "tilt", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Exact theory on a finite reference distribution: tilts, best-of-n, divergences, bounds,
+    /// asymptotics, calibrated-reward alignment.
+    #[command(subcommand)]
+    Theory(theory::TheoryCommand),
+}
+
+/// An error that should exit with code 2 (the user's input was wrong).
+#[derive(Debug)]
+pub struct UsageError(pub String);
+
+impl std::fmt::Display for UsageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UsageError {}
+
+/// Wrap a library's input-validation error so that `main` exits with code 2.
+pub fn usage(e: impl std::fmt::Display) -> anyhow::Error {
+    anyhow::Error::new(UsageError(e.to_string()))
+}
+
+fn try_main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Theory(cmd) => theory::run(cmd),
+    }
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("TILT_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+    match try_main() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            // A closed pipe (`tilt … | head`) is not an error.
+            if let Some(ioe) = err.downcast_ref::<std::io::Error>() {
+                if ioe.kind() == std::io::ErrorKind::BrokenPipe {
+                    return ExitCode::SUCCESS;
+                }
+            }
+            eprintln!("error: {}", one_line(&err));
+            if err.downcast_ref::<UsageError>().is_some()
+                || err.downcast_ref::<tilt_core::TiltError>().is_some()
+            {
+                ExitCode::from(2)
+            } else {
+                ExitCode::from(1)
+            }
+        }
+    }
+}
+
+/// The error chain on one line: `outer: cause: cause`.
+fn one_line(err: &anyhow::Error) -> String {
+    let parts: Vec<String> = err.chain().map(|e| e.to_string()).collect();
+    parts.join(": ").replace('\n', " ")
+}

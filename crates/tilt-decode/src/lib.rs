@@ -1,0 +1,2 @@
+//! # tilt-decode: inference-time alignment strategies
+#![deny(missing_docs)]
