@@ -15,3 +15,19 @@ pub mod error;
 
 pub use distribution::RewardDistribution;
 pub use error::{Result, TiltError};
+
+pub mod best_of_n;
+pub mod bounds;
+pub mod divergence;
+pub mod frontier;
+pub mod levels;
+pub mod numerics;
+pub mod soft_best_of_n;
+pub mod tilt;
+pub mod win_rate;
+pub mod calibration;
+pub mod infalign;
+pub mod lattice;
+pub mod memoryless;
+pub mod optimize;
+pub mod quadrature;

@@ -4,9 +4,21 @@
 //! and hidden states, forkable KV cache, full-sequence log-probs) and its implementations.
 #![deny(missing_docs)]
 
+pub mod chat_template;
+pub mod gguf;
+pub mod llama;
 pub mod policy;
+pub mod sampling;
+pub mod threads;
+pub mod tokenizer;
+pub mod toy;
 
 pub use policy::{Policy, StepOutput, TokenId};
+pub use chat_template::{ChatMessage, ChatTemplate};
+pub use gguf::GgufFile;
+pub use llama::{Llama, LlamaCache, LlamaConfig, LlamaPolicy, Outputs};
+pub use threads::set_num_threads;
+pub use tokenizer::GgufTokenizer;
 
 /// What can go wrong with a policy model.
 #[derive(Debug, thiserror::Error)]

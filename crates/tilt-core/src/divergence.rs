@@ -1,0 +1,209 @@
+//! Divergences between two pmfs on one finite support, in nats.
+//!
+//! Conventions (derivations.md §0):
+//!
+//! ```text
+//! KL(q‖p)   = Σ q·log(q/p)                          (+∞ if q > 0 where p = 0)
+//! D_α(q‖p)  = log(Σ q^α p^{1−α})/(α − 1),  α ∈ (0,1)∪(1,∞);  D_1 = KL;  D_∞ = log max q/p
+//! TV(q, p)  = ½·Σ|q − p|
+//! χ²(q‖p)   = Σ (q − p)²/p                          (+∞ if q > 0 where p = 0)
+//! H²(q, p)  = ½·Σ(√q − √p)² = 1 − Σ√(qp)  ∈ [0, 1]
+//! ```
+//! The Hellinger convention is the one with the ½ (so H² ≤ 1), and it is summed as squares,
+//! not as `1 − BC`, to avoid cancellation for close pmfs. Rényi divergences are computed
+//! with a log-sum-exp over `α·log q + (1−α)·log p`, so large α does not overflow. The
+//! supports are checked: a divergence that is infinite is returned as `f64::INFINITY`.
+
+use crate::error::{Result, TiltError};
+use crate::numerics::{kl_summand, log_sum_exp, neumaier_sum};
+use serde::Serialize;
+
+fn check(q: &[f64], p: &[f64]) -> Result<()> {
+    for (name, v) in [("q", q), ("p", p)] {
+        if v.is_empty() {
+            return Err(TiltError::invalid(name, "empty list"));
+        }
+        if let Some((i, x)) = v.iter().enumerate().find(|(_, x)| !x.is_finite() || **x < 0.0) {
+            return Err(TiltError::invalid(
+                name,
+                format!("entry {} is {x}; probabilities must be finite and ≥ 0", i + 1),
+            ));
+        }
+    }
+    if q.len() != p.len() {
+        return Err(TiltError::invalid(
+            "p/q",
+            format!("unequal lengths: q has {}, p has {}", q.len(), p.len()),
+        ));
+    }
+    Ok(())
+}
+
+/// KL(q‖p) in nats; +∞ when q puts mass where p has none.
+///
+/// Summed as `Σ_{p>0} p·h(log(q/p)) + Σ_{p>0,q=0} p` with `h(u) = u·e^u − e^u + 1` (equal to
+/// `Σ q log(q/p)` when both sum to 1), term by term non-negative.
+///
+/// # Errors
+/// [`TiltError::InvalidInput`] naming `q`, `p` or both when empty, of unequal length, or
+/// holding a negative or non-finite entry.
+///
+/// ```
+/// use tilt_core::divergence::kl;
+/// let v = kl(&[0.25, 0.75], &[0.5, 0.5]).unwrap();
+/// assert!((v - (0.25f64 * 0.5f64.ln() + 0.75 * 1.5f64.ln())).abs() < 1e-15);
+/// assert_eq!(kl(&[0.5, 0.5], &[1.0, 0.0]).unwrap(), f64::INFINITY);
+/// ```
+pub fn kl(q: &[f64], p: &[f64]) -> Result<f64> {
+    check(q, p)?;
+    if q.iter().zip(p).any(|(&a, &b)| a > 0.0 && b == 0.0) {
+        return Ok(f64::INFINITY);
+    }
+    let v = neumaier_sum(q.iter().zip(p).filter(|(_, &b)| b > 0.0).map(|(&a, &b)| {
+        if a == 0.0 {
+            return b;
+        }
+        let u = a.ln() - b.ln();
+        if u.abs() < 0.5 {
+            b * kl_summand(u)
+        } else {
+            a * (u - 1.0) + b
+        }
+    }));
+    Ok(v.max(0.0))
+}
+
+/// Rényi divergence `D_α(q‖p)` in nats for α ∈ (0, ∞]: α = 1 is KL, α = ∞ is
+/// `log max_{q>0} q/p` (derivations.md §0; van Erven & Harremoës).
+///
+/// # Errors
+/// As [`kl`], and [`TiltError::InvalidInput`] naming `alpha` when not in (0, ∞].
+///
+/// ```
+/// use tilt_core::divergence::renyi;
+/// let q = [0.25, 0.75];
+/// let p = [0.5, 0.5];
+/// let d2 = renyi(&q, &p, 2.0).unwrap();
+/// assert!((d2 - (0.0625f64 / 0.5 + 0.5625 / 0.5).ln()).abs() < 1e-15);
+/// assert!((renyi(&q, &p, f64::INFINITY).unwrap() - 1.5f64.ln()).abs() < 1e-15);
+/// ```
+pub fn renyi(q: &[f64], p: &[f64], alpha: f64) -> Result<f64> {
+    check(q, p)?;
+    if alpha.is_nan() || alpha <= 0.0 {
+        return Err(TiltError::invalid(
+            "alpha",
+            format!("{alpha}: the Rényi order must be > 0"),
+        ));
+    }
+    if alpha == 1.0 {
+        return kl(q, p);
+    }
+    let unsupported = q.iter().zip(p).any(|(&a, &b)| a > 0.0 && b == 0.0);
+    if alpha == f64::INFINITY {
+        if unsupported {
+            return Ok(f64::INFINITY);
+        }
+        let m = q
+            .iter()
+            .zip(p)
+            .filter(|(&a, _)| a > 0.0)
+            .map(|(&a, &b)| a.ln() - b.ln())
+            .fold(f64::NEG_INFINITY, f64::max);
+        return Ok(m.max(0.0));
+    }
+    if alpha > 1.0 && unsupported {
+        return Ok(f64::INFINITY);
+    }
+    let terms: Vec<f64> = q
+        .iter()
+        .zip(p)
+        .filter(|(&a, &b)| a > 0.0 && b > 0.0)
+        .map(|(&a, &b)| alpha * a.ln() + (1.0 - alpha) * b.ln())
+        .collect();
+    let lse = log_sum_exp(&terms);
+    if lse == f64::NEG_INFINITY {
+        // Disjoint supports with α < 1.
+        return Ok(f64::INFINITY);
+    }
+    Ok((lse / (alpha - 1.0)).max(0.0))
+}
+
+/// Total variation `½·Σ|q − p|`.
+///
+/// # Errors
+/// As [`kl`].
+pub fn total_variation(q: &[f64], p: &[f64]) -> Result<f64> {
+    check(q, p)?;
+    Ok(0.5 * neumaier_sum(q.iter().zip(p).map(|(a, b)| (a - b).abs())))
+}
+
+/// Pearson χ²(q‖p) = `Σ (q − p)²/p`; +∞ when q puts mass where p has none.
+///
+/// # Errors
+/// As [`kl`].
+pub fn chi_squared(q: &[f64], p: &[f64]) -> Result<f64> {
+    check(q, p)?;
+    if q.iter().zip(p).any(|(&a, &b)| a > 0.0 && b == 0.0) {
+        return Ok(f64::INFINITY);
+    }
+    Ok(neumaier_sum(
+        q.iter()
+            .zip(p)
+            .filter(|(_, &b)| b > 0.0)
+            .map(|(a, b)| (a - b) * (a - b) / b),
+    ))
+}
+
+/// Squared Hellinger distance with the ½ convention: `H² = ½·Σ(√q − √p)² = 1 − Σ√(qp)`,
+/// in [0, 1].
+///
+/// # Errors
+/// As [`kl`].
+///
+/// ```
+/// use tilt_core::divergence::hellinger_squared;
+/// assert!((hellinger_squared(&[1.0, 0.0], &[0.0, 1.0]).unwrap() - 1.0).abs() < 1e-15);
+/// ```
+pub fn hellinger_squared(q: &[f64], p: &[f64]) -> Result<f64> {
+    check(q, p)?;
+    Ok(0.5
+        * neumaier_sum(q.iter().zip(p).map(|(a, b)| {
+            let d = a.sqrt() - b.sqrt();
+            d * d
+        })))
+}
+
+/// All divergences of `tilt theory divergence` at once.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Divergences {
+    /// KL(q‖p), nats.
+    pub kl_q_p: f64,
+    /// KL(p‖q), nats.
+    pub kl_p_q: f64,
+    /// The Rényi order used.
+    pub alpha: f64,
+    /// D_α(q‖p), nats.
+    pub renyi_q_p: f64,
+    /// Total variation.
+    pub total_variation: f64,
+    /// χ²(q‖p).
+    pub chi_squared_q_p: f64,
+    /// H² = ½Σ(√q − √p)².
+    pub hellinger_squared: f64,
+}
+
+/// Every divergence between `q` and `p` (see the module doc for conventions).
+///
+/// # Errors
+/// As [`renyi`].
+pub fn divergences(q: &[f64], p: &[f64], alpha: f64) -> Result<Divergences> {
+    Ok(Divergences {
+        kl_q_p: kl(q, p)?,
+        kl_p_q: kl(p, q)?,
+        alpha,
+        renyi_q_p: renyi(q, p, alpha)?,
+        total_variation: total_variation(q, p)?,
+        chi_squared_q_p: chi_squared(q, p)?,
+        hellinger_squared: hellinger_squared(q, p)?,
+    })
+}

@@ -1,0 +1,265 @@
+//! The KL-regularised optimum: the exponential tilt of the reference by the reward
+//! (arXiv 2404.01730 §2; the RLHF objective's closed-form solution).
+//!
+//! ```text
+//! φ_λ(y) = p(y)·e^{λ r(y)} / Z(λ),   Λ(λ) = log Z(λ) = log E_p e^{λ r},   λ = 1/β
+//! KL(φ_λ‖p) = λ·E_{φ_λ}[r] − Λ(λ)     (increasing in λ, from 0 to −log p(argmax set))
+//! ```
+//!
+//! Inside, the multiplier λ is the one convention; β = 1/λ is converted at the edges.
+//! `Λ` is a log-sum-exp shifted by the top reward, and KL is summed as
+//! `Σ_L p(L)·h(log(φ(L)/p(L)))` with `h(u) = u·e^u − e^u + 1 ≥ 0` ([`kl_summand`]): every
+//! term is non-negative, so KL keeps its relative accuracy at λ → 0 where `λE r − Λ` would
+//! cancel to nothing. That matters because [`tilt_by_kl`] solves `KL(φ_λ‖p) = Δ` for λ to
+//! 1e-12 relative accuracy (bisection on log λ after bracketing; KL is monotone).
+
+use crate::distribution::RewardDistribution;
+use crate::error::{Result, TiltError};
+use crate::levels::{chunked_sum, Levels};
+use crate::numerics::{kl_summand, log_sum_exp};
+use crate::win_rate::win_rate_levels;
+use serde::Serialize;
+
+/// Relative tolerance to which [`tilt_by_kl`] solves for λ (and β).
+pub const LAMBDA_RELATIVE_TOLERANCE: f64 = 1e-12;
+
+/// The tilt on reward levels, for a given multiplier.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TiltedLevels {
+    /// λ = 1/β (may be +∞: the reference conditioned on its argmax set).
+    pub lambda: f64,
+    /// Λ(λ) = log E_p e^{λ r} (+∞ at λ = +∞).
+    pub log_partition: f64,
+    /// φ_λ per reward level.
+    pub level_pmf: Vec<f64>,
+    /// KL(φ_λ‖p), nats.
+    pub kl: f64,
+    /// E_{φ_λ}[r].
+    pub expected_reward: f64,
+    /// Win rate of φ_λ over p, ties counting ½.
+    pub win_rate: f64,
+}
+
+/// Everything `tilt theory tilt` reports.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Tilt {
+    /// β = 1/λ, the KL-regularisation strength (+∞ at λ = 0, serialised as null).
+    pub beta: f64,
+    /// λ = 1/β.
+    pub lambda: f64,
+    /// KL(φ‖p), nats.
+    pub kl: f64,
+    /// E_φ[r].
+    pub expected_reward: f64,
+    /// Win rate of φ over p, ties counting ½.
+    pub win_rate: f64,
+    /// log Z = log E_p e^{r/β} (nats; +∞ at β = 0).
+    pub log_partition: f64,
+    /// φ over the outcomes, in input order.
+    pub pmf: Vec<f64>,
+}
+
+/// The largest KL a tilt (indeed any policy absolutely continuous w.r.t. p) reaches on a
+/// finite support: `−log p(argmax set)`, the λ → ∞ limit (arXiv 2404.01730; derivations §1.2).
+pub fn max_kl(levels: &Levels) -> f64 {
+    let m = levels.masses()[levels.top_level()];
+    (-m.ln()).max(0.0)
+}
+
+/// The tilt with multiplier λ ≥ 0 on precomputed levels (λ = +∞ allowed).
+///
+/// # Errors
+/// [`TiltError::InvalidInput`] naming `lambda` when negative or NaN.
+pub fn tilt_levels(levels: &Levels, lambda: f64) -> Result<TiltedLevels> {
+    if lambda.is_nan() || lambda < 0.0 {
+        return Err(TiltError::invalid(
+            "lambda",
+            format!("{lambda}: the tilt multiplier must be ≥ 0 (β = 1/λ > 0)"),
+        ));
+    }
+    let (rw, ms) = (levels.rewards(), levels.masses());
+    let top = levels.top_level();
+    let level_pmf: Vec<f64>;
+    let (log_partition, kl);
+    if lambda == f64::INFINITY {
+        let mut v = vec![0.0; levels.len()];
+        v[top] = 1.0;
+        level_pmf = v;
+        log_partition = f64::INFINITY;
+        kl = max_kl(levels);
+    } else {
+        let c = rw[top];
+        // x_L = log p(L) + λ(r_L − c) ≤ log p(L); LSE of them is Λ(λ) − λc.
+        let x: Vec<f64> = rw
+            .iter()
+            .zip(ms)
+            .map(|(&r, &m)| {
+                if m > 0.0 {
+                    m.ln() + lambda * (r - c)
+                } else {
+                    f64::NEG_INFINITY
+                }
+            })
+            .collect();
+        let shift = log_sum_exp(&x);
+        log_partition = shift + lambda * c;
+        level_pmf = x.iter().map(|&v| (v - shift).exp()).collect();
+        let [k] = chunked_sum(levels.len(), |l| {
+            let m = ms[l];
+            if m <= 0.0 {
+                return [0.0];
+            }
+            let u = x[l] - shift - m.ln(); // log(φ/p)
+            if u.abs() < 0.5 {
+                [m * kl_summand(u)]
+            } else {
+                let q = level_pmf[l];
+                [q * (u - 1.0) + m]
+            }
+        });
+        kl = k.max(0.0);
+    }
+    let [er] = chunked_sum(levels.len(), |l| [level_pmf[l] * rw[l]]);
+    let win_rate = win_rate_levels(levels, &level_pmf);
+    Ok(TiltedLevels {
+        lambda,
+        log_partition,
+        level_pmf,
+        kl,
+        expected_reward: er,
+        win_rate,
+    })
+}
+
+/// Solve `KL(φ_λ‖p) = kl` for λ on precomputed levels, to
+/// [`LAMBDA_RELATIVE_TOLERANCE`] relative accuracy. `kl = 0` gives λ = 0;
+/// `kl = max_kl` gives λ = +∞.
+///
+/// # Errors
+/// [`TiltError::InvalidInput`] naming `kl` when negative or not finite;
+/// [`TiltError::KlBudgetTooLarge`] when `kl > −log p(argmax set)`;
+/// [`TiltError::NoConvergence`] if no bracket is found within λ ∈ [1e-300, 1e300].
+pub fn solve_lambda_for_kl(levels: &Levels, kl: f64) -> Result<f64> {
+    if !kl.is_finite() || kl < 0.0 {
+        return Err(TiltError::invalid(
+            "kl",
+            format!("{kl}: a KL budget must be finite and ≥ 0 (nats)"),
+        ));
+    }
+    let max = max_kl(levels);
+    if kl > max {
+        return Err(TiltError::KlBudgetTooLarge {
+            requested: kl,
+            max,
+        });
+    }
+    if kl == 0.0 {
+        return Ok(0.0);
+    }
+    if kl == max {
+        return Ok(f64::INFINITY);
+    }
+    let k = |lambda: f64| tilt_levels(levels, lambda).map(|t| t.kl);
+    // Initial guess from the Gaussian approximation KL ≈ λ²σ²/2.
+    let (rw, ms) = (levels.rewards(), levels.masses());
+    let mu: f64 = rw.iter().zip(ms).map(|(r, m)| r * m).sum();
+    let var: f64 = rw.iter().zip(ms).map(|(r, m)| m * (r - mu) * (r - mu)).sum();
+    let guess = if var > 0.0 && var.is_finite() {
+        (2.0 * kl / var).sqrt()
+    } else {
+        1.0
+    };
+    let (mut lo, mut hi) = (guess, guess);
+    while k(hi)? < kl {
+        hi *= 2.0;
+        if hi > 1e300 {
+            return Err(TiltError::NoConvergence {
+                what: "tilt multiplier for the KL budget".into(),
+                detail: format!("KL budget {kl} nats is within rounding of the maximum {max}"),
+            });
+        }
+    }
+    while k(lo)? > kl {
+        lo /= 2.0;
+        if lo < 1e-300 {
+            return Err(TiltError::NoConvergence {
+                what: "tilt multiplier for the KL budget".into(),
+                detail: format!("KL budget {kl} nats is too small to resolve"),
+            });
+        }
+    }
+    for _ in 0..200 {
+        if hi / lo - 1.0 <= 0.1 * LAMBDA_RELATIVE_TOLERANCE {
+            break;
+        }
+        let mid = (lo * hi).sqrt();
+        if mid <= lo || mid >= hi {
+            break;
+        }
+        if k(mid)? < kl {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    Ok((lo * hi).sqrt())
+}
+
+fn finish(dist: &RewardDistribution, levels: &Levels, t: TiltedLevels) -> Tilt {
+    let pmf = levels.spread_to_outcomes(dist.probs(), &t.level_pmf);
+    Tilt {
+        beta: 1.0 / t.lambda,
+        lambda: t.lambda,
+        kl: t.kl,
+        expected_reward: t.expected_reward,
+        win_rate: t.win_rate,
+        log_partition: t.log_partition,
+        pmf,
+    }
+}
+
+/// The tilt `φ_λ ∝ p·e^{λ r}` for a multiplier λ ∈ [0, ∞] (arXiv 2404.01730 §2).
+///
+/// # Errors
+/// [`TiltError::InvalidInput`] naming `lambda` when negative or NaN.
+pub fn tilt_by_lambda(dist: &RewardDistribution, lambda: f64) -> Result<Tilt> {
+    let levels = Levels::new(dist)?;
+    let t = tilt_levels(&levels, lambda)?;
+    Ok(finish(dist, &levels, t))
+}
+
+/// The KL-regularised optimum `φ_β ∝ p·e^{r/β}`, maximiser of `E_π r − β·KL(π‖p)`
+/// (arXiv 2404.01730 §2), for β ∈ (0, ∞] (β = ∞ is p).
+///
+/// # Errors
+/// [`TiltError::InvalidInput`] naming `beta` when not > 0.
+///
+/// ```
+/// use tilt_core::{tilt::tilt_by_beta, RewardDistribution};
+/// let p = RewardDistribution::new(vec![0.5, 0.5], vec![0.0, 1.0]).unwrap();
+/// let t = tilt_by_beta(&p, 1.0).unwrap();
+/// // derivations.md §1.8: KL = 0.1109441 nats at λ = 1.
+/// assert!((t.kl - 0.1109441).abs() < 1e-7);
+/// ```
+pub fn tilt_by_beta(dist: &RewardDistribution, beta: f64) -> Result<Tilt> {
+    if beta.is_nan() || beta <= 0.0 {
+        return Err(TiltError::invalid(
+            "beta",
+            format!("{beta}: the regularisation strength must be > 0"),
+        ));
+    }
+    tilt_by_lambda(dist, 1.0 / beta)
+}
+
+/// The tilt at a KL budget Δ (nats): the policy of largest expected reward among all with
+/// KL ≤ Δ (arXiv 2404.01730 §2), λ solved to 1e-12 relative.
+///
+/// # Errors
+/// [`TiltError::InvalidInput`] naming `kl` when negative or not finite;
+/// [`TiltError::KlBudgetTooLarge`] beyond `−log p(argmax set)`.
+pub fn tilt_by_kl(dist: &RewardDistribution, kl: f64) -> Result<Tilt> {
+    let levels = Levels::new(dist)?;
+    let lambda = solve_lambda_for_kl(&levels, kl)?;
+    let t = tilt_levels(&levels, lambda)?;
+    Ok(finish(dist, &levels, t))
+}

@@ -1,0 +1,423 @@
+//! Prefix scorers: V(x, y_{<t}) from the policy's last hidden state at the prefix's last
+//! position (arXiv 2310.17022 §3, "prefix scorer"; `math.md` §6).
+//!
+//! A scorer file is a safetensors file of `f32` tensors:
+//!
+//! ```text
+//! feature_mean [d]   feature_std [d]          standardisation: u = (h − mean) / std
+//! linear:  linear.weight [d]   linear.bias [1]                 V = w·u + b
+//! mlp:     mlp.w1 [H, d]  mlp.b1 [H]  mlp.w2 [H]  mlp.b2 [1]   V = w2·tanh(W1 u + b1) + b2
+//! ```
+//!
+//! The kind is told by which tensors are present. Loading validates everything once (names,
+//! dtypes, shapes, finiteness, std > 0), so a loaded head cannot produce NaN from its own
+//! weights; the hidden size is checked against the policy before decoding starts.
+
+use super::{CdError, Result};
+use candle_core::{DType, Device, Tensor};
+use std::collections::HashMap;
+use std::path::Path;
+
+/// A prefix scorer V(x, y_{<t}): the expected final reward of continuing the prefix with the
+/// reference policy, read from the policy's hidden state at the prefix's last position
+/// (arXiv 2310.17022 §2, V* of the base policy).
+pub trait PrefixScorer: Send + Sync {
+    /// A name for errors, logs and manifests (e.g. the scorer file's path).
+    fn name(&self) -> String;
+    /// The length of the hidden states it reads.
+    fn hidden_size(&self) -> usize;
+    /// V for each hidden state of a batch of prefixes, in order.
+    ///
+    /// # Errors
+    /// A hidden state of the wrong length or with a non-finite entry.
+    fn score(&self, hidden: &[&[f32]]) -> Result<Vec<f64>>;
+}
+
+/// Check a batch of hidden states against the expected size and for finiteness.
+fn check_hidden(name: &str, expected: usize, hidden: &[&[f32]]) -> Result<()> {
+    for (i, h) in hidden.iter().enumerate() {
+        if h.len() != expected {
+            return Err(CdError::invalid(
+                format!("scorer {name}"),
+                format!(
+                    "hidden state {i} has length {}, the scorer reads {expected}",
+                    h.len()
+                ),
+            ));
+        }
+        if let Some(j) = h.iter().position(|v| !v.is_finite()) {
+            return Err(CdError::invalid(
+                format!("scorer {name}"),
+                format!("hidden state {i} has a non-finite entry at {j}"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A scorer that gives every prefix the same value. Under it cd-token samples from p itself
+/// (restricted to the top-k) and cd-block is plain sampling: the control case of the tests.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConstantScorer {
+    /// The value of every prefix.
+    pub value: f64,
+    /// The hidden size it accepts.
+    pub hidden_size: usize,
+}
+
+impl PrefixScorer for ConstantScorer {
+    fn name(&self) -> String {
+        format!("constant({})", self.value)
+    }
+    fn hidden_size(&self) -> usize {
+        self.hidden_size
+    }
+    fn score(&self, hidden: &[&[f32]]) -> Result<Vec<f64>> {
+        check_hidden(&self.name(), self.hidden_size, hidden)?;
+        Ok(vec![self.value; hidden.len()])
+    }
+}
+
+/// Per-feature standardisation u = (h − mean) / std, fitted on the training prefixes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Standardizer {
+    /// Feature means, length d.
+    pub mean: Vec<f32>,
+    /// Feature standard deviations (> 0), length d.
+    pub std: Vec<f32>,
+}
+
+impl Standardizer {
+    fn apply(&self, h: &[f32]) -> Vec<f64> {
+        h.iter()
+            .zip(self.mean.iter().zip(&self.std))
+            .map(|(&x, (&m, &s))| (x as f64 - m as f64) / s as f64)
+            .collect()
+    }
+}
+
+/// A linear head V = w·u + b on standardised hidden states u.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LinearHead {
+    /// Standardisation of the hidden state.
+    pub standardizer: Standardizer,
+    /// Weights, length d.
+    pub weight: Vec<f32>,
+    /// Bias.
+    pub bias: f32,
+}
+
+impl LinearHead {
+    fn value(&self, h: &[f32]) -> f64 {
+        let u = self.standardizer.apply(h);
+        u.iter()
+            .zip(&self.weight)
+            .map(|(a, &w)| a * w as f64)
+            .sum::<f64>()
+            + self.bias as f64
+    }
+}
+
+/// A two-layer head V = w2·tanh(W1 u + b1) + b2 on standardised hidden states u.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MlpHead {
+    /// Standardisation of the hidden state.
+    pub standardizer: Standardizer,
+    /// First layer, H rows of length d (row-major).
+    pub w1: Vec<Vec<f32>>,
+    /// First bias, length H.
+    pub b1: Vec<f32>,
+    /// Second layer, length H.
+    pub w2: Vec<f32>,
+    /// Output bias.
+    pub b2: f32,
+}
+
+impl MlpHead {
+    fn value(&self, h: &[f32]) -> f64 {
+        let u = self.standardizer.apply(h);
+        let mut out = self.b2 as f64;
+        for ((row, &b), &w2) in self.w1.iter().zip(&self.b1).zip(&self.w2) {
+            let pre: f64 = row.iter().zip(&u).map(|(&w, a)| w as f64 * a).sum::<f64>() + b as f64;
+            out += w2 as f64 * pre.tanh();
+        }
+        out
+    }
+}
+
+/// A trained scorer head, loaded from (or saved to) a safetensors file.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ScorerHead {
+    /// A linear head.
+    Linear(LinearHead),
+    /// A two-layer tanh MLP head.
+    Mlp(MlpHead),
+}
+
+/// Tensor names of a scorer file.
+pub mod names {
+    /// Feature means `[d]`.
+    pub const FEATURE_MEAN: &str = "feature_mean";
+    /// Feature standard deviations `[d]`.
+    pub const FEATURE_STD: &str = "feature_std";
+    /// Linear weights `[d]`.
+    pub const LINEAR_WEIGHT: &str = "linear.weight";
+    /// Linear bias `[1]`.
+    pub const LINEAR_BIAS: &str = "linear.bias";
+    /// MLP first layer `[H, d]`.
+    pub const MLP_W1: &str = "mlp.w1";
+    /// MLP first bias `[H]`.
+    pub const MLP_B1: &str = "mlp.b1";
+    /// MLP second layer `[H]`.
+    pub const MLP_W2: &str = "mlp.w2";
+    /// MLP output bias `[1]`.
+    pub const MLP_B2: &str = "mlp.b2";
+}
+
+struct TensorFile<'a> {
+    path: &'a str,
+    tensors: HashMap<String, Tensor>,
+}
+
+impl TensorFile<'_> {
+    fn bad(&self, problem: impl Into<String>) -> CdError {
+        CdError::ScorerFile {
+            path: self.path.to_string(),
+            problem: problem.into(),
+        }
+    }
+
+    fn get(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        let t = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| self.bad(format!("missing tensor {name:?}")))?;
+        if t.dtype() != DType::F32 {
+            return Err(self.bad(format!(
+                "tensor {name:?} has dtype {:?}, expected f32",
+                t.dtype()
+            )));
+        }
+        if t.dims() != shape {
+            return Err(self.bad(format!(
+                "tensor {name:?} has shape {:?}, expected {shape:?}",
+                t.dims()
+            )));
+        }
+        let v = t
+            .flatten_all()
+            .and_then(|t| t.to_vec1::<f32>())
+            .map_err(|e| self.bad(format!("tensor {name:?}: {e}")))?;
+        if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+            return Err(self.bad(format!("tensor {name:?} has a non-finite entry at {i}")));
+        }
+        Ok(v)
+    }
+
+    fn dims(&self, name: &str) -> Result<Vec<usize>> {
+        self.tensors
+            .get(name)
+            .map(|t| t.dims().to_vec())
+            .ok_or_else(|| self.bad(format!("missing tensor {name:?}")))
+    }
+}
+
+impl ScorerHead {
+    /// Load and validate a scorer file (format in the module docs).
+    ///
+    /// # Errors
+    /// [`CdError::ScorerFile`] naming the file and the missing tensor, wrong dtype, wrong
+    /// shape, non-finite entry or non-positive standard deviation.
+    pub fn load(path: &Path) -> Result<Self> {
+        let shown = path.display().to_string();
+        if !path.is_file() {
+            return Err(CdError::ScorerFile {
+                path: shown,
+                problem: "no such file".into(),
+            });
+        }
+        let tensors =
+            candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| CdError::ScorerFile {
+                path: shown.clone(),
+                problem: format!("not a readable safetensors file: {e}"),
+            })?;
+        let file = TensorFile {
+            path: &shown,
+            tensors,
+        };
+        let mean_dims = file.dims(names::FEATURE_MEAN)?;
+        let [d] = mean_dims[..] else {
+            return Err(file.bad(format!(
+                "tensor {:?} has shape {mean_dims:?}, expected [hidden_size]",
+                names::FEATURE_MEAN
+            )));
+        };
+        if d == 0 {
+            return Err(file.bad("hidden size 0"));
+        }
+        let mean = file.get(names::FEATURE_MEAN, &[d])?;
+        let std = file.get(names::FEATURE_STD, &[d])?;
+        if let Some(i) = std.iter().position(|&s| !(s > 0.0)) {
+            return Err(file.bad(format!(
+                "tensor {:?} entry {i} is {}, must be > 0",
+                names::FEATURE_STD,
+                std[i]
+            )));
+        }
+        let standardizer = Standardizer { mean, std };
+        let has_linear = file.tensors.contains_key(names::LINEAR_WEIGHT);
+        let has_mlp = file.tensors.contains_key(names::MLP_W1);
+        match (has_linear, has_mlp) {
+            (true, true) => Err(file.bad(format!(
+                "holds both {:?} and {:?}; a scorer is either linear or MLP",
+                names::LINEAR_WEIGHT,
+                names::MLP_W1
+            ))),
+            (false, false) => Err(file.bad(format!(
+                "missing tensors: neither {:?} (linear head) nor {:?} (MLP head)",
+                names::LINEAR_WEIGHT,
+                names::MLP_W1
+            ))),
+            (true, false) => {
+                let weight = file.get(names::LINEAR_WEIGHT, &[d])?;
+                let bias = file.get(names::LINEAR_BIAS, &[1])?[0];
+                Ok(ScorerHead::Linear(LinearHead {
+                    standardizer,
+                    weight,
+                    bias,
+                }))
+            }
+            (false, true) => {
+                let w1_dims = file.dims(names::MLP_W1)?;
+                let h = match w1_dims[..] {
+                    [h, dd] if dd == d && h > 0 => h,
+                    _ => {
+                        return Err(file.bad(format!(
+                            "tensor {:?} has shape {w1_dims:?}, expected [H, {d}] with H > 0 \
+                             (hidden size {d} from {:?})",
+                            names::MLP_W1,
+                            names::FEATURE_MEAN
+                        )))
+                    }
+                };
+                let w1 = file.get(names::MLP_W1, &[h, d])?;
+                let b1 = file.get(names::MLP_B1, &[h])?;
+                let w2 = file.get(names::MLP_W2, &[h])?;
+                let b2 = file.get(names::MLP_B2, &[1])?[0];
+                Ok(ScorerHead::Mlp(MlpHead {
+                    standardizer,
+                    w1: w1.chunks(d).map(<[f32]>::to_vec).collect(),
+                    b1,
+                    w2,
+                    b2,
+                }))
+            }
+        }
+    }
+
+    /// Save in the format [`ScorerHead::load`] reads.
+    ///
+    /// # Errors
+    /// [`CdError::Candle`] when the file cannot be written.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let dev = Device::Cpu;
+        let mut map: HashMap<String, Tensor> = HashMap::new();
+        let vec = |v: &[f32]| Tensor::from_slice(v, v.len(), &dev);
+        let st = self.standardizer();
+        map.insert(names::FEATURE_MEAN.into(), vec(&st.mean)?);
+        map.insert(names::FEATURE_STD.into(), vec(&st.std)?);
+        match self {
+            ScorerHead::Linear(l) => {
+                map.insert(names::LINEAR_WEIGHT.into(), vec(&l.weight)?);
+                map.insert(names::LINEAR_BIAS.into(), vec(&[l.bias])?);
+            }
+            ScorerHead::Mlp(m) => {
+                let h = m.w1.len();
+                let d = st.mean.len();
+                let flat: Vec<f32> = m.w1.iter().flatten().copied().collect();
+                map.insert(
+                    names::MLP_W1.into(),
+                    Tensor::from_slice(&flat, (h, d), &dev)?,
+                );
+                map.insert(names::MLP_B1.into(), vec(&m.b1)?);
+                map.insert(names::MLP_W2.into(), vec(&m.w2)?);
+                map.insert(names::MLP_B2.into(), vec(&[m.b2])?);
+            }
+        }
+        candle_core::safetensors::save(&map, path).map_err(|e| CdError::ScorerFile {
+            path: path.display().to_string(),
+            problem: format!("cannot write: {e}"),
+        })
+    }
+
+    /// The head's standardisation.
+    pub fn standardizer(&self) -> &Standardizer {
+        match self {
+            ScorerHead::Linear(l) => &l.standardizer,
+            ScorerHead::Mlp(m) => &m.standardizer,
+        }
+    }
+
+    /// `"linear"` or `"mlp"`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ScorerHead::Linear(_) => "linear",
+            ScorerHead::Mlp(_) => "mlp",
+        }
+    }
+
+    fn value(&self, h: &[f32]) -> f64 {
+        match self {
+            ScorerHead::Linear(l) => l.value(h),
+            ScorerHead::Mlp(m) => m.value(h),
+        }
+    }
+}
+
+impl PrefixScorer for ScorerHead {
+    fn name(&self) -> String {
+        format!("{}-head", self.kind())
+    }
+    fn hidden_size(&self) -> usize {
+        self.standardizer().mean.len()
+    }
+    fn score(&self, hidden: &[&[f32]]) -> Result<Vec<f64>> {
+        check_hidden(&self.name(), self.hidden_size(), hidden)?;
+        Ok(hidden.iter().map(|h| self.value(h)).collect())
+    }
+}
+
+/// A scorer head together with the file it came from (so that errors name the file).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScorerFile {
+    /// Where it was loaded from.
+    pub path: std::path::PathBuf,
+    /// The head.
+    pub head: ScorerHead,
+}
+
+impl ScorerFile {
+    /// Load and validate (see [`ScorerHead::load`]).
+    ///
+    /// # Errors
+    /// As [`ScorerHead::load`].
+    pub fn load(path: &Path) -> Result<Self> {
+        Ok(Self {
+            path: path.to_path_buf(),
+            head: ScorerHead::load(path)?,
+        })
+    }
+}
+
+impl PrefixScorer for ScorerFile {
+    fn name(&self) -> String {
+        self.path.display().to_string()
+    }
+    fn hidden_size(&self) -> usize {
+        self.head.hidden_size()
+    }
+    fn score(&self, hidden: &[&[f32]]) -> Result<Vec<f64>> {
+        check_hidden(&self.name(), self.hidden_size(), hidden)?;
+        Ok(hidden.iter().map(|h| self.head.value(h)).collect())
+    }
+}
