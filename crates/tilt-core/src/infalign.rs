@@ -1,1 +1,541 @@
-//! placeholder being written
+//! Inference-aware alignment on the calibrated reward (InfAlign: Balashankar, Sun, …,
+//! Suresh, Beirami, arXiv 2412.19792; `spec/math.md` §4, `spec/derivations.md` §2).
+//!
+//! # The reduction to [0, 1]
+//! With the calibrated reward `c(y) = P_{z∼p}(r(z) < r(y)) + ½P(r(z) = r(y))`, which is
+//! Uniform(0, 1) under the reference for atomless rewards, any policy that depends on `y`
+//! only through `c` is a density `g` on `[0, 1]`, with `KL(π‖p) = ∫ g log g`. Aligning by
+//! KL-regularised RL on a transformed calibrated reward `Φ(c)` gives
+//! `g(u) ∝ e^{Φ(u)/β}` (derivations §2.2). Every curve of the paper is then a 1-D integral:
+//!
+//! ```text
+//! standard win rate      W   = ∫₀¹ u g(u) du = 1 − ∫₀¹ G(u) du
+//! best-of-N  (BoN_N)     W_N = 1 − ∫₀¹ N u^{N−1} G(u)^N du
+//! worst-of-N (WoN_N)     W_N = 1 − ∫₀¹ N (1−u)^{N−1} [1 − (1 − G(u))^N] du
+//! ```
+//! (`G` the CDF of `g`; derivations §2.3, re-derived here: for BoN, `P(Y > Z) = ∫ (1 −
+//! G(z)^N) dz^N` with `Y` the max of N draws from `g` and `Z` the max of N uniforms; for
+//! WoN, `P(Y > Z) = ∫ (1 − G(z))^N d(1 − (1−z)^N)` with minima. The tests check both
+//! against Monte Carlo and against the alternative form `∫ f_Y F_Z`.)
+//!
+//! # Transforms and the normalisation of Φ
+//! Identity `Φ(u) = u` (standard RLHF on the calibrated reward), the exponential
+//! `Φ_t(u) = e^{tu}` proposed for best-of-N, and `Φ_t(u) = −e^{−tu}` for worst-of-N
+//! (derivations §2.4). An affine change of `Φ` only reparametrises `β`, so every `Φ` is
+//! first normalised to `Φ̃ ∈ [0, 1]`, `Φ̃(0) = 0`, `Φ̃(1) = 1`, and `β` refers to `Φ̃`
+//! (the `β` of the raw transform is `β·(Φ(1) − Φ(0))`, reported beside it). This keeps
+//! `e^{Φ̃/β}` in range for any `t`, and `t → 0` recovers the identity continuously.
+//!
+//! # Numerics
+//! Adaptive Gauss–Kronrod ([`crate::quadrature`]) to ~1e-12. The densities are smooth but
+//! can be sharply peaked at `u = 1` (large `t`, small `β`) or have a narrow dip at `u = 0`
+//! (neg-exp), and the outer integrands concentrate within `1/N` of an end, so the initial
+//! partition has geometric breakpoints `2^{−k}` and `1 − 2^{−k}` down to those scales;
+//! without them a narrow peak could fall between the first 15 nodes and be missed. `G`
+//! is the cumulative integral on the converged partition.
+
+use crate::error::{Result, TiltError};
+use crate::optimize::{brent_root, maximize_scalar};
+use crate::quadrature::{integrate, CumulativeIntegral};
+use serde::Serialize;
+
+/// Absolute tolerance of every integral here.
+pub const QUAD_TOL: f64 = 1e-13;
+/// Largest KL budget (nats) accepted when solving for β.
+pub const MAX_KL: f64 = 25.0;
+
+/// The inference-time procedure applied to both the aligned and the reference policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Procedure {
+    /// Best-of-N: keep the highest-reward of N draws.
+    Bon,
+    /// Worst-of-N ("best-of-N jailbreaking"): the lowest-reward of N draws.
+    Won,
+}
+
+/// A transform `Φ` of the calibrated reward, before normalisation to `[0, 1]`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum Transform {
+    /// `Φ(u) = u`.
+    Identity,
+    /// `Φ(u) = e^{tu}`, `t ≥ 0` (`t = 0` is the identity limit).
+    Exp {
+        /// The rate `t`.
+        t: f64,
+    },
+    /// `Φ(u) = −e^{−tu}`, `t ≥ 0` (`t = 0` is the identity limit).
+    NegExp {
+        /// The rate `t`.
+        t: f64,
+    },
+}
+
+impl Transform {
+    /// Validate `t` for the exponential transforms.
+    ///
+    /// # Errors
+    /// [`TiltError::InvalidInput`] naming `t` when negative or not finite (a negative `t`
+    /// flips the transform's direction, which is meaningless for the procedure it serves).
+    pub fn validated(self) -> Result<Self> {
+        match self {
+            Transform::Identity => Ok(self),
+            Transform::Exp { t } | Transform::NegExp { t } => {
+                if t.is_finite() && t >= 0.0 {
+                    Ok(self)
+                } else {
+                    Err(TiltError::invalid(
+                        "t",
+                        format!("{t}: the transform rate must be finite and ≥ 0"),
+                    ))
+                }
+            }
+        }
+    }
+
+    /// The rate `t` (None for the identity).
+    pub fn t(&self) -> Option<f64> {
+        match self {
+            Transform::Identity => None,
+            Transform::Exp { t } | Transform::NegExp { t } => Some(*t),
+        }
+    }
+
+    /// `Φ̃(u) = (Φ(u) − Φ(0)) / (Φ(1) − Φ(0))`, computed without overflow for any `t`.
+    ///
+    /// ```text
+    /// exp:     Φ̃(u) = expm1(tu)/expm1(t)  =  e^{t(u−1)}·(1 − e^{−tu})/(1 − e^{−t})
+    /// neg-exp: Φ̃(u) = (1 − e^{−tu})/(1 − e^{−t})
+    /// ```
+    pub fn normalized(&self, u: f64) -> f64 {
+        match *self {
+            Transform::Identity => u,
+            Transform::Exp { t } | Transform::NegExp { t } if t == 0.0 => u,
+            Transform::Exp { t } => {
+                if t < 1.0 {
+                    (t * u).exp_m1() / t.exp_m1()
+                } else {
+                    (t * (u - 1.0)).exp() * (-(-t * u).exp_m1()) / (-(-t).exp_m1())
+                }
+            }
+            Transform::NegExp { t } => (-t * u).exp_m1() / (-t).exp_m1(),
+        }
+    }
+
+    /// `dΦ̃/du` at `u` (sets the scale of the density's variation).
+    fn slope(&self, u: f64) -> f64 {
+        match *self {
+            Transform::Identity => 1.0,
+            Transform::Exp { t } | Transform::NegExp { t } if t == 0.0 => 1.0,
+            Transform::Exp { t } => t * (t * (u - 1.0)).exp() / (-(-t).exp_m1()),
+            Transform::NegExp { t } => t * (-t * u).exp() / (-(-t).exp_m1()),
+        }
+    }
+
+    /// `Φ(1) − Φ(0)`, the factor from the normalised `β` to the raw transform's `β`
+    /// (may be `+∞` for `e^{tu}` with `t > 709`).
+    pub fn raw_range(&self) -> f64 {
+        match *self {
+            Transform::Identity => 1.0,
+            Transform::Exp { t } => t.exp_m1(),
+            Transform::NegExp { t } => -(-t).exp_m1(),
+        }
+    }
+}
+
+/// Breakpoints `2^{−k}` and `1 − 2^{−k}` down to `scale0` near 0 and `scale1` near 1.
+fn geometric_breaks(scale0: f64, scale1: f64) -> Vec<f64> {
+    let mut v = vec![0.5];
+    let depth = |s: f64| ((1.0 / s.clamp(1e-15, 0.5)).log2().ceil() as i32 + 1).clamp(1, 50);
+    for k in 2..=depth(scale0) {
+        v.push(0.5f64.powi(k));
+    }
+    for k in 2..=depth(scale1) {
+        v.push(1.0 - 0.5f64.powi(k));
+    }
+    v.sort_by(f64::total_cmp);
+    v.dedup();
+    v
+}
+
+/// A policy on the calibrated scale: a CDF on `[0, 1]` and where it changes fast.
+pub trait CalibratedPolicy {
+    /// `G(u)`, the CDF of the calibrated reward under the policy.
+    fn cdf(&self, u: f64) -> f64;
+    /// Breakpoints that resolve the policy's density (inside (0, 1)).
+    fn breakpoints(&self) -> Vec<f64>;
+}
+
+/// The tilt `g(u) = e^{Φ̃(u)/β} / Z` of the uniform reference (derivations §2.2–2.4).
+#[derive(Debug, Clone)]
+pub struct CalibratedTilt {
+    transform: Transform,
+    /// `λ = 1/β` for the normalised transform.
+    lambda: f64,
+    /// `log ∫ e^{λ(Φ̃ − 1)}`.
+    log_z_shifted: f64,
+    cumulative: CumulativeIntegral,
+    breaks: Vec<f64>,
+}
+
+impl CalibratedTilt {
+    /// The tilt with coefficient `beta` on the normalised transform (`β = ∞` is the
+    /// reference itself).
+    ///
+    /// # Errors
+    /// [`TiltError::InvalidInput`] naming `beta` unless `β > 0` (may be `+∞`), or `t` (see
+    /// [`Transform::validated`]); [`TiltError::NoConvergence`] if quadrature fails.
+    pub fn new(transform: Transform, beta: f64) -> Result<Self> {
+        let transform = transform.validated()?;
+        if !(beta > 0.0) || beta.is_nan() {
+            return Err(TiltError::invalid(
+                "beta",
+                format!("{beta}: the KL coefficient must be > 0"),
+            ));
+        }
+        let lambda = if beta.is_infinite() { 0.0 } else { 1.0 / beta };
+        if !lambda.is_finite() {
+            return Err(TiltError::invalid("beta", format!("{beta} is too small")));
+        }
+        Self::with_lambda(transform, lambda)
+    }
+
+    fn with_lambda(transform: Transform, lambda: f64) -> Result<Self> {
+        let scale0 = 1.0 / (1.0 + lambda * transform.slope(0.0));
+        let scale1 = 1.0 / (1.0 + lambda * transform.slope(1.0));
+        let breaks = geometric_breaks(0.05 * scale0, 0.05 * scale1);
+        let h = |u: f64| (lambda * (transform.normalized(u) - 1.0)).exp();
+        let cumulative = CumulativeIntegral::new(h, 0.0, 1.0, &breaks, 0.0, 1e-14)?;
+        Ok(Self {
+            transform,
+            lambda,
+            log_z_shifted: cumulative.total().ln(),
+            cumulative,
+            breaks,
+        })
+    }
+
+    /// The tilt whose KL to the reference is `kl` nats (β found by Brent's method on
+    /// `log(1/β)`; `KL` is increasing in `1/β`, from 0 to ∞).
+    ///
+    /// # Errors
+    /// [`TiltError::InvalidInput`] naming `kl` unless `1e-12 ≤ kl ≤ MAX_KL`; as
+    /// [`CalibratedTilt::new`].
+    pub fn with_kl(transform: Transform, kl: f64) -> Result<Self> {
+        let transform = transform.validated()?;
+        if !(kl.is_finite() && (1e-12..=MAX_KL).contains(&kl)) {
+            return Err(TiltError::invalid(
+                "kl",
+                format!("{kl}: the KL budget must be between 1e-12 and {MAX_KL} nats"),
+            ));
+        }
+        let kl_at = |s: f64| -> Result<f64> { Self::with_lambda(transform, s.exp())?.kl() };
+        let mut lo = -12.0f64;
+        while kl_at(lo)? >= kl {
+            lo -= 6.0;
+            if lo < -40.0 {
+                return Err(TiltError::NoConvergence {
+                    what: "β for the KL budget".into(),
+                    detail: "no lower bracket".into(),
+                });
+            }
+        }
+        let mut hi = 1.0f64;
+        while kl_at(hi)? < kl {
+            hi += 3.0;
+            if hi > 45.0 {
+                return Err(TiltError::NoConvergence {
+                    what: "β for the KL budget".into(),
+                    detail: format!("KL {kl} not reached at 1/β = e^45"),
+                });
+            }
+        }
+        let mut failure = None;
+        let s = brent_root(
+            |s| match kl_at(s) {
+                Ok(v) => v - kl,
+                Err(e) => {
+                    failure = Some(e);
+                    f64::NAN
+                }
+            },
+            lo,
+            hi,
+            1e-13,
+            "β for the KL budget",
+        );
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        Self::with_lambda(transform, s?.exp())
+    }
+
+    /// The transform.
+    pub fn transform(&self) -> Transform {
+        self.transform
+    }
+
+    /// `β` of the normalised transform (`∞` for the reference).
+    pub fn beta(&self) -> f64 {
+        1.0 / self.lambda
+    }
+
+    /// `β` of the raw transform `Φ`: `β·(Φ(1) − Φ(0))`.
+    pub fn beta_raw(&self) -> f64 {
+        self.beta() * self.transform.raw_range()
+    }
+
+    fn unnormalized(&self, u: f64) -> f64 {
+        (self.lambda * (self.transform.normalized(u) - 1.0)).exp()
+    }
+
+    /// The density `g(u)`.
+    pub fn density(&self, u: f64) -> f64 {
+        if !(0.0..=1.0).contains(&u) {
+            return 0.0;
+        }
+        (self.lambda * (self.transform.normalized(u) - 1.0) - self.log_z_shifted).exp()
+    }
+
+    /// `KL(g‖Uniform) = ∫ g log g = λ·E_g[Φ̃ − 1] − log Z'` (nats).
+    ///
+    /// # Errors
+    /// [`TiltError::NoConvergence`] if quadrature fails.
+    pub fn kl(&self) -> Result<f64> {
+        let lambda = self.lambda;
+        if lambda == 0.0 {
+            return Ok(0.0);
+        }
+        let m = integrate(
+            |u| (self.transform.normalized(u) - 1.0) * self.unnormalized(u),
+            0.0,
+            1.0,
+            &self.breaks,
+            0.0,
+            1e-13,
+        )?;
+        let mean = m.value / self.cumulative.total();
+        Ok((lambda * mean - self.log_z_shifted).max(0.0))
+    }
+
+    /// The standard win rate over the reference, `E_g[u] = 1 − ∫ G`.
+    ///
+    /// # Errors
+    /// As [`inference_win_rate`].
+    pub fn win_rate(&self) -> Result<f64> {
+        inference_win_rate(self, 1, Procedure::Bon)
+    }
+}
+
+impl CalibratedPolicy for CalibratedTilt {
+    fn cdf(&self, u: f64) -> f64 {
+        (self.cumulative.at(u, |v| self.unnormalized(v)) / self.cumulative.total()).clamp(0.0, 1.0)
+    }
+    fn breakpoints(&self) -> Vec<f64> {
+        self.breaks.clone()
+    }
+}
+
+/// The best-of-m policy itself as a calibrated density `m u^{m−1}` (BoN is the RLHF tilt
+/// with `Φ = log u`, `β = 1/(m−1)`; derivations §2.3). Real `m ≥ 1`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BestOfMPolicy {
+    m: f64,
+}
+
+impl BestOfMPolicy {
+    /// # Errors
+    /// [`TiltError::InvalidInput`] naming `m` unless `m ≥ 1` and finite.
+    pub fn new(m: f64) -> Result<Self> {
+        if !(m.is_finite() && m >= 1.0) {
+            return Err(TiltError::invalid("m", format!("{m} must be ≥ 1")));
+        }
+        Ok(Self { m })
+    }
+
+    /// The `m ≥ 1` with `KL = log m − (m−1)/m` equal to `kl` (the KL is increasing in m).
+    ///
+    /// # Errors
+    /// [`TiltError::InvalidInput`] naming `kl` unless `0 ≤ kl ≤ MAX_KL`.
+    pub fn with_kl(kl: f64) -> Result<Self> {
+        if !(kl.is_finite() && (0.0..=MAX_KL).contains(&kl)) {
+            return Err(TiltError::invalid(
+                "kl",
+                format!("{kl}: must be between 0 and {MAX_KL} nats"),
+            ));
+        }
+        if kl == 0.0 {
+            return Ok(Self { m: 1.0 });
+        }
+        let f = |s: f64| {
+            let m = s.exp();
+            m.ln() - (m - 1.0) / m - kl
+        };
+        let s = brent_root(f, 0.0, kl + 2.0, 1e-15, "m for the KL budget")?;
+        Ok(Self { m: s.exp() })
+    }
+
+    /// `m`.
+    pub fn m(&self) -> f64 {
+        self.m
+    }
+
+    /// `KL = log m − (m−1)/m` (arXiv 2401.01879, exact for continuous rewards).
+    pub fn kl(&self) -> f64 {
+        self.m.ln() - (self.m - 1.0) / self.m
+    }
+}
+
+impl CalibratedPolicy for BestOfMPolicy {
+    fn cdf(&self, u: f64) -> f64 {
+        u.clamp(0.0, 1.0).powf(self.m)
+    }
+    fn breakpoints(&self) -> Vec<f64> {
+        geometric_breaks(0.5, 0.05 / self.m)
+    }
+}
+
+/// The inference-time win rate `W(T(π) > T(p))` on the calibrated scale (arXiv
+/// 2412.19792; formulas in the module doc, derivations §2.3), for `T = BoN_N` or `WoN_N`.
+/// `N = 1` gives the standard win rate. Ties have probability 0 on the calibrated scale.
+///
+/// # Errors
+/// [`TiltError::InvalidInput`] naming `n` when 0; [`TiltError::NoConvergence`] if
+/// quadrature fails.
+///
+/// ```
+/// use tilt_core::infalign::{inference_win_rate, BestOfMPolicy, Procedure};
+/// // Best-of-4 drawn against best-of-N of the reference wins with probability 4/5.
+/// let w = inference_win_rate(&BestOfMPolicy::new(4.0).unwrap(), 8, Procedure::Bon).unwrap();
+/// assert!((w - 0.8).abs() < 1e-12);
+/// ```
+pub fn inference_win_rate(
+    policy: &impl CalibratedPolicy,
+    n: u64,
+    procedure: Procedure,
+) -> Result<f64> {
+    if n == 0 {
+        return Err(TiltError::invalid("n", "the number of draws must be ≥ 1"));
+    }
+    let nf = n as f64;
+    let mut breaks = policy.breakpoints();
+    breaks.extend(geometric_breaks(0.05 / nf, 0.05 / nf));
+    let integral = match procedure {
+        Procedure::Bon => integrate(
+            |u| {
+                let g = policy.cdf(u);
+                if g <= 0.0 || u <= 0.0 {
+                    return 0.0;
+                }
+                nf * ((nf - 1.0) * u.ln() + nf * g.ln()).exp()
+            },
+            0.0,
+            1.0,
+            &breaks,
+            QUAD_TOL,
+            0.0,
+        )?,
+        Procedure::Won => integrate(
+            |u| {
+                let g = policy.cdf(u);
+                let min_cdf = -(nf * (-g).ln_1p()).exp_m1();
+                nf * ((nf - 1.0) * (-u).ln_1p()).exp() * min_cdf
+            },
+            0.0,
+            1.0,
+            &breaks,
+            QUAD_TOL,
+            0.0,
+        )?,
+    };
+    Ok((1.0 - integral.value).clamp(0.0, 1.0))
+}
+
+/// One evaluated point of a CTRL tilt: transform, β, KL, win rates.
+#[derive(Debug, Clone, Serialize)]
+pub struct TiltPoint {
+    /// The transform (with its t).
+    pub transform: Transform,
+    /// β of the normalised transform.
+    pub beta: f64,
+    /// β of the raw transform (`null` in JSON when it overflows).
+    pub beta_raw: Option<f64>,
+    /// KL(π‖p) in nats.
+    pub kl: f64,
+    /// Standard win rate over p.
+    pub win_rate: f64,
+    /// Win rate of `T(π)` over `T(p)`.
+    pub inference_win_rate: f64,
+}
+
+/// Evaluate a tilt at a given procedure.
+///
+/// # Errors
+/// As [`inference_win_rate`] and [`CalibratedTilt::kl`].
+pub fn evaluate(tilt: &CalibratedTilt, n: u64, procedure: Procedure) -> Result<TiltPoint> {
+    let raw = tilt.beta_raw();
+    Ok(TiltPoint {
+        transform: tilt.transform(),
+        beta: tilt.beta(),
+        beta_raw: raw.is_finite().then_some(raw),
+        kl: tilt.kl()?,
+        win_rate: tilt.win_rate()?,
+        inference_win_rate: inference_win_rate(tilt, n, procedure)?,
+    })
+}
+
+/// The `t` maximising the inference-time win rate at a fixed KL.
+#[derive(Debug, Clone, Serialize)]
+pub struct OptimalT {
+    /// The best point found.
+    pub point: TiltPoint,
+    /// The t found.
+    pub t: f64,
+    /// Upper end of the search bracket.
+    pub t_max: f64,
+    /// True when the optimum sits at `t_max`: the true argmax may be larger (for large N
+    /// it runs to hundreds; derivations §2.5).
+    pub at_edge: bool,
+}
+
+/// Maximise the inference-time win rate over `t ∈ [0, t_max]` for the exponential family
+/// `make(t)` at KL `kl`: a scan of `t = 0` and 24 log-spaced points in `[0.25, t_max]`,
+/// then golden-section search around the best (derivations §2.4–2.5 choose t this way,
+/// on a grid).
+///
+/// # Errors
+/// [`TiltError::InvalidInput`] naming `t-max` unless `t_max > 0.25`; as
+/// [`CalibratedTilt::with_kl`] and [`inference_win_rate`].
+pub fn optimize_t(
+    make: impl Fn(f64) -> Transform,
+    n: u64,
+    procedure: Procedure,
+    kl: f64,
+    t_max: f64,
+) -> Result<OptimalT> {
+    if !(t_max.is_finite() && t_max > 0.25) {
+        return Err(TiltError::invalid(
+            "t-max",
+            format!("{t_max}: the upper end of the t search must be > 0.25"),
+        ));
+    }
+    let mut grid = vec![0.0];
+    let steps = 24;
+    for i in 0..steps {
+        let frac = i as f64 / (steps - 1) as f64;
+        grid.push(0.25 * (t_max / 0.25).powf(frac));
+    }
+    let value = |t: f64| -> Result<f64> {
+        let tilt = CalibratedTilt::with_kl(make(t), kl)?;
+        inference_win_rate(&tilt, n, procedure)
+    };
+    let best = maximize_scalar(value, &grid, 1e-6)?;
+    let tilt = CalibratedTilt::with_kl(make(best.x), kl)?;
+    Ok(OptimalT {
+        point: evaluate(&tilt, n, procedure)?,
+        t: best.x,
+        t_max,
+        at_edge: best.at_edge,
+    })
+}

@@ -294,8 +294,8 @@ mod tests {
         for deg in 0..=13 {
             let exact = 1.0 / (deg as f64 + 1.0);
             let mut g = 0.0;
-            let (c, h) = (0.5, 0.5);
-            g += WG[3] * (c as f64).powi(deg);
+            let (c, h) = (0.5f64, 0.5f64);
+            g += WG[3] * c.powi(deg);
             for j in [1usize, 3, 5] {
                 let dx = h * XGK[j];
                 g += WG[j / 2] * ((c - dx).powi(deg) + (c + dx).powi(deg));
@@ -312,7 +312,7 @@ mod tests {
     fn cumulative_matches_closed_form() {
         let c = CumulativeIntegral::new(|x: f64| (3.0 * x).exp(), 0.0, 1.0, &[], 1e-15, 1e-15)
             .unwrap();
-        for x in [0.0, 0.1, 0.37, 0.5, 0.99, 1.0] {
+        for x in [0.0f64, 0.1, 0.37, 0.5, 0.99, 1.0] {
             let exact = ((3.0 * x).exp() - 1.0) / 3.0;
             let got = c.at(x, |y: f64| (3.0 * y).exp());
             assert!((got - exact).abs() < 1e-14, "{x}: {got} vs {exact}");

@@ -257,23 +257,32 @@ impl LlamaCache {
     }
 }
 
-/// A linear layer's weight, row-major `(out, in)`: y = W x.
+/// A linear layer y = W x, its weight stored transposed: `wt` is `(in, out)` row-major.
+/// The GEMM then reads the weight as a column-major left operand (it computes the
+/// transposed product `outᵀ = W xᵀ`), which it can use without repacking.
 #[derive(Debug, Clone)]
 struct Linear {
-    w: Vec<f32>,
+    wt: Vec<f32>,
     out: usize,
     inp: usize,
 }
 
 impl Linear {
-    /// Stack the rows of several weights with the same input width (fused projections).
-    fn stacked(parts: Vec<Vec<f32>>, inp: usize) -> Self {
-        let w: Vec<f32> = parts.concat();
-        Self {
-            out: w.len() / inp,
-            inp,
-            w,
+    /// From weights given row-major `(out, in)`, several stacked by rows (fused
+    /// projections) when `parts` has more than one.
+    fn from_rows(parts: &[&[f32]], inp: usize) -> Self {
+        let out: usize = parts.iter().map(|p| p.len() / inp).sum();
+        let mut wt = vec![0f32; inp * out];
+        let mut row = 0;
+        for part in parts {
+            for r in part.chunks_exact(inp) {
+                for (k, &x) in r.iter().enumerate() {
+                    wt[k * out + row] = x;
+                }
+                row += 1;
+            }
         }
+        Self { wt, out, inp }
     }
 }
 
@@ -301,9 +310,10 @@ pub enum Outputs {
 /// Llama weights (f32) with a thread pool; the forward runs over caches passed in.
 pub struct Llama {
     cfg: LlamaConfig,
-    /// `(vocab, d)`; also the LM head when the embeddings are tied.
-    embed: Linear,
-    output: Option<Linear>,
+    /// Token embeddings, `(vocab, d)` row-major.
+    embed: Vec<f32>,
+    /// The LM head (the embeddings again when they are tied, as in SmolLM2).
+    lm_head: Linear,
     blocks: Vec<Block>,
     final_norm: Vec<f32>,
     pool: rayon::ThreadPool,
@@ -339,19 +349,12 @@ impl Llama {
         };
         let (d, f) = (cfg.hidden_size, cfg.intermediate_size);
         let (qd, kvd) = (cfg.q_dim(), cfg.kv_dim());
-        let embed = Linear {
-            w: gguf.tensor_f32("token_embd.weight", &[cfg.vocab_size, d])?,
-            out: cfg.vocab_size,
-            inp: d,
-        };
-        let output = if gguf.has_tensor("output.weight") {
-            Some(Linear {
-                w: gguf.tensor_f32("output.weight", &[cfg.vocab_size, d])?,
-                out: cfg.vocab_size,
-                inp: d,
-            })
+        let embed = gguf.tensor_f32("token_embd.weight", &[cfg.vocab_size, d])?;
+        let lm_head = if gguf.has_tensor("output.weight") {
+            let w = gguf.tensor_f32("output.weight", &[cfg.vocab_size, d])?;
+            Linear::from_rows(&[&w], d)
         } else {
-            None
+            Linear::from_rows(&[&embed], d)
         };
         let mut blocks = Vec::with_capacity(cfg.n_layers);
         for l in 0..cfg.n_layers {
@@ -368,19 +371,11 @@ impl Llama {
             let down = t("ffn_down", &[d, f])?;
             blocks.push(Block {
                 attn_norm,
-                wqkv: Linear::stacked(vec![wq, wk, wv], d),
-                wo: Linear {
-                    w: wo,
-                    out: d,
-                    inp: qd,
-                },
+                wqkv: Linear::from_rows(&[&wq, &wk, &wv], d),
+                wo: Linear::from_rows(&[&wo], qd),
                 ffn_norm,
-                w_gate_up: Linear::stacked(vec![gate, up], d),
-                w_down: Linear {
-                    w: down,
-                    out: d,
-                    inp: f,
-                },
+                w_gate_up: Linear::from_rows(&[&gate, &up], d),
+                w_down: Linear::from_rows(&[&down], f),
             });
         }
         let final_norm = gguf.tensor_f32("output_norm.weight", &[d])?;
@@ -400,7 +395,7 @@ impl Llama {
         Ok(Self {
             cfg,
             embed,
-            output,
+            lm_head,
             blocks,
             final_norm,
             pool,
@@ -492,7 +487,7 @@ impl Llama {
         let mut h = vec![0f32; n * d];
         for (r, &(_, _, t)) in rows.iter().enumerate() {
             let t = t as usize;
-            h[r * d..(r + 1) * d].copy_from_slice(&self.embed.w[t * d..(t + 1) * d]);
+            h[r * d..(r + 1) * d].copy_from_slice(&self.embed[t * d..(t + 1) * d]);
         }
         // RoPE angles per row: cos/sin (n, hd/2), θ_i = base^(-2i/hd) (arXiv:2104.09864).
         let half = hd / 2;
@@ -573,7 +568,7 @@ impl Llama {
         }
         let mut normed = vec![0f32; m * d];
         rms_norm(&hidden, &self.final_norm, eps, &mut normed);
-        let head = self.output.as_ref().unwrap_or(&self.embed);
+        let head = &self.lm_head;
         let vocab = head.out;
         let mut logits = vec![0f32; m * vocab];
         self.matmul(&normed, m, head, &mut logits, false)?;
@@ -601,7 +596,7 @@ impl Llama {
         out: &mut [f32],
         accumulate: bool,
     ) -> Result<(), ModelError> {
-        if x.len() != rows * w.inp || out.len() != rows * w.out || w.w.len() != w.out * w.inp {
+        if x.len() != rows * w.inp || out.len() != rows * w.out || w.wt.len() != w.out * w.inp {
             return Err(ModelError::Internal(format!(
                 "matmul shapes: x {} for {rows}×{}, out {} for {rows}×{}",
                 x.len(),
@@ -617,9 +612,8 @@ impl Llama {
             let cols = GEMM_BLOCK_COLS.min(w.out - c0);
             let dst = &dst;
             // SAFETY: dst is (rows, w.out) row-major and this task writes only columns
-            // c0..c0+cols; lhs is (rows, inp) row-major; rhs = Wᵀ is (inp, cols) read
-            // from W's rows c0.. with column stride inp; all indices stay in bounds by the
-            // length checks above.
+            // c0..c0+cols; lhs is (rows, inp) row-major; rhs = Wᵀ is (inp, out) row-major,
+            // read from column c0 on; all indices stay in bounds by the length checks above.
             unsafe {
                 gemm::gemm(
                     rows,
@@ -632,9 +626,9 @@ impl Llama {
                     x.as_ptr(),
                     1,
                     w.inp as isize,
-                    w.w.as_ptr().add(c0 * w.inp),
-                    w.inp as isize,
+                    w.wt.as_ptr().add(c0),
                     1,
+                    w.out as isize,
                     if accumulate { 1.0 } else { 0.0 },
                     1.0,
                     false,
@@ -714,10 +708,11 @@ fn attend(cfg: &LlamaConfig, cache: &LlamaCache, layer: usize, pos: usize, q: &[
     }
 }
 
-/// Normalised natural-log probabilities: `x − log Σ exp x` (the sum in f64).
+/// Normalised natural-log probabilities: `x − log Σ exp x` (terms in f32, each ≤ 1, summed
+/// in f64).
 fn log_softmax(logits: &[f32]) -> Vec<f32> {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let sum: f64 = logits.iter().map(|&x| ((x - max) as f64).exp()).sum();
+    let sum: f64 = logits.iter().map(|&x| (x - max).exp() as f64).sum();
     let lse = max as f64 + sum.ln();
     logits.iter().map(|&x| (x as f64 - lse) as f32).collect()
 }

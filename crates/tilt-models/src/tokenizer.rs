@@ -16,10 +16,8 @@
 //! Other names (and SentencePiece `llama` vocabularies) are reported as unsupported
 //! rather than tokenised approximately.
 
-use std::collections::HashMap;
-
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
-use tokenizers::models::bpe::BPE;
+use tokenizers::models::bpe::{Vocab, BPE};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
@@ -104,7 +102,7 @@ impl GgufTokenizer {
                     .ok_or_else(|| bad(format!("tokenizer.ggml.merges[{i}] = {m:?} has no space")))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let mut vocab: HashMap<String, u32> = HashMap::with_capacity(tokens.len());
+        let mut vocab = Vocab::default();
         for (id, t) in tokens.iter().enumerate() {
             // Duplicates keep the first id, as llama.cpp does.
             vocab.entry(t.clone()).or_insert(id as u32);

@@ -2,9 +2,34 @@
 //!
 //! The [`Reward`] trait and its implementations. A reward scores (prompt, response) pairs
 //! with finite `f32`s or says clearly why it cannot: never a silent NaN.
+//!
+//! | spec (CLI `--reward`) | type | score |
+//! |---|---|---|
+//! | `minilm` | [`MiniLmRelevance`] | cosine of MiniLM embeddings of response and prompt |
+//! | `minilm:target=TEXT` | [`MiniLmRelevance`] | cosine of response and `TEXT` |
+//! | `head:PATH` | [`HeadReward`] | a trained head (safetensors) over MiniLM embeddings |
+//! | `command:CMD` | [`CommandReward`] | a long-lived child `sh -c CMD`, JSON lines |
+//! | `http:URL` (or a bare `http://…`) | [`HttpReward`] | POST JSON to a service |
+//!
+//! Rewards are traits and data ([`RewardSpec`]), not flags: a decoding strategy takes a
+//! `&dyn Reward` and never knows which it has. Everything that can fail from outside (a
+//! model file, a child process, a network service) fails with a [`RewardError`] naming the
+//! reward, and every score passes [`check_scores`] before it leaves this crate. The
+//! protocols of the command and HTTP rewards are in this crate's `README.md`.
 #![deny(missing_docs)]
 
+pub mod command;
+pub mod head;
+pub mod http;
+pub mod minilm;
+
+pub use command::{CommandReward, DEFAULT_COMMAND_TIMEOUT};
+pub use head::{Head, HeadInput, HeadReward};
+pub use http::{HttpReward, DEFAULT_HTTP_TIMEOUT};
+pub use minilm::{MiniLmEmbedder, MiniLmRelevance, MINILM_DIM};
+
 use std::path::PathBuf;
+use std::sync::Arc;
 
 /// What can go wrong while scoring.
 #[derive(Debug, thiserror::Error)]
@@ -68,4 +93,207 @@ pub fn check_scores(
         });
     }
     Ok(scores)
+}
+
+/// A reward described as data, as the CLI's `--reward` flag gives it.
+///
+/// Forms (parsed by [`RewardSpec::parse`]):
+/// - `minilm`: relevance of the response to the prompt (cosine of MiniLM embeddings);
+/// - `minilm:target=TEXT`: relevance of the response to the fixed `TEXT`;
+/// - `head:PATH`: a trained head over MiniLM embeddings (format in [`head`]);
+/// - `command:CMD`: an external command run as `sh -c CMD` (protocol in [`command`]);
+/// - `http:URL`, or a bare `http://…` URL: a service (protocol in [`http`]).
+///
+/// ```
+/// use tilt_rewards::RewardSpec;
+/// assert_eq!(RewardSpec::parse("minilm").unwrap(), RewardSpec::MiniLm { target: None });
+/// assert_eq!(
+///     RewardSpec::parse("minilm:target=be kind").unwrap(),
+///     RewardSpec::MiniLm { target: Some("be kind".into()) }
+/// );
+/// assert_eq!(
+///     RewardSpec::parse("http://127.0.0.1:8000/score").unwrap(),
+///     RewardSpec::Http { url: "http://127.0.0.1:8000/score".into() }
+/// );
+/// assert!(RewardSpec::parse("bleu").is_err());
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RewardSpec {
+    /// MiniLM relevance, to `target` or (when `None`) to the prompt.
+    MiniLm {
+        /// Fixed target text.
+        target: Option<String>,
+    },
+    /// A trained head file over MiniLM embeddings.
+    Head {
+        /// The safetensors file.
+        path: PathBuf,
+    },
+    /// An external command (run with `sh -c`).
+    Command {
+        /// The command line.
+        command: String,
+    },
+    /// An HTTP service.
+    Http {
+        /// Its URL.
+        url: String,
+    },
+}
+
+/// What [`RewardSpec::parse`] rejects: the spec and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid reward spec {spec:?}: {reason} (expected minilm, minilm:target=TEXT, head:PATH, command:CMD or http:URL)")]
+pub struct RewardSpecError {
+    /// The spec as given.
+    pub spec: String,
+    /// What was wrong.
+    pub reason: String,
+}
+
+impl RewardSpec {
+    /// Parse a `--reward` value (forms in the type's docs).
+    ///
+    /// # Errors
+    /// [`RewardSpecError`] naming the spec.
+    pub fn parse(spec: &str) -> Result<Self, RewardSpecError> {
+        let err = |reason: &str| RewardSpecError {
+            spec: spec.to_string(),
+            reason: reason.to_string(),
+        };
+        if spec.starts_with("http://") || spec.starts_with("https://") {
+            return Ok(Self::Http {
+                url: spec.to_string(),
+            });
+        }
+        let (kind, arg) = match spec.split_once(':') {
+            Some((k, a)) => (k, Some(a)),
+            None => (spec, None),
+        };
+        match (kind, arg) {
+            ("minilm", None) => Ok(Self::MiniLm { target: None }),
+            ("minilm", Some(a)) => match a.strip_prefix("target=") {
+                Some(t) if !t.is_empty() => Ok(Self::MiniLm {
+                    target: Some(t.to_string()),
+                }),
+                Some(_) => Err(err("empty target")),
+                None => Err(err("minilm takes only target=TEXT")),
+            },
+            ("head", Some(p)) if !p.is_empty() => Ok(Self::Head {
+                path: PathBuf::from(p),
+            }),
+            ("command", Some(c)) if !c.trim().is_empty() => Ok(Self::Command {
+                command: c.to_string(),
+            }),
+            ("http", Some(u)) if !u.is_empty() => Ok(Self::Http { url: u.to_string() }),
+            ("head" | "command" | "http", _) => {
+                Err(err(&format!("{kind} needs an argument after ':'")))
+            }
+            _ => Err(err(&format!("unknown reward kind {kind:?}"))),
+        }
+    }
+
+    /// Build the reward, loading the MiniLM model (fetched on first use) where needed.
+    ///
+    /// # Errors
+    /// [`RewardError`] if a model, head file, command or URL cannot be set up.
+    pub fn build(&self) -> Result<Box<dyn Reward>, RewardError> {
+        self.build_with(None)
+    }
+
+    /// [`Self::build`] with an already loaded embedder to share (so that several rewards
+    /// over MiniLM hold one copy of the model).
+    ///
+    /// # Errors
+    /// As [`Self::build`].
+    pub fn build_with(
+        &self,
+        embedder: Option<Arc<MiniLmEmbedder>>,
+    ) -> Result<Box<dyn Reward>, RewardError> {
+        let embedder = || -> Result<Arc<MiniLmEmbedder>, RewardError> {
+            match &embedder {
+                Some(e) => Ok(Arc::clone(e)),
+                None => Ok(Arc::new(MiniLmEmbedder::load_default()?)),
+            }
+        };
+        Ok(match self {
+            Self::MiniLm { target } => Box::new(MiniLmRelevance::new(embedder()?, target.clone())),
+            Self::Head { path } => {
+                let head = Head::load(path)?;
+                Box::new(HeadReward::new(embedder()?, head)?)
+            }
+            Self::Command { command } => Box::new(CommandReward::spawn_shell(
+                command,
+                DEFAULT_COMMAND_TIMEOUT,
+            )?),
+            Self::Http { url } => Box::new(HttpReward::new(url, DEFAULT_HTTP_TIMEOUT)?),
+        })
+    }
+}
+
+impl std::str::FromStr for RewardSpec {
+    type Err = RewardSpecError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::parse(s)
+    }
+}
+
+/// Build the reward a spec describes; see [`RewardSpec::build`].
+///
+/// # Errors
+/// As [`RewardSpec::build`].
+pub fn build(spec: &RewardSpec) -> Result<Box<dyn Reward>, RewardError> {
+    spec.build()
+}
+
+#[cfg(test)]
+mod spec_tests {
+    use super::*;
+
+    #[test]
+    fn specs_parse_and_reject() {
+        assert_eq!(
+            RewardSpec::parse("head:/tmp/h.safetensors").unwrap(),
+            RewardSpec::Head {
+                path: "/tmp/h.safetensors".into()
+            }
+        );
+        assert_eq!(
+            RewardSpec::parse("command:python3 r.py --x=1:2").unwrap(),
+            RewardSpec::Command {
+                command: "python3 r.py --x=1:2".into()
+            }
+        );
+        assert_eq!(
+            RewardSpec::parse("http:http://127.0.0.1:9/s").unwrap(),
+            RewardSpec::Http {
+                url: "http://127.0.0.1:9/s".into()
+            }
+        );
+        for bad in [
+            "",
+            "minilm:",
+            "minilm:foo",
+            "minilm:target=",
+            "head:",
+            "command: ",
+            "http",
+            "bleu:x",
+        ] {
+            let e = RewardSpec::parse(bad).unwrap_err();
+            assert!(e.to_string().contains("invalid reward spec"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn check_scores_names_the_problem() {
+        assert_eq!(
+            check_scores("r", 2, vec![1.0, -1.0]).unwrap(),
+            vec![1.0, -1.0]
+        );
+        let e = check_scores("r", 2, vec![1.0]).unwrap_err();
+        assert!(e.to_string().contains("1 scores for 2 pairs"), "{e}");
+        let e = check_scores("r", 2, vec![1.0, f32::NAN]).unwrap_err();
+        assert!(matches!(e, RewardError::NonFinite { index: 1, .. }), "{e}");
+    }
 }

@@ -1,0 +1,475 @@
+//! Exact finite-support theory against independent derivations: brute-force enumeration
+//! of every n-tuple of draws, the closed forms of spec §2 / derivations.md §3–§4, and
+//! series expansions for n = 10^15.
+
+use tilt_core::best_of_n::{best_of_n, kl_estimate_per_draw, worst_of_n};
+use tilt_core::bounds::{bon_kl_bound, optimal_sub_gaussian_proxy, sub_gaussian_improvement_bound};
+use tilt_core::divergence::{chi_squared, hellinger_squared, kl, renyi, total_variation};
+use tilt_core::frontier::{frontier, frontier_ns};
+use tilt_core::levels::Levels;
+use tilt_core::soft_best_of_n::soft_best_of_n;
+use tilt_core::tilt::{max_kl, tilt_by_beta, tilt_by_kl, tilt_by_lambda};
+use tilt_core::win_rate::win_rate;
+use tilt_core::{RewardDistribution, TiltError};
+
+fn close(a: f64, b: f64, tol: f64) -> bool {
+    (a - b).abs() <= tol * (1.0 + b.abs())
+}
+
+fn assert_close(a: f64, b: f64, tol: f64, what: &str) {
+    assert!(close(a, b, tol), "{what}: got {a:.17e}, expected {b:.17e}");
+}
+
+/// Deterministic small pseudo-random numbers for building test cases (SplitMix64).
+struct SplitMix(u64);
+impl SplitMix {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    fn unit(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// A random distribution on `k` outcomes whose rewards come from a set of `distinct`
+/// values (so with ties when distinct < k), some outcomes possibly with mass 0.
+fn random_dist(rng: &mut SplitMix, k: usize, distinct: u64) -> RewardDistribution {
+    let raw: Vec<f64> = (0..k)
+        .map(|_| if rng.unit() < 0.1 { 0.0 } else { rng.unit() + 0.01 })
+        .collect();
+    let rewards: Vec<f64> = (0..k).map(|_| (rng.next() % distinct) as f64 * 0.5 - 1.0).collect();
+    let raw = if raw.iter().all(|&x| x == 0.0) { vec![1.0; k] } else { raw };
+    RewardDistribution::new_normalized(raw, rewards).unwrap()
+}
+
+/// Brute force: enumerate all k^n ordered tuples; the chosen outcome is uniform among the
+/// draws attaining the best (or worst) reward.
+fn brute_force_order_statistic(d: &RewardDistribution, n: u32, best: bool) -> Vec<f64> {
+    let (p, r) = (d.probs(), d.rewards());
+    let k = p.len();
+    let mut out = vec![0.0; k];
+    let total = (k as u64).pow(n);
+    let mut tuple = vec![0usize; n as usize];
+    for code in 0..total {
+        let mut c = code;
+        let mut prob = 1.0;
+        for t in tuple.iter_mut() {
+            *t = (c % k as u64) as usize;
+            c /= k as u64;
+            prob *= p[*t];
+        }
+        if prob == 0.0 {
+            continue;
+        }
+        let target = tuple
+            .iter()
+            .map(|&i| r[i])
+            .fold(if best { f64::NEG_INFINITY } else { f64::INFINITY }, |a, b| {
+                if best {
+                    a.max(b)
+                } else {
+                    a.min(b)
+                }
+            });
+        let winners: Vec<usize> = tuple.iter().copied().filter(|&i| r[i] == target).collect();
+        for &w in &winners {
+            out[w] += prob / winners.len() as f64;
+        }
+    }
+    out
+}
+
+fn direct_kl(q: &[f64], p: &[f64]) -> f64 {
+    q.iter()
+        .zip(p)
+        .filter(|(&a, _)| a > 0.0)
+        .map(|(&a, &b)| a * (a / b).ln())
+        .sum()
+}
+
+fn direct_win_rate(q: &[f64], d: &RewardDistribution) -> f64 {
+    let (p, r) = (d.probs(), d.rewards());
+    let mut w = 0.0;
+    for i in 0..q.len() {
+        for j in 0..p.len() {
+            let s = if r[i] > r[j] {
+                1.0
+            } else if r[i] == r[j] {
+                0.5
+            } else {
+                0.0
+            };
+            w += q[i] * p[j] * s;
+        }
+    }
+    w
+}
+
+#[test]
+fn best_and_worst_of_n_match_enumeration_of_all_tuples_with_ties() {
+    let mut rng = SplitMix(7);
+    let mut cases = 0;
+    for k in 1..=6 {
+        for distinct in [1u64, 2, 3, 6] {
+            let d = random_dist(&mut rng, k, distinct);
+            for n in 1..=5u32 {
+                for best in [true, false] {
+                    let exact = brute_force_order_statistic(&d, n, best);
+                    let b = if best {
+                        best_of_n(&d, n as u64).unwrap()
+                    } else {
+                        worst_of_n(&d, n as u64).unwrap()
+                    };
+                    for (a, e) in b.pmf.iter().zip(&exact) {
+                        assert_close(*a, *e, 1e-13, &format!("pmf k={k} n={n} best={best}"));
+                    }
+                    assert_close(b.kl, direct_kl(&exact, d.probs()), 1e-12, "kl");
+                    assert_close(b.win_rate, direct_win_rate(&exact, &d), 1e-13, "win rate");
+                    let er: f64 = exact.iter().zip(d.rewards()).map(|(q, r)| q * r).sum();
+                    assert_close(b.expected_reward, er, 1e-13, "expected reward");
+                    let est: f64 = exact
+                        .iter()
+                        .zip(d.probs())
+                        .filter(|(&q, _)| q > 0.0)
+                        .map(|(&q, &p)| q * kl_estimate_per_draw(p, n as u64).unwrap())
+                        .sum();
+                    assert_close(b.kl_estimate, est, 1e-12, "kl estimate");
+                    cases += 1;
+                }
+            }
+        }
+    }
+    assert_eq!(cases, 6 * 4 * 5 * 2);
+}
+
+#[test]
+fn fair_coin_closed_forms_of_spec_section_2() {
+    let d = RewardDistribution::new(vec![0.5, 0.5], vec![0.0, 1.0]).unwrap();
+    let b2 = best_of_n(&d, 2).unwrap();
+    let b4 = best_of_n(&d, 4).unwrap();
+    assert_close(b2.kl, 0.130812035941, 1e-11, "KL(π_2‖p)");
+    assert_close(b4.kl, 0.459355521853, 1e-11, "KL(π_4‖p)");
+    assert_eq!(b2.win_rate, 5.0 / 8.0);
+    assert_eq!(b4.win_rate, 23.0 / 32.0);
+    assert_close(b2.kl_bound, 0.1931472, 1e-7, "bound n=2");
+    assert_close(b4.win_rate_bound, 0.8, 1e-15, "n/(n+1)");
+    // derivations §3.3/§3.5: π_n(hi) = 1 − 2^{−n}; W_n = 3/4 − 2^{−n}/2; KL(π_8) = 0.667588.
+    for n in 1..=40u64 {
+        let b = best_of_n(&d, n).unwrap();
+        let lo = 0.5f64.powi(n as i32);
+        assert_close(b.pmf[0], lo, 1e-14, "π_n(lo)");
+        assert_close(b.win_rate, 0.75 - lo / 2.0, 1e-15, "W_n");
+        let klc = lo * (lo / 0.5).ln() + (1.0 - lo) * ((1.0 - lo) / 0.5).ln();
+        assert_close(b.kl, klc, 1e-13, "two-point KL");
+    }
+    assert_close(best_of_n(&d, 8).unwrap().kl, 0.667588, 1e-6, "KL(π_8)");
+}
+
+#[test]
+fn kl_bound_table_of_derivations_3_3() {
+    let table = [
+        (2, 0.1931472),
+        (4, 0.6362944),
+        (8, 1.2044415),
+        (16, 1.8350887),
+        (32, 2.4969859),
+        (64, 3.1745081),
+        (128, 3.8598428),
+        (256, 4.5490837),
+    ];
+    for (n, v) in table {
+        assert!((bon_kl_bound(n).unwrap() - v).abs() < 6e-8, "n={n}");
+    }
+}
+
+#[test]
+fn kl_estimator_values_of_derivations_3_4() {
+    let table = [
+        (2, 0.5, 0.1790988),
+        (2, 0.1, 0.1930594),
+        (4, 0.5, 0.4991239),
+        (4, 0.1, 0.6348703),
+        (8, 0.5, 0.6722926),
+        (8, 0.1, 1.1917784),
+        (32, 0.5, 0.6931472),
+        (32, 0.1, 2.1633696),
+    ];
+    for (n, eps, v) in table {
+        let got = kl_estimate_per_draw(eps, n).unwrap();
+        assert!((got - v).abs() < 6e-8, "D̂({eps}) at n={n}: {got}");
+    }
+    for n in [2u64, 4, 8, 32] {
+        assert_close(
+            kl_estimate_per_draw(1e-300, n).unwrap(),
+            bon_kl_bound(n).unwrap(),
+            1e-15,
+            "D̂(0+)",
+        );
+        assert_eq!(kl_estimate_per_draw(1.0, n).unwrap(), 0.0);
+    }
+    assert!(kl_estimate_per_draw(1.5, 4).is_err());
+    assert!(kl_estimate_per_draw(0.5, 0).is_err());
+}
+
+#[test]
+fn tie_example_of_derivations_7() {
+    let d = RewardDistribution::new(vec![0.2, 0.3, 0.1, 0.4], vec![0.0, 1.0, 1.0, 2.0]).unwrap();
+    let b = best_of_n(&d, 3).unwrap();
+    let expect = [0.008, 0.156, 0.052, 0.784];
+    for (a, e) in b.pmf.iter().zip(expect) {
+        assert_close(*a, e, 1e-14, "tie example");
+    }
+}
+
+/// `1 − (1 − t)^n` by its alternating binomial series in x = n·t (with the n-dependence
+/// exact): Σ_{k≥1} (−1)^{k+1} C(n,k) t^k, each term computed from the previous one.
+fn one_minus_pow_series(t: f64, n: f64) -> f64 {
+    let mut term = n * t; // C(n,1) t
+    let mut sum = 0.0;
+    let mut k = 1.0;
+    while term.abs() > 1e-40 {
+        sum += term;
+        term *= -(n - k) / (k + 1.0) * t;
+        k += 1.0;
+    }
+    sum
+}
+
+#[test]
+fn n_of_ten_to_the_fifteen_matches_series_expansions() {
+    let n: u64 = 1_000_000_000_000_000;
+    let nf = n as f64;
+    for t in [1e-20, 1e-17, 3e-16, 1e-15] {
+        let d = RewardDistribution::new(vec![1.0 - t, t], vec![0.0, 1.0]).unwrap();
+        assert_eq!(Levels::new(&d).unwrap().above()[0], t, "tail summed directly");
+        let b = best_of_n(&d, n).unwrap();
+        // π(top) = 1 − (1−t)^n, by series (x = n t ≤ 1: converges quickly).
+        let top = one_minus_pow_series(t, nf);
+        assert_close(b.pmf[1], top, 1e-13, &format!("π(top) t={t}"));
+        assert_close(b.pmf[0], 1.0 - top, 1e-13, "π(bottom)");
+        let klx = (1.0 - top) * ((1.0 - top).ln() - (-t).ln_1p()) + top * (top / t).ln();
+        assert_close(b.kl, klx, 1e-12, &format!("KL t={t}"));
+        assert_close(b.win_rate, (1.0 - top) * (1.0 - t) / 2.0 + top * (1.0 - t / 2.0), 1e-14, "W");
+        assert!(b.kl <= b.kl_bound);
+    }
+    // Three levels, the middle one tiny: π(mid) = (1−t)^n − ½^n ≈ e^{−nt}.
+    let t = 1e-16;
+    let d = RewardDistribution::new(vec![0.5, 0.5 - t, t], vec![0.0, 1.0, 2.0]).unwrap();
+    let b = best_of_n(&d, n).unwrap();
+    let top = one_minus_pow_series(t, nf);
+    assert_close(b.pmf[2], top, 1e-13, "top of three");
+    assert_close(b.pmf[1], 1.0 - top, 1e-13, "middle of three");
+    assert_eq!(b.pmf[0], 0.0);
+    assert!(b.pmf.iter().sum::<f64>() - 1.0 < 1e-15);
+}
+
+#[test]
+fn moderate_n_agrees_with_plain_powers() {
+    let d = RewardDistribution::new(vec![0.3, 0.2, 0.5], vec![3.0, 1.0, 2.0]).unwrap();
+    for n in [7u64, 100, 1000] {
+        let b = best_of_n(&d, n).unwrap();
+        let f = |x: f64| x.powi(n as i32);
+        let expect = [1.0 - f(0.7), f(0.2), f(0.7) - f(0.2)];
+        for (a, e) in b.pmf.iter().zip(expect) {
+            assert_close(*a, e, 1e-13, "powers");
+        }
+    }
+}
+
+#[test]
+fn tilt_closed_forms_and_kl_solver() {
+    // derivations §1.8: Bernoulli(½), λ = 1: a = e/(1+e), K = 0.1109441.
+    let d = RewardDistribution::new(vec![0.5, 0.5], vec![0.0, 1.0]).unwrap();
+    let t = tilt_by_lambda(&d, 1.0).unwrap();
+    let a = 1f64.exp() / (1.0 + 1f64.exp());
+    assert_close(t.pmf[1], a, 1e-15, "φ(1)");
+    let k = a * (a / 0.5).ln() + (1.0 - a) * ((1.0 - a) / 0.5).ln();
+    assert_close(t.kl, k, 1e-14, "K(1)");
+    assert_close(t.kl, 0.1109441, 1e-7, "table");
+    assert_close(t.log_partition, (0.5 + 0.5 * 1f64.exp()).ln(), 1e-15, "Λ");
+    assert_close(t.win_rate, (1.0 - a) * 0.25 + a * 0.75, 1e-15, "W");
+    assert_eq!(t.beta, 1.0);
+    // KL → λ round trip, 1e-12 relative, across scales; tiny KLs keep their digits.
+    let d3 = RewardDistribution::new(vec![0.2, 0.5, 0.3], vec![-4.0, 0.5, 10.0]).unwrap();
+    for lambda in [1e-7, 1e-3, 0.1, 1.0, 3.0] {
+        let kl_l = tilt_by_lambda(&d3, lambda).unwrap().kl;
+        let back = tilt_by_kl(&d3, kl_l).unwrap();
+        assert!((back.lambda / lambda - 1.0).abs() < 1e-11, "λ={lambda}: {}", back.lambda);
+        assert!((back.beta * lambda - 1.0).abs() < 1e-11);
+    }
+    // Small-λ KL ≈ λ² Var/2.
+    let var = {
+        let mu = d3.mean_reward();
+        d3.probs().iter().zip(d3.rewards()).map(|(p, r)| p * (r - mu) * (r - mu)).sum::<f64>()
+    };
+    let small = tilt_by_lambda(&d3, 1e-8).unwrap().kl;
+    assert_close(small, 1e-16 * var / 2.0, 1e-6, "KL ≈ λ²σ²/2");
+    // β → ∞ is p; KL_max = −log p(argmax); beyond it an error.
+    let levels = Levels::new(&d3).unwrap();
+    assert_close(max_kl(&levels), -(0.3f64.ln()), 1e-15, "KL_max");
+    let at_max = tilt_by_kl(&d3, -(0.3f64.ln())).unwrap();
+    assert_eq!(at_max.pmf, vec![0.0, 0.0, 1.0]);
+    match tilt_by_kl(&d3, 1.3) {
+        Err(TiltError::KlBudgetTooLarge { requested, max }) => {
+            assert_eq!(requested, 1.3);
+            assert!((max - 1.2039728).abs() < 1e-7);
+        }
+        other => panic!("expected KlBudgetTooLarge, got {other:?}"),
+    }
+    assert_eq!(tilt_by_kl(&d3, 0.0).unwrap().pmf, d3.probs());
+    assert!(tilt_by_beta(&d3, 0.0).is_err());
+    assert!(tilt_by_kl(&d3, -1.0).is_err());
+    // Ties: outcomes tied at the top share the tilt's mass in proportion to p.
+    let dt = RewardDistribution::new(vec![0.5, 0.1, 0.4], vec![0.0, 1.0, 1.0]).unwrap();
+    let tt = tilt_by_lambda(&dt, 2.0).unwrap();
+    assert_close(tt.pmf[1] / tt.pmf[2], 0.25, 1e-15, "tie split");
+    let z = 0.5 + 0.5 * 2f64.exp();
+    assert_close(tt.pmf[0], 0.5 / z, 1e-15, "tilt with ties");
+}
+
+#[test]
+fn soft_best_of_n_values_of_derivations_6_and_7() {
+    let d = RewardDistribution::new(vec![0.5, 0.5], vec![0.0, 1.0]).unwrap();
+    for (lambda, v) in [(0.1, 0.749977), (1.0, 0.615529), (10.0, 0.512490)] {
+        let s = soft_best_of_n(&d, 2, lambda).unwrap();
+        assert!((s.pmf[1] - v).abs() < 6e-7, "λ={lambda}: {}", s.pmf[1]);
+    }
+    // Limits: λ → 0 is hard best-of-n, λ → ∞ is p.
+    let d3 = RewardDistribution::new(vec![0.2, 0.3, 0.1, 0.4], vec![0.0, 1.0, 1.0, 2.0]).unwrap();
+    let hard = best_of_n(&d3, 4).unwrap();
+    let cold = soft_best_of_n(&d3, 4, 1e-3).unwrap();
+    for (a, b) in cold.pmf.iter().zip(&hard.pmf) {
+        assert!((a - b).abs() < 1e-12);
+    }
+    let hot = soft_best_of_n(&d3, 4, 1e9).unwrap();
+    for (a, b) in hot.pmf.iter().zip(d3.probs()) {
+        assert!((a - b).abs() < 1e-8);
+    }
+    assert!(soft_best_of_n(&d3, 0, 1.0).is_err());
+    let wide = RewardDistribution::from_samples(&(0..40).map(f64::from).collect::<Vec<_>>()).unwrap();
+    let e = soft_best_of_n(&wide, 30, 1.0).unwrap_err();
+    assert!(e.to_string().contains("count vectors"), "{e}");
+}
+
+#[test]
+fn soft_best_of_n_matches_enumeration_of_all_tuples() {
+    let mut rng = SplitMix(11);
+    for k in 1..=4 {
+        let d = random_dist(&mut rng, k, 3);
+        for n in 1..=4u32 {
+            for lambda in [0.3, 1.0, 5.0] {
+                let (p, r) = (d.probs(), d.rewards());
+                let mut exact = vec![0.0; k];
+                let mut tuple = vec![0usize; n as usize];
+                for code in 0..(k as u64).pow(n) {
+                    let mut c = code;
+                    let mut prob = 1.0;
+                    for t in tuple.iter_mut() {
+                        *t = (c % k as u64) as usize;
+                        c /= k as u64;
+                        prob *= p[*t];
+                    }
+                    let z: f64 = tuple.iter().map(|&i| (r[i] / lambda).exp()).sum();
+                    for &i in &tuple {
+                        exact[i] += prob * (r[i] / lambda).exp() / z;
+                    }
+                }
+                let s = soft_best_of_n(&d, n as u64, lambda).unwrap();
+                for (a, e) in s.pmf.iter().zip(&exact) {
+                    assert_close(*a, *e, 1e-13, "soft pmf");
+                }
+                assert_close(s.kl, direct_kl(&exact, p), 1e-12, "soft kl");
+                assert_close(s.win_rate, direct_win_rate(&exact, &d), 1e-13, "soft W");
+            }
+        }
+    }
+}
+
+#[test]
+fn divergences_match_direct_formulas() {
+    let q = [0.1, 0.2, 0.3, 0.4];
+    let p = [0.25, 0.25, 0.25, 0.25];
+    assert_close(kl(&q, &p).unwrap(), direct_kl(&q, &p), 1e-15, "KL");
+    assert_close(kl(&p, &q).unwrap(), direct_kl(&p, &q), 1e-15, "reverse KL");
+    let tv: f64 = 0.5 * q.iter().zip(&p).map(|(a, b)| (a - b).abs()).sum::<f64>();
+    assert_close(total_variation(&q, &p).unwrap(), tv, 1e-15, "TV");
+    let chi: f64 = q.iter().zip(&p).map(|(a, b)| (a - b) * (a - b) / b).sum();
+    assert_close(chi_squared(&q, &p).unwrap(), chi, 1e-15, "χ²");
+    let bc: f64 = q.iter().zip(&p).map(|(a, b)| (a * b).sqrt()).sum();
+    assert_close(hellinger_squared(&q, &p).unwrap(), 1.0 - bc, 1e-14, "H²");
+    for alpha in [0.5, 2.0, 3.0] {
+        let s: f64 = q.iter().zip(&p).map(|(a, b)| a.powf(alpha) * b.powf(1.0 - alpha)).sum();
+        assert_close(renyi(&q, &p, alpha).unwrap(), s.ln() / (alpha - 1.0), 1e-14, "Rényi");
+    }
+    // α → 1 tends to KL; α = ∞ is log max ratio; ordering in α.
+    assert_close(renyi(&q, &p, 1.0 + 1e-7).unwrap(), direct_kl(&q, &p), 1e-6, "α→1");
+    assert_close(renyi(&q, &p, f64::INFINITY).unwrap(), 1.6f64.ln(), 1e-15, "D_∞");
+    assert!(renyi(&q, &p, 0.5).unwrap() <= renyi(&q, &p, 2.0).unwrap());
+    // Support failures are +∞, not NaN.
+    let q0 = [0.5, 0.5, 0.0, 0.0];
+    let p0 = [1.0, 0.0, 0.0, 0.0];
+    assert_eq!(kl(&q0, &p0).unwrap(), f64::INFINITY);
+    assert_eq!(chi_squared(&q0, &p0).unwrap(), f64::INFINITY);
+    assert_eq!(renyi(&q0, &p0, 2.0).unwrap(), f64::INFINITY);
+    assert_close(renyi(&q0, &p0, 0.5).unwrap(), -2.0 * (0.5f64.sqrt()).ln(), 1e-15, "α<1");
+    assert!(kl(&[0.5, 0.5], &[1.0]).is_err());
+    assert!(kl(&[], &[]).is_err());
+    assert!(renyi(&q, &p, 0.0).is_err());
+}
+
+#[test]
+fn sub_gaussian_proxy_closed_forms_and_bound() {
+    // Kearns–Saul: Bernoulli(q) optimal proxy (1 − 2q)/(2 log((1−q)/q)); ¼ at q = ½.
+    for q in [0.5, 0.3, 0.1, 0.01, 1e-6] {
+        let d = RewardDistribution::new(vec![1.0 - q, q], vec![0.0, 1.0]).unwrap();
+        let s = optimal_sub_gaussian_proxy(&d).unwrap();
+        let ks = if q == 0.5 {
+            0.25
+        } else {
+            (1.0 - 2.0 * q) / (2.0 * ((1.0 - q) / q).ln())
+        };
+        assert_close(s.optimal, ks, 1e-9, &format!("σ² q={q}"));
+        assert_eq!(s.hoeffding, 0.25);
+        assert_close(s.variance, q * (1.0 - q), 1e-14, "variance");
+    }
+    // Scaling: rewards ×3 multiply σ² by 9.
+    let d = RewardDistribution::new(vec![0.2, 0.5, 0.3], vec![0.0, 1.0, 4.0]).unwrap();
+    let d3 = RewardDistribution::new(vec![0.2, 0.5, 0.3], vec![0.0, 3.0, 12.0]).unwrap();
+    let (a, b) = (
+        optimal_sub_gaussian_proxy(&d).unwrap(),
+        optimal_sub_gaussian_proxy(&d3).unwrap(),
+    );
+    assert_close(b.optimal, 9.0 * a.optimal, 1e-9, "scaling");
+    // The bound holds for best-of-n and the tilt.
+    let f = frontier(&d, &frontier_ns(1000, Some(12)).unwrap()).unwrap();
+    for (bp, tp) in f.bon.iter().zip(&f.tilt) {
+        let bound = sub_gaussian_improvement_bound(a.optimal, bp.kl).unwrap();
+        assert!(bp.expected_reward - d.mean_reward() <= bound + 1e-12);
+        assert!(tp.expected_reward - d.mean_reward() <= bound + 1e-12);
+        assert!(bp.expected_reward <= tp.expected_reward + 1e-10);
+    }
+}
+
+#[test]
+fn frontier_n_values_and_win_rate_helper() {
+    assert_eq!(frontier_ns(1, None).unwrap(), vec![1]);
+    let ns = frontier_ns(1_000_000_000_000_000, Some(16)).unwrap();
+    assert_eq!(ns.len(), 16);
+    assert_eq!(*ns.last().unwrap(), 1_000_000_000_000_000);
+    assert!(ns.windows(2).all(|w| w[0] < w[1]));
+    assert!(frontier_ns(0, None).is_err());
+    assert!(frontier_ns(10, Some(0)).is_err());
+    let d = RewardDistribution::new(vec![0.5, 0.5], vec![0.0, 1.0]).unwrap();
+    assert!(win_rate(&d, &[0.5]).is_err());
+    assert!(win_rate(&d, &[f64::NAN, 1.0]).is_err());
+    assert_eq!(win_rate(&d, &[0.0, 1.0]).unwrap(), 0.75);
+    // n = 10^15 on a fair coin: KL → log 2 from below, no NaN.
+    let f = frontier(&d, &ns).unwrap();
+    for p in &f.bon {
+        assert!(p.kl.is_finite() && p.kl <= 2f64.ln() + 1e-15);
+    }
+}

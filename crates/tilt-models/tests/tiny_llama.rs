@@ -1,0 +1,527 @@
+//! tilt's Llama on tiny random models written as GGUF files by the test itself: batched vs
+//! separate forwards, forked vs fresh caches, full-sequence vs step-wise log-probs, thread
+//! count invariance, a naive no-cache reference forward, and errors on bad files and input.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::quantized::gguf_file::{self, Value};
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use tilt_models::sampling::{SamplingParams, SequenceSampler};
+use tilt_models::{LlamaPolicy, ModelError, Policy, StepOutput, TokenId};
+
+const D: usize = 32;
+const HEADS: usize = 4;
+const KV_HEADS: usize = 2;
+const HD: usize = D / HEADS;
+const FFN: usize = 48;
+const LAYERS: usize = 2;
+const CTX: usize = 40;
+const EPS: f32 = 1e-5;
+const ROPE_BASE: f32 = 10000.0;
+
+/// GPT-2's byte → printable character map (the byte-level BPE alphabet).
+fn byte_chars() -> Vec<char> {
+    let mut direct: Vec<u32> = (33..=126).chain(161..=172).chain(174..=255).collect();
+    let mut map = vec!['\0'; 256];
+    let mut extra = 0;
+    for b in 0..256u32 {
+        if direct.contains(&b) {
+            map[b as usize] = char::from_u32(b).unwrap();
+        } else {
+            map[b as usize] = char::from_u32(256 + extra).unwrap();
+            extra += 1;
+        }
+    }
+    direct.clear();
+    map
+}
+
+/// The tiny vocabulary: 3 control tokens, 256 byte tokens, then merged tokens.
+fn vocab() -> (Vec<String>, Vec<String>) {
+    let mut tokens: Vec<String> = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    tokens.extend(byte_chars().into_iter().map(|c| c.to_string()));
+    let merges = ["h e", "l l", "he ll", "Ġ t", "Ġt he"];
+    for m in merges {
+        tokens.push(m.replace(' ', ""));
+    }
+    (tokens, merges.iter().map(|s| s.to_string()).collect())
+}
+
+struct Weights {
+    tensors: Vec<(String, Vec<usize>, Vec<f32>)>,
+}
+
+fn random_weights(seed: u64, vocab: usize) -> Weights {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut mat = |rows: usize, cols: usize, scale: f32| -> Vec<f32> {
+        (0..rows * cols)
+            .map(|_| (rng.random::<f32>() * 2.0 - 1.0) * scale)
+            .collect()
+    };
+    let mut tensors = vec![
+        ("token_embd.weight".to_string(), vec![vocab, D], mat(vocab, D, 1.0)),
+        ("output_norm.weight".to_string(), vec![D], mat(1, D, 0.2).iter().map(|x| 1.0 + x).collect()),
+    ];
+    let kvd = KV_HEADS * HD;
+    for l in 0..LAYERS {
+        let s = 1.0 / (D as f32).sqrt();
+        let mut push = |n: &str, shape: Vec<usize>, data: Vec<f32>| {
+            tensors.push((format!("blk.{l}.{n}.weight"), shape, data));
+        };
+        push("attn_norm", vec![D], mat(1, D, 0.2).iter().map(|x| 1.0 + x).collect());
+        push("attn_q", vec![D, D], mat(D, D, 2.0 * s));
+        push("attn_k", vec![kvd, D], mat(kvd, D, 2.0 * s));
+        push("attn_v", vec![kvd, D], mat(kvd, D, s));
+        push("attn_output", vec![D, D], mat(D, D, s));
+        push("ffn_norm", vec![D], mat(1, D, 0.2).iter().map(|x| 1.0 + x).collect());
+        push("ffn_gate", vec![FFN, D], mat(FFN, D, s));
+        push("ffn_up", vec![FFN, D], mat(FFN, D, s));
+        push("ffn_down", vec![D, FFN], mat(D, FFN, 1.0 / (FFN as f32).sqrt()));
+    }
+    Weights { tensors }
+}
+
+/// Write a tiny Llama GGUF; `edit` may change metadata before writing.
+fn write_gguf(path: &Path, w: &Weights, edit: impl Fn(&mut Vec<(String, Value)>)) {
+    let (tokens, merges) = vocab();
+    let n = tokens.len();
+    let mut types = vec![Value::I32(1); n];
+    for t in types.iter_mut().take(3) {
+        *t = Value::I32(3);
+    }
+    let mut md: Vec<(String, Value)> = vec![
+        ("general.architecture".into(), Value::String("llama".into())),
+        ("llama.block_count".into(), Value::U32(LAYERS as u32)),
+        ("llama.context_length".into(), Value::U32(CTX as u32)),
+        ("llama.embedding_length".into(), Value::U32(D as u32)),
+        ("llama.feed_forward_length".into(), Value::U32(FFN as u32)),
+        ("llama.attention.head_count".into(), Value::U32(HEADS as u32)),
+        ("llama.attention.head_count_kv".into(), Value::U32(KV_HEADS as u32)),
+        ("llama.rope.freq_base".into(), Value::F32(ROPE_BASE)),
+        ("llama.rope.dimension_count".into(), Value::U32(HD as u32)),
+        ("llama.attention.layer_norm_rms_epsilon".into(), Value::F32(EPS)),
+        ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
+        ("tokenizer.ggml.pre".into(), Value::String("smollm".into())),
+        (
+            "tokenizer.ggml.tokens".into(),
+            Value::Array(tokens.into_iter().map(Value::String).collect()),
+        ),
+        ("tokenizer.ggml.token_type".into(), Value::Array(types)),
+        (
+            "tokenizer.ggml.merges".into(),
+            Value::Array(merges.into_iter().map(Value::String).collect()),
+        ),
+        ("tokenizer.ggml.bos_token_id".into(), Value::U32(1)),
+        ("tokenizer.ggml.eos_token_id".into(), Value::U32(2)),
+        (
+            "tokenizer.chat_template".into(),
+            Value::String("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}".into()),
+        ),
+    ];
+    edit(&mut md);
+    let qts: Vec<(String, QTensor)> = w
+        .tensors
+        .iter()
+        .map(|(name, shape, data)| {
+            let t = Tensor::from_slice(data, shape.as_slice(), &Device::Cpu).unwrap();
+            (name.clone(), QTensor::quantize(&t, GgmlDType::F32).unwrap())
+        })
+        .collect();
+    let md_refs: Vec<(&str, &Value)> = md.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let t_refs: Vec<(&str, &QTensor)> = qts.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let mut f = std::fs::File::create(path).unwrap();
+    gguf_file::write(&mut f, &md_refs, &t_refs).unwrap();
+}
+
+struct Tiny {
+    _dir: tempfile::TempDir,
+    path: PathBuf,
+    weights: Weights,
+}
+
+fn tiny() -> Tiny {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny-llama.gguf");
+    let weights = random_weights(7, vocab().0.len());
+    write_gguf(&path, &weights, |_| {});
+    Tiny {
+        _dir: dir,
+        path,
+        weights,
+    }
+}
+
+fn load(t: &Tiny, threads: usize) -> LlamaPolicy {
+    LlamaPolicy::load(&t.path, threads).unwrap()
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+fn argmax(v: &[f32]) -> usize {
+    (0..v.len()).fold(0, |b, i| if v[i] > v[b] { i } else { b })
+}
+
+/// Same up to GEMM blocking differences between batch shapes (see llama.rs).
+fn assert_close(a: &StepOutput, b: &StepOutput, what: &str) {
+    let dl = max_abs_diff(&a.log_probs, &b.log_probs);
+    let dh = max_abs_diff(&a.hidden, &b.hidden);
+    assert!(dl < 1e-4 && dh < 1e-4, "{what}: log-prob diff {dl}, hidden diff {dh}");
+    assert_eq!(argmax(&a.log_probs), argmax(&b.log_probs), "{what}: argmax differs");
+}
+
+// ---------- a naive reference forward: whole sequence, no cache, plain loops ----------
+
+fn tensor<'a>(w: &'a Weights, name: &str) -> &'a [f32] {
+    &w.tensors.iter().find(|(n, _, _)| n == name).unwrap().2
+}
+
+fn linear(w: &[f32], x: &[f32], out: usize) -> Vec<f32> {
+    let inp = x.len();
+    (0..out)
+        .map(|o| (0..inp).map(|i| w[o * inp + i] as f64 * x[i] as f64).sum::<f64>() as f32)
+        .collect()
+}
+
+fn norm(x: &[f32], g: &[f32]) -> Vec<f32> {
+    let ms = x.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / x.len() as f64;
+    let s = 1.0 / (ms + EPS as f64).sqrt();
+    x.iter().zip(g).map(|(v, g)| (*v as f64 * s) as f32 * g).collect()
+}
+
+fn rope(v: &mut [f32], pos: usize) {
+    for i in 0..HD / 2 {
+        let theta = pos as f64 * (ROPE_BASE as f64).powf(-(2.0 * i as f64) / HD as f64);
+        let (c, s) = (theta.cos(), theta.sin());
+        let (a, b) = (v[2 * i] as f64, v[2 * i + 1] as f64);
+        v[2 * i] = (a * c - b * s) as f32;
+        v[2 * i + 1] = (a * s + b * c) as f32;
+    }
+}
+
+/// Log-probs at every position of `tokens`, computed from scratch.
+fn reference_log_probs(w: &Weights, tokens: &[TokenId]) -> Vec<Vec<f32>> {
+    let vocab = vocab().0.len();
+    let kvd = KV_HEADS * HD;
+    let embd = tensor(w, "token_embd.weight");
+    let mut h: Vec<Vec<f32>> = tokens
+        .iter()
+        .map(|&t| embd[t as usize * D..(t as usize + 1) * D].to_vec())
+        .collect();
+    for l in 0..LAYERS {
+        let t = |n: &str| tensor(w, &format!("blk.{l}.{n}.weight"));
+        let xs: Vec<Vec<f32>> = h.iter().map(|x| norm(x, t("attn_norm"))).collect();
+        let mut q: Vec<Vec<f32>> = xs.iter().map(|x| linear(t("attn_q"), x, D)).collect();
+        let mut k: Vec<Vec<f32>> = xs.iter().map(|x| linear(t("attn_k"), x, kvd)).collect();
+        let v: Vec<Vec<f32>> = xs.iter().map(|x| linear(t("attn_v"), x, kvd)).collect();
+        for p in 0..tokens.len() {
+            for hq in q[p].chunks_mut(HD) {
+                rope(hq, p);
+            }
+            for hk in k[p].chunks_mut(HD) {
+                rope(hk, p);
+            }
+        }
+        for p in 0..tokens.len() {
+            let mut att = vec![0f32; D];
+            for head in 0..HEADS {
+                let kh = head / (HEADS / KV_HEADS);
+                let qh = &q[p][head * HD..(head + 1) * HD];
+                let scores: Vec<f64> = (0..=p)
+                    .map(|j| {
+                        let kj = &k[j][kh * HD..(kh + 1) * HD];
+                        qh.iter().zip(kj).map(|(a, b)| (a * b) as f64).sum::<f64>()
+                            / (HD as f64).sqrt()
+                    })
+                    .collect();
+                let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let z: f64 = scores.iter().map(|s| (s - m).exp()).sum();
+                for (j, s) in scores.iter().enumerate() {
+                    let pj = (s - m).exp() / z;
+                    for e in 0..HD {
+                        att[head * HD + e] += (pj * v[j][kh * HD + e] as f64) as f32;
+                    }
+                }
+            }
+            let o = linear(t("attn_output"), &att, D);
+            for (a, b) in h[p].iter_mut().zip(o) {
+                *a += b;
+            }
+            let x = norm(&h[p], t("ffn_norm"));
+            let g = linear(t("ffn_gate"), &x, FFN);
+            let u = linear(t("ffn_up"), &x, FFN);
+            let act: Vec<f32> = g
+                .iter()
+                .zip(&u)
+                .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
+                .collect();
+            let dn = linear(t("ffn_down"), &act, D);
+            for (a, b) in h[p].iter_mut().zip(dn) {
+                *a += b;
+            }
+        }
+    }
+    h.iter()
+        .map(|x| {
+            let hn = norm(x, tensor(w, "output_norm.weight"));
+            let lg = linear(embd, &hn, vocab);
+            let m = lg.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            let lse = m as f64 + lg.iter().map(|v| ((v - m) as f64).exp()).sum::<f64>().ln();
+            lg.iter().map(|v| (*v as f64 - lse) as f32).collect()
+        })
+        .collect()
+}
+
+// ---------- tests ----------
+
+#[test]
+fn extend_matches_naive_reference_forward() {
+    let t = tiny();
+    let p = load(&t, 1);
+    let tokens: Vec<TokenId> = vec![5, 17, 200, 3, 99, 42, 42, 7, 250, 11];
+    let (mut cache, first) = p.prefill(&tokens[..3]).unwrap();
+    let rest = p.extend(&mut cache, &tokens[3..]).unwrap();
+    let reference = reference_log_probs(&t.weights, &tokens);
+    let ours: Vec<&StepOutput> = std::iter::once(&first).chain(rest.iter()).collect();
+    for (i, o) in ours.iter().enumerate() {
+        let d = max_abs_diff(&o.log_probs, &reference[i + 2]);
+        assert!(d < 1e-4, "position {}: max |Δ log p| = {d}", i + 2);
+    }
+}
+
+#[test]
+fn batched_step_equals_separate_steps() {
+    let t = tiny();
+    let p = load(&t, 2);
+    let prompts: [&[TokenId]; 3] = [&[4, 8, 15], &[16, 23, 42, 100, 7], &[200]];
+    let next: [TokenId; 3] = [9, 250, 3];
+    let mut batch: Vec<_> = prompts.iter().map(|pr| p.prefill(pr).unwrap().0).collect();
+    let batched = p.step(&mut batch, &next).unwrap();
+    for (i, pr) in prompts.iter().enumerate() {
+        let (mut c, _) = p.prefill(pr).unwrap();
+        let alone = p.step(std::slice::from_mut(&mut c), &next[i..=i]).unwrap();
+        assert_close(&batched[i], &alone[0], &format!("sequence {i}"));
+        assert_eq!(batch[i].len(), pr.len() + 1);
+    }
+}
+
+#[test]
+fn forked_cache_equals_fresh_prefill() {
+    let t = tiny();
+    let p = load(&t, 2);
+    let prompt: Vec<TokenId> = vec![30, 31, 32, 33, 34];
+    let (cache, _) = p.prefill(&prompt).unwrap();
+    assert_eq!(cache.shared_len(), prompt.len());
+    let mut forks = vec![cache.clone(), cache.clone(), cache];
+    let a = p.step(&mut forks, &[60, 61, 62]).unwrap();
+    let b = p.step(&mut forks, &[70, 71, 72]).unwrap();
+    for (i, (first, second)) in [(60, 70), (61, 71), (62, 72)].into_iter().enumerate() {
+        let mut full = prompt.clone();
+        full.push(first);
+        let (_, fresh1) = p.prefill(&full).unwrap();
+        assert_close(&a[i], &fresh1, &format!("fork {i}, first step"));
+        full.push(second);
+        let (_, fresh2) = p.prefill(&full).unwrap();
+        assert_close(&b[i], &fresh2, &format!("fork {i}, second step"));
+    }
+    // Forking a cache with a private suffix (blockwise decoding), before and after share().
+    let mut c = forks[0].clone();
+    let mut shared = forks[0].clone();
+    shared.share();
+    assert_eq!(shared.shared_len(), shared.len());
+    let x = p.extend(&mut c, &[80, 81]).unwrap();
+    let y = p.extend(&mut shared, &[80, 81]).unwrap();
+    for (u, v) in x.iter().zip(&y) {
+        assert_eq!(u, v, "share() changed the numbers");
+    }
+    // The fork from which c was cloned is untouched by c's extension.
+    assert_eq!(forks[0].len(), prompt.len() + 2);
+}
+
+#[test]
+fn response_log_probs_equal_sum_of_step_wise_log_probs() {
+    let t = tiny();
+    let p = load(&t, 1);
+    let context: Vec<TokenId> = vec![1, 100, 101, 102];
+    let response: Vec<TokenId> = vec![50, 51, 52, 2, 9];
+    let batched = p.response_log_probs(&context, &response).unwrap();
+    // Step-wise: prefill, then one step per token.
+    let (mut c, mut out) = p.prefill(&context).unwrap();
+    let mut stepwise = Vec::new();
+    for &tok in &response {
+        stepwise.push(out.log_probs[tok as usize]);
+        out = p.step(std::slice::from_mut(&mut c), &[tok]).unwrap().remove(0);
+    }
+    let (s1, s2): (f64, f64) = (
+        batched.iter().map(|&x| x as f64).sum(),
+        stepwise.iter().map(|&x| x as f64).sum(),
+    );
+    assert!((s1 - s2).abs() < 1e-4, "{s1} vs {s2}");
+    for (a, b) in batched.iter().zip(&stepwise) {
+        assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+    }
+    // And against the naive reference.
+    let mut all = context.clone();
+    all.extend(&response);
+    let reference = reference_log_probs(&t.weights, &all);
+    for (i, &tok) in response.iter().enumerate() {
+        let r = reference[context.len() - 1 + i][tok as usize];
+        assert!((r - batched[i]).abs() < 1e-4, "token {i}: {r} vs {}", batched[i]);
+    }
+    assert!(p.response_log_probs(&[], &response).is_err());
+}
+
+/// Sample 12 tokens for 4 forks of one prompt, one ChaCha stream per sequence.
+fn sample_run(p: &LlamaPolicy, seed: u64) -> (Vec<Vec<TokenId>>, Vec<Vec<u32>>) {
+    let params = SamplingParams::new(1.5, Some(100), Some(0.99)).unwrap();
+    let (cache, first) = p.prefill(&[1, 40, 41, 42]).unwrap();
+    let n = 4;
+    let mut caches = vec![cache; n];
+    let mut samplers: Vec<_> = (0..n as u64).map(|i| SequenceSampler::new(seed, i)).collect();
+    let mut outs: Vec<StepOutput> = vec![first; n];
+    let mut seqs = vec![Vec::new(); n];
+    let mut bits = vec![Vec::new(); n];
+    for _ in 0..12 {
+        let toks: Vec<TokenId> = outs
+            .iter()
+            .zip(samplers.iter_mut())
+            .map(|(o, s)| s.sample(&o.log_probs, &params).unwrap().token)
+            .collect();
+        for i in 0..n {
+            seqs[i].push(toks[i]);
+            bits[i].extend(outs[i].log_probs.iter().map(|x| x.to_bits()));
+        }
+        outs = p.step(&mut caches, &toks).unwrap();
+    }
+    (seqs, bits)
+}
+
+#[test]
+fn same_seed_same_samples_and_bits_at_one_and_two_threads() {
+    let t = tiny();
+    let one = load(&t, 1);
+    let two = load(&t, 2);
+    assert_eq!(one.model().num_threads(), 1);
+    assert_eq!(two.model().num_threads(), 2);
+    let (s1, b1) = sample_run(&one, 11);
+    let (s2, b2) = sample_run(&two, 11);
+    assert_eq!(s1, s2);
+    assert!(b1 == b2, "log-probs differ bitwise between 1 and 2 threads");
+    let (s3, _) = sample_run(&one, 12);
+    assert_ne!(s1, s3, "a different seed should give different samples");
+}
+
+#[test]
+fn tokenizer_round_trips_and_applies_merges() {
+    let t = tiny();
+    let p = load(&t, 1);
+    let ids = p.encode("hello the 42").unwrap();
+    // "he"+"ll" merge to "hell"; " t"+"he" to " the"; digits split one by one.
+    let (tokens, _) = vocab();
+    let strs: Vec<&str> = ids.iter().map(|&i| tokens[i as usize].as_str()).collect();
+    assert_eq!(strs, ["hell", "o", "Ġthe", "Ġ", "4", "2"]);
+    for s in ["hello the 42", "naïve — 日本 🎉", "  two  spaces\n\ttab"] {
+        assert_eq!(p.decode(&p.encode(s).unwrap()).unwrap(), s);
+    }
+    let chat = p.chat_prompt("hi").unwrap();
+    assert_eq!(chat, "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n");
+    let ids = p.encode(&chat).unwrap();
+    assert_eq!(ids[0], 1, "<|im_start|> must map to its control id");
+    assert_eq!(p.decode(&ids).unwrap(), "user\nhi\nassistant\n");
+    assert_eq!(p.eos_token_ids(), &[2]);
+}
+
+fn err_of(path: &Path) -> ModelError {
+    LlamaPolicy::load(path, 1).expect_err("loading should fail")
+}
+
+#[test]
+fn bad_files_give_clear_errors() {
+    let t = tiny();
+    let dir = tempfile::tempdir().unwrap();
+
+    let missing = dir.path().join("nope.gguf");
+    let e = err_of(&missing);
+    assert!(matches!(e, ModelError::BadFile { .. }), "{e}");
+    assert!(e.to_string().contains("nope.gguf") && e.to_string().contains("cannot open"), "{e}");
+
+    let garbage = dir.path().join("garbage.gguf");
+    std::fs::write(&garbage, b"this is not a gguf file at all").unwrap();
+    let e = err_of(&garbage);
+    assert!(e.to_string().contains("not a valid GGUF"), "{e}");
+
+    let bytes = std::fs::read(&t.path).unwrap();
+    let truncated = dir.path().join("truncated.gguf");
+    std::fs::write(&truncated, &bytes[..bytes.len() - 100]).unwrap();
+    let e = err_of(&truncated);
+    assert!(e.to_string().contains("truncated"), "{e}");
+    let header_cut = dir.path().join("header-cut.gguf");
+    std::fs::write(&header_cut, &bytes[..1000]).unwrap();
+    let e = err_of(&header_cut);
+    assert!(matches!(e, ModelError::BadFile { .. }), "{e}");
+
+    let gpt2 = dir.path().join("gpt2.gguf");
+    write_gguf(&gpt2, &t.weights, |md| {
+        md[0].1 = Value::String("gpt2".into());
+    });
+    let e = err_of(&gpt2);
+    assert!(matches!(e, ModelError::UnsupportedArchitecture { ref arch, .. } if arch == "gpt2"), "{e}");
+
+    let no_heads = dir.path().join("no-heads.gguf");
+    write_gguf(&no_heads, &t.weights, |md| {
+        md.retain(|(k, _)| k != "llama.attention.head_count");
+    });
+    let e = err_of(&no_heads);
+    assert!(e.to_string().contains("llama.attention.head_count is missing"), "{e}");
+
+    let missing_tensor = dir.path().join("missing-tensor.gguf");
+    let mut w = random_weights(1, vocab().0.len());
+    w.tensors.retain(|(n, _, _)| n != "blk.1.ffn_up.weight");
+    write_gguf(&missing_tensor, &w, |_| {});
+    let e = err_of(&missing_tensor);
+    assert!(e.to_string().contains("blk.1.ffn_up.weight is missing"), "{e}");
+
+    let mut w = random_weights(1, vocab().0.len());
+    for (n, shape, data) in w.tensors.iter_mut() {
+        if n == "blk.0.attn_q.weight" {
+            *shape = vec![D / 2, D];
+            data.truncate(D * D / 2);
+        }
+    }
+    let wrong_shape = dir.path().join("wrong-shape.gguf");
+    write_gguf(&wrong_shape, &w, |_| {});
+    let e = err_of(&wrong_shape);
+    assert!(e.to_string().contains("blk.0.attn_q.weight has shape"), "{e}");
+}
+
+#[test]
+fn bad_input_gives_clear_errors_and_leaves_caches_unchanged() {
+    let t = tiny();
+    let p = load(&t, 1);
+    let e = p.prefill(&[]).unwrap_err();
+    assert!(matches!(e, ModelError::InvalidInput(_)) && e.to_string().contains("empty"), "{e}");
+    let e = p.prefill(&[3, 100_000]).unwrap_err();
+    assert!(e.to_string().contains("outside the vocabulary"), "{e}");
+    let long: Vec<TokenId> = vec![5; CTX + 1];
+    let e = p.prefill(&long).unwrap_err();
+    assert!(e.to_string().contains("context overflow"), "{e}");
+
+    let (c, _) = p.prefill(&vec![5; CTX - 1]).unwrap();
+    let mut caches = vec![c.clone(), c];
+    let e = p.step(&mut caches, &[1]).unwrap_err();
+    assert!(e.to_string().contains("2 caches but 1 tokens"), "{e}");
+    p.step(&mut caches, &[1, 2]).unwrap();
+    let e = p.step(&mut caches, &[1, 2]).unwrap_err();
+    assert!(e.to_string().contains("context overflow"), "{e}");
+    assert_eq!(caches[0].len(), CTX, "a failed step must not change the cache");
+    let e = p.step(&mut caches[..1], &[999]).unwrap_err();
+    assert!(e.to_string().contains("outside the vocabulary"), "{e}");
+}
