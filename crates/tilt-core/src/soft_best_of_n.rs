@@ -150,7 +150,13 @@ fn enumerate(levels: &Levels, n: u64, lambda: f64) -> Result<Vec<f64>> {
         }
         let prob = ln_p.exp();
         for (y, row) in ratio.iter().enumerate() {
-            let s: f64 = counts.iter().zip(row).map(|(&c, &w)| c as f64 * w).sum();
+            // Skip absent levels: 0·∞ (a weight ratio that overflowed) must count as 0.
+            let s: f64 = counts
+                .iter()
+                .zip(row)
+                .filter(|(&c, _)| c > 0)
+                .map(|(&c, &w)| c as f64 * w)
+                .sum();
             acc[y].add(prob * nf / (1.0 + s));
         }
     };

@@ -90,16 +90,12 @@ pub fn tilt_levels(levels: &Levels, lambda: f64) -> Result<TiltedLevels> {
     } else {
         let c = rw[top];
         // x_L = log p(L) + λ(r_L − c) ≤ log p(L); LSE of them is Λ(λ) − λc.
-        let x: Vec<f64> = rw
+        // y_L = λ(r_L − c) ≤ 0; shift = log Σ_L p(L)·e^{y_L} = Λ(λ) − λc.
+        let y: Vec<f64> = rw.iter().map(|&r| lambda * (r - c)).collect();
+        let x: Vec<f64> = y
             .iter()
             .zip(ms)
-            .map(|(&r, &m)| {
-                if m > 0.0 {
-                    m.ln() + lambda * (r - c)
-                } else {
-                    f64::NEG_INFINITY
-                }
-            })
+            .map(|(&y, &m)| if m > 0.0 { m.ln() + y } else { f64::NEG_INFINITY })
             .collect();
         let shift = log_sum_exp(&x);
         log_partition = shift + lambda * c;
@@ -109,7 +105,8 @@ pub fn tilt_levels(levels: &Levels, lambda: f64) -> Result<TiltedLevels> {
             if m <= 0.0 {
                 return [0.0];
             }
-            let u = x[l] - shift - m.ln(); // log(φ/p)
+            // log(φ/p), formed without adding log p(L) (which would drown a tiny λ(r − c)).
+            let u = y[l] - shift;
             if u.abs() < 0.5 {
                 [m * kl_summand(u)]
             } else {
@@ -131,9 +128,11 @@ pub fn tilt_levels(levels: &Levels, lambda: f64) -> Result<TiltedLevels> {
     })
 }
 
-/// Solve `KL(φ_λ‖p) = kl` for λ on precomputed levels, to
-/// [`LAMBDA_RELATIVE_TOLERANCE`] relative accuracy. `kl = 0` gives λ = 0;
-/// `kl = max_kl` gives λ = +∞.
+/// Solve `KL(φ_λ‖p) = kl` for λ on precomputed levels: bisection on log λ until the
+/// bracket is [`LAMBDA_RELATIVE_TOLERANCE`]-relative. `kl = 0` gives λ = 0;
+/// `kl = max_kl` gives λ = +∞. Where KL is flat in λ (near saturation,
+/// `dKL/d log λ = λ²·Var_φ(r)` below rounding of KL), λ is determined only as far as the
+/// rounding of KL allows; the KL reached then still equals the budget to rounding.
 ///
 /// # Errors
 /// [`TiltError::InvalidInput`] naming `kl` when negative or not finite;

@@ -84,3 +84,4 @@ impl DecodeError {
 }
 
 pub mod cd;
+pub mod eval;

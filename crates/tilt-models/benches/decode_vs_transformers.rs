@@ -171,6 +171,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut tilt = Vec::new();
     for n in BATCHES {
         let r = bench_tilt(&policy, &prompt, n)?;
+        let pr: Vec<f64> = tilt_models::llama::PROF.iter().map(|a| a.swap(0, std::sync::atomic::Ordering::Relaxed) as f64 / 1e9).collect();
+        eprintln!("prof matmul {:.3} attn {:.3} head {:.3}", pr[0], pr[1], pr[2]);
         eprintln!(
             "tilt N={n}: prefill {:.3} s, decode {:.1} tok/s",
             r.prefill_s, r.decode_tok_s

@@ -132,7 +132,8 @@ impl CommandReward {
                 t.push_back(line);
             }
         });
-        tracing::debug!(command = display.as_str(), "spawned reward command");
+        let shown = display.clone();
+        tracing::debug!(command = %shown, "spawned reward command");
         Ok(Self {
             display,
             timeout,

@@ -218,7 +218,7 @@ impl MiniLmEmbedder {
         let mut order: Vec<usize> = (0..texts.len()).collect();
         order.sort_by_key(|&i| (encoded[i].len(), i));
         let mut out = vec![Vec::new(); texts.len()];
-        for chunk in order.chunks(self.batch_size) {
+        for chunk in padded_batches(&order, |i| encoded[i].len(), self.batch_size) {
             let rows: Vec<&[u32]> = chunk.iter().map(|&i| encoded[i].as_slice()).collect();
             let vectors = self
                 .embed_ids(&rows)
@@ -229,7 +229,36 @@ impl MiniLmEmbedder {
         }
         Ok(out)
     }
+}
 
+/// Split `order` (indices sorted by ascending length) into consecutive batches of at most
+/// `batch_size`, also closing a batch before padding would more than double its work
+/// (`count × longest > 2 × Σ lengths`): seven short texts and one of 256 tokens run as two
+/// passes (7×21 + 256 positions) rather than one of 8×256.
+fn padded_batches<'a>(
+    order: &'a [usize],
+    len: impl Fn(usize) -> usize,
+    batch_size: usize,
+) -> Vec<&'a [usize]> {
+    let mut batches = Vec::new();
+    let (mut start, mut total) = (0usize, 0usize);
+    for (k, &i) in order.iter().enumerate() {
+        let l = len(i).max(1);
+        let count = k - start;
+        if count > 0 && (count == batch_size || (count + 1) * l > 2 * (total + l)) {
+            batches.push(&order[start..k]);
+            start = k;
+            total = 0;
+        }
+        total += l;
+    }
+    if start < order.len() {
+        batches.push(&order[start..]);
+    }
+    batches
+}
+
+impl MiniLmEmbedder {
     /// One padded forward pass over token-id rows; mean pooling; L2 normalisation.
     fn embed_ids(&self, rows: &[&[u32]]) -> candle_core::Result<Vec<Vec<f32>>> {
         let batch = rows.len();
@@ -361,6 +390,30 @@ impl MiniLmRelevance {
     /// The fixed target text, if any.
     pub fn target(&self) -> Option<&str> {
         self.target.as_deref()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::padded_batches;
+
+    #[test]
+    fn batches_respect_size_and_padding_waste() {
+        let lens = [9, 10, 13, 14, 19, 21, 2, 256];
+        let mut order: Vec<usize> = (0..lens.len()).collect();
+        order.sort_by_key(|&i| (lens[i], i));
+        let b = padded_batches(&order, |i| lens[i], 16);
+        assert_eq!(b, vec![&[6, 0, 1, 2, 3, 4, 5][..], &[7][..]]);
+        let b = padded_batches(&order, |i| lens[i], 3);
+        assert_eq!(b.iter().map(|c| c.len()).collect::<Vec<_>>(), vec![3, 3, 2]);
+        let uniform = [40usize; 40];
+        let order: Vec<usize> = (0..40).collect();
+        let b = padded_batches(&order, |i| uniform[i], 16);
+        assert_eq!(
+            b.iter().map(|c| c.len()).collect::<Vec<_>>(),
+            vec![16, 16, 8]
+        );
+        assert!(padded_batches(&[], |_| 1, 16).is_empty());
     }
 }
 

@@ -21,7 +21,9 @@ for line in sys.stdin:
 fn scores_in_order_and_the_child_lives_on() {
     let r = CommandReward::spawn_shell(COUNTING, SECOND).unwrap();
     assert!(r.name().starts_with("command:python3"));
-    let s = r.score(&[("p", "ab"), ("p", "héllo\nworld \"q\""), ("", "")]).unwrap();
+    let s = r
+        .score(&[("p", "ab"), ("p", "héllo\nworld \"q\""), ("", "")])
+        .unwrap();
     assert_eq!(s, vec![2.0, 1000.0 + 15.0, 2000.0]);
     let s = r.score(&[("p", "xyz")]).unwrap();
     assert_eq!(s, vec![3003.0], "same child: its counter went on");
@@ -41,10 +43,14 @@ fn a_large_batch_does_not_deadlock_on_full_pipes() {
 
 #[test]
 fn bare_numbers_are_accepted_and_argv_needs_no_shell() {
-    let argv: Vec<String> = ["python3", "-c", "import sys\nfor l in sys.stdin: print(0.5, flush=True)"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+    let argv: Vec<String> = [
+        "python3",
+        "-c",
+        "import sys\nfor l in sys.stdin: print(0.5, flush=True)",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
     let r = CommandReward::spawn(&argv, SECOND).unwrap();
     assert_eq!(r.score(&[("a", "b"), ("c", "d")]).unwrap(), vec![0.5, 0.5]);
 }
@@ -71,18 +77,19 @@ for line in sys.stdin:
 
 #[test]
 fn a_child_that_dies_is_reported_with_status_and_stderr() {
-    let r = CommandReward::spawn_shell(
-        "read line; echo 'model failed to load' >&2; exit 3",
-        SECOND,
-    )
-    .unwrap();
+    let r =
+        CommandReward::spawn_shell("read line; echo 'model failed to load' >&2; exit 3", SECOND)
+            .unwrap();
     let e = r.score(&[("a", "b"), ("c", "d")]).unwrap_err().to_string();
     assert!(e.contains("died"), "{e}");
     assert!(e.contains("exit status: 3"), "{e}");
     assert!(e.contains("model failed to load"), "{e}");
     assert!(e.contains("command:read line"), "{e}");
     let again = r.score(&[("a", "b")]).unwrap_err().to_string();
-    assert!(again.contains("unusable after an earlier failure"), "{again}");
+    assert!(
+        again.contains("unusable after an earlier failure"),
+        "{again}"
+    );
 }
 
 #[test]
@@ -99,9 +106,13 @@ fn a_command_that_cannot_start_is_an_error() {
 
 #[test]
 fn malformed_and_error_replies_are_named() {
-    let r = CommandReward::spawn_shell("while read l; do echo 'score: high'; done", SECOND).unwrap();
+    let r =
+        CommandReward::spawn_shell("while read l; do echo 'score: high'; done", SECOND).unwrap();
     let e = r.score(&[("a", "b")]).unwrap_err().to_string();
-    assert!(e.contains("malformed reply") && e.contains("score: high"), "{e}");
+    assert!(
+        e.contains("malformed reply") && e.contains("score: high"),
+        "{e}"
+    );
 
     let r = CommandReward::spawn_shell(
         r#"while read l; do echo '{"error": "GPU out of memory"}'; done"#,
@@ -109,7 +120,10 @@ fn malformed_and_error_replies_are_named() {
     )
     .unwrap();
     let e = r.score(&[("a", "b")]).unwrap_err().to_string();
-    assert!(e.contains("reported an error") && e.contains("GPU out of memory"), "{e}");
+    assert!(
+        e.contains("reported an error") && e.contains("GPU out of memory"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -119,5 +133,27 @@ fn a_silent_child_times_out() {
     let e = r.score(&[("a", "b")]).unwrap_err().to_string();
     assert!(e.contains("timeout") && e.contains("pair 0"), "{e}");
     let again = r.score(&[("a", "b")]).unwrap_err().to_string();
-    assert!(again.contains("unusable") && again.contains("timeout"), "{again}");
+    assert!(
+        again.contains("unusable") && again.contains("timeout"),
+        "{again}"
+    );
+}
+
+/// The README's example command.
+#[test]
+fn the_readme_python_command_works() {
+    let r = CommandReward::spawn_shell(
+        r#"python3 -c '
+import json, sys
+for line in sys.stdin:
+    req = json.loads(line)
+    print(json.dumps({"score": len(req["response"].split())}), flush=True)
+'"#,
+        SECOND,
+    )
+    .unwrap();
+    let s = r
+        .score(&[("Name a fruit.", "An apple."), ("Name a fruit.", "A car.")])
+        .unwrap();
+    assert_eq!(s, vec![2.0, 2.0]);
 }

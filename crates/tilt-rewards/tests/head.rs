@@ -54,14 +54,19 @@ fn write_head(
 fn vector(n: usize, seed: u32) -> Vec<f32> {
     (0..n)
         .map(|i| {
-            let x = (i as u32).wrapping_mul(2654435761).wrapping_add(seed.wrapping_mul(40503));
+            let x = (i as u32)
+                .wrapping_mul(2654435761)
+                .wrapping_add(seed.wrapping_mul(40503));
             (x % 2001) as f32 / 1000.0 - 1.0
         })
         .collect()
 }
 
 fn dot64(a: &[f32], b: &[f32]) -> f64 {
-    a.iter().zip(b).map(|(&x, &y)| f64::from(x) * f64::from(y)).sum()
+    a.iter()
+        .zip(b)
+        .map(|(&x, &y)| f64::from(x) * f64::from(y))
+        .sum()
 }
 
 #[test]
@@ -71,7 +76,10 @@ fn linear_regression_head_is_w_dot_z_plus_b() {
     let p = write_head(
         dir.path(),
         "reg.safetensors",
-        vec![("weight", f32s(&[1, 384], &w)), ("bias", f32s(&[1], &[0.25]))],
+        vec![
+            ("weight", f32s(&[1, 384], &w)),
+            ("bias", f32s(&[1], &[0.25])),
+        ],
         None,
     );
     let head = Head::load(&p).unwrap();
@@ -80,9 +88,16 @@ fn linear_regression_head_is_w_dot_z_plus_b() {
     let z = vector(384, 2);
     let expected = dot64(&w, &z) + 0.25;
     let got = f64::from(head.apply(&z).unwrap());
-    assert!((got - expected).abs() < 1e-4 * expected.abs().max(1.0), "{got} vs {expected}");
+    assert!(
+        (got - expected).abs() < 1e-4 * expected.abs().max(1.0),
+        "{got} vs {expected}"
+    );
     let e = head.apply(&z[..10]).unwrap_err();
-    assert!(e.to_string().contains("input has 10 features, the head takes 384"), "{e}");
+    assert!(
+        e.to_string()
+            .contains("input has 10 features, the head takes 384"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -109,7 +124,10 @@ fn classifier_scores_log_probability_of_the_positive_class() {
         let got = f64::from(head.apply(&z).unwrap());
         let expected = logits[class] - lse;
         assert!(got <= 0.0);
-        assert!((got - expected).abs() < 1e-4, "class {class}: {got} vs {expected}");
+        assert!(
+            (got - expected).abs() < 1e-4,
+            "class {class}: {got} vs {expected}"
+        );
     }
 }
 
@@ -137,8 +155,16 @@ fn mlp_head_applies_relu_between_layers() {
     let a: Vec<f64> = (0..h)
         .map(|k| (dot64(&hw[k * d..(k + 1) * d], &z) + f64::from(hb[k])).max(0.0))
         .collect();
-    assert!(a.iter().any(|&x| x == 0.0) && a.iter().any(|&x| x > 0.0), "ReLU exercised: {a:?}");
-    let expected: f64 = a.iter().zip(&w).map(|(x, &y)| x * f64::from(y)).sum::<f64>() - 0.75;
+    assert!(
+        a.iter().any(|&x| x == 0.0) && a.iter().any(|&x| x > 0.0),
+        "ReLU exercised: {a:?}"
+    );
+    let expected: f64 = a
+        .iter()
+        .zip(&w)
+        .map(|(x, &y)| x * f64::from(y))
+        .sum::<f64>()
+        - 0.75;
     let got = f64::from(head.apply(&z).unwrap());
     assert!((got - expected).abs() < 1e-3, "{got} vs {expected}");
 }
@@ -149,8 +175,18 @@ fn malformed_heads_are_rejected_with_the_reason() {
     let d = dir.path();
     let w = vector(384, 1);
     let cases: Vec<(&str, Vec<(&str, T)>, Option<HashMap<String, String>>, &str)> = vec![
-        ("nobias", vec![("weight", f32s(&[1, 384], &w))], None, "missing tensor \"bias\""),
-        ("noweight", vec![("bias", f32s(&[1], &[0.0]))], None, "missing tensor \"weight\""),
+        (
+            "nobias",
+            vec![("weight", f32s(&[1, 384], &w))],
+            None,
+            "missing tensor \"bias\"",
+        ),
+        (
+            "noweight",
+            vec![("bias", f32s(&[1], &[0.0]))],
+            None,
+            "missing tensor \"weight\"",
+        ),
         (
             "shape",
             vec![("weight", f32s(&[384], &w)), ("bias", f32s(&[1], &[0.0]))],
@@ -159,13 +195,19 @@ fn malformed_heads_are_rejected_with_the_reason() {
         ),
         (
             "biasshape",
-            vec![("weight", f32s(&[1, 384], &w)), ("bias", f32s(&[2], &[0.0, 0.0]))],
+            vec![
+                ("weight", f32s(&[1, 384], &w)),
+                ("bias", f32s(&[2], &[0.0, 0.0])),
+            ],
             None,
             "expected [1]",
         ),
         (
             "width",
-            vec![("weight", f32s(&[2, 192], &w)), ("bias", f32s(&[2], &[0.0, 0.0]))],
+            vec![
+                ("weight", f32s(&[2, 192], &w)),
+                ("bias", f32s(&[2], &[0.0, 0.0])),
+            ],
             None,
             "takes 192 inputs",
         ),
@@ -174,7 +216,11 @@ fn malformed_heads_are_rejected_with_the_reason() {
             vec![
                 (
                     "weight",
-                    T { dtype: Dtype::F64, shape: vec![1, 384], data: vec![0; 384 * 8] },
+                    T {
+                        dtype: Dtype::F64,
+                        shape: vec![1, 384],
+                        data: vec![0; 384 * 8],
+                    },
                 ),
                 ("bias", f32s(&[1], &[0.0])),
             ],
@@ -183,7 +229,10 @@ fn malformed_heads_are_rejected_with_the_reason() {
         ),
         (
             "nan",
-            vec![("weight", f32s(&[1, 384], &w)), ("bias", f32s(&[1], &[f32::NAN]))],
+            vec![
+                ("weight", f32s(&[1, 384], &w)),
+                ("bias", f32s(&[1], &[f32::NAN])),
+            ],
             None,
             "non-finite",
         ),
@@ -209,7 +258,10 @@ fn malformed_heads_are_rejected_with_the_reason() {
         ),
         (
             "class",
-            vec![("weight", f32s(&[1, 384], &w)), ("bias", f32s(&[1], &[0.0]))],
+            vec![
+                ("weight", f32s(&[1, 384], &w)),
+                ("bias", f32s(&[1], &[0.0])),
+            ],
             Some(HashMap::from([("positive_class".into(), "1".into())])),
             "positive_class",
         ),
@@ -218,24 +270,41 @@ fn malformed_heads_are_rejected_with_the_reason() {
         let p = write_head(d, &format!("{name}.safetensors"), tensors, meta);
         let e = Head::load(&p).unwrap_err().to_string();
         assert!(e.contains(expected), "{name}: {e}");
-        assert!(e.contains(&format!("{name}.safetensors")), "{name}: error names the file: {e}");
+        assert!(
+            e.contains(&format!("{name}.safetensors")),
+            "{name}: error names the file: {e}"
+        );
     }
     // Not safetensors at all, truncated, missing.
     let garbage = d.join("garbage.safetensors");
     std::fs::write(&garbage, b"hello").unwrap();
-    assert!(Head::load(&garbage).unwrap_err().to_string().contains("not a valid safetensors"));
+    assert!(Head::load(&garbage)
+        .unwrap_err()
+        .to_string()
+        .contains("not a valid safetensors"));
     let good = write_head(
         d,
         "good.safetensors",
-        vec![("weight", f32s(&[1, 384], &w)), ("bias", f32s(&[1], &[0.0]))],
+        vec![
+            ("weight", f32s(&[1, 384], &w)),
+            ("bias", f32s(&[1], &[0.0])),
+        ],
         None,
     );
     let bytes = std::fs::read(&good).unwrap();
     let cut = d.join("cut.safetensors");
     std::fs::write(&cut, &bytes[..bytes.len() - 100]).unwrap();
-    assert!(Head::load(&cut).unwrap_err().to_string().contains("not a valid safetensors"));
-    let e = Head::load(&d.join("absent.safetensors")).unwrap_err().to_string();
-    assert!(e.contains("absent.safetensors") && e.contains("cannot read"), "{e}");
+    assert!(Head::load(&cut)
+        .unwrap_err()
+        .to_string()
+        .contains("not a valid safetensors"));
+    let e = Head::load(&d.join("absent.safetensors"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("absent.safetensors") && e.contains("cannot read"),
+        "{e}"
+    );
 }
 
 fn embedder() -> Arc<MiniLmEmbedder> {
@@ -255,14 +324,22 @@ fn head_reward_on_real_embeddings_equals_relevance_plus_bias() {
     let p = write_head(
         dir.path(),
         "target.safetensors",
-        vec![("weight", f32s(&[1, 384], &t)), ("bias", f32s(&[1], &[0.5]))],
+        vec![
+            ("weight", f32s(&[1, 384], &t)),
+            ("bias", f32s(&[1], &[0.5])),
+        ],
         None,
     );
     let reward = HeadReward::new(e.clone(), Head::load(&p).unwrap()).unwrap();
     assert!(reward.name().starts_with("head:"));
-    let pairs = [("p", "Knead the dough and bake it."), ("q", "Stocks fell sharply.")];
+    let pairs = [
+        ("p", "Knead the dough and bake it."),
+        ("q", "Stocks fell sharply."),
+    ];
     let got = reward.score(&pairs).unwrap();
-    let rel = MiniLmRelevance::new(e.clone(), Some(target.into())).score(&pairs).unwrap();
+    let rel = MiniLmRelevance::new(e.clone(), Some(target.into()))
+        .score(&pairs)
+        .unwrap();
     for (g, r) in got.iter().zip(&rel) {
         assert!((g - (r + 0.5)).abs() < 1e-5, "{g} vs {r} + 0.5");
     }
@@ -271,7 +348,10 @@ fn head_reward_on_real_embeddings_equals_relevance_plus_bias() {
     let p2 = write_head(
         dir.path(),
         "both.safetensors",
-        vec![("weight", f32s(&[1, 768], &both)), ("bias", f32s(&[1], &[0.0]))],
+        vec![
+            ("weight", f32s(&[1, 768], &both)),
+            ("bias", f32s(&[1], &[0.0])),
+        ],
         None,
     );
     let reward2 = HeadReward::new(e.clone(), Head::load(&p2).unwrap()).unwrap();

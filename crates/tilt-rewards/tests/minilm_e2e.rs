@@ -14,7 +14,11 @@ fn embedder() -> Arc<MiniLmEmbedder> {
 }
 
 fn cosine(a: &[f32], b: &[f32]) -> f64 {
-    let dot: f64 = a.iter().zip(b).map(|(&x, &y)| f64::from(x) * f64::from(y)).sum();
+    let dot: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(&x, &y)| f64::from(x) * f64::from(y))
+        .sum();
     let na: f64 = a.iter().map(|&x| f64::from(x).powi(2)).sum::<f64>().sqrt();
     let nb: f64 = b.iter().map(|&x| f64::from(x).powi(2)).sum::<f64>().sqrt();
     dot / (na * nb)
@@ -65,7 +69,10 @@ fn relevance_orders_related_above_unrelated() {
     assert_eq!(r.name(), "minilm-relevance");
     let prompt = "How do I bake sourdough bread at home?";
     let pairs = [
-        (prompt, "Mix flour, water and starter, let it rise overnight, then bake it."),
+        (
+            prompt,
+            "Mix flour, water and starter, let it rise overnight, then bake it.",
+        ),
         (prompt, "Quarterly revenue grew by twelve percent."),
         ("The cat sat on the mat.", "A kitten is resting on a rug."),
         ("The cat sat on the mat.", "Interest rates rose again."),
@@ -78,9 +85,17 @@ fn relevance_orders_related_above_unrelated() {
     assert!(s.iter().all(|x| (-1.0..=1.0 + 1e-5).contains(x)), "{s:?}");
 
     let t = MiniLmRelevance::new(embedder(), Some("a recipe for bread".into()));
-    let s = t.score(&[("ignored", "Knead the dough and bake it."), ("ignored", "Stocks fell.")]).unwrap();
+    let s = t
+        .score(&[
+            ("ignored", "Knead the dough and bake it."),
+            ("ignored", "Stocks fell."),
+        ])
+        .unwrap();
     assert!(s[0] > s[1] + 0.2, "{s:?}");
-    assert!(t.artifacts().iter().any(|p| p.ends_with("model.safetensors")));
+    assert!(t
+        .artifacts()
+        .iter()
+        .any(|p| p.ends_with("model.safetensors")));
     assert_eq!(t.score(&[]).unwrap(), Vec::<f32>::new());
 }
 
@@ -94,14 +109,20 @@ fn missing_and_truncated_model_files_are_named() {
         std::fs::copy(src.join(f), dir.path().join(f)).unwrap();
     }
     let err = MiniLmEmbedder::load(dir.path()).unwrap_err();
-    assert!(err.to_string().contains("model.safetensors is missing"), "{err}");
+    assert!(
+        err.to_string().contains("model.safetensors is missing"),
+        "{err}"
+    );
     // A truncated copy: header intact, data cut short.
     let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
     std::fs::write(dir.path().join("model.safetensors"), &bytes[..1 << 20]).unwrap();
     let err = MiniLmEmbedder::load(dir.path()).unwrap_err();
     let msg = err.to_string();
     assert!(matches!(err, RewardError::Failed { .. }));
-    assert!(msg.contains("not a valid safetensors file") && msg.contains("truncated"), "{msg}");
+    assert!(
+        msg.contains("not a valid safetensors file") && msg.contains("truncated"),
+        "{msg}"
+    );
     // Garbage.
     std::fs::write(dir.path().join("model.safetensors"), b"not a model").unwrap();
     let msg = MiniLmEmbedder::load(dir.path()).unwrap_err().to_string();

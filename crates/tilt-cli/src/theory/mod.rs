@@ -2,11 +2,35 @@
 
 use clap::Subcommand;
 
+pub mod bon;
+pub mod bounds;
+pub mod divergence;
+pub mod frontier;
+pub mod input;
+pub mod tilt;
+
 /// The theory subcommands.
 #[derive(Debug, Subcommand)]
-pub enum TheoryCommand {}
+pub enum TheoryCommand {
+    /// The exact KL-regularised optimum φ_β ∝ p·e^{r/β}, by β or by KL budget (nats).
+    Tilt(tilt::TiltArgs),
+    /// Exact best-of-n (or worst-of-n) with ties: pmf, KL (nats), bound, estimator, win rate.
+    Bon(bon::BonArgs),
+    /// Best-of-n for n = 1…N next to the tilt at the same KL (nats), optionally plotted.
+    Frontier(frontier::FrontierArgs),
+    /// KL both ways, Rényi, total variation, χ², squared Hellinger between two pmfs (nats).
+    Divergence(divergence::DivergenceArgs),
+    /// Sub-Gaussian proxy σ² and the √(2σ²·KL) bound next to exact best-of-n and tilt gains.
+    Bounds(bounds::BoundsArgs),
+}
 
 /// Run one theory subcommand.
 pub fn run(cmd: TheoryCommand) -> anyhow::Result<()> {
-    match cmd {}
+    match cmd {
+        TheoryCommand::Tilt(a) => tilt::run(a),
+        TheoryCommand::Bon(a) => bon::run(a),
+        TheoryCommand::Frontier(a) => frontier::run(a),
+        TheoryCommand::Divergence(a) => divergence::run(a),
+        TheoryCommand::Bounds(a) => bounds::run(a),
+    }
 }

@@ -10,11 +10,12 @@
 //! truncation (with λ = 0 it is −log p(top-k)); summed over a sequence it is
 //! log π(y)/p(y), the single-sample estimate of KL(π‖p) in nats.
 //!
-//! Numerics: with Δ = V − max V (≤ 0) and a = λΔ, Z' = Z·e^{−λ max V} is computed as
-//! `1 − p(outside) + Σ p·expm1(a)` through `ln_1p` when that sum is near 1 (which the model's
-//! normalisation contract — log-sum-exp of its log-probs is 0 — makes exact: a constant
-//! scorer over the whole vocabulary gives a log-ratio of exactly 0), and by log-sum-exp
-//! otherwise (no cancellation when guidance moves most of the mass onto a rare token).
+//! Numerics: with a = λ·(V − max V) ≤ 0, log Z̃ = log Σ_{top-k} p·e^{a} − log Σ_{all} p
+//! (p renormalised over the whole vocabulary, so that the f32 rounding of the model's
+//! log-probabilities does not leak into the law: π sums to 1 to f64 rounding). Both sums are
+//! of positive terms (no cancellation; the argmax-V candidate contributes p·1 ≥ p/|top-k|
+//! of it) and run in token-id order, so a constant scorer with k ≥ the vocabulary gives two
+//! bit-identical sums and a log-ratio of exactly 0.
 
 use super::{check_room, check_scorer_fits, CdError, PrefixScorer, Result};
 use tilt_models::sampling::SequenceSampler;
@@ -148,7 +149,6 @@ pub fn cd_token_step_law(
     if let Some(v) = values.iter().find(|v| !v.is_finite()) {
         return Err(CdError::invalid("scorer values", format!("value {v} is not finite")));
     }
-    let mut in_top = vec![false; log_probs.len()];
     let mut lp = Vec::with_capacity(candidates.len());
     for &c in candidates {
         let l = *log_probs.get(c as usize).ok_or_else(|| {
@@ -157,50 +157,26 @@ pub fn cd_token_step_law(
                 format!("token {c} is outside the vocabulary of {}", log_probs.len()),
             )
         })?;
-        in_top[c as usize] = true;
-        lp.push(l as f64);
+        lp.push(f64::from(l));
     }
-    let outside: f64 = log_probs
-        .iter()
-        .zip(&in_top)
-        .filter(|(_, &t)| !t)
-        .map(|(&l, _)| (l as f64).exp())
-        .sum();
     let vmax = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
     let a: Vec<f64> = values.iter().map(|v| lambda * (v - vmax)).collect();
-    // s = Z' − 1 where Z' = Σ_top p e^{a} = (1 − outside) + Σ_top p (e^{a} − 1).
-    let s = -outside
-        + lp.iter()
-            .zip(&a)
-            .map(|(l, ai)| l.exp() * ai.exp_m1())
-            .sum::<f64>();
-    let log_z = if s.abs() < 0.5 {
-        s.ln_1p()
-    } else {
-        let m = lp
-            .iter()
-            .zip(&a)
-            .map(|(l, ai)| l + ai)
-            .fold(f64::NEG_INFINITY, f64::max);
-        m + lp
-            .iter()
-            .zip(&a)
-            .map(|(l, ai)| (l + ai - m).exp())
-            .sum::<f64>()
-            .ln()
-    };
-    if !log_z.is_finite() {
+    // Both sums in token-id order, so that a = 0 over the whole vocabulary gives two
+    // bit-identical sums and log Z̃ = 0 exactly.
+    let mut by_id: Vec<usize> = (0..candidates.len()).collect();
+    by_id.sort_by_key(|&i| candidates[i]);
+    let top: f64 = by_id.iter().map(|&i| lp[i].exp() * a[i].exp()).sum();
+    let all: f64 = log_probs.iter().map(|&l| f64::from(l).exp()).sum();
+    let log_z = top.ln() - all.ln();
+    if !(top > 0.0) || !log_z.is_finite() {
         return Err(CdError::invalid(
             "candidates",
             "the top-k tokens have zero probability under p",
         ));
     }
     let log_ratios: Vec<f64> = a.iter().map(|ai| ai - log_z).collect();
-    let probs = lp
-        .iter()
-        .zip(&log_ratios)
-        .map(|(l, r)| (l + r).exp())
-        .collect();
+    // π = p̃·e^{a}/Z̃ = p·e^{a}/Σ_{top-k} p·e^{a}.
+    let probs = lp.iter().zip(&a).map(|(l, ai)| l.exp() * ai.exp() / top).collect();
     Ok(CdTokenStepLaw {
         candidates: candidates.to_vec(),
         probs,

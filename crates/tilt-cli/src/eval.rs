@@ -1,0 +1,295 @@
+//! `tilt eval`: several strategies on a prompts file, judged against reference samples,
+//! beside the exact best-of-n and tilt curves; JSON on stdout, an optional SVG, and always a
+//! manifest. The engine is `tilt_decode::eval`; this file loads models and writes files.
+
+use crate::output::{emit, Format};
+use crate::usage;
+use anyhow::Context;
+use clap::Args;
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use tilt_decode::cd::scorer::ScorerFile;
+use tilt_decode::cd::PrefixScorer;
+use tilt_decode::eval::{evaluate, parse_strategies, EvalConfig, EvalReport};
+use tilt_decode::manifest::{sha256_hex, HashedFile, HostInfo, Manifest, RecordedOutput, MANIFEST_VERSION};
+use tilt_models::llama::LlamaPolicy;
+use tilt_models::Policy;
+use tilt_plot::{write_svg, Panel, Series, SeriesStyle};
+use tilt_rewards::{Reward, RewardSpec};
+
+/// Flags of `tilt eval`.
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    /// Prompts: a JSONL file with one `{"prompt": "..."}` per line.
+    #[arg(long)]
+    pub prompts: PathBuf,
+    /// Strategies, e.g. `sample,bon:1,2,4,8,16,cd-block:K=4,M=8,cd-token:lambda=2,k=10`.
+    #[arg(long, default_value = "sample,bon:1,2,4,8,16")]
+    pub strategies: String,
+    /// Reference samples from p per prompt (the yardstick of win rates).
+    #[arg(long, default_value_t = 16)]
+    pub reference_samples: usize,
+    /// Outputs per strategy and prompt.
+    #[arg(long, default_value_t = 1)]
+    pub samples_per_prompt: usize,
+    /// Most new tokens per output.
+    #[arg(long, default_value_t = 48)]
+    pub max_new_tokens: usize,
+    /// Seed.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Prefix scorer file (`tilt train-scorer`), needed by cd-block and cd-token.
+    #[arg(long)]
+    pub scorer: Option<PathBuf>,
+    /// Policy GGUF file (default: SmolLM2-135M-Instruct, fetched on first use).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Reward: minilm, minilm:target=TEXT, head:PATH, command:CMD, http:URL.
+    #[arg(long, default_value = "minilm")]
+    pub reward: String,
+    /// Threads (0: TILT_NUM_THREADS, else all cores).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+    /// Do not wrap prompts in the model's chat template.
+    #[arg(long)]
+    pub no_chat_template: bool,
+    /// Write win rate vs KL and reward vs KL to this SVG file.
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
+    /// Where to write the run manifest.
+    #[arg(long, default_value = "tilt-eval.manifest.json")]
+    pub manifest: PathBuf,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Format::Json)]
+    pub format: Format,
+}
+
+/// Read a prompts file: one JSON object with a non-empty string `prompt` per non-blank line.
+///
+/// # Errors
+/// A usage error naming the file and line.
+pub fn read_prompts(path: &Path) -> anyhow::Result<Vec<String>> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| usage(format!("--prompts {}: {e}", path.display())))?;
+    let mut prompts = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let v: Value = serde_json::from_str(line).map_err(|e| {
+            usage(format!("--prompts {} line {}: not JSON: {e}", path.display(), i + 1))
+        })?;
+        match v.get("prompt").and_then(Value::as_str) {
+            Some(p) if !p.trim().is_empty() => prompts.push(p.to_string()),
+            _ => {
+                return Err(usage(format!(
+                    "--prompts {} line {}: expected {{\"prompt\": \"non-empty text\"}}",
+                    path.display(),
+                    i + 1
+                )))
+            }
+        }
+    }
+    if prompts.is_empty() {
+        return Err(usage(format!("--prompts {}: no prompts", path.display())));
+    }
+    Ok(prompts)
+}
+
+/// The policy file: `--model` or the default (fetched on first use).
+pub fn policy_path(model: &Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    match model {
+        Some(p) => Ok(p.clone()),
+        None => tilt_assets::default_policy_gguf().context("fetching the default policy model"),
+    }
+}
+
+/// Load the policy, mapping bad files to usage errors.
+pub fn load_policy(path: &Path, threads: usize) -> anyhow::Result<LlamaPolicy> {
+    LlamaPolicy::load(path, threads).map_err(|e| match e {
+        tilt_models::ModelError::BadFile { .. }
+        | tilt_models::ModelError::UnsupportedArchitecture { .. } => usage(e),
+        other => anyhow::Error::new(other),
+    })
+}
+
+/// Build the reward from its spec.
+pub fn load_reward(spec: &str) -> anyhow::Result<Box<dyn Reward>> {
+    let spec = RewardSpec::parse(spec).map_err(usage)?;
+    spec.build().context("loading the reward")
+}
+
+/// A file with its sha256 for a manifest.
+pub fn hashed(role: &str, path: &Path) -> anyhow::Result<HashedFile> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(HashedFile {
+        role: role.into(),
+        path: path.to_path_buf(),
+        sha256: sha256_hex(&bytes),
+    })
+}
+
+/// Run `tilt eval`.
+pub fn run(args: EvalArgs) -> anyhow::Result<()> {
+    let t_start = Instant::now();
+    let prompts = read_prompts(&args.prompts)?;
+    let strategies = parse_strategies(&args.strategies).map_err(usage)?;
+    let config = EvalConfig {
+        strategies,
+        reference_samples: args.reference_samples,
+        samples_per_prompt: args.samples_per_prompt,
+        max_new_tokens: args.max_new_tokens,
+        seed: args.seed,
+        chat_template: !args.no_chat_template,
+    };
+    let scorer = match &args.scorer {
+        Some(p) => Some(ScorerFile::load(p).map_err(usage)?),
+        None => None,
+    };
+    let model_path = policy_path(&args.model)?;
+    let policy = load_policy(&model_path, args.threads)?;
+    if let Some(s) = &scorer {
+        if s.hidden_size() != policy.hidden_size() {
+            return Err(usage(format!(
+                "--scorer {}: reads hidden states of size {}, but policy {} has hidden size {}",
+                s.path.display(),
+                s.hidden_size(),
+                policy.name(),
+                policy.hidden_size()
+            )));
+        }
+    }
+    let reward = load_reward(&args.reward)?;
+    let t_load = t_start.elapsed().as_secs_f64();
+    let bar = indicatif::ProgressBar::new(prompts.len() as u64).with_style(
+        indicatif::ProgressStyle::with_template("eval {bar:30} {pos}/{len} prompts {elapsed}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let mut timings: std::collections::BTreeMap<String, f64> = Default::default();
+    let t_eval = Instant::now();
+    let report: EvalReport = evaluate(
+        &policy,
+        reward.as_ref(),
+        scorer.as_ref().map(|s| s as &dyn PrefixScorer),
+        &prompts,
+        &config,
+        |done| bar.set_position(done as u64),
+        |label, secs| *timings.entry(label.to_string()).or_default() += secs,
+    )
+    .map_err(|e| if e.is_input_error() { usage(e) } else { anyhow::Error::new(e) })?;
+    bar.finish_and_clear();
+    let eval_secs = t_eval.elapsed().as_secs_f64();
+    tracing::info!(eval_secs, "tilt eval done");
+    let value = serde_json::to_value(&report)?;
+    if let Some(path) = &args.plot {
+        write_plot(path, &report).map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+    let bytes = format!("{}\n", serde_json::to_string(&value)?).into_bytes();
+    emit(&value, args.format)?;
+    // The manifest.
+    let mut files = vec![hashed("policy", &model_path)?, hashed("prompts", &args.prompts)?];
+    if let Some(p) = &args.scorer {
+        files.push(hashed("scorer", p)?);
+    }
+    for a in reward.artifacts() {
+        files.push(hashed("reward", &a)?);
+    }
+    let mut resolved = vec![
+        "eval".to_string(),
+        "--prompts".into(),
+        args.prompts.display().to_string(),
+        "--strategies".into(),
+        args.strategies.clone(),
+        "--reference-samples".into(),
+        args.reference_samples.to_string(),
+        "--samples-per-prompt".into(),
+        args.samples_per_prompt.to_string(),
+        "--max-new-tokens".into(),
+        args.max_new_tokens.to_string(),
+        "--seed".into(),
+        args.seed.to_string(),
+        "--model".into(),
+        model_path.display().to_string(),
+        "--reward".into(),
+        args.reward.clone(),
+        "--threads".into(),
+        args.threads.to_string(),
+    ];
+    if let Some(p) = &args.scorer {
+        resolved.extend(["--scorer".to_string(), p.display().to_string()]);
+    }
+    if args.no_chat_template {
+        resolved.push("--no-chat-template".into());
+    }
+    let manifest = Manifest {
+        manifest_version: MANIFEST_VERSION,
+        tool_version: env!("CARGO_PKG_VERSION").into(),
+        git_commit: option_env!("TILT_GIT_COMMIT").unwrap_or("unknown").into(),
+        command: "eval".into(),
+        args: resolved,
+        config: serde_json::to_value(&config)?,
+        seed: args.seed,
+        files,
+        host: HostInfo::current(tilt_models::threads::num_threads()),
+        wall_seconds: json!({
+            "load": t_load,
+            "eval": eval_secs,
+            "by_strategy": timings,
+            "total": t_start.elapsed().as_secs_f64(),
+        }),
+        output: RecordedOutput::from_bytes(&bytes),
+    };
+    manifest.write(&args.manifest)?;
+    eprintln!(
+        "tilt eval: {} prompts in {eval_secs:.1} s; manifest {}",
+        prompts.len(),
+        args.manifest.display()
+    );
+    Ok(())
+}
+
+/// Win rate vs KL and reward vs KL: measured strategies as points, exact best-of-n (line)
+/// and tilt (dashed) for the reference samples' empirical distributions.
+fn write_plot(path: &Path, report: &EvalReport) -> Result<(), tilt_plot::PlotError> {
+    let mut win = Vec::new();
+    let mut rew = Vec::new();
+    let bon_w: Vec<(f64, f64)> = report.exact_best_of_n.iter().map(|c| (c.kl, c.win_rate)).collect();
+    let bon_r: Vec<(f64, f64)> = report
+        .exact_best_of_n
+        .iter()
+        .map(|c| (c.kl, c.expected_reward))
+        .collect();
+    let tilt_w: Vec<(f64, f64)> = report.exact_tilt.iter().map(|c| (c.kl, c.win_rate)).collect();
+    let tilt_r: Vec<(f64, f64)> = report.exact_tilt.iter().map(|c| (c.kl, c.expected_reward)).collect();
+    win.push(Series::new("best-of-n, exact (reference samples)", bon_w, SeriesStyle::Line));
+    win.push(Series::new("tilt, exact (reference samples)", tilt_w, SeriesStyle::Dashed));
+    rew.push(Series::new("best-of-n, exact (reference samples)", bon_r, SeriesStyle::Line));
+    rew.push(Series::new("tilt, exact (reference samples)", tilt_r, SeriesStyle::Dashed));
+    for s in &report.strategies {
+        let name = format!("{} (KL {})", s.strategy, s.kl_kind);
+        let mut w = Series::new(name.clone(), vec![(s.kl, s.win_rate)], SeriesStyle::Points);
+        if let Some([lo, hi]) = s.win_rate_ci95 {
+            w.error_bars = Some(vec![(lo, hi)]);
+        }
+        win.push(w);
+        rew.push(Series::new(name, vec![(s.kl, s.mean_reward)], SeriesStyle::Points));
+    }
+    let panels = [
+        Panel {
+            title: "Win rate vs KL".into(),
+            x_label: "KL(π‖p) (nats)".into(),
+            y_label: "win rate over reference samples".into(),
+            log_x: false,
+            series: win,
+        },
+        Panel {
+            title: "Reward vs KL".into(),
+            x_label: "KL(π‖p) (nats)".into(),
+            y_label: format!("mean reward ({})", report.reward),
+            log_x: false,
+            series: rew,
+        },
+    ];
+    write_svg(path, &format!("tilt eval: {} prompts", report.prompts), &panels)
+}

@@ -1,0 +1,175 @@
+//! `tilt train-scorer`: CD-FUDGE (arXiv 2310.17022 §2.2). Draw K reference rollouts per
+//! prompt, score their final reward, fit a small head on the policy's hidden state at every
+//! prefix, hold out a share of the prompts, and save the head (safetensors) with a JSON card
+//! (data, seed, loss curve, held-out MSE against the constant predictor). The engine is
+//! `tilt_decode::cd::train`; this file loads models and writes files.
+
+use crate::eval::{hashed, load_policy, load_reward, policy_path, read_prompts};
+use crate::output::{emit, Format};
+use crate::usage;
+use anyhow::Context;
+use clap::{Args, ValueEnum};
+use serde_json::json;
+use std::path::PathBuf;
+use std::time::Instant;
+use tilt_decode::cd::{collect_rollouts, fit_head, HeadKind, RolloutConfig, TrainConfig};
+use tilt_models::Policy;
+
+/// The kind of head to fit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum HeadArg {
+    /// V = w·u + b on standardised hidden states.
+    Linear,
+    /// V = w2·tanh(W1 u + b1) + b2.
+    Mlp,
+}
+
+/// Flags of `tilt train-scorer`.
+#[derive(Debug, Args)]
+pub struct TrainScorerArgs {
+    /// Prompts: a JSONL file with one `{"prompt": "..."}` per line (at least 2).
+    #[arg(long)]
+    pub prompts: PathBuf,
+    /// Reference rollouts per prompt (K).
+    #[arg(long, default_value_t = 8)]
+    pub rollouts: usize,
+    /// Most new tokens per rollout.
+    #[arg(long, default_value_t = 48)]
+    pub max_new_tokens: usize,
+    /// The scorer file to write (safetensors); the card goes beside it as `.json`.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Head kind.
+    #[arg(long, value_enum, default_value_t = HeadArg::Linear)]
+    pub head: HeadArg,
+    /// Hidden units of the MLP head.
+    #[arg(long, default_value_t = 32)]
+    pub mlp_hidden: usize,
+    /// Full-batch AdamW steps.
+    #[arg(long, default_value_t = 300)]
+    pub epochs: usize,
+    /// AdamW learning rate.
+    #[arg(long, default_value_t = 0.01)]
+    pub learning_rate: f64,
+    /// AdamW decoupled weight decay.
+    #[arg(long, default_value_t = 0.05)]
+    pub weight_decay: f64,
+    /// Share of prompts held out.
+    #[arg(long, default_value_t = 0.25)]
+    pub heldout_fraction: f64,
+    /// Seed (rollouts, split, initialisation).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Policy GGUF file (default: SmolLM2-135M-Instruct, fetched on first use).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Reward: minilm, minilm:target=TEXT, head:PATH, command:CMD, http:URL.
+    #[arg(long, default_value = "minilm")]
+    pub reward: String,
+    /// Threads (0: TILT_NUM_THREADS, else all cores).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Format::Json)]
+    pub format: Format,
+}
+
+/// Run `tilt train-scorer`.
+pub fn run(args: TrainScorerArgs) -> anyhow::Result<()> {
+    let t_start = Instant::now();
+    let prompts = read_prompts(&args.prompts)?;
+    if prompts.len() < 2 {
+        return Err(usage(format!(
+            "--prompts {}: {} prompt; training needs at least 2 (some are held out)",
+            args.prompts.display(),
+            prompts.len()
+        )));
+    }
+    if args.rollouts == 0 {
+        return Err(usage("--rollouts: is 0; at least 1 rollout per prompt"));
+    }
+    let head = match args.head {
+        HeadArg::Linear => HeadKind::Linear,
+        HeadArg::Mlp => HeadKind::Mlp {
+            hidden: args.mlp_hidden,
+        },
+    };
+    let train = TrainConfig {
+        head,
+        epochs: args.epochs,
+        learning_rate: args.learning_rate,
+        weight_decay: args.weight_decay,
+        heldout_fraction: args.heldout_fraction,
+        seed: args.seed,
+    };
+    let model_path = policy_path(&args.model)?;
+    let policy = load_policy(&model_path, args.threads)?;
+    let reward = load_reward(&args.reward)?;
+    let rollouts = RolloutConfig {
+        rollouts_per_prompt: args.rollouts,
+        max_new_tokens: args.max_new_tokens,
+        seed: args.seed,
+    };
+    let bar = indicatif::ProgressBar::new(prompts.len() as u64).with_style(
+        indicatif::ProgressStyle::with_template("rollouts {bar:30} {pos}/{len} prompts {elapsed}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let t_roll = Instant::now();
+    let data = collect_rollouts(&policy, reward.as_ref(), &prompts, &rollouts, |d| {
+        bar.set_position(d as u64)
+    })
+    .map_err(cd_to_anyhow)?;
+    bar.finish_and_clear();
+    let rollout_secs = t_roll.elapsed().as_secs_f64();
+    let t_fit = Instant::now();
+    let (scorer, card) = fit_head(&data, &train).map_err(cd_to_anyhow)?;
+    let fit_secs = t_fit.elapsed().as_secs_f64();
+    scorer.save(&args.out).map_err(cd_to_anyhow)?;
+    let card_path = args.out.with_extension("json");
+    let mean_reward = data.rollout_rewards.iter().flatten().sum::<f64>()
+        / data.rollout_rewards.iter().map(Vec::len).sum::<usize>().max(1) as f64;
+    let value = json!({
+        "scorer_file": args.out,
+        "card_file": card_path,
+        "head": scorer.kind(),
+        "hidden_size": policy.hidden_size(),
+        "policy": { "name": policy.name(), "file": hashed("policy", &model_path)? },
+        "reward": reward.name(),
+        "data": {
+            "prompts_file": hashed("prompts", &args.prompts)?,
+            "prompts": prompts.len(),
+            "rollouts_per_prompt": args.rollouts,
+            "max_new_tokens": args.max_new_tokens,
+            "prefixes": data.features.len(),
+            "mean_rollout_reward": mean_reward,
+        },
+        "seed": args.seed,
+        "training": card,
+        "verdict": if card.heldout_mse_scorer < card.heldout_mse_constant {
+            "the scorer beats the constant predictor on held-out prompts"
+        } else {
+            "the scorer does NOT beat the constant predictor on held-out prompts"
+        },
+        "units": "MSE in squared reward units; KL (none here) in nats",
+    });
+    let text = serde_json::to_string_pretty(&value)?;
+    std::fs::write(&card_path, text + "\n")
+        .with_context(|| format!("writing {}", card_path.display()))?;
+    eprintln!(
+        "tilt train-scorer: {} prefixes from {} prompts; rollouts {rollout_secs:.1} s, fit {fit_secs:.1} s, total {:.1} s",
+        data.features.len(),
+        prompts.len(),
+        t_start.elapsed().as_secs_f64()
+    );
+    emit(&value, args.format)
+}
+
+/// Input errors (bad parameters, bad scorer files) exit 2; the rest exit 1.
+pub fn cd_to_anyhow(e: tilt_decode::cd::CdError) -> anyhow::Error {
+    match e {
+        tilt_decode::cd::CdError::InvalidParameter { .. }
+        | tilt_decode::cd::CdError::ScorerFile { .. }
+        | tilt_decode::cd::CdError::Model(tilt_models::ModelError::InvalidInput(_)) => usage(e),
+        other => anyhow::Error::new(other),
+    }
+}

@@ -1,0 +1,210 @@
+//! `tilt theory {tilt, bon, frontier, divergence, bounds}` run as a user would: JSON on
+//! stdout checked against independent values, and every bad input exiting 2 with one line
+//! on stderr naming the input.
+
+use serde_json::Value;
+use std::process::{Command, Output};
+
+fn tilt(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_tilt"))
+        .args(args)
+        .output()
+        .expect("run tilt")
+}
+
+fn json_of(args: &[&str]) -> Value {
+    let out = tilt(args);
+    assert!(
+        out.status.success(),
+        "tilt {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(text.lines().count(), 1, "one JSON object: {text}");
+    serde_json::from_str(&text).unwrap()
+}
+
+fn f(v: &Value, k: &str) -> f64 {
+    v[k].as_f64().unwrap_or_else(|| panic!("{k} missing in {v}"))
+}
+
+/// Bad input: exit code 2, exactly one line on stderr, naming `needle`.
+fn rejects(args: &[&str], needle: &str) {
+    let out = tilt(args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "tilt {args:?}: {err}");
+    assert!(out.stdout.is_empty(), "no output on error");
+    assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
+    assert!(err.contains(needle), "tilt {args:?}: {err:?} should name {needle:?}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+const COIN: [&str; 4] = ["--probs", "0.5,0.5", "--rewards", "0,1"];
+
+#[test]
+fn bon_on_a_fair_coin_matches_spec_closed_forms() {
+    let v = json_of(&[&["theory", "bon", "--n", "4"][..], &COIN].concat());
+    assert!((f(&v, "kl") - 0.459355521853).abs() < 1e-11);
+    assert_eq!(f(&v, "win_rate"), 23.0 / 32.0);
+    assert!((f(&v, "kl_bound") - (4f64.ln() - 0.75)).abs() < 1e-15);
+    assert_eq!(f(&v, "win_rate_bound"), 0.8);
+    assert!((f(&v, "kl_estimate") - 0.4991239).abs() < 1e-7);
+    assert_eq!(f(&v, "expected_reward"), 0.9375);
+    assert_eq!(v["n"], 4);
+    assert_eq!(v["units"], "nats");
+    let pmf: Vec<f64> = v["pmf"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+    assert_eq!(pmf, vec![0.0625, 0.9375]);
+    // Worst-of-n mirrors it; n = 10^15 stays finite and below log 2.
+    let w = json_of(&[&["theory", "bon", "--n", "4", "--worst"][..], &COIN].concat());
+    assert_eq!(f(&w, "expected_reward"), 0.0625);
+    let big = json_of(&[&["theory", "bon", "--n", "1e15"][..], &COIN].concat());
+    assert!(f(&big, "kl") <= 2f64.ln() && f(&big, "kl") > 0.69);
+}
+
+#[test]
+fn tilt_by_beta_and_by_kl_agree() {
+    let v = json_of(&[&["theory", "tilt", "--beta", "1"][..], &COIN].concat());
+    let a = 1f64.exp() / (1.0 + 1f64.exp());
+    let k = a * (2.0 * a).ln() + (1.0 - a) * (2.0 * (1.0 - a)).ln();
+    assert!((f(&v, "kl") - k).abs() < 1e-15);
+    assert!((f(&v, "log_partition") - (0.5 + 0.5 * 1f64.exp()).ln()).abs() < 1e-15);
+    assert!((f(&v, "win_rate") - (0.25 + 0.5 * a)).abs() < 1e-15);
+    let kl = format!("{k:.17e}");
+    let back = json_of(&[&["theory", "tilt", "--kl", &kl][..], &COIN].concat());
+    assert!((f(&back, "beta") - 1.0).abs() < 1e-11, "{back}");
+    let zero = json_of(&[&["theory", "tilt", "--kl", "0"][..], &COIN].concat());
+    assert_eq!(zero["beta"], "inf");
+    // The same distribution given as a CSV file, a JSON-lines file, and samples.
+    let dir = tempfile::tempdir().unwrap();
+    let csv = dir.path().join("d.csv");
+    std::fs::write(&csv, "prob,reward\n0.5,0\n0.5,1\n").unwrap();
+    let jl = dir.path().join("d.jsonl");
+    std::fs::write(&jl, "{\"prob\":0.5,\"reward\":0}\n{\"prob\":0.5,\"reward\":1}\n").unwrap();
+    let samples = dir.path().join("s.txt");
+    std::fs::write(&samples, "0\n1\n").unwrap();
+    for flag in [["--dist", csv.to_str().unwrap()], ["--dist", jl.to_str().unwrap()], ["--samples", samples.to_str().unwrap()]] {
+        let w = json_of(&[&["theory", "tilt", "--beta", "1"][..], &flag].concat());
+        assert_eq!(f(&w, "kl"), f(&v, "kl"), "{flag:?}");
+    }
+}
+
+#[test]
+fn frontier_has_both_curves_and_draws_a_plot() {
+    let dir = tempfile::tempdir().unwrap();
+    let svg = dir.path().join("frontier.svg");
+    let v = json_of(&[
+        "theory", "frontier", "--probs", "0.2,0.3,0.1,0.4", "--rewards", "0,1,1,2",
+        "--n-max", "64", "--points", "7", "--plot", svg.to_str().unwrap(),
+    ]);
+    let bon = v["bon"].as_array().unwrap();
+    let tl = v["tilt"].as_array().unwrap();
+    assert_eq!(bon.len(), 7);
+    assert_eq!(tl.len(), 7);
+    assert_eq!(bon[0]["n"], 1);
+    assert_eq!(bon[6]["n"], 64);
+    for (b, t) in bon.iter().zip(tl) {
+        assert!((f(b, "kl") - f(t, "kl")).abs() < 1e-9);
+        assert!(f(b, "expected_reward") <= f(t, "expected_reward") + 1e-9);
+        assert!(f(b, "kl") <= f(b, "kl_bound") + 1e-12);
+    }
+    let text = std::fs::read_to_string(&svg).unwrap();
+    assert!(text.contains("<svg") && text.contains("KL(π‖p) (nats)"), "labelled axes");
+    let all = json_of(&["theory", "frontier", "--probs", "0.2,0.8", "--rewards", "0,1", "--n-max", "5"]);
+    assert_eq!(all["bon"].as_array().unwrap().len(), 5);
+}
+
+#[test]
+fn divergence_values_and_infinities() {
+    let v = json_of(&["theory", "divergence", "--q", "0.25,0.75", "--p", "0.5,0.5", "--alpha", "2"]);
+    let kl = 0.25 * 0.5f64.ln() + 0.75 * 1.5f64.ln();
+    assert!((f(&v, "kl_q_p") - kl).abs() < 1e-15);
+    assert!((f(&v, "renyi_q_p") - 1.25f64.ln()).abs() < 1e-15);
+    assert_eq!(f(&v, "total_variation"), 0.25);
+    assert!((f(&v, "chi_squared_q_p") - 0.25).abs() < 1e-15);
+    let h = 1.0 - (0.125f64.sqrt() + 0.375f64.sqrt());
+    assert!((f(&v, "hellinger_squared") - h).abs() < 1e-15);
+    let inf = json_of(&["theory", "divergence", "--q", "0.5,0.5", "--p", "1,0"]);
+    assert_eq!(inf["kl_q_p"], "inf");
+    assert!((f(&inf, "kl_p_q") - 2f64.ln()).abs() < 1e-15);
+}
+
+#[test]
+fn bounds_hold_and_name_the_proxy() {
+    let v = json_of(&[&["theory", "bounds", "--n-max", "256", "--points", "5"][..], &["--probs", "0.9,0.1", "--rewards", "0,1"]].concat());
+    let ks = 0.8 / (2.0 * 9f64.ln());
+    assert!((f(&v, "sigma2") - ks).abs() < 1e-9);
+    assert_eq!(f(&v, "sigma2_hoeffding"), 0.25);
+    assert!(v["sigma2_method"].as_str().unwrap().contains("optimal"));
+    let rows = v["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 5);
+    for r in rows {
+        assert!(f(r, "bon_improvement") <= f(r, "bound_sqrt_2_sigma2_kl") + 1e-12);
+        assert!(f(r, "tilt_improvement") <= f(r, "bound_sqrt_2_sigma2_kl") + 1e-12);
+        assert!(f(r, "bon_improvement") <= f(r, "tilt_improvement") + 1e-12);
+    }
+}
+
+#[test]
+fn bad_inputs_exit_2_with_one_line_naming_the_input() {
+    let t = |extra: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = ["theory", "bon", "--n", "3"].iter().map(|s| s.to_string()).collect();
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (t(&["--probs", "", "--rewards", ""]), "--probs"),
+        (t(&["--probs", "0.5,0.5", "--rewards", "0,1,2"]), "unequal lengths"),
+        (t(&["--probs", "-0.5,1.5", "--rewards", "0,1"]), "--probs"),
+        (t(&["--probs", "nan,1", "--rewards", "0,1"]), "--probs"),
+        (t(&["--probs", "0.5,0.5", "--rewards", "0,inf"]), "--rewards"),
+        (t(&["--probs", "0.5,0.6", "--rewards", "0,1"]), "--normalize"),
+        (t(&["--probs", "0.5,x", "--rewards", "0,1"]), "--probs: entry 2"),
+        (t(&[]), "--probs"),
+        (t(&["--dist", "/nonexistent/d.csv"]), "/nonexistent/d.csv"),
+        (
+            vec!["theory".into(), "bon".into(), "--n".into(), "0".into(), "--probs".into(), "0.5,0.5".into(), "--rewards".into(), "0,1".into()],
+            "--n",
+        ),
+        (
+            vec!["theory".into(), "tilt".into(), "--kl".into(), "0.8".into(), "--probs".into(), "0.5,0.5".into(), "--rewards".into(), "0,1".into()],
+            "--kl",
+        ),
+        (
+            vec!["theory".into(), "tilt".into(), "--beta".into(), "-1".into(), "--probs".into(), "0.5,0.5".into(), "--rewards".into(), "0,1".into()],
+            "--beta",
+        ),
+        (
+            vec!["theory".into(), "divergence".into(), "--q".into(), "0.5,0.5".into(), "--p".into(), "1".into()],
+            "unequal lengths",
+        ),
+        (
+            vec!["theory".into(), "divergence".into(), "--q".into(), "0.5,0.5".into(), "--p".into(), "0.5,0.5".into(), "--alpha".into(), "0".into()],
+            "--alpha",
+        ),
+        (
+            vec!["theory".into(), "frontier".into(), "--n-max".into(), "0".into(), "--probs".into(), "1".into(), "--rewards".into(), "0".into()],
+            "--n-max",
+        ),
+    ];
+    for (args, needle) in cases {
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        rejects(&refs, needle);
+    }
+    // Files: the error names the file and the line.
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.csv");
+    std::fs::write(&bad, "prob,reward\n0.5,0\n-0.5,1\n").unwrap();
+    rejects(&["theory", "bon", "--n", "2", "--dist", bad.to_str().unwrap()], "bad.csv line 3");
+    let hdr = dir.path().join("hdr.csv");
+    std::fs::write(&hdr, "p,r\n0.5,0\n").unwrap();
+    rejects(&["theory", "bon", "--n", "2", "--dist", hdr.to_str().unwrap()], "hdr.csv line 1");
+    let s = dir.path().join("s.txt");
+    std::fs::write(&s, "1\n2\nabc\n").unwrap();
+    rejects(&["theory", "bon", "--n", "2", "--samples", s.to_str().unwrap()], "s.txt line 3");
+    let empty = dir.path().join("e.txt");
+    std::fs::write(&empty, "\n").unwrap();
+    rejects(&["theory", "bon", "--n", "2", "--samples", empty.to_str().unwrap()], "e.txt");
+    // --normalize accepts what is otherwise rejected.
+    let v = json_of(&["theory", "bon", "--n", "2", "--probs", "1,1", "--rewards", "0,1", "--normalize"]);
+    assert_eq!(f(&v, "win_rate"), 0.625);
+}

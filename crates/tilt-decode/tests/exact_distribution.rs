@@ -1,0 +1,291 @@
+//! The runner's outputs follow the exact laws of tilt-core (issue 5, "How it is checked").
+//!
+//! On the toy policy (three letters and an end token, a Markov chain: see
+//! `tilt_models::toy`) every response to a prompt can be enumerated with its exact
+//! probability. With a deterministic reward on the text, tilt-core gives the exact law of
+//! best-of-n, worst-of-n and soft best-of-n over those responses; rewind-and-repeat's law is
+//! p conditioned on the acceptance set. Each test runs the real runner ([`generate`]) over
+//! many seeds and compares the counts of the returned texts with the exact law by Pearson's
+//! chi-square (bins with expected count < 5 pooled). The seeds are fixed, so the tests are
+//! not flaky; each also checks that a wrong law (the reference p, or best-of-(n−1)) is
+//! rejected by the same statistic, so the test has the power to fail.
+
+use std::collections::BTreeMap;
+use tilt_core::best_of_n::{best_of_n, worst_of_n};
+use tilt_core::soft_best_of_n::soft_best_of_n;
+use tilt_core::RewardDistribution;
+use tilt_decode::{generate, GenerationConfig, Strategy};
+use tilt_models::sampling::SamplingParams;
+use tilt_models::toy::ToyPolicy;
+use tilt_models::Policy;
+use tilt_rewards::{Reward, RewardError};
+
+/// Reward of a text: (number of `b`) − (number of `c`). Integer-valued, so many responses
+/// tie and the tie rule matters.
+struct LetterReward;
+
+fn letter_reward(text: &str) -> f64 {
+    text.chars()
+        .map(|c| match c {
+            'b' => 1.0,
+            'c' => -1.0,
+            _ => 0.0,
+        })
+        .sum()
+}
+
+impl Reward for LetterReward {
+    fn name(&self) -> String {
+        "letters-b-minus-c".into()
+    }
+    fn score(&self, pairs: &[(&str, &str)]) -> Result<Vec<f32>, RewardError> {
+        Ok(pairs.iter().map(|(_, t)| letter_reward(t) as f32).collect())
+    }
+}
+
+const PROMPT: &str = "a";
+const MAX_NEW: usize = 3;
+
+/// The enumerated responses (as texts: text determines the response here) and the
+/// reference distribution with the letter reward.
+fn reference() -> (Vec<String>, RewardDistribution) {
+    let toy = ToyPolicy::new();
+    let prompt = toy.encode(PROMPT).unwrap();
+    let seqs = toy.enumerate_sequences(&prompt, MAX_NEW).unwrap();
+    let texts: Vec<String> = seqs.iter().map(|(s, _)| toy.decode(s).unwrap()).collect();
+    let mut uniq = texts.clone();
+    uniq.sort();
+    uniq.dedup();
+    assert_eq!(uniq.len(), texts.len(), "texts must identify responses");
+    let probs = seqs.iter().map(|(_, p)| *p).collect();
+    let rewards = texts.iter().map(|t| letter_reward(t)).collect();
+    (texts, RewardDistribution::new(probs, rewards).unwrap())
+}
+
+/// Counts of the returned texts over `runs` seeds.
+fn run_counts(strategy: Strategy, n: usize, runs: u64) -> BTreeMap<String, u64> {
+    let toy = ToyPolicy::new();
+    let mut counts = BTreeMap::new();
+    for seed in 0..runs {
+        let config = GenerationConfig {
+            strategy,
+            n,
+            seed: 1_000_003 * seed + 17,
+            max_new_tokens: MAX_NEW,
+            sampling: SamplingParams::default(),
+            chat_template: true,
+        };
+        let out = generate(&toy, &LetterReward, PROMPT, 0, &config).unwrap();
+        *counts.entry(out.text).or_insert(0) += 1;
+    }
+    counts
+}
+
+/// Pearson's chi-square of `counts` against `pmf` (over `texts`), pooling bins with
+/// expected count < 5; returns (statistic, degrees of freedom, p-value).
+fn chi_square(
+    texts: &[String],
+    pmf: &[f64],
+    counts: &BTreeMap<String, u64>,
+    runs: u64,
+) -> (f64, usize, f64) {
+    let total: u64 = counts.values().sum();
+    assert_eq!(total, runs);
+    for t in counts.keys() {
+        let i = texts
+            .iter()
+            .position(|x| x == t)
+            .expect("an enumerated text");
+        assert!(
+            pmf[i] > 0.0,
+            "returned {t:?}, which has probability 0 under the law"
+        );
+    }
+    let m = runs as f64;
+    let (mut stat, mut bins) = (0.0, 0usize);
+    let (mut pooled_e, mut pooled_o) = (0.0, 0.0);
+    for (t, &p) in texts.iter().zip(pmf) {
+        let e = m * p;
+        let o = *counts.get(t).unwrap_or(&0) as f64;
+        if e < 5.0 {
+            pooled_e += e;
+            pooled_o += o;
+        } else {
+            stat += (o - e).powi(2) / e;
+            bins += 1;
+        }
+    }
+    if pooled_e > 0.0 {
+        stat += (pooled_o - pooled_e).powi(2) / pooled_e;
+        bins += 1;
+    }
+    let df = bins - 1;
+    (stat, df, chi_square_sf(stat, df as f64))
+}
+
+/// Upper tail of the chi-square distribution: Q(df/2, x/2), the regularised upper
+/// incomplete gamma function (series for x < a + 1, Lentz continued fraction otherwise;
+/// Numerical Recipes §6.2).
+fn chi_square_sf(x: f64, df: f64) -> f64 {
+    let (a, x) = (df / 2.0, x / 2.0);
+    if x <= 0.0 {
+        return 1.0;
+    }
+    let ln_pre = a * x.ln() - x - ln_gamma(a);
+    if x < a + 1.0 {
+        let (mut sum, mut term, mut ap) = (1.0 / a, 1.0 / a, a);
+        for _ in 0..10_000 {
+            ap += 1.0;
+            term *= x / ap;
+            sum += term;
+            if term.abs() < sum.abs() * 1e-16 {
+                break;
+            }
+        }
+        1.0 - sum * ln_pre.exp()
+    } else {
+        let tiny = 1e-300;
+        let mut b = x + 1.0 - a;
+        let mut c = 1.0 / tiny;
+        let mut d = 1.0 / b;
+        let mut h = d;
+        for i in 1..10_000 {
+            let an = -(i as f64) * (i as f64 - a);
+            b += 2.0;
+            d = an * d + b;
+            if d.abs() < tiny {
+                d = tiny;
+            }
+            c = b + an / c;
+            if c.abs() < tiny {
+                c = tiny;
+            }
+            d = 1.0 / d;
+            let del = d * c;
+            h *= del;
+            if (del - 1.0).abs() < 1e-16 {
+                break;
+            }
+        }
+        ln_pre.exp() * h
+    }
+}
+
+/// log Γ(x) for x > 0 (Lanczos, g = 7, n = 9).
+fn ln_gamma(x: f64) -> f64 {
+    const G: [f64; 9] = [
+        0.999_999_999_999_809_9,
+        676.520_368_121_885_1,
+        -1_259.139_216_722_402_8,
+        771.323_428_777_653_1,
+        -176.615_029_162_140_6,
+        12.507_343_278_686_905,
+        -0.138_571_095_265_720_12,
+        9.984_369_578_019_572e-6,
+        1.505_632_735_149_311_6e-7,
+    ];
+    if x < 0.5 {
+        std::f64::consts::PI.ln() - (std::f64::consts::PI * x).sin().ln() - ln_gamma(1.0 - x)
+    } else {
+        let x = x - 1.0;
+        let mut a = G[0];
+        let t = x + 7.5;
+        for (i, g) in G.iter().enumerate().skip(1) {
+            a += g / (x + i as f64);
+        }
+        0.5 * (2.0 * std::f64::consts::PI).ln() + (x + 0.5) * t.ln() - t + a.ln()
+    }
+}
+
+#[test]
+fn chi_square_tail_matches_known_values() {
+    // Independent values: chi2 with 1 df at 3.841459 has tail 0.05; 10 df at 18.307038, 0.05;
+    // 2 df: tail = e^{-x/2} exactly.
+    assert!((chi_square_sf(3.841_458_820_694_124, 1.0) - 0.05).abs() < 1e-9);
+    assert!((chi_square_sf(18.307_038_053_275_146, 10.0) - 0.05).abs() < 1e-9);
+    assert!((chi_square_sf(7.0, 2.0) - (-3.5f64).exp()).abs() < 1e-12);
+}
+
+const RUNS: u64 = 20_000;
+/// A fixed seed set: accept the law unless p < 1e-3 (it is not re-drawn, so not flaky).
+const ALPHA: f64 = 1e-3;
+
+fn check(strategy: Strategy, n: usize, exact: &[f64], wrong: &[f64]) {
+    let (texts, _) = reference();
+    let counts = run_counts(strategy, n, RUNS);
+    let (stat, df, p) = chi_square(&texts, exact, &counts, RUNS);
+    eprintln!("{strategy} n={n}: chi2 = {stat:.2}, df = {df}, p = {p:.4}");
+    assert!(
+        p > ALPHA,
+        "{strategy} n={n}: chi2 = {stat:.2} on {df} df, p = {p:.3e} < {ALPHA}: the runner's \
+         outputs do not follow the exact law"
+    );
+    let (wstat, wdf, wp) = chi_square(&texts, wrong, &counts, RUNS);
+    assert!(
+        wp < 1e-9,
+        "{strategy} n={n}: a wrong law was not rejected (chi2 = {wstat:.2} on {wdf} df, p = {wp:.3e})"
+    );
+}
+
+#[test]
+fn best_of_n_follows_the_exact_law_with_ties() {
+    let (_, dist) = reference();
+    let exact = best_of_n(&dist, 4).unwrap().pmf;
+    let wrong = best_of_n(&dist, 3).unwrap().pmf;
+    check(Strategy::Bon, 4, &exact, &wrong);
+}
+
+#[test]
+fn worst_of_n_follows_the_exact_law_with_ties() {
+    let (_, dist) = reference();
+    let exact = worst_of_n(&dist, 4).unwrap().pmf;
+    check(Strategy::Won, 4, &exact, dist.probs());
+}
+
+#[test]
+fn soft_best_of_n_follows_the_exact_law() {
+    let (_, dist) = reference();
+    let lambda = 0.7;
+    let exact = soft_best_of_n(&dist, 4, lambda).unwrap().pmf;
+    // Hard best-of-4 is a nearby but wrong law.
+    let wrong = best_of_n(&dist, 4).unwrap().pmf;
+    check(Strategy::SoftBon { lambda }, 4, &exact, &wrong);
+}
+
+#[test]
+fn sample_follows_the_reference() {
+    let (_, dist) = reference();
+    let wrong = best_of_n(&dist, 2).unwrap().pmf;
+    check(Strategy::Sample, 4, dist.probs(), &wrong);
+}
+
+#[test]
+fn rewind_follows_the_reference_conditioned_on_acceptance() {
+    let (_, dist) = reference();
+    let threshold = 1.0;
+    let p_accept: f64 = dist
+        .probs()
+        .iter()
+        .zip(dist.rewards())
+        .filter(|(_, &r)| r >= threshold)
+        .map(|(p, _)| p)
+        .sum();
+    // With a cap of 200 draws, P(no acceptance) = (1 − p(A))^200 is negligible.
+    assert!((1.0 - p_accept).powi(200) < 1e-12, "p(A) = {p_accept}");
+    let exact: Vec<f64> = dist
+        .probs()
+        .iter()
+        .zip(dist.rewards())
+        .map(|(p, &r)| if r >= threshold { p / p_accept } else { 0.0 })
+        .collect();
+    let wrong = best_of_n(&dist, 4).unwrap().pmf;
+    check(
+        Strategy::Rewind {
+            threshold,
+            max_draws: 200,
+        },
+        3,
+        &exact,
+        &wrong,
+    );
+}
