@@ -12,7 +12,9 @@ use std::time::Instant;
 use tilt_decode::cd::scorer::ScorerFile;
 use tilt_decode::cd::PrefixScorer;
 use tilt_decode::eval::{evaluate, parse_strategies, EvalConfig, EvalReport};
-use tilt_decode::manifest::{sha256_hex, HashedFile, HostInfo, Manifest, RecordedOutput, MANIFEST_VERSION};
+use tilt_decode::manifest::{
+    sha256_hex, HashedFile, HostInfo, Manifest, RecordedOutput, MANIFEST_VERSION,
+};
 use tilt_models::llama::LlamaPolicy;
 use tilt_models::Policy;
 use tilt_plot::{write_svg, Panel, Series, SeriesStyle};
@@ -78,7 +80,11 @@ pub fn read_prompts(path: &Path) -> anyhow::Result<Vec<String>> {
             continue;
         }
         let v: Value = serde_json::from_str(line).map_err(|e| {
-            usage(format!("--prompts {} line {}: not JSON: {e}", path.display(), i + 1))
+            usage(format!(
+                "--prompts {} line {}: not JSON: {e}",
+                path.display(),
+                i + 1
+            ))
         })?;
         match v.get("prompt").and_then(Value::as_str) {
             Some(p) if !p.trim().is_empty() => prompts.push(p.to_string()),
@@ -177,7 +183,13 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         |done| bar.set_position(done as u64),
         |label, secs| *timings.entry(label.to_string()).or_default() += secs,
     )
-    .map_err(|e| if e.is_input_error() { usage(e) } else { anyhow::Error::new(e) })?;
+    .map_err(|e| {
+        if e.is_input_error() {
+            usage(e)
+        } else {
+            anyhow::Error::new(e)
+        }
+    })?;
     bar.finish_and_clear();
     let eval_secs = t_eval.elapsed().as_secs_f64();
     tracing::info!(eval_secs, "tilt eval done");
@@ -186,9 +198,11 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         write_plot(path, &report).map_err(|e| anyhow::anyhow!("{e}"))?;
     }
     let bytes = format!("{}\n", serde_json::to_string(&value)?).into_bytes();
-    emit(&value, args.format)?;
     // The manifest.
-    let mut files = vec![hashed("policy", &model_path)?, hashed("prompts", &args.prompts)?];
+    let mut files = vec![
+        hashed("policy", &model_path)?,
+        hashed("prompts", &args.prompts)?,
+    ];
     if let Some(p) = &args.scorer {
         files.push(hashed("scorer", p)?);
     }
@@ -225,7 +239,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     let manifest = Manifest {
         manifest_version: MANIFEST_VERSION,
         tool_version: env!("CARGO_PKG_VERSION").into(),
-        git_commit: option_env!("TILT_GIT_COMMIT").unwrap_or("unknown").into(),
+        git_commit: crate::generate::GIT_COMMIT.into(),
         command: "eval".into(),
         args: resolved,
         config: serde_json::to_value(&config)?,
@@ -241,6 +255,8 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         output: RecordedOutput::from_bytes(&bytes),
     };
     manifest.write(&args.manifest)?;
+    // Printed last, so that a closed pipe cannot lose the manifest.
+    emit(&value, args.format)?;
     eprintln!(
         "tilt eval: {} prompts in {eval_secs:.1} s; manifest {}",
         prompts.len(),
@@ -254,18 +270,46 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
 fn write_plot(path: &Path, report: &EvalReport) -> Result<(), tilt_plot::PlotError> {
     let mut win = Vec::new();
     let mut rew = Vec::new();
-    let bon_w: Vec<(f64, f64)> = report.exact_best_of_n.iter().map(|c| (c.kl, c.win_rate)).collect();
+    let bon_w: Vec<(f64, f64)> = report
+        .exact_best_of_n
+        .iter()
+        .map(|c| (c.kl, c.win_rate))
+        .collect();
     let bon_r: Vec<(f64, f64)> = report
         .exact_best_of_n
         .iter()
         .map(|c| (c.kl, c.expected_reward))
         .collect();
-    let tilt_w: Vec<(f64, f64)> = report.exact_tilt.iter().map(|c| (c.kl, c.win_rate)).collect();
-    let tilt_r: Vec<(f64, f64)> = report.exact_tilt.iter().map(|c| (c.kl, c.expected_reward)).collect();
-    win.push(Series::new("best-of-n, exact (reference samples)", bon_w, SeriesStyle::Line));
-    win.push(Series::new("tilt, exact (reference samples)", tilt_w, SeriesStyle::Dashed));
-    rew.push(Series::new("best-of-n, exact (reference samples)", bon_r, SeriesStyle::Line));
-    rew.push(Series::new("tilt, exact (reference samples)", tilt_r, SeriesStyle::Dashed));
+    let tilt_w: Vec<(f64, f64)> = report
+        .exact_tilt
+        .iter()
+        .map(|c| (c.kl, c.win_rate))
+        .collect();
+    let tilt_r: Vec<(f64, f64)> = report
+        .exact_tilt
+        .iter()
+        .map(|c| (c.kl, c.expected_reward))
+        .collect();
+    win.push(Series::new(
+        "best-of-n, exact (reference samples)",
+        bon_w,
+        SeriesStyle::Line,
+    ));
+    win.push(Series::new(
+        "tilt, exact (reference samples)",
+        tilt_w,
+        SeriesStyle::Dashed,
+    ));
+    rew.push(Series::new(
+        "best-of-n, exact (reference samples)",
+        bon_r,
+        SeriesStyle::Line,
+    ));
+    rew.push(Series::new(
+        "tilt, exact (reference samples)",
+        tilt_r,
+        SeriesStyle::Dashed,
+    ));
     for s in &report.strategies {
         let name = format!("{} (KL {})", s.strategy, s.kl_kind);
         let mut w = Series::new(name.clone(), vec![(s.kl, s.win_rate)], SeriesStyle::Points);
@@ -273,7 +317,11 @@ fn write_plot(path: &Path, report: &EvalReport) -> Result<(), tilt_plot::PlotErr
             w.error_bars = Some(vec![(lo, hi)]);
         }
         win.push(w);
-        rew.push(Series::new(name, vec![(s.kl, s.mean_reward)], SeriesStyle::Points));
+        rew.push(Series::new(
+            name,
+            vec![(s.kl, s.mean_reward)],
+            SeriesStyle::Points,
+        ));
     }
     let panels = [
         Panel {
@@ -291,5 +339,9 @@ fn write_plot(path: &Path, report: &EvalReport) -> Result<(), tilt_plot::PlotErr
             series: rew,
         },
     ];
-    write_svg(path, &format!("tilt eval: {} prompts", report.prompts), &panels)
+    write_svg(
+        path,
+        &format!("tilt eval: {} prompts", report.prompts),
+        &panels,
+    )
 }

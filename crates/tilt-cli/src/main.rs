@@ -5,8 +5,10 @@
 //! 2 bad input (clap's usage errors and every input our libraries reject).
 
 mod eval;
+mod generate;
 mod models;
 mod output;
+mod reproduce;
 mod theory;
 mod train_scorer;
 
@@ -36,6 +38,12 @@ enum Command {
     /// Evaluate strategies (sample, bon:n, cd-block, cd-token) on prompts: reward, win rate
     /// against reference samples, KL, beside the exact best-of-n and tilt curves.
     Eval(eval::EvalArgs),
+    /// Generate with sample, best-of-N, worst-of-N, soft best-of-N or rewind-and-repeat: one
+    /// JSON line per prompt with every candidate, its reward and the KL spent (nats).
+    Generate(generate::GenerateArgs),
+    /// Re-run a manifest written by `--manifest` and say whether the output is identical, or
+    /// exactly what differs.
+    Reproduce(reproduce::ReproduceArgs),
 }
 
 /// An error that should exit with code 2 (the user's input was wrong).
@@ -62,6 +70,8 @@ fn try_main() -> anyhow::Result<()> {
         Command::Models(cmd) => models::run(cmd),
         Command::TrainScorer(args) => train_scorer::run(args),
         Command::Eval(args) => eval::run(args),
+        Command::Generate(args) => generate::run(args),
+        Command::Reproduce(args) => reproduce::run(args),
     }
 }
 

@@ -127,7 +127,12 @@ pub fn run(args: TrainScorerArgs) -> anyhow::Result<()> {
     scorer.save(&args.out).map_err(cd_to_anyhow)?;
     let card_path = args.out.with_extension("json");
     let mean_reward = data.rollout_rewards.iter().flatten().sum::<f64>()
-        / data.rollout_rewards.iter().map(Vec::len).sum::<usize>().max(1) as f64;
+        / data
+            .rollout_rewards
+            .iter()
+            .map(Vec::len)
+            .sum::<usize>()
+            .max(1) as f64;
     let value = json!({
         "scorer_file": args.out,
         "card_file": card_path,
@@ -172,4 +177,56 @@ pub fn cd_to_anyhow(e: tilt_decode::cd::CdError) -> anyhow::Error {
         | tilt_decode::cd::CdError::Model(tilt_models::ModelError::InvalidInput(_)) => usage(e),
         other => anyhow::Error::new(other),
     }
+}
+
+/// For `tilt generate --strategy cd-token|cd-block`: the strategy and its scorer, checked
+/// against the policy (usage errors for a missing, bad or mismatched scorer file and for
+/// λ < 0, k = 0, K = 0, M = 0); `None` for the other strategies.
+pub fn load_cd(
+    args: &crate::generate::GenerateArgs,
+    policy: &tilt_models::llama::LlamaPolicy,
+) -> anyhow::Result<
+    Option<(
+        tilt_decode::cd::CdStrategy,
+        tilt_decode::cd::scorer::ScorerFile,
+    )>,
+> {
+    use tilt_decode::cd::{CdBlockParams, CdStrategy, CdTokenParams, PrefixScorer};
+    let Some(strategy) = args.cd_strategy() else {
+        return Ok(None);
+    };
+    match strategy {
+        CdStrategy::CdToken { lambda, top_k } => CdTokenParams {
+            lambda,
+            top_k,
+            max_new_tokens: args.max_new_tokens,
+            seed: args.seed,
+        }
+        .validate(),
+        CdStrategy::CdBlock { k, m } => CdBlockParams {
+            k,
+            m,
+            max_new_tokens: args.max_new_tokens,
+            seed: args.seed,
+        }
+        .validate(),
+    }
+    .map_err(usage)?;
+    let path = args.scorer.as_ref().ok_or_else(|| {
+        usage(format!(
+            "--strategy {}: needs --scorer FILE (train one with `tilt train-scorer`)",
+            strategy.name()
+        ))
+    })?;
+    let scorer = tilt_decode::cd::scorer::ScorerFile::load(path).map_err(usage)?;
+    if scorer.hidden_size() != policy.hidden_size() {
+        return Err(usage(format!(
+            "--scorer {}: reads hidden states of size {}, but policy {} has hidden size {}",
+            path.display(),
+            scorer.hidden_size(),
+            policy.name(),
+            policy.hidden_size()
+        )));
+    }
+    Ok(Some((strategy, scorer)))
 }

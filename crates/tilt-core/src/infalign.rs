@@ -40,9 +40,11 @@ use crate::quadrature::{integrate, CumulativeIntegral};
 use serde::Serialize;
 
 /// Absolute tolerance of every integral here.
-pub const QUAD_TOL: f64 = 1e-13;
+pub const QUAD_TOL: f64 = 1e-12;
 /// Largest KL budget (nats) accepted when solving for β.
 pub const MAX_KL: f64 = 25.0;
+/// Largest `log(1/β)` searched when solving for a KL budget.
+pub const MAX_LOG_LAMBDA: f64 = 700.0;
 
 /// The inference-time procedure applied to both the aligned and the reference policy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -120,6 +122,23 @@ impl Transform {
                 }
             }
             Transform::NegExp { t } => (-t * u).exp_m1() / (-t).exp_m1(),
+        }
+    }
+
+    /// `1 − Φ̃(u)`, computed directly so that it keeps its relative precision where
+    /// `Φ̃(u)` is close to 1 (the density is `∝ e^{−(1 − Φ̃)/β}`, and for neg-exp with
+    /// large `t`, `1 − Φ̃ ≈ e^{−tu}` is far below ε over most of `[0, 1]`).
+    ///
+    /// ```text
+    /// exp:     1 − Φ̃(u) = (1 − e^{−t(1−u)}) / (1 − e^{−t})
+    /// neg-exp: 1 − Φ̃(u) = e^{−tu}·(1 − e^{−t(1−u)}) / (1 − e^{−t})
+    /// ```
+    pub fn complement(&self, u: f64) -> f64 {
+        match *self {
+            Transform::Identity => 1.0 - u,
+            Transform::Exp { t } | Transform::NegExp { t } if t == 0.0 => 1.0 - u,
+            Transform::Exp { t } => (-t * (1.0 - u)).exp_m1() / (-t).exp_m1(),
+            Transform::NegExp { t } => (-t * u).exp() * (-t * (1.0 - u)).exp_m1() / (-t).exp_m1(),
         }
     }
 
@@ -205,8 +224,8 @@ impl CalibratedTilt {
         let scale0 = 1.0 / (1.0 + lambda * transform.slope(0.0));
         let scale1 = 1.0 / (1.0 + lambda * transform.slope(1.0));
         let breaks = geometric_breaks(0.05 * scale0, 0.05 * scale1);
-        let h = |u: f64| (lambda * (transform.normalized(u) - 1.0)).exp();
-        let cumulative = CumulativeIntegral::new(h, 0.0, 1.0, &breaks, 0.0, 1e-14)?;
+        let h = |u: f64| (-lambda * transform.complement(u)).exp();
+        let cumulative = CumulativeIntegral::new(h, 0.0, 1.0, &breaks, 0.0, 1e-12)?;
         Ok(Self {
             transform,
             lambda,
@@ -241,15 +260,23 @@ impl CalibratedTilt {
                 });
             }
         }
+        // 1/β up to e^700 (still finite): neg-exp with a large t needs 1/β ≈ e^{t(1−e^{−KL})}.
         let mut hi = 1.0f64;
-        while kl_at(hi)? < kl {
-            hi += 3.0;
-            if hi > 45.0 {
-                return Err(TiltError::NoConvergence {
-                    what: "β for the KL budget".into(),
-                    detail: format!("KL {kl} not reached at 1/β = e^45"),
-                });
+        loop {
+            let reached = kl_at(hi)?;
+            if reached >= kl {
+                break;
             }
+            if hi >= MAX_LOG_LAMBDA {
+                return Err(TiltError::invalid(
+                    "kl",
+                    format!(
+                        "{kl} nats is beyond what this transform reaches ({reached:.6} nats at \
+                         1/β = e^{MAX_LOG_LAMBDA}); lower t or the KL budget"
+                    ),
+                ));
+            }
+            hi = (2.0 * hi + 1.0).min(MAX_LOG_LAMBDA);
         }
         let mut failure = None;
         let s = brent_root(
@@ -287,7 +314,7 @@ impl CalibratedTilt {
     }
 
     fn unnormalized(&self, u: f64) -> f64 {
-        (self.lambda * (self.transform.normalized(u) - 1.0)).exp()
+        (-self.lambda * self.transform.complement(u)).exp()
     }
 
     /// The density `g(u)`.
@@ -295,7 +322,7 @@ impl CalibratedTilt {
         if !(0.0..=1.0).contains(&u) {
             return 0.0;
         }
-        (self.lambda * (self.transform.normalized(u) - 1.0) - self.log_z_shifted).exp()
+        (-self.lambda * self.transform.complement(u) - self.log_z_shifted).exp()
     }
 
     /// `KL(g‖Uniform) = ∫ g log g = λ·E_g[Φ̃ − 1] − log Z'` (nats).
@@ -308,12 +335,12 @@ impl CalibratedTilt {
             return Ok(0.0);
         }
         let m = integrate(
-            |u| (self.transform.normalized(u) - 1.0) * self.unnormalized(u),
+            |u| -self.transform.complement(u) * self.unnormalized(u),
             0.0,
             1.0,
             &self.breaks,
             0.0,
-            1e-13,
+            1e-12,
         )?;
         let mean = m.value / self.cumulative.total();
         Ok((lambda * mean - self.log_z_shifted).max(0.0))
@@ -502,7 +529,9 @@ pub struct OptimalT {
 /// Maximise the inference-time win rate over `t ∈ [0, t_max]` for the exponential family
 /// `make(t)` at KL `kl`: a scan of `t = 0` and 24 log-spaced points in `[0.25, t_max]`,
 /// then golden-section search around the best (derivations §2.4–2.5 choose t this way,
-/// on a grid).
+/// on a grid). A `t` at which the transform cannot reach the KL budget (neg-exp with a
+/// large `t` needs `1/β ≈ e^{t(1−e^{−KL})}`, beyond [`MAX_LOG_LAMBDA`]) counts as
+/// infeasible.
 ///
 /// # Errors
 /// [`TiltError::InvalidInput`] naming `t-max` unless `t_max > 0.25`; as
@@ -526,9 +555,17 @@ pub fn optimize_t(
         let frac = i as f64 / (steps - 1) as f64;
         grid.push(0.25 * (t_max / 0.25).powf(frac));
     }
+    // User errors (a bad KL, N) surface here, with t = 0 (the identity, which reaches
+    // every KL) …
+    let identity = CalibratedTilt::with_kl(make(0.0), kl)?;
+    inference_win_rate(&identity, n, procedure)?;
+    // … so that below, a KL the transform cannot reach at this t only marks t infeasible.
     let value = |t: f64| -> Result<f64> {
-        let tilt = CalibratedTilt::with_kl(make(t), kl)?;
-        inference_win_rate(&tilt, n, procedure)
+        match CalibratedTilt::with_kl(make(t), kl) {
+            Ok(tilt) => inference_win_rate(&tilt, n, procedure),
+            Err(TiltError::InvalidInput { input, .. }) if input == "kl" => Ok(f64::NEG_INFINITY),
+            Err(e) => Err(e),
+        }
     };
     let best = maximize_scalar(value, &grid, 1e-6)?;
     let tilt = CalibratedTilt::with_kl(make(best.x), kl)?;

@@ -37,9 +37,7 @@
 //! `seed + (j+1)·0x9E3779B97F4A7C15` with streams `draw_stream(prompt, s)`. The report holds
 //! no timings, so the same seed and configuration give the same bytes.
 
-use crate::cd::{
-    cd_block_generate, cd_token_generate, CdBlockParams, CdError, CdTokenParams, PrefixScorer,
-};
+use crate::cd::{cd_block_generate, cd_token_generate, CdBlockParams, CdTokenParams, PrefixScorer};
 use crate::generate::{
     draw_stream, encode_prompt, prefill_prompt, sample_continuations, score_sequences,
     selection_stream,
@@ -94,13 +92,18 @@ impl EvalStrategy {
             EvalStrategy::Sample => "sample".into(),
             EvalStrategy::Bon { n } => format!("bon:{n}"),
             EvalStrategy::CdBlock { k, m } => format!("cd-block:K={k},M={m}"),
-            EvalStrategy::CdToken { lambda, top_k } => format!("cd-token:lambda={lambda},k={top_k}"),
+            EvalStrategy::CdToken { lambda, top_k } => {
+                format!("cd-token:lambda={lambda},k={top_k}")
+            }
         }
     }
 
     /// Whether it needs a prefix scorer.
     pub fn needs_scorer(&self) -> bool {
-        matches!(self, EvalStrategy::CdBlock { .. } | EvalStrategy::CdToken { .. })
+        matches!(
+            self,
+            EvalStrategy::CdBlock { .. } | EvalStrategy::CdToken { .. }
+        )
     }
 }
 
@@ -182,7 +185,9 @@ pub fn parse_strategies(spec: &str) -> Result<Vec<EvalStrategy>, DecodeError> {
                     }
                 }
                 let (Some(k), Some(m)) = (k, m) else {
-                    return Err(bad_spec("cd-block needs both K=… and M=… (cd-block:K=4,M=8)"));
+                    return Err(bad_spec(
+                        "cd-block needs both K=… and M=… (cd-block:K=4,M=8)",
+                    ));
                 };
                 out.push(EvalStrategy::CdBlock { k, m });
             }
@@ -314,18 +319,7 @@ pub struct EvalReport {
     pub units: String,
 }
 
-fn cd_err(e: CdError) -> DecodeError {
-    match e {
-        CdError::InvalidParameter { name, problem } => DecodeError::invalid(name, problem),
-        CdError::ScorerFile { path, problem } => {
-            DecodeError::invalid(format!("scorer file {path}"), problem)
-        }
-        CdError::Model(m) => DecodeError::Model(m),
-        CdError::Reward(r) => DecodeError::Reward(r),
-        CdError::Io { path, source } => DecodeError::Io { path, source },
-        CdError::Candle(c) => DecodeError::Model(tilt_models::ModelError::Candle(c)),
-    }
-}
+use crate::cd::run::to_decode_error as cd_err;
 
 /// Win rate of reward `r` against `refs`, ties ½.
 fn win_against(r: f64, refs: &[f64]) -> f64 {
@@ -398,10 +392,16 @@ pub fn evaluate<P: Policy>(
         return Err(DecodeError::invalid("--prompts", "no prompts given"));
     }
     if config.reference_samples == 0 {
-        return Err(DecodeError::invalid("--reference-samples", "is 0; at least 1"));
+        return Err(DecodeError::invalid(
+            "--reference-samples",
+            "is 0; at least 1",
+        ));
     }
     if config.samples_per_prompt == 0 {
-        return Err(DecodeError::invalid("--samples-per-prompt", "is 0; at least 1"));
+        return Err(DecodeError::invalid(
+            "--samples-per-prompt",
+            "is 0; at least 1",
+        ));
     }
     if config.max_new_tokens == 0 {
         return Err(DecodeError::invalid("--max-new-tokens", "is 0; at least 1"));
@@ -524,11 +524,18 @@ pub fn evaluate<P: Policy>(
                         max_new_tokens: config.max_new_tokens,
                         seed: cd_seed,
                     };
-                    cd_block_generate(policy, scorer, &tokens, s_count, &params, draw_stream(index, 0))
-                        .map_err(cd_err)?
-                        .into_iter()
-                        .map(|o| (o.tokens, o.kl_bound))
-                        .collect()
+                    cd_block_generate(
+                        policy,
+                        scorer,
+                        &tokens,
+                        s_count,
+                        &params,
+                        draw_stream(index, 0),
+                    )
+                    .map_err(cd_err)?
+                    .into_iter()
+                    .map(|o| (o.tokens, o.kl_bound))
+                    .collect()
                 }
                 EvalStrategy::CdToken { lambda, top_k } => {
                     let params = CdTokenParams {
@@ -537,11 +544,18 @@ pub fn evaluate<P: Policy>(
                         max_new_tokens: config.max_new_tokens,
                         seed: cd_seed,
                     };
-                    cd_token_generate(policy, scorer, &tokens, s_count, &params, draw_stream(index, 0))
-                        .map_err(cd_err)?
-                        .into_iter()
-                        .map(|o| (o.tokens, o.kl_estimate))
-                        .collect()
+                    cd_token_generate(
+                        policy,
+                        scorer,
+                        &tokens,
+                        s_count,
+                        &params,
+                        draw_stream(index, 0),
+                    )
+                    .map_err(cd_err)?
+                    .into_iter()
+                    .map(|o| (o.tokens, o.kl_estimate))
+                    .collect()
                 }
                 _ => continue,
             };
@@ -549,8 +563,10 @@ pub fn evaluate<P: Policy>(
                 .iter()
                 .map(|(t, _)| policy.decode(t))
                 .collect::<Result<Vec<_>, _>>()?;
-            let pairs: Vec<(&str, &str)> =
-                texts.iter().map(|t| (prompt.as_str(), t.as_str())).collect();
+            let pairs: Vec<(&str, &str)> = texts
+                .iter()
+                .map(|t| (prompt.as_str(), t.as_str()))
+                .collect();
             let scores =
                 tilt_rewards::check_scores(&reward.name(), pairs.len(), reward.score(&pairs)?)?;
             for ((toks, kl), r) in outs.iter().zip(scores) {
@@ -688,7 +704,13 @@ mod tests {
         assert_eq!(s[0], EvalStrategy::Sample);
         assert_eq!(s[5], EvalStrategy::Bon { n: 16 });
         assert_eq!(s[6], EvalStrategy::CdBlock { k: 4, m: 8 });
-        assert_eq!(s[7], EvalStrategy::CdToken { lambda: 2.5, top_k: 5 });
+        assert_eq!(
+            s[7],
+            EvalStrategy::CdToken {
+                lambda: 2.5,
+                top_k: 5
+            }
+        );
         assert_eq!(s[6].label(), "cd-block:K=4,M=8");
         for (bad, needle) in [
             ("", "empty item"),
@@ -705,7 +727,10 @@ mod tests {
             ("sample:3", "no arguments"),
         ] {
             let e = parse_strategies(bad).unwrap_err().to_string();
-            assert!(e.contains("--strategies") && e.contains(needle), "{bad}: {e}");
+            assert!(
+                e.contains("--strategies") && e.contains(needle),
+                "{bad}: {e}"
+            );
         }
     }
 
@@ -727,7 +752,9 @@ mod tests {
         assert!(bon[2].win_rate > bon[1].win_rate && bon[1].win_rate > 0.5);
         assert!(tilt[0].kl.abs() < 1e-9 && (tilt[0].win_rate - 0.5).abs() < 1e-9);
         for w in tilt.windows(2) {
-            assert!(w[1].kl >= w[0].kl - 1e-12 && w[1].expected_reward >= w[0].expected_reward - 1e-9);
+            assert!(
+                w[1].kl >= w[0].kl - 1e-12 && w[1].expected_reward >= w[0].expected_reward - 1e-9
+            );
         }
         // At equal KL the tilt has at least best-of-n's expected reward (it is KL-optimal),
         // checked per prompt where both are exact.

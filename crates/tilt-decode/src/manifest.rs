@@ -319,10 +319,12 @@ mod tests {
         assert_eq!(c.differences[0].field, "b[1]");
         assert_eq!(c.differences[0].expected, serde_json::json!(2));
         assert_eq!(c.differences[0].actual, serde_json::json!(3));
+        // An extra line: the whole line differs (recorded: absent).
         assert_eq!(
             (c.differences[1].line, c.differences[1].field.as_str()),
-            (3, "x")
+            (3, "")
         );
+        assert_eq!(c.differences[1].expected, serde_json::Value::Null);
     }
 
     #[test]

@@ -7,8 +7,8 @@ use tilt_core::{best_of_n::best_of_n, RewardDistribution};
 use tilt_decode::cd::scorer::{names, Standardizer};
 use tilt_decode::cd::{
     cd_block_generate, cd_token_generate, cd_token_step_law, collect_rollouts, fit_head,
-    top_k_candidates, CdBlockParams, CdError, CdTokenParams, ConstantScorer, HeadKind,
-    LinearHead, PrefixScorer, RolloutConfig, ScorerHead, TrainConfig,
+    top_k_candidates, CdBlockParams, CdError, CdTokenParams, ConstantScorer, HeadKind, LinearHead,
+    PrefixScorer, RolloutConfig, ScorerHead, TrainConfig,
 };
 use tilt_models::toy::{ToyPolicy, TOY_EOS};
 use tilt_models::{Policy, TokenId};
@@ -44,7 +44,13 @@ fn p_next(toy: &ToyPolicy, last: TokenId) -> [f64; 4] {
 }
 
 /// The cd-token law of one step computed independently: π ∝ p e^{λV} over the top-k of p.
-fn law_by_hand(toy: &ToyPolicy, last: TokenId, pos_child: usize, lambda: f64, k: usize) -> HashMap<TokenId, f64> {
+fn law_by_hand(
+    toy: &ToyPolicy,
+    last: TokenId,
+    pos_child: usize,
+    lambda: f64,
+    k: usize,
+) -> HashMap<TokenId, f64> {
     let p = p_next(toy, last);
     let mut order: Vec<usize> = (0..4).collect();
     order.sort_by(|&a, &b| p[b].partial_cmp(&p[a]).unwrap().then(a.cmp(&b)));
@@ -54,7 +60,10 @@ fn law_by_hand(toy: &ToyPolicy, last: TokenId, pos_child: usize, lambda: f64, k:
         .map(|&z| p[z] * (lambda * v_by_hand(z as TokenId, pos_child)).exp())
         .collect();
     let z: f64 = w.iter().sum();
-    top.iter().zip(w).map(|(&t, wi)| (t as TokenId, wi / z)).collect()
+    top.iter()
+        .zip(w)
+        .map(|(&t, wi)| (t as TokenId, wi / z))
+        .collect()
 }
 
 /// Exact law of whole cd-token sequences (≤ `max_new` tokens) by enumeration.
@@ -67,7 +76,12 @@ fn sequence_law_by_hand(
 ) -> Vec<(Vec<TokenId>, f64, f64)> {
     // (sequence, π(y), p(y))
     let mut out = Vec::new();
-    let mut stack = vec![(Vec::<TokenId>::new(), *prompt.last().unwrap(), 1.0f64, 1.0f64)];
+    let mut stack = vec![(
+        Vec::<TokenId>::new(),
+        *prompt.last().unwrap(),
+        1.0f64,
+        1.0f64,
+    )];
     while let Some((seq, last, pi, p)) = stack.pop() {
         let pos_child = prompt.len() + seq.len();
         let law = law_by_hand(toy, last, pos_child, lambda, k);
@@ -88,7 +102,11 @@ fn sequence_law_by_hand(
 
 /// Pearson chi-square statistic of observed counts against expected probabilities, merging
 /// cells with expected count < 5 into one; returns (statistic, degrees of freedom).
-fn chi_square(counts: &HashMap<Vec<TokenId>, usize>, law: &[(Vec<TokenId>, f64)], n: usize) -> (f64, usize) {
+fn chi_square(
+    counts: &HashMap<Vec<TokenId>, usize>,
+    law: &[(Vec<TokenId>, f64)],
+    n: usize,
+) -> (f64, usize) {
     let total_law: f64 = law.iter().map(|(_, q)| q).sum();
     assert!((total_law - 1.0).abs() < 1e-9, "law sums to {total_law}");
     for seq in counts.keys() {
@@ -145,7 +163,10 @@ fn cd_token_step_law_equals_the_formula_exactly() {
                 let p = p_next(&toy, *tokens.last().unwrap());
                 for ((c, pi), lr) in law.candidates.iter().zip(&law.probs).zip(&law.log_ratios) {
                     let want = expected[c];
-                    assert!((pi - want).abs() < 1e-6, "{prompt} k={k} λ={lambda} token {c}: {pi} vs {want}");
+                    assert!(
+                        (pi - want).abs() < 1e-6,
+                        "{prompt} k={k} λ={lambda} token {c}: {pi} vs {want}"
+                    );
                     // log π/p against the untruncated p.
                     let want_lr = (want / p[*c as usize]).ln();
                     assert!((lr - want_lr).abs() < 1e-6, "log-ratio {lr} vs {want_lr}");
@@ -178,17 +199,30 @@ fn cd_token_sequences_follow_the_exact_law_and_report_log_ratios() {
         *counts.entry(s.tokens.clone()).or_default() += 1;
         // The recorded log π(y)/p(y) equals the exact one for that sequence.
         let (_, pi, p) = law.iter().find(|(seq, _, _)| *seq == s.tokens).unwrap();
-        assert!((s.kl_estimate - (pi / p).ln()).abs() < 1e-5, "{:?}", s.tokens);
+        assert!(
+            (s.kl_estimate - (pi / p).ln()).abs() < 1e-5,
+            "{:?}",
+            s.tokens
+        );
         assert_eq!(s.finished_by_eos, s.tokens.last() == Some(&TOY_EOS));
         kl_mean += s.kl_estimate / n as f64;
     }
     let law2: Vec<(Vec<TokenId>, f64)> = law.iter().map(|(s, pi, _)| (s.clone(), *pi)).collect();
     let (stat, df) = chi_square(&counts, &law2, n);
-    assert!(stat < chi_square_critical(df), "chi-square {stat} on {df} df");
+    assert!(
+        stat < chi_square_critical(df),
+        "chi-square {stat} on {df} df"
+    );
     // The Monte-Carlo KL estimate is near the exact KL(π‖p) of the sequence law.
     let kl_exact: f64 = law.iter().map(|(_, pi, p)| pi * (pi / p).ln()).sum();
-    let var: f64 = law.iter().map(|(_, pi, p)| pi * ((pi / p).ln() - kl_exact).powi(2)).sum();
-    assert!((kl_mean - kl_exact).abs() < 4.0 * (var / n as f64).sqrt() + 1e-9, "{kl_mean} vs {kl_exact}");
+    let var: f64 = law
+        .iter()
+        .map(|(_, pi, p)| pi * ((pi / p).ln() - kl_exact).powi(2))
+        .sum();
+    assert!(
+        (kl_mean - kl_exact).abs() < 4.0 * (var / n as f64).sqrt() + 1e-9,
+        "{kl_mean} vs {kl_exact}"
+    );
     assert!(kl_exact > 0.01);
 }
 
@@ -211,13 +245,20 @@ fn constant_scorer_makes_cd_token_sample_p_with_log_ratio_exactly_zero() {
     let samples = cd_token_generate(&toy, &scorer, &prompt, n, &params, 0).unwrap();
     let mut counts: HashMap<Vec<TokenId>, usize> = HashMap::new();
     for s in &samples {
-        assert!(s.step_log_ratios.iter().all(|&r| r == 0.0), "{:?}", s.step_log_ratios);
+        assert!(
+            s.step_log_ratios.iter().all(|&r| r == 0.0),
+            "{:?}",
+            s.step_log_ratios
+        );
         assert_eq!(s.kl_estimate, 0.0);
         *counts.entry(s.tokens.clone()).or_default() += 1;
     }
     let law = toy.enumerate_sequences(&prompt, max_new).unwrap();
     let (stat, df) = chi_square(&counts, &law, n);
-    assert!(stat < chi_square_critical(df), "chi-square {stat} on {df} df");
+    assert!(
+        stat < chi_square_critical(df),
+        "chi-square {stat} on {df} df"
+    );
 }
 
 #[test]
@@ -242,7 +283,10 @@ fn constant_scorer_makes_cd_block_sample_p() {
     }
     let law = toy.enumerate_sequences(&prompt, 3).unwrap();
     let (stat, df) = chi_square(&counts, &law, n);
-    assert!(stat < chi_square_critical(df), "chi-square {stat} on {df} df");
+    assert!(
+        stat < chi_square_critical(df),
+        "chi-square {stat} on {df} df"
+    );
 }
 
 #[test]
@@ -281,7 +325,10 @@ fn cd_block_with_m_the_whole_length_is_best_of_k() {
             *counts.entry(s.tokens.clone()).or_default() += 1;
         }
         let (stat, df) = chi_square(&counts, &law, n);
-        assert!(stat < chi_square_critical(df), "K={k}: chi-square {stat} on {df} df");
+        assert!(
+            stat < chi_square_critical(df),
+            "K={k}: chi-square {stat} on {df} df"
+        );
         // The exact bound holds for the exact law.
         assert!(bon.kl <= bon.kl_bound + 1e-12);
     }
@@ -337,7 +384,15 @@ fn same_seed_same_sequences_whatever_the_batch() {
     let a = cd_token_generate(&toy, &scorer, &prompt, 3, &params, 0).unwrap();
     let b = cd_token_generate(&toy, &scorer, &prompt, 8, &params, 0).unwrap();
     assert_eq!(a[..], b[..3]);
-    let c = cd_token_generate(&toy, &scorer, &prompt, 8, &CdTokenParams { seed: 43, ..params }, 0).unwrap();
+    let c = cd_token_generate(
+        &toy,
+        &scorer,
+        &prompt,
+        8,
+        &CdTokenParams { seed: 43, ..params },
+        0,
+    )
+    .unwrap();
     assert_ne!(b, c);
     let bp = CdBlockParams {
         k: 3,
@@ -367,10 +422,12 @@ impl Reward for CountC {
 #[test]
 fn cd_fudge_training_beats_the_constant_predictor_on_heldout_prompts() {
     let toy = ToyPolicy::new();
-    let prompts: Vec<String> = ["a", "b", "c", "ab", "ba", "ca", "cb", "abc", "bca", "cab", "aa", "bb"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+    let prompts: Vec<String> = [
+        "a", "b", "c", "ab", "ba", "ca", "cb", "abc", "bca", "cab", "aa", "bb",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
     let data = collect_rollouts(
         &toy,
         &CountC,
@@ -405,7 +462,9 @@ fn cd_fudge_training_beats_the_constant_predictor_on_heldout_prompts() {
         );
         // The loss curve's last point agrees with the saved head's own evaluation.
         let last = card.loss_curve.last().unwrap();
-        assert!((last.heldout_mse - card.heldout_mse_scorer).abs() < 1e-3 * (1.0 + last.heldout_mse));
+        assert!(
+            (last.heldout_mse - card.heldout_mse_scorer).abs() < 1e-3 * (1.0 + last.heldout_mse)
+        );
         assert!(card.loss_curve.first().unwrap().train_mse >= last.train_mse);
         // Round trip through the file.
         let dir = tempfile::tempdir().unwrap();
@@ -420,15 +479,20 @@ fn cd_fudge_training_beats_the_constant_predictor_on_heldout_prompts() {
 }
 
 fn write_tensors(path: &std::path::Path, tensors: Vec<(&str, candle_core::Tensor)>) {
-    let map: HashMap<String, candle_core::Tensor> =
-        tensors.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+    let map: HashMap<String, candle_core::Tensor> = tensors
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
     candle_core::safetensors::save(&map, path).unwrap();
 }
 
 fn expect_scorer_file_error(path: &std::path::Path, needle: &str) {
     match ScorerHead::load(path) {
         Err(CdError::ScorerFile { problem, path: p }) => {
-            assert!(problem.contains(needle), "{problem:?} should mention {needle:?}");
+            assert!(
+                problem.contains(needle),
+                "{problem:?} should mention {needle:?}"
+            );
             assert!(p.contains("scorer"), "{p}");
         }
         other => panic!("expected a scorer-file error mentioning {needle:?}, got {other:?}"),
@@ -448,11 +512,18 @@ fn bad_scorer_files_are_clear_errors() {
     expect_scorer_file_error(&p("garbage"), "safetensors");
     write_tensors(&p("only-mean"), vec![(names::FEATURE_MEAN, v(5))]);
     expect_scorer_file_error(&p("only-mean"), "feature_std");
-    write_tensors(&p("no-head"), vec![(names::FEATURE_MEAN, v(5)), (names::FEATURE_STD, v(5))]);
+    write_tensors(
+        &p("no-head"),
+        vec![(names::FEATURE_MEAN, v(5)), (names::FEATURE_STD, v(5))],
+    );
     expect_scorer_file_error(&p("no-head"), "missing tensors");
     write_tensors(
         &p("no-bias"),
-        vec![(names::FEATURE_MEAN, v(5)), (names::FEATURE_STD, v(5)), (names::LINEAR_WEIGHT, v(5))],
+        vec![
+            (names::FEATURE_MEAN, v(5)),
+            (names::FEATURE_STD, v(5)),
+            (names::LINEAR_WEIGHT, v(5)),
+        ],
     );
     expect_scorer_file_error(&p("no-bias"), "linear.bias");
     write_tensors(
@@ -460,14 +531,22 @@ fn bad_scorer_files_are_clear_errors() {
         vec![
             (names::FEATURE_MEAN, v(5)),
             (names::FEATURE_STD, v(5)),
-            (names::LINEAR_WEIGHT, Tensor::ones(5, DType::F64, &dev).unwrap()),
+            (
+                names::LINEAR_WEIGHT,
+                Tensor::ones(5, DType::F64, &dev).unwrap(),
+            ),
             (names::LINEAR_BIAS, v(1)),
         ],
     );
     expect_scorer_file_error(&p("f64"), "dtype");
     write_tensors(
         &p("shape"),
-        vec![(names::FEATURE_MEAN, v(5)), (names::FEATURE_STD, v(5)), (names::LINEAR_WEIGHT, v(4)), (names::LINEAR_BIAS, v(1))],
+        vec![
+            (names::FEATURE_MEAN, v(5)),
+            (names::FEATURE_STD, v(5)),
+            (names::LINEAR_WEIGHT, v(4)),
+            (names::LINEAR_BIAS, v(1)),
+        ],
     );
     expect_scorer_file_error(&p("shape"), "shape");
     write_tensors(
@@ -475,7 +554,10 @@ fn bad_scorer_files_are_clear_errors() {
         vec![
             (names::FEATURE_MEAN, v(5)),
             (names::FEATURE_STD, v(5)),
-            (names::MLP_W1, Tensor::ones((3, 6), DType::F32, &dev).unwrap()),
+            (
+                names::MLP_W1,
+                Tensor::ones((3, 6), DType::F32, &dev).unwrap(),
+            ),
         ],
     );
     expect_scorer_file_error(&p("mlp"), "mlp.w1");
@@ -483,7 +565,10 @@ fn bad_scorer_files_are_clear_errors() {
         &p("zero-std"),
         vec![
             (names::FEATURE_MEAN, v(5)),
-            (names::FEATURE_STD, Tensor::zeros(5, DType::F32, &dev).unwrap()),
+            (
+                names::FEATURE_STD,
+                Tensor::zeros(5, DType::F32, &dev).unwrap(),
+            ),
             (names::LINEAR_WEIGHT, v(5)),
             (names::LINEAR_BIAS, v(1)),
         ],
@@ -493,7 +578,12 @@ fn bad_scorer_files_are_clear_errors() {
     // A valid file for another hidden size: a clear error when decoding starts.
     write_tensors(
         &p("wide"),
-        vec![(names::FEATURE_MEAN, v(7)), (names::FEATURE_STD, v(7)), (names::LINEAR_WEIGHT, v(7)), (names::LINEAR_BIAS, v(1))],
+        vec![
+            (names::FEATURE_MEAN, v(7)),
+            (names::FEATURE_STD, v(7)),
+            (names::LINEAR_WEIGHT, v(7)),
+            (names::LINEAR_BIAS, v(1)),
+        ],
     );
     let wide = tilt_decode::cd::scorer::ScorerFile::load(&p("wide")).unwrap();
     let toy = ToyPolicy::new();
@@ -503,15 +593,22 @@ fn bad_scorer_files_are_clear_errors() {
         max_new_tokens: 3,
         seed: 0,
     };
-    let err = cd_token_generate(&toy, &wide, &[0], 1, &params, 0).unwrap_err().to_string();
-    assert!(err.contains("scorer-wide") && err.contains('7') && err.contains('5'), "{err}");
+    let err = cd_token_generate(&toy, &wide, &[0], 1, &params, 0)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("scorer-wide") && err.contains('7') && err.contains('5'),
+        "{err}"
+    );
     let bp = CdBlockParams {
         k: 2,
         m: 2,
         max_new_tokens: 3,
         seed: 0,
     };
-    let err = cd_block_generate(&toy, &wide, &[0], 1, &bp, 0).unwrap_err().to_string();
+    let err = cd_block_generate(&toy, &wide, &[0], 1, &bp, 0)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("hidden size"), "{err}");
 }
 
@@ -526,13 +623,57 @@ fn bad_parameters_are_clear_errors() {
         seed: 0,
     };
     let msg = |e: CdError| e.to_string();
-    let e = cd_token_generate(&toy, &scorer, &[0], 1, &CdTokenParams { lambda: -0.5, ..ok.clone() }, 0).unwrap_err();
+    let e = cd_token_generate(
+        &toy,
+        &scorer,
+        &[0],
+        1,
+        &CdTokenParams {
+            lambda: -0.5,
+            ..ok.clone()
+        },
+        0,
+    )
+    .unwrap_err();
     assert!(msg(e).contains("--lambda"));
-    let e = cd_token_generate(&toy, &scorer, &[0], 1, &CdTokenParams { lambda: f64::NAN, ..ok.clone() }, 0).unwrap_err();
+    let e = cd_token_generate(
+        &toy,
+        &scorer,
+        &[0],
+        1,
+        &CdTokenParams {
+            lambda: f64::NAN,
+            ..ok.clone()
+        },
+        0,
+    )
+    .unwrap_err();
     assert!(msg(e).contains("--lambda"));
-    let e = cd_token_generate(&toy, &scorer, &[0], 1, &CdTokenParams { top_k: 0, ..ok.clone() }, 0).unwrap_err();
+    let e = cd_token_generate(
+        &toy,
+        &scorer,
+        &[0],
+        1,
+        &CdTokenParams {
+            top_k: 0,
+            ..ok.clone()
+        },
+        0,
+    )
+    .unwrap_err();
     assert!(msg(e).contains("--top-k"));
-    let e = cd_token_generate(&toy, &scorer, &[0], 1, &CdTokenParams { max_new_tokens: 40, ..ok }, 0).unwrap_err();
+    let e = cd_token_generate(
+        &toy,
+        &scorer,
+        &[0],
+        1,
+        &CdTokenParams {
+            max_new_tokens: 40,
+            ..ok
+        },
+        0,
+    )
+    .unwrap_err();
     assert!(msg(e).contains("context length"));
     let okb = CdBlockParams {
         k: 2,
@@ -540,17 +681,58 @@ fn bad_parameters_are_clear_errors() {
         max_new_tokens: 3,
         seed: 0,
     };
-    let e = cd_block_generate(&toy, &scorer, &[0], 1, &CdBlockParams { k: 0, ..okb.clone() }, 0).unwrap_err();
+    let e = cd_block_generate(
+        &toy,
+        &scorer,
+        &[0],
+        1,
+        &CdBlockParams {
+            k: 0,
+            ..okb.clone()
+        },
+        0,
+    )
+    .unwrap_err();
     assert!(msg(e).contains("K is 0"));
-    let e = cd_block_generate(&toy, &scorer, &[0], 1, &CdBlockParams { m: 0, ..okb }, 0).unwrap_err();
+    let e =
+        cd_block_generate(&toy, &scorer, &[0], 1, &CdBlockParams { m: 0, ..okb }, 0).unwrap_err();
     assert!(msg(e).contains("M is 0"));
     assert!(cd_token_step_law(&[0.0], &[0], &[1.0], -1.0).is_err());
     assert!(cd_token_step_law(&[0.0], &[3], &[1.0], 1.0).is_err());
     assert!(cd_token_step_law(&[0.0], &[0], &[f64::INFINITY], 1.0).is_err());
     // Training: K = 0 rollouts, one prompt.
-    let e = collect_rollouts(&toy, &CountC, &["a".to_string()], &RolloutConfig { rollouts_per_prompt: 0, max_new_tokens: 3, seed: 0 }, |_| {}).unwrap_err();
+    let e = collect_rollouts(
+        &toy,
+        &CountC,
+        &["a".to_string()],
+        &RolloutConfig {
+            rollouts_per_prompt: 0,
+            max_new_tokens: 3,
+            seed: 0,
+        },
+        |_| {},
+    )
+    .unwrap_err();
     assert!(msg(e).contains("--rollouts"));
-    let data = collect_rollouts(&toy, &CountC, &["a".to_string()], &RolloutConfig { rollouts_per_prompt: 2, max_new_tokens: 3, seed: 0 }, |_| {}).unwrap();
-    let cfg = TrainConfig { head: HeadKind::Linear, epochs: 5, learning_rate: 0.01, weight_decay: 0.0, heldout_fraction: 0.25, seed: 0 };
+    let data = collect_rollouts(
+        &toy,
+        &CountC,
+        &["a".to_string()],
+        &RolloutConfig {
+            rollouts_per_prompt: 2,
+            max_new_tokens: 3,
+            seed: 0,
+        },
+        |_| {},
+    )
+    .unwrap();
+    let cfg = TrainConfig {
+        head: HeadKind::Linear,
+        epochs: 5,
+        learning_rate: 0.01,
+        weight_decay: 0.0,
+        heldout_fraction: 0.25,
+        seed: 0,
+    };
     assert!(msg(fit_head(&data, &cfg).unwrap_err()).contains("at least 2"));
 }

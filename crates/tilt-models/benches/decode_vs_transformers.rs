@@ -55,7 +55,11 @@ fn prompt_tokens(policy: &LlamaPolicy) -> Result<Vec<TokenId>, Box<dyn std::erro
     Ok(ids[..PROMPT_TOKENS].to_vec())
 }
 
-fn bench_tilt(policy: &LlamaPolicy, prompt: &[TokenId], n: usize) -> Result<Row, Box<dyn std::error::Error>> {
+fn bench_tilt(
+    policy: &LlamaPolicy,
+    prompt: &[TokenId],
+    n: usize,
+) -> Result<Row, Box<dyn std::error::Error>> {
     let model: &Llama = policy.model();
     let t0 = Instant::now();
     let (cache, first) = policy.prefill(prompt)?;
@@ -66,10 +70,7 @@ fn bench_tilt(policy: &LlamaPolicy, prompt: &[TokenId], n: usize) -> Result<Row,
     for _ in 0..NEW_TOKENS - 1 {
         let lists: Vec<&[TokenId]> = next.iter().map(std::slice::from_ref).collect();
         let outs = model.forward(&mut caches, &lists, Outputs::Last)?;
-        next = outs
-            .iter()
-            .map(|o| argmax(&o[0].log_probs))
-            .collect();
+        next = outs.iter().map(|o| argmax(&o[0].log_probs)).collect();
     }
     let decode_s = t1.elapsed().as_secs_f64();
     // The first new token came from the prefill; NEW_TOKENS - 1 decode steps follow.
@@ -92,8 +93,14 @@ fn venv_python() -> Result<PathBuf, Box<dyn std::error::Error>> {
     let python = venv.join("bin/python");
     let ready = venv.join(".tilt-ready");
     if !ready.exists() {
-        eprintln!("creating the transformers venv in {} (once)…", venv.display());
-        let ok = Command::new("python3").args(["-m", "venv"]).arg(&venv).status()?;
+        eprintln!(
+            "creating the transformers venv in {} (once)…",
+            venv.display()
+        );
+        let ok = Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(&venv)
+            .status()?;
         if !ok.success() {
             return Err(format!("python3 -m venv {} failed", venv.display()).into());
         }
@@ -171,8 +178,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut tilt = Vec::new();
     for n in BATCHES {
         let r = bench_tilt(&policy, &prompt, n)?;
-        let pr: Vec<f64> = tilt_models::llama::PROF.iter().map(|a| a.swap(0, std::sync::atomic::Ordering::Relaxed) as f64 / 1e9).collect();
-        eprintln!("prof matmul {:.3} attn {:.3} head {:.3}", pr[0], pr[1], pr[2]);
         eprintln!(
             "tilt N={n}: prefill {:.3} s, decode {:.1} tok/s",
             r.prefill_s, r.decode_tok_s

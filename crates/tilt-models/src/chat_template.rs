@@ -111,7 +111,10 @@ mod tests {
             t.render(&m, true).unwrap(),
             "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
         );
-        assert_eq!(t.render(&m, false).unwrap(), "<|im_start|>user\nHi<|im_end|>\n");
+        assert_eq!(
+            t.render(&m, false).unwrap(),
+            "<|im_start|>user\nHi<|im_end|>\n"
+        );
     }
 
     #[test]
@@ -122,8 +125,14 @@ mod tests {
             "</s>",
         )
         .unwrap();
-        assert_eq!(t.render(&[ChatMessage::new("user", "  x ")], false).unwrap(), "x</s>");
-        let err = t.render(&[ChatMessage::new("system", "x")], false).unwrap_err();
+        assert_eq!(
+            t.render(&[ChatMessage::new("user", "  x ")], false)
+                .unwrap(),
+            "x</s>"
+        );
+        let err = t
+            .render(&[ChatMessage::new("system", "x")], false)
+            .unwrap_err();
         assert!(err.to_string().contains("first must be user"), "{err}");
     }
 

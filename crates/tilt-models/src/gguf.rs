@@ -164,7 +164,9 @@ impl GgufFile {
     pub fn positive(&self, key: &str) -> Result<usize, ModelError> {
         let n = self.uint(key)?;
         if n == 0 {
-            return Err(self.bad(format!("metadata key {key} is 0, expected a positive value")));
+            return Err(self.bad(format!(
+                "metadata key {key} is 0, expected a positive value"
+            )));
         }
         usize::try_from(n).map_err(|_| self.bad(format!("metadata key {key} = {n} is too large")))
     }
@@ -178,14 +180,12 @@ impl GgufFile {
         let x = match v {
             Value::F32(x) => *x as f64,
             Value::F64(x) => *x,
-            _ => {
-                return Err(self.bad(format!(
-                    "metadata key {key} should be a float, found {v:?}"
-                )))
-            }
+            _ => return Err(self.bad(format!("metadata key {key} should be a float, found {v:?}"))),
         };
         if !x.is_finite() {
-            return Err(self.bad(format!("metadata key {key} is {x}, expected a finite number")));
+            return Err(self.bad(format!(
+                "metadata key {key} is {x}, expected a finite number"
+            )));
         }
         Ok(x)
     }
@@ -197,7 +197,9 @@ impl GgufFile {
     pub fn string(&self, key: &str) -> Result<&str, ModelError> {
         match self.get(key)? {
             Value::String(s) => Ok(s),
-            v => Err(self.bad(format!("metadata key {key} should be a string, found {v:?}"))),
+            v => Err(self.bad(format!(
+                "metadata key {key} should be a string, found {v:?}"
+            ))),
         }
     }
 

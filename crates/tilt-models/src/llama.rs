@@ -47,7 +47,6 @@ use crate::gguf::GgufFile;
 use crate::tokenizer::GgufTokenizer;
 use crate::{ModelError, Policy, StepOutput, TokenId};
 
-
 /// Hyper-parameters of a Llama model, from GGUF metadata (`llama.*`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct LlamaConfig {
@@ -101,7 +100,9 @@ impl LlamaConfig {
         }
         let head_dim = hidden_size / n_heads;
         if head_dim % 2 != 0 {
-            return Err(bad(format!("head width {head_dim} is odd; RoPE needs pairs")));
+            return Err(bad(format!(
+                "head width {head_dim} is odd; RoPE needs pairs"
+            )));
         }
         if gguf.has("llama.attention.key_length") {
             let k = gguf.positive("llama.attention.key_length")?;
@@ -144,7 +145,9 @@ impl LlamaConfig {
             10000.0
         };
         if rope_freq_base <= 1.0 {
-            return Err(bad(format!("llama.rope.freq_base = {rope_freq_base} must exceed 1")));
+            return Err(bad(format!(
+                "llama.rope.freq_base = {rope_freq_base} must exceed 1"
+            )));
         }
         let rms_norm_eps = gguf.float("llama.attention.layer_norm_rms_epsilon")? as f32;
         if rms_norm_eps < 0.0 {
@@ -508,7 +511,10 @@ impl Llama {
             self.matmul(&xn, n, &blk.wqkv, &mut qkv, false)?; // (n, qd + 2 kvd)
             for r in 0..n {
                 let row = &mut qkv[r * qkv_w..(r + 1) * qkv_w];
-                let (c, s) = (&cos[r * half..(r + 1) * half], &sin[r * half..(r + 1) * half]);
+                let (c, s) = (
+                    &cos[r * half..(r + 1) * half],
+                    &sin[r * half..(r + 1) * half],
+                );
                 for head in row[..qd + kvd].chunks_exact_mut(hd) {
                     rope_interleaved(head, c, s);
                 }
@@ -678,7 +684,9 @@ impl Llama {
             if self.threads == 1 || rows * o < 1 << 16 {
                 out.chunks_exact_mut(o).enumerate().for_each(transpose_row);
             } else {
-                out.par_chunks_exact_mut(o).enumerate().for_each(transpose_row);
+                out.par_chunks_exact_mut(o)
+                    .enumerate()
+                    .for_each(transpose_row);
             }
         }
         Ok(())
@@ -712,7 +720,14 @@ fn rope_interleaved(head: &mut [f32], cos: &[f32], sin: &[f32]) {
 /// Causal scaled dot-product attention (Vaswani et al., arXiv:1706.03762) of one row: query
 /// `q` (all heads) at position `pos` over positions `0..=pos` of `cache`, grouped-query
 /// heads (arXiv:2305.13245) reading their K/V head in place.
-fn attend(cfg: &LlamaConfig, cache: &LlamaCache, layer: usize, pos: usize, q: &[f32], out: &mut [f32]) {
+fn attend(
+    cfg: &LlamaConfig,
+    cache: &LlamaCache,
+    layer: usize,
+    pos: usize,
+    q: &[f32],
+    out: &mut [f32],
+) {
     let hd = cfg.head_dim;
     let kvd = cfg.kv_dim();
     let group = cfg.n_heads / cfg.n_kv_heads;

@@ -97,9 +97,17 @@ fn last_logits_hidden_state_and_greedy_continuation_match_transformers() {
     for (i, (&a, &b)) in out.hidden.iter().zip(&first16).enumerate() {
         assert!((a as f64 - b).abs() < 1e-2, "hidden[{i}]: {a} vs {b}");
     }
-    let norm = out.hidden.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
+    let norm = out
+        .hidden
+        .iter()
+        .map(|&x| (x as f64).powi(2))
+        .sum::<f64>()
+        .sqrt();
     let ref_norm = r["last_hidden"]["l2_norm"].as_f64().unwrap();
-    assert!((norm / ref_norm - 1.0).abs() < 1e-3, "hidden norm {norm} vs {ref_norm}");
+    assert!(
+        (norm / ref_norm - 1.0).abs() < 1e-3,
+        "hidden norm {norm} vs {ref_norm}"
+    );
 
     // Greedy continuation with the cache, token by token.
     let greedy = ids(&r["greedy_ids"]);
@@ -107,13 +115,23 @@ fn last_logits_hidden_state_and_greedy_continuation_match_transformers() {
     let mut cur = out;
     let mut ours = Vec::new();
     for (i, &want_lp) in greedy_lp.iter().enumerate() {
-        let t = (0..cur.log_probs.len())
-            .fold(0, |b, j| if cur.log_probs[j] > cur.log_probs[b] { j } else { b })
-            as TokenId;
+        let t = (0..cur.log_probs.len()).fold(0, |b, j| {
+            if cur.log_probs[j] > cur.log_probs[b] {
+                j
+            } else {
+                b
+            }
+        }) as TokenId;
         ours.push(t);
         let lp = cur.log_probs[t as usize] as f64;
-        assert!((lp - want_lp).abs() < LOGIT_TOL, "step {i}: {lp} vs {want_lp}");
-        cur = p.step(std::slice::from_mut(&mut cache), &[t]).unwrap().remove(0);
+        assert!(
+            (lp - want_lp).abs() < LOGIT_TOL,
+            "step {i}: {lp} vs {want_lp}"
+        );
+        cur = p
+            .step(std::slice::from_mut(&mut cache), &[t])
+            .unwrap()
+            .remove(0);
     }
     assert_eq!(ours, greedy);
     assert_eq!(p.decode(&ours).unwrap(), r["greedy_text"].as_str().unwrap());

@@ -65,8 +65,16 @@ fn random_weights(seed: u64, vocab: usize) -> Weights {
             .collect()
     };
     let mut tensors = vec![
-        ("token_embd.weight".to_string(), vec![vocab, D], mat(vocab, D, 1.0)),
-        ("output_norm.weight".to_string(), vec![D], mat(1, D, 0.2).iter().map(|x| 1.0 + x).collect()),
+        (
+            "token_embd.weight".to_string(),
+            vec![vocab, D],
+            mat(vocab, D, 1.0),
+        ),
+        (
+            "output_norm.weight".to_string(),
+            vec![D],
+            mat(1, D, 0.2).iter().map(|x| 1.0 + x).collect(),
+        ),
     ];
     let kvd = KV_HEADS * HD;
     for l in 0..LAYERS {
@@ -74,15 +82,27 @@ fn random_weights(seed: u64, vocab: usize) -> Weights {
         let mut push = |n: &str, shape: Vec<usize>, data: Vec<f32>| {
             tensors.push((format!("blk.{l}.{n}.weight"), shape, data));
         };
-        push("attn_norm", vec![D], mat(1, D, 0.2).iter().map(|x| 1.0 + x).collect());
+        push(
+            "attn_norm",
+            vec![D],
+            mat(1, D, 0.2).iter().map(|x| 1.0 + x).collect(),
+        );
         push("attn_q", vec![D, D], mat(D, D, 2.0 * s));
         push("attn_k", vec![kvd, D], mat(kvd, D, 2.0 * s));
         push("attn_v", vec![kvd, D], mat(kvd, D, s));
         push("attn_output", vec![D, D], mat(D, D, s));
-        push("ffn_norm", vec![D], mat(1, D, 0.2).iter().map(|x| 1.0 + x).collect());
+        push(
+            "ffn_norm",
+            vec![D],
+            mat(1, D, 0.2).iter().map(|x| 1.0 + x).collect(),
+        );
         push("ffn_gate", vec![FFN, D], mat(FFN, D, s));
         push("ffn_up", vec![FFN, D], mat(FFN, D, s));
-        push("ffn_down", vec![D, FFN], mat(D, FFN, 1.0 / (FFN as f32).sqrt()));
+        push(
+            "ffn_down",
+            vec![D, FFN],
+            mat(D, FFN, 1.0 / (FFN as f32).sqrt()),
+        );
     }
     Weights { tensors }
 }
@@ -163,7 +183,10 @@ fn load(t: &Tiny, threads: usize) -> LlamaPolicy {
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 fn argmax(v: &[f32]) -> usize {
@@ -174,8 +197,15 @@ fn argmax(v: &[f32]) -> usize {
 fn assert_close(a: &StepOutput, b: &StepOutput, what: &str) {
     let dl = max_abs_diff(&a.log_probs, &b.log_probs);
     let dh = max_abs_diff(&a.hidden, &b.hidden);
-    assert!(dl < 1e-4 && dh < 1e-4, "{what}: log-prob diff {dl}, hidden diff {dh}");
-    assert_eq!(argmax(&a.log_probs), argmax(&b.log_probs), "{what}: argmax differs");
+    assert!(
+        dl < 1e-4 && dh < 1e-4,
+        "{what}: log-prob diff {dl}, hidden diff {dh}"
+    );
+    assert_eq!(
+        argmax(&a.log_probs),
+        argmax(&b.log_probs),
+        "{what}: argmax differs"
+    );
 }
 
 // ---------- a naive reference forward: whole sequence, no cache, plain loops ----------
@@ -187,14 +217,21 @@ fn tensor<'a>(w: &'a Weights, name: &str) -> &'a [f32] {
 fn linear(w: &[f32], x: &[f32], out: usize) -> Vec<f32> {
     let inp = x.len();
     (0..out)
-        .map(|o| (0..inp).map(|i| w[o * inp + i] as f64 * x[i] as f64).sum::<f64>() as f32)
+        .map(|o| {
+            (0..inp)
+                .map(|i| w[o * inp + i] as f64 * x[i] as f64)
+                .sum::<f64>() as f32
+        })
         .collect()
 }
 
 fn norm(x: &[f32], g: &[f32]) -> Vec<f32> {
     let ms = x.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / x.len() as f64;
     let s = 1.0 / (ms + EPS as f64).sqrt();
-    x.iter().zip(g).map(|(v, g)| (*v as f64 * s) as f32 * g).collect()
+    x.iter()
+        .zip(g)
+        .map(|(v, g)| (*v as f64 * s) as f32 * g)
+        .collect()
 }
 
 fn rope(v: &mut [f32], pos: usize) {
@@ -358,7 +395,10 @@ fn response_log_probs_equal_sum_of_step_wise_log_probs() {
     let mut stepwise = Vec::new();
     for &tok in &response {
         stepwise.push(out.log_probs[tok as usize]);
-        out = p.step(std::slice::from_mut(&mut c), &[tok]).unwrap().remove(0);
+        out = p
+            .step(std::slice::from_mut(&mut c), &[tok])
+            .unwrap()
+            .remove(0);
     }
     let (s1, s2): (f64, f64) = (
         batched.iter().map(|&x| x as f64).sum(),
@@ -374,7 +414,11 @@ fn response_log_probs_equal_sum_of_step_wise_log_probs() {
     let reference = reference_log_probs(&t.weights, &all);
     for (i, &tok) in response.iter().enumerate() {
         let r = reference[context.len() - 1 + i][tok as usize];
-        assert!((r - batched[i]).abs() < 1e-4, "token {i}: {r} vs {}", batched[i]);
+        assert!(
+            (r - batched[i]).abs() < 1e-4,
+            "token {i}: {r} vs {}",
+            batched[i]
+        );
     }
     assert!(p.response_log_probs(&[], &response).is_err());
 }
@@ -385,7 +429,9 @@ fn sample_run(p: &LlamaPolicy, seed: u64) -> (Vec<Vec<TokenId>>, Vec<Vec<u32>>) 
     let (cache, first) = p.prefill(&[1, 40, 41, 42]).unwrap();
     let n = 4;
     let mut caches = vec![cache; n];
-    let mut samplers: Vec<_> = (0..n as u64).map(|i| SequenceSampler::new(seed, i)).collect();
+    let mut samplers: Vec<_> = (0..n as u64)
+        .map(|i| SequenceSampler::new(seed, i))
+        .collect();
     let mut outs: Vec<StepOutput> = vec![first; n];
     let mut seqs = vec![Vec::new(); n];
     let mut bits = vec![Vec::new(); n];
@@ -432,7 +478,10 @@ fn tokenizer_round_trips_and_applies_merges() {
         assert_eq!(p.decode(&p.encode(s).unwrap()).unwrap(), s);
     }
     let chat = p.chat_prompt("hi").unwrap();
-    assert_eq!(chat, "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n");
+    assert_eq!(
+        chat,
+        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    );
     let ids = p.encode(&chat).unwrap();
     assert_eq!(ids[0], 1, "<|im_start|> must map to its control id");
     assert_eq!(p.decode(&ids).unwrap(), "user\nhi\nassistant\n");
@@ -451,7 +500,10 @@ fn bad_files_give_clear_errors() {
     let missing = dir.path().join("nope.gguf");
     let e = err_of(&missing);
     assert!(matches!(e, ModelError::BadFile { .. }), "{e}");
-    assert!(e.to_string().contains("nope.gguf") && e.to_string().contains("cannot open"), "{e}");
+    assert!(
+        e.to_string().contains("nope.gguf") && e.to_string().contains("cannot open"),
+        "{e}"
+    );
 
     let garbage = dir.path().join("garbage.gguf");
     std::fs::write(&garbage, b"this is not a gguf file at all").unwrap();
@@ -473,21 +525,31 @@ fn bad_files_give_clear_errors() {
         md[0].1 = Value::String("gpt2".into());
     });
     let e = err_of(&gpt2);
-    assert!(matches!(e, ModelError::UnsupportedArchitecture { ref arch, .. } if arch == "gpt2"), "{e}");
+    assert!(
+        matches!(e, ModelError::UnsupportedArchitecture { ref arch, .. } if arch == "gpt2"),
+        "{e}"
+    );
 
     let no_heads = dir.path().join("no-heads.gguf");
     write_gguf(&no_heads, &t.weights, |md| {
         md.retain(|(k, _)| k != "llama.attention.head_count");
     });
     let e = err_of(&no_heads);
-    assert!(e.to_string().contains("llama.attention.head_count is missing"), "{e}");
+    assert!(
+        e.to_string()
+            .contains("llama.attention.head_count is missing"),
+        "{e}"
+    );
 
     let missing_tensor = dir.path().join("missing-tensor.gguf");
     let mut w = random_weights(1, vocab().0.len());
     w.tensors.retain(|(n, _, _)| n != "blk.1.ffn_up.weight");
     write_gguf(&missing_tensor, &w, |_| {});
     let e = err_of(&missing_tensor);
-    assert!(e.to_string().contains("blk.1.ffn_up.weight is missing"), "{e}");
+    assert!(
+        e.to_string().contains("blk.1.ffn_up.weight is missing"),
+        "{e}"
+    );
 
     let mut w = random_weights(1, vocab().0.len());
     for (n, shape, data) in w.tensors.iter_mut() {
@@ -499,7 +561,10 @@ fn bad_files_give_clear_errors() {
     let wrong_shape = dir.path().join("wrong-shape.gguf");
     write_gguf(&wrong_shape, &w, |_| {});
     let e = err_of(&wrong_shape);
-    assert!(e.to_string().contains("blk.0.attn_q.weight has shape"), "{e}");
+    assert!(
+        e.to_string().contains("blk.0.attn_q.weight has shape"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -507,7 +572,10 @@ fn bad_input_gives_clear_errors_and_leaves_caches_unchanged() {
     let t = tiny();
     let p = load(&t, 1);
     let e = p.prefill(&[]).unwrap_err();
-    assert!(matches!(e, ModelError::InvalidInput(_)) && e.to_string().contains("empty"), "{e}");
+    assert!(
+        matches!(e, ModelError::InvalidInput(_)) && e.to_string().contains("empty"),
+        "{e}"
+    );
     let e = p.prefill(&[3, 100_000]).unwrap_err();
     assert!(e.to_string().contains("outside the vocabulary"), "{e}");
     let long: Vec<TokenId> = vec![5; CTX + 1];
@@ -521,7 +589,11 @@ fn bad_input_gives_clear_errors_and_leaves_caches_unchanged() {
     p.step(&mut caches, &[1, 2]).unwrap();
     let e = p.step(&mut caches, &[1, 2]).unwrap_err();
     assert!(e.to_string().contains("context overflow"), "{e}");
-    assert_eq!(caches[0].len(), CTX, "a failed step must not change the cache");
+    assert_eq!(
+        caches[0].len(),
+        CTX,
+        "a failed step must not change the cache"
+    );
     let e = p.step(&mut caches[..1], &[999]).unwrap_err();
     assert!(e.to_string().contains("outside the vocabulary"), "{e}");
 }

@@ -6,7 +6,9 @@ pub mod bon;
 pub mod bounds;
 pub mod divergence;
 pub mod frontier;
+pub mod infalign;
 pub mod input;
+pub mod memoryless;
 pub mod tilt;
 
 /// The theory subcommands.
@@ -22,6 +24,14 @@ pub enum TheoryCommand {
     Divergence(divergence::DivergenceArgs),
     /// Sub-Gaussian proxy σ² and the √(2σ²·KL) bound next to exact best-of-n and tilt gains.
     Bounds(bounds::BoundsArgs),
+    /// Memoryless model, linear reward (arXiv 2404.01730): rate function, x*, the optimal
+    /// tilt and best-of-N with N = e^{LΔ}, exactly at each length (nats).
+    Memoryless(memoryless::MemorylessArgs),
+    /// InfAlign on the calibrated reward (arXiv 2412.19792): KL (nats), standard and
+    /// inference-time win rates of g ∝ e^{Φ(c)/β}; --optimize-t for the CTRL transform.
+    Infalign(infalign::InfalignArgs),
+    /// Inference-time win rate vs KL (nats): identity, CTRL with optimised t, best-of-m.
+    InfalignFrontier(infalign::InfalignFrontierArgs),
 }
 
 /// Run one theory subcommand.
@@ -32,5 +42,8 @@ pub fn run(cmd: TheoryCommand) -> anyhow::Result<()> {
         TheoryCommand::Frontier(a) => frontier::run(a),
         TheoryCommand::Divergence(a) => divergence::run(a),
         TheoryCommand::Bounds(a) => bounds::run(a),
+        TheoryCommand::Memoryless(a) => memoryless::run(a),
+        TheoryCommand::Infalign(a) => infalign::run(a),
+        TheoryCommand::InfalignFrontier(a) => infalign::run_frontier(a),
     }
 }

@@ -53,7 +53,10 @@ impl CdBlockParams {
             ));
         }
         if self.max_new_tokens == 0 {
-            return Err(CdError::invalid("--max-new-tokens", "is 0; must be at least 1"));
+            return Err(CdError::invalid(
+                "--max-new-tokens",
+                "is 0; must be at least 1",
+            ));
         }
         Ok(())
     }
@@ -78,6 +81,8 @@ pub struct CdBlockSample {
     pub block_values: Vec<f64>,
     /// B·(log K − (K−1)/K): an upper bound on KL(π‖p) in nats for this sequence's blocks.
     pub kl_bound: f64,
+    /// log p(y | x) under the reference policy, nats.
+    pub log_prob: f64,
 }
 
 /// Draw `n` sequences with cd-block from one prompt (arXiv 2310.17022 §3).
@@ -111,6 +116,7 @@ pub fn cd_block_generate<P: Policy, S: PrefixScorer + ?Sized>(
             blocks: 0,
             block_values: Vec::new(),
             kl_bound: 0.0,
+            log_prob: 0.0,
         };
         while sample.tokens.len() < params.max_new_tokens && !sample.finished_by_eos {
             let len = params.m.min(params.max_new_tokens - sample.tokens.len());
@@ -118,6 +124,7 @@ pub fn cd_block_generate<P: Policy, S: PrefixScorer + ?Sized>(
             let mut lasts: Vec<StepOutput> = vec![last.clone(); params.k];
             let mut blocks: Vec<Vec<TokenId>> = vec![Vec::with_capacity(len); params.k];
             let mut ended = vec![false; params.k];
+            let mut block_log_p = vec![0.0f64; params.k];
             for _ in 0..len {
                 let live: Vec<usize> = (0..params.k).filter(|&c| !ended[c]).collect();
                 if live.is_empty() {
@@ -126,6 +133,7 @@ pub fn cd_block_generate<P: Policy, S: PrefixScorer + ?Sized>(
                 let mut toks = Vec::with_capacity(live.len());
                 for &c in &live {
                     let tok = sample_reference(&lasts[c].log_probs, &mut rng)?;
+                    block_log_p[c] += f64::from(lasts[c].log_probs[tok as usize]);
                     blocks[c].push(tok);
                     toks.push(tok);
                 }
@@ -155,6 +163,7 @@ pub fn cd_block_generate<P: Policy, S: PrefixScorer + ?Sized>(
             }
             sample.tokens.extend_from_slice(&blocks[best]);
             sample.block_values.push(values[best]);
+            sample.log_prob += block_log_p[best];
             sample.blocks += 1;
             sample.finished_by_eos = ended[best];
             cache = caches.swap_remove(best);

@@ -28,13 +28,18 @@
 //! same seed and configuration give the same tokens whatever the thread count or batch.
 
 pub mod block;
+pub mod run;
 pub mod scorer;
 pub mod token;
 pub mod train;
 
 pub use block::{cd_block_generate, CdBlockParams, CdBlockSample};
+pub use run::{generate_controlled, CdStrategy};
 pub use scorer::{ConstantScorer, LinearHead, MlpHead, PrefixScorer, ScorerHead};
-pub use token::{cd_token_generate, cd_token_step_law, top_k_candidates, CdTokenParams, CdTokenSample, CdTokenStepLaw};
+pub use token::{
+    cd_token_generate, cd_token_step_law, top_k_candidates, CdTokenParams, CdTokenSample,
+    CdTokenStepLaw,
+};
 pub use train::{
     collect_rollouts, fit_head, HeadKind, PrefixDataset, RolloutConfig, TrainCard, TrainConfig,
 };

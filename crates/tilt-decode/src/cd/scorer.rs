@@ -236,11 +236,12 @@ impl ScorerHead {
                 problem: "no such file".into(),
             });
         }
-        let tensors =
-            candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| CdError::ScorerFile {
+        let tensors = candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| {
+            CdError::ScorerFile {
                 path: shown.clone(),
                 problem: format!("not a readable safetensors file: {e}"),
-            })?;
+            }
+        })?;
         let file = TensorFile {
             path: &shown,
             tensors,

@@ -18,8 +18,8 @@
 //! bit-identical sums and a log-ratio of exactly 0.
 
 use super::{check_room, check_scorer_fits, CdError, PrefixScorer, Result};
-use tilt_models::sampling::SequenceSampler;
 use serde::{Deserialize, Serialize};
+use tilt_models::sampling::SequenceSampler;
 use tilt_models::{Policy, StepOutput, TokenId};
 
 /// Settings of cd-token.
@@ -52,7 +52,10 @@ impl CdTokenParams {
             return Err(CdError::invalid("--top-k", "is 0; k must be at least 1"));
         }
         if self.max_new_tokens == 0 {
-            return Err(CdError::invalid("--max-new-tokens", "is 0; must be at least 1"));
+            return Err(CdError::invalid(
+                "--max-new-tokens",
+                "is 0; must be at least 1",
+            ));
         }
         Ok(())
     }
@@ -72,6 +75,8 @@ pub struct CdTokenSample {
     pub kl_estimate: f64,
     /// V of each chosen prefix [y_{<t}, y_t].
     pub step_values: Vec<f64>,
+    /// log p(y | x) under the reference policy, nats.
+    pub log_prob: f64,
 }
 
 /// The exact law of one cd-token step over its candidates.
@@ -147,7 +152,10 @@ pub fn cd_token_step_law(
         ));
     }
     if let Some(v) = values.iter().find(|v| !v.is_finite()) {
-        return Err(CdError::invalid("scorer values", format!("value {v} is not finite")));
+        return Err(CdError::invalid(
+            "scorer values",
+            format!("value {v} is not finite"),
+        ));
     }
     let mut lp = Vec::with_capacity(candidates.len());
     for &c in candidates {
@@ -176,7 +184,11 @@ pub fn cd_token_step_law(
     }
     let log_ratios: Vec<f64> = a.iter().map(|ai| ai - log_z).collect();
     // π = p̃·e^{a}/Z̃ = p·e^{a}/Σ_{top-k} p·e^{a}.
-    let probs = lp.iter().zip(&a).map(|(l, ai)| l.exp() * ai.exp() / top).collect();
+    let probs = lp
+        .iter()
+        .zip(&a)
+        .map(|(l, ai)| l.exp() * ai.exp() / top)
+        .collect();
     Ok(CdTokenStepLaw {
         candidates: candidates.to_vec(),
         probs,
@@ -223,6 +235,7 @@ pub fn cd_token_generate<P: Policy, S: PrefixScorer + ?Sized>(
                 step_log_ratios: Vec::new(),
                 kl_estimate: 0.0,
                 step_values: Vec::new(),
+                log_prob: 0.0,
             },
             sampler: SequenceSampler::new(params.seed, first_stream + i as u64),
             done: false,
@@ -272,6 +285,7 @@ pub fn cd_token_generate<P: Policy, S: PrefixScorer + ?Sized>(
             seq.sample.tokens.push(tok);
             seq.sample.step_log_ratios.push(law.log_ratios[j]);
             seq.sample.step_values.push(values[lo + j]);
+            seq.sample.log_prob += f64::from(seq.last.log_probs[tok as usize]);
             seq.cache = child_caches[lo + j].take().ok_or_else(internal)?;
             seq.last = outs[lo + j].take().ok_or_else(internal)?;
             if eos.contains(&tok) {

@@ -152,7 +152,10 @@ pub fn collect_rollouts<P: Policy, R: Reward + ?Sized>(
     mut progress: impl FnMut(usize),
 ) -> Result<PrefixDataset> {
     if config.rollouts_per_prompt == 0 {
-        return Err(CdError::invalid("--rollouts", "is 0; at least 1 rollout per prompt"));
+        return Err(CdError::invalid(
+            "--rollouts",
+            "is 0; at least 1 rollout per prompt",
+        ));
     }
     if prompts.is_empty() {
         return Err(CdError::invalid("--prompts", "no prompts given"));
@@ -178,7 +181,10 @@ pub fn collect_rollouts<P: Policy, R: Reward + ?Sized>(
             .iter()
             .map(|r| policy.decode(&r.tokens))
             .collect::<std::result::Result<Vec<_>, _>>()?;
-        let pairs: Vec<(&str, &str)> = texts.iter().map(|t| (prompt.as_str(), t.as_str())).collect();
+        let pairs: Vec<(&str, &str)> = texts
+            .iter()
+            .map(|t| (prompt.as_str(), t.as_str()))
+            .collect();
         let rewards = tilt_rewards::check_scores(&reward.name(), k, reward.score(&pairs)?)?;
         let mut per_prompt = Vec::with_capacity(k);
         for (roll, &r) in rolls.into_iter().zip(&rewards) {
@@ -323,7 +329,10 @@ pub fn fit_head(data: &PrefixDataset, config: &TrainConfig) -> Result<(ScorerHea
         ));
     }
     if data.features.len() != data.targets.len() || data.features.len() != data.groups.len() {
-        return Err(CdError::invalid("dataset", "features, targets and groups differ in length"));
+        return Err(CdError::invalid(
+            "dataset",
+            "features, targets and groups differ in length",
+        ));
     }
     if let Some(i) = data
         .features
@@ -336,7 +345,10 @@ pub fn fit_head(data: &PrefixDataset, config: &TrainConfig) -> Result<(ScorerHea
         ));
     }
     if let Some(i) = data.targets.iter().position(|t| !t.is_finite()) {
-        return Err(CdError::invalid("dataset", format!("target {i} is not finite")));
+        return Err(CdError::invalid(
+            "dataset",
+            format!("target {i} is not finite"),
+        ));
     }
     // Split by prompt.
     let mut rng = sequence_rng(config.seed, u64::MAX);
@@ -402,16 +414,26 @@ pub fn fit_head(data: &PrefixDataset, config: &TrainConfig) -> Result<(ScorerHea
             Var::from_tensor(&Tensor::zeros(1, DType::F32, &dev)?)?,      // b (1)
         ],
         HeadKind::Mlp { hidden: h } => vec![
-            Var::from_tensor(&Tensor::from_vec(uniform(d * h, 1.0 / (d as f64).sqrt()), (d, h), &dev)?)?, // W1ᵀ (d, H)
+            Var::from_tensor(&Tensor::from_vec(
+                uniform(d * h, 1.0 / (d as f64).sqrt()),
+                (d, h),
+                &dev,
+            )?)?, // W1ᵀ (d, H)
             Var::from_tensor(&Tensor::zeros(h, DType::F32, &dev)?)?, // b1 (H)
-            Var::from_tensor(&Tensor::from_vec(uniform(h, 1.0 / (h as f64).sqrt()), (h, 1), &dev)?)?, // w2 (H, 1)
+            Var::from_tensor(&Tensor::from_vec(
+                uniform(h, 1.0 / (h as f64).sqrt()),
+                (h, 1),
+                &dev,
+            )?)?, // w2 (H, 1)
             Var::from_tensor(&Tensor::zeros(1, DType::F32, &dev)?)?, // b2 (1)
         ],
     };
     let forward = |x: &Tensor| -> Result<Tensor> {
         Ok(match config.head {
             // (N, d) @ (d, 1) + (1) → (N, 1)
-            HeadKind::Linear => x.matmul(vars[0].as_tensor())?.broadcast_add(vars[1].as_tensor())?,
+            HeadKind::Linear => x
+                .matmul(vars[0].as_tensor())?
+                .broadcast_add(vars[1].as_tensor())?,
             // tanh((N, d) @ (d, H) + (H)) @ (H, 1) + (1) → (N, 1)
             HeadKind::Mlp { .. } => x
                 .matmul(vars[0].as_tensor())?
@@ -421,9 +443,8 @@ pub fn fit_head(data: &PrefixDataset, config: &TrainConfig) -> Result<(ScorerHea
                 .broadcast_add(vars[3].as_tensor())?,
         })
     };
-    let mse = |x: &Tensor, y: &Tensor| -> Result<Tensor> {
-        Ok(forward(x)?.sub(y)?.sqr()?.mean_all()?)
-    };
+    let mse =
+        |x: &Tensor, y: &Tensor| -> Result<Tensor> { Ok(forward(x)?.sub(y)?.sqr()?.mean_all()?) };
     let scale2 = y_std * y_std;
     let mut opt = AdamW::new(
         vars.clone(),
@@ -496,7 +517,11 @@ pub fn fit_head(data: &PrefixDataset, config: &TrainConfig) -> Result<(ScorerHea
     } else {
         0.0
     };
-    tracing::info!(heldout_mse_scorer, heldout_mse_constant, "CD-FUDGE fit done");
+    tracing::info!(
+        heldout_mse_scorer,
+        heldout_mse_constant,
+        "CD-FUDGE fit done"
+    );
     let card = TrainCard {
         config: config.clone(),
         hidden_size: d,

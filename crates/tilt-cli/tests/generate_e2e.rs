@@ -1,0 +1,236 @@
+//! `tilt generate` and `tilt reproduce` end to end on the real default models
+//! (SmolLM2-135M-Instruct and the MiniLM relevance reward, fetched on first use), issue 5:
+//! bon's reward ≥ every candidate's, won's ≤; same seed ⇒ same bytes at 1 and 2 threads;
+//! `tilt reproduce` verifies and detects tampering; bad inputs are clear errors that lose
+//! no finished output. Kept small (N = 4, 16 new tokens, 2 prompts) to run in seconds.
+
+use serde_json::Value;
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn tilt(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_tilt"))
+        .args(args)
+        .output()
+        .expect("run the tilt binary")
+}
+
+fn lines(out: &Output) -> Vec<Value> {
+    String::from_utf8(out.stdout.clone())
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("each stdout line is JSON"))
+        .collect()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn write_prompts(dir: &Path) -> String {
+    let path = dir.join("prompts.jsonl");
+    std::fs::write(
+        &path,
+        "{\"prompt\": \"Name a fruit that is rich in vitamin C.\"}\n\
+         {\"prompt\": \"unterminated\n\
+         \"How do I boil an egg?\"\n",
+    )
+    .unwrap();
+    path.display().to_string()
+}
+
+fn rewards(line: &Value) -> (f64, Vec<f64>) {
+    let chosen = line["reward"].as_f64().unwrap();
+    let all = line["candidates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["reward"].as_f64().unwrap())
+        .collect();
+    (chosen, all)
+}
+
+#[test]
+fn bon_and_won_choose_extremes_and_a_malformed_line_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let prompts = write_prompts(dir.path());
+    for (strategy, best) in [("bon", true), ("won", false)] {
+        let out = tilt(&[
+            "generate",
+            "--prompts",
+            &prompts,
+            "--strategy",
+            strategy,
+            "--n",
+            "4",
+            "--max-new-tokens",
+            "16",
+            "--seed",
+            "3",
+            // One thread each: the tests run side by side on small machines.
+            "--threads",
+            "1",
+        ]);
+        // The malformed line 2 makes the run fail at the end…
+        assert!(!out.status.success(), "{strategy}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains("prompts.jsonl line 2:"),
+            "{strategy}: stderr should name line 2: {}",
+            stderr(&out)
+        );
+        // …but every other prompt completed, in order, with the error object in its place.
+        let ls = lines(&out);
+        assert_eq!(ls.len(), 3, "{strategy}: {ls:?}");
+        assert!(ls[1]["error"].as_str().unwrap().contains("line 2"));
+        assert_eq!(ls[1]["line"], 2);
+        for l in [&ls[0], &ls[2]] {
+            assert_eq!(l["strategy"], strategy);
+            assert_eq!(l["units"], "nats");
+            assert_eq!(l["n"], 4);
+            assert_eq!(l["candidates"].as_array().unwrap().len(), 4);
+            let (chosen, all) = rewards(l);
+            for r in &all {
+                if best {
+                    assert!(chosen >= *r, "bon chose {chosen} below a candidate's {r}");
+                } else {
+                    assert!(chosen <= *r, "won chose {chosen} above a candidate's {r}");
+                }
+            }
+            let bound = l["kl_bound"].as_f64().unwrap();
+            assert!((bound - (4f64.ln() - 0.75)).abs() < 1e-12);
+            let est = l["kl_estimate"].as_f64().unwrap();
+            assert!(est >= 0.0 && est <= bound + 1e-12);
+        }
+        assert_eq!(ls[2]["index"], 2);
+    }
+}
+
+#[test]
+fn same_seed_same_bytes_across_threads_and_reproduce_verifies() {
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = dir.path().join("run.json");
+    let manifest = manifest.to_str().unwrap();
+    let args = [
+        "generate",
+        "--prompt",
+        "Suggest a name for a pet turtle.",
+        "--strategy",
+        "bon",
+        "--n",
+        "4",
+        "--max-new-tokens",
+        "16",
+        "--seed",
+        "11",
+    ];
+    let one = tilt(&[&args[..], &["--threads", "1", "--manifest", manifest]].concat());
+    assert!(one.status.success(), "{}", stderr(&one));
+    let two = tilt(&[&args[..], &["--threads", "2"]].concat());
+    assert!(two.status.success(), "{}", stderr(&two));
+    assert_eq!(one.stdout, two.stdout, "output depends on the thread count");
+    assert!(!one.stdout.is_empty());
+
+    // The manifest records the run and re-runs to the same bytes (at the other thread count).
+    let m: Value = serde_json::from_str(&std::fs::read_to_string(manifest).unwrap()).unwrap();
+    assert_eq!(m["seed"], 11);
+    assert!(m["git_commit"].as_str().is_some_and(|s| !s.is_empty()));
+    assert!(m["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|f| f["role"] == "policy" && f["sha256"].as_str().is_some_and(|s| s.len() == 64)));
+    assert!(m["host"]["cpu_model"].is_string());
+    assert!(m["wall_seconds"]["total"].as_f64().unwrap() > 0.0);
+    let rep = tilt(&["reproduce", manifest, "--threads", "2"]);
+    assert!(rep.status.success(), "{}", stderr(&rep));
+    let verdict: Value = serde_json::from_slice(&rep.stdout).unwrap();
+    assert_eq!(verdict["identical"], true);
+    assert!(stderr(&rep).contains("identical"));
+
+    // Tamper with the recorded output: reproduce says exactly what differs.
+    let mut t = m.clone();
+    let mut line: Value = serde_json::from_str(t["output"]["lines"][0].as_str().unwrap()).unwrap();
+    line["candidates"][2]["reward"] = Value::from(123.5);
+    t["output"]["lines"][0] = Value::from(serde_json::to_string(&line).unwrap());
+    let tampered = dir.path().join("tampered.json");
+    std::fs::write(&tampered, serde_json::to_string_pretty(&t).unwrap()).unwrap();
+    let rep = tilt(&["reproduce", tampered.to_str().unwrap()]);
+    assert!(!rep.status.success());
+    let verdict: Value = serde_json::from_slice(&rep.stdout).unwrap();
+    assert_eq!(verdict["identical"], false);
+    assert_eq!(verdict["manifest_consistent"], false);
+    let diffs = verdict["differences"].as_array().unwrap();
+    assert_eq!(diffs.len(), 1, "{diffs:?}");
+    assert_eq!(diffs[0]["line"], 1);
+    assert_eq!(diffs[0]["field"], "candidates[2].reward");
+    assert_eq!(diffs[0]["expected"], 123.5);
+    assert!(
+        stderr(&rep).contains("candidates[2].reward"),
+        "{}",
+        stderr(&rep)
+    );
+}
+
+#[test]
+fn bad_inputs_are_clear_usage_errors() {
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (vec!["--prompt".into(), "".into()], "empty prompt"),
+        (
+            vec!["--prompt".into(), "hi".into(), "--n".into(), "0".into()],
+            "--n",
+        ),
+        (
+            vec![
+                "--prompt".into(),
+                "hi".into(),
+                "--strategy".into(),
+                "best".into(),
+            ],
+            "invalid value 'best'",
+        ),
+        (
+            vec![
+                "--prompt".into(),
+                "hi".into(),
+                "--n".into(),
+                "4096".into(),
+                "--max-new-tokens".into(),
+                "4000".into(),
+            ],
+            "GiB",
+        ),
+        (
+            vec![
+                "--prompt".into(),
+                "hello ".repeat(9000),
+                "--max-new-tokens".into(),
+                "4".into(),
+            ],
+            "longer than the model's context",
+        ),
+        (
+            vec![
+                "--prompt".into(),
+                "hi".into(),
+                "--strategy".into(),
+                "soft-bon".into(),
+                "--lambda".into(),
+                "0".into(),
+            ],
+            "--lambda",
+        ),
+    ];
+    for (extra, expect) in cases {
+        let mut args = vec!["generate".to_string()];
+        args.extend(extra);
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = tilt(&refs);
+        assert_eq!(out.status.code(), Some(2), "{expect}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains(expect),
+            "expected {expect:?} in {}",
+            stderr(&out)
+        );
+        assert!(out.stdout.is_empty(), "{expect}: no output expected");
+    }
+}

@@ -1,0 +1,191 @@
+//! `tilt theory memoryless | infalign | infalign-frontier` end to end: JSON fields, the
+//! convergence table, plots, and bad input (exit code 2 with one line naming the input).
+
+use serde_json::Value;
+use std::process::Command;
+
+fn tilt(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_tilt"))
+        .args(args)
+        .output()
+        .expect("run tilt");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn json_ok(args: &[&str]) -> Value {
+    let (code, stdout, stderr) = tilt(args);
+    assert_eq!(code, 0, "tilt {args:?} failed: {stderr}");
+    serde_json::from_str(stdout.trim()).expect("one JSON object")
+}
+
+fn usage_error(args: &[&str], names: &str) {
+    let (code, stdout, stderr) = tilt(args);
+    assert_eq!(code, 2, "tilt {args:?}: expected exit 2, stderr: {stderr}");
+    assert!(stdout.is_empty());
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "one line expected: {stderr}");
+    assert!(lines[0].contains(names), "{names} not named in: {stderr}");
+}
+
+const MODEL: [&str; 6] = [
+    "theory",
+    "memoryless",
+    "--probs",
+    "0.5,0.3,0.2",
+    "--rewards",
+    "0,1,2",
+];
+
+#[test]
+fn memoryless_fields_and_convergence_table() {
+    let mut args = MODEL.to_vec();
+    args.extend(["--lengths", "10,100,1000", "--delta", "0.2"]);
+    let v = json_ok(&args);
+    for k in [
+        "rate_function_at_x_star",
+        "x_star",
+        "tilt_reward_per_token",
+        "bon_reward_per_token",
+        "kl_tilt_bon_per_token",
+        "log_n",
+    ] {
+        assert!(v[k].is_number(), "missing {k}: {v}");
+    }
+    assert!((v["rate_function_at_x_star"].as_f64().unwrap() - 0.2).abs() < 1e-12);
+    assert!((v["log_n"].as_f64().unwrap() - 200.0).abs() < 1e-9);
+    let table = v["table"].as_array().unwrap();
+    assert_eq!(table.len(), 3);
+    let gaps: Vec<f64> = table
+        .iter()
+        .map(|r| r["x_star_minus_bon"].as_f64().unwrap())
+        .collect();
+    assert!(gaps[0] > gaps[1] && gaps[1] > gaps[2] && gaps[2] > 0.0, "{gaps:?}");
+    let kls: Vec<f64> = table
+        .iter()
+        .map(|r| r["kl_tilt_bon_per_token"].as_f64().unwrap())
+        .collect();
+    assert!(kls[0] > kls[1] && kls[1] > kls[2], "{kls:?}");
+}
+
+#[test]
+fn memoryless_plot_and_table_format() {
+    let dir = tempfile::tempdir().unwrap();
+    let svg = dir.path().join("conv.svg");
+    let svg_s = svg.to_str().unwrap();
+    let mut args = MODEL.to_vec();
+    args.extend(["--lengths", "5,50", "--delta", "0.1", "--plot", svg_s]);
+    json_ok(&args);
+    let text = std::fs::read_to_string(&svg).unwrap();
+    assert!(text.contains("<svg") && text.contains("best-of-N"));
+    let mut args = MODEL.to_vec();
+    args.extend(["--length", "20", "--delta", "0.1", "--format", "table"]);
+    let (code, stdout, _) = tilt(&args);
+    assert_eq!(code, 0);
+    assert!(stdout.contains("x_star") && stdout.contains("kl_tilt_bon_per_token"));
+}
+
+#[test]
+fn memoryless_bad_input() {
+    let with = |extra: &[&str]| {
+        let mut a = MODEL.to_vec();
+        a.extend(extra);
+        a.iter().map(|s| s.to_string()).collect::<Vec<_>>()
+    };
+    let run = |extra: &[&str], name: &str| {
+        let a = with(extra);
+        let refs: Vec<&str> = a.iter().map(String::as_str).collect();
+        usage_error(&refs, name);
+    };
+    run(&["--length", "10", "--delta", "5"], "--delta");
+    run(&["--length", "10", "--delta", "-0.1"], "--delta");
+    run(&["--length", "0", "--delta", "0.1"], "--length");
+    run(&["--lengths", "10,x", "--delta", "0.1"], "--lengths");
+    usage_error(
+        &[
+            "theory", "memoryless", "--probs", "0.5,0.5", "--rewards", "0,0.7071067811865476",
+            "--length", "10", "--delta", "0.1", "--grid", "-1",
+        ],
+        "--grid",
+    );
+    usage_error(
+        &[
+            "theory", "memoryless", "--probs", "0.3,0.3,0.4", "--rewards", "0,1,1.4142135623730951",
+            "--length", "10", "--delta", "0.1",
+        ],
+        "--rewards",
+    );
+}
+
+#[test]
+fn infalign_fields_closed_form_and_optimize() {
+    // Identity at β = 1: W = 1/(1 − e^{−1}) − 1 (derivations §2.3).
+    let v = json_ok(&["theory", "infalign", "--n", "4", "--transform", "identity", "--beta", "1"]);
+    for k in ["kl", "win_rate", "inference_win_rate", "t", "beta"] {
+        assert!(v.get(k).is_some(), "missing {k}: {v}");
+    }
+    let w = 1.0 / (1.0 - (-1f64).exp()) - 1.0;
+    assert!((v["win_rate"].as_f64().unwrap() - w).abs() < 1e-11);
+    let v = json_ok(&[
+        "theory", "infalign", "--n", "2", "--procedure", "bon", "--transform", "exp", "--t", "5",
+        "--kl", "0.5",
+    ]);
+    assert!((v["inference_win_rate"].as_f64().unwrap() - 0.8154).abs() < 1.5e-4);
+    assert!((v["kl"].as_f64().unwrap() - 0.5).abs() < 1e-10);
+    let v = json_ok(&[
+        "theory", "infalign", "--n", "2", "--transform", "exp", "--kl", "0.5", "--optimize-t",
+        "--t-max", "50",
+    ]);
+    assert!(v["inference_win_rate"].as_f64().unwrap() >= 0.8154 - 1e-4);
+    assert_eq!(v["t_at_edge"], Value::Bool(false));
+}
+
+#[test]
+fn infalign_bad_input() {
+    usage_error(
+        &["theory", "infalign", "--n", "4", "--transform", "exp", "--t", "-1", "--beta", "1"],
+        "--t",
+    );
+    usage_error(
+        &["theory", "infalign", "--n", "4", "--transform", "identity", "--beta", "0"],
+        "--beta",
+    );
+    usage_error(
+        &["theory", "infalign", "--n", "4", "--transform", "identity", "--kl", "-1"],
+        "--kl",
+    );
+    usage_error(&["theory", "infalign", "--n", "0", "--beta", "1"], "--n");
+    usage_error(&["theory", "infalign", "--n", "4", "--transform", "exp", "--beta", "1"], "--t");
+}
+
+#[test]
+fn infalign_frontier_rows_and_plot() {
+    let dir = tempfile::tempdir().unwrap();
+    let svg = dir.path().join("f.svg");
+    let v = json_ok(&[
+        "theory",
+        "infalign-frontier",
+        "--n",
+        "2",
+        "--kls",
+        "0.25,1",
+        "--t-max",
+        "60",
+        "--plot",
+        svg.to_str().unwrap(),
+    ]);
+    let rows = v["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    for r in rows {
+        let id = r["identity_win_rate"].as_f64().unwrap();
+        let ctrl = r["ctrl_win_rate"].as_f64().unwrap();
+        assert!(ctrl >= id - 1e-12, "{r}");
+    }
+    // derivations §2.5: N=2, K=0.25 identity 0.7198, best t (grid) 0.7393.
+    assert!((rows[0]["identity_win_rate"].as_f64().unwrap() - 0.7198).abs() < 1.5e-4);
+    assert!(rows[0]["ctrl_win_rate"].as_f64().unwrap() >= 0.7393 - 1.5e-4);
+    assert!(std::fs::read_to_string(&svg).unwrap().contains("CTRL"));
+}
