@@ -80,6 +80,21 @@ fn run_rust(d: &RewardDistribution) -> RustResult {
     }
     times.sort_by(f64::total_cmp);
     let (lp, nlevels) = last.expect("ran");
+    // Where the time goes (one extra run, phase by phase).
+    let t0 = Instant::now();
+    let levels = Levels::new(d).expect("levels");
+    let t1 = Instant::now();
+    let lp2 = order_statistic_levels(&levels, N_DRAWS, Selection::Best).expect("bon");
+    let t2 = Instant::now();
+    let pmf = levels.spread_to_outcomes(d.probs(), &lp2.level_pmf);
+    let t3 = Instant::now();
+    std::hint::black_box(&pmf);
+    println!(
+        "      phases: levels (sort + group + tails) {:.3} s, per-level pmf/KL/W {:.3} s, pmf to outcomes {:.3} s",
+        (t1 - t0).as_secs_f64(),
+        (t2 - t1).as_secs_f64(),
+        (t3 - t2).as_secs_f64()
+    );
     RustResult {
         seconds: times[REPEATS / 2],
         kl: lp.kl,

@@ -260,23 +260,47 @@ impl CalibratedTilt {
                 });
             }
         }
-        // 1/β up to e^700 (still finite): neg-exp with a large t needs 1/β ≈ e^{t(1−e^{−KL})}.
-        let mut hi = 1.0f64;
+        // Upper bracket on log(1/β), up to 700 (1/β still finite): neg-exp with a large t
+        // needs 1/β ≈ e^{t(1−e^{−KL})}. Growth by 1.5× overshoots; when the overshoot makes
+        // the density too concentrated for double precision (its mass within ~1e-11 of
+        // u = 1, where u itself has no digits left), the quadrature fails and we bisect back
+        // between the last point below the budget and the failed one.
+        let mut hi = 1.0f64.max(lo + 1.0);
+        let mut failed: Option<f64> = None;
         loop {
-            let reached = kl_at(hi)?;
-            if reached >= kl {
-                break;
+            match kl_at(hi) {
+                Ok(reached) if reached >= kl => break,
+                Ok(reached) => {
+                    lo = hi;
+                    hi = match failed {
+                        Some(f) => 0.5 * (hi + f),
+                        None if hi >= MAX_LOG_LAMBDA => {
+                            return Err(TiltError::invalid(
+                                "kl",
+                                format!(
+                                    "{kl} nats is beyond what this transform reaches \
+                                     ({reached:.6} nats at 1/β = e^{MAX_LOG_LAMBDA}); lower t \
+                                     or the KL budget"
+                                ),
+                            ))
+                        }
+                        None => (1.5 * hi + 1.0).min(MAX_LOG_LAMBDA),
+                    };
+                }
+                Err(TiltError::NoConvergence { detail, .. }) => {
+                    if hi - lo < 1e-9 {
+                        return Err(TiltError::NoConvergence {
+                            what: "β for the KL budget".into(),
+                            detail: format!(
+                                "the tilt reaching {kl} nats is too concentrated to integrate: {detail}"
+                            ),
+                        });
+                    }
+                    failed = Some(hi);
+                    hi = 0.5 * (lo + hi);
+                }
+                Err(e) => return Err(e),
             }
-            if hi >= MAX_LOG_LAMBDA {
-                return Err(TiltError::invalid(
-                    "kl",
-                    format!(
-                        "{kl} nats is beyond what this transform reaches ({reached:.6} nats at \
-                         1/β = e^{MAX_LOG_LAMBDA}); lower t or the KL budget"
-                    ),
-                ));
-            }
-            hi = (2.0 * hi + 1.0).min(MAX_LOG_LAMBDA);
         }
         let mut failure = None;
         let s = brent_root(

@@ -16,7 +16,8 @@
 //!   cores, `shared/notes/measurements.md`). The f32 GEMM reuses each weight across all
 //!   rows, which is what sampling N continuations of one prompt needs. The cost is memory
 //!   (4 bytes a weight: 540 MB for SmolLM2-135M) and a batch-1 decode bound by memory
-//!   bandwidth.
+//!   bandwidth (every step streams all weights). Other devices (a GPU, a CPU with fast
+//!   int8 dot products) would call for other formats; tilt runs on CPU only so far.
 //! - **The cache is a value, one per sequence, and cloning it forks it.** A
 //!   [`LlamaCache`] holds a shared, immutable prefix (`Arc`) and a private suffix: a
 //!   prompt is prefilled once, and N clones share its keys and values, so prefill time does
@@ -241,19 +242,22 @@ impl LlamaCache {
         self.prefix = Arc::new(merged);
     }
 
-    /// Key and value rows of layer `layer` at position `pos` (< len).
+    /// Key and value rows of layer `layer` for positions `0..n` (n ≤ len), as two
+    /// contiguous segments (prefix, suffix) of `(rows, kv_dim)` row-major data.
     #[inline]
-    fn kv(&self, layer: usize, pos: usize, kv_dim: usize) -> (&[f32], &[f32]) {
-        let (block, p) = if pos < self.prefix.len {
-            (&*self.prefix, pos)
-        } else {
-            (&self.suffix, pos - self.prefix.len)
-        };
-        let at = p * kv_dim;
-        (
-            &block.k[layer][at..at + kv_dim],
-            &block.v[layer][at..at + kv_dim],
-        )
+    fn kv_segments(&self, layer: usize, n: usize, kv_dim: usize) -> [(&[f32], &[f32]); 2] {
+        let p = n.min(self.prefix.len);
+        let s = n - p;
+        [
+            (
+                &self.prefix.k[layer][..p * kv_dim],
+                &self.prefix.v[layer][..p * kv_dim],
+            ),
+            (
+                &self.suffix.k[layer][..s * kv_dim],
+                &self.suffix.v[layer][..s * kv_dim],
+            ),
+        ]
     }
 }
 
@@ -732,13 +736,15 @@ fn attend(
     let kvd = cfg.kv_dim();
     let group = cfg.n_heads / cfg.n_kv_heads;
     let scale = 1.0 / (hd as f32).sqrt();
+    let segments = cache.kv_segments(layer, pos + 1, kvd);
+    let keys = || segments.iter().flat_map(|(k, _)| k.chunks_exact(kvd));
+    let values = || segments.iter().flat_map(|(_, v)| v.chunks_exact(kvd));
     let mut scores = vec![0f32; pos + 1];
     for head in 0..cfg.n_heads {
         let kvh = head / group;
         let qh = &q[head * hd..(head + 1) * hd];
         let mut max = f32::NEG_INFINITY;
-        for (j, s) in scores.iter_mut().enumerate() {
-            let (k, _) = cache.kv(layer, j, kvd);
+        for (s, k) in scores.iter_mut().zip(keys()) {
             let k = &k[kvh * hd..(kvh + 1) * hd];
             *s = qh.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() * scale;
             max = max.max(*s);
@@ -750,8 +756,7 @@ fn attend(
         }
         let o = &mut out[head * hd..(head + 1) * hd];
         o.fill(0.0);
-        for (j, &p) in scores.iter().enumerate() {
-            let (_, v) = cache.kv(layer, j, kvd);
+        for (&p, v) in scores.iter().zip(values()) {
             let v = &v[kvh * hd..(kvh + 1) * hd];
             let p = p / sum;
             for (a, &b) in o.iter_mut().zip(v) {

@@ -24,7 +24,7 @@ const ROPE_BASE: f32 = 10000.0;
 
 /// GPT-2's byte → printable character map (the byte-level BPE alphabet).
 fn byte_chars() -> Vec<char> {
-    let mut direct: Vec<u32> = (33..=126).chain(161..=172).chain(174..=255).collect();
+    let direct: Vec<u32> = (33..=126).chain(161..=172).chain(174..=255).collect();
     let mut map = vec!['\0'; 256];
     let mut extra = 0;
     for b in 0..256u32 {
@@ -35,7 +35,6 @@ fn byte_chars() -> Vec<char> {
             extra += 1;
         }
     }
-    direct.clear();
     map
 }
 
@@ -323,7 +322,9 @@ fn reference_log_probs(w: &Weights, tokens: &[TokenId]) -> Vec<Vec<f32>> {
 fn extend_matches_naive_reference_forward() {
     let t = tiny();
     let p = load(&t, 1);
-    let tokens: Vec<TokenId> = vec![5, 17, 200, 3, 99, 42, 42, 7, 250, 11];
+    // 12 extended rows: the GEMM's column-major path (8 rows or more) as well as the
+    // row-major one (the 3-token prefill).
+    let tokens: Vec<TokenId> = vec![5, 17, 200, 3, 99, 42, 42, 7, 250, 11, 64, 65, 66, 9, 1];
     let (mut cache, first) = p.prefill(&tokens[..3]).unwrap();
     let rest = p.extend(&mut cache, &tokens[3..]).unwrap();
     let reference = reference_log_probs(&t.weights, &tokens);
@@ -338,8 +339,20 @@ fn extend_matches_naive_reference_forward() {
 fn batched_step_equals_separate_steps() {
     let t = tiny();
     let p = load(&t, 2);
-    let prompts: [&[TokenId]; 3] = [&[4, 8, 15], &[16, 23, 42, 100, 7], &[200]];
-    let next: [TokenId; 3] = [9, 250, 3];
+    // 10 sequences: at 8 rows or more the GEMM takes its column-major path.
+    let prompts: [&[TokenId]; 10] = [
+        &[4, 8, 15],
+        &[16, 23, 42, 100, 7],
+        &[200],
+        &[1, 2],
+        &[9, 9, 9, 9],
+        &[77],
+        &[12, 13, 14, 15, 16, 17],
+        &[250, 251],
+        &[30],
+        &[31, 32, 33],
+    ];
+    let next: [TokenId; 10] = [9, 250, 3, 4, 5, 6, 7, 8, 10, 11];
     let mut batch: Vec<_> = prompts.iter().map(|pr| p.prefill(pr).unwrap().0).collect();
     let batched = p.step(&mut batch, &next).unwrap();
     for (i, pr) in prompts.iter().enumerate() {
@@ -423,11 +436,12 @@ fn response_log_probs_equal_sum_of_step_wise_log_probs() {
     assert!(p.response_log_probs(&[], &response).is_err());
 }
 
-/// Sample 12 tokens for 4 forks of one prompt, one ChaCha stream per sequence.
+/// Sample 12 tokens for 9 forks of one prompt, one ChaCha stream per sequence.
 fn sample_run(p: &LlamaPolicy, seed: u64) -> (Vec<Vec<TokenId>>, Vec<Vec<u32>>) {
     let params = SamplingParams::new(1.5, Some(100), Some(0.99)).unwrap();
     let (cache, first) = p.prefill(&[1, 40, 41, 42]).unwrap();
-    let n = 4;
+    // 9 sequences: the GEMM's column-major path (8 rows or more).
+    let n = 9;
     let mut caches = vec![cache; n];
     let mut samplers: Vec<_> = (0..n as u64)
         .map(|i| SequenceSampler::new(seed, i))
@@ -582,7 +596,7 @@ fn bad_input_gives_clear_errors_and_leaves_caches_unchanged() {
     let e = p.prefill(&long).unwrap_err();
     assert!(e.to_string().contains("context overflow"), "{e}");
 
-    let (c, _) = p.prefill(&vec![5; CTX - 1]).unwrap();
+    let (c, _) = p.prefill(&[5; CTX - 1]).unwrap();
     let mut caches = vec![c.clone(), c];
     let e = p.step(&mut caches, &[1]).unwrap_err();
     assert!(e.to_string().contains("2 caches but 1 tokens"), "{e}");

@@ -38,6 +38,9 @@ use safetensors::{Dtype, SafeTensors};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+/// A tensor read from a head file: its shape and its values.
+type Loaded = (Vec<usize>, Vec<f32>);
+
 /// A dense layer `o = W z + b`, row-major `W` of shape `[out, in]`.
 #[derive(Debug, Clone, PartialEq)]
 struct Dense {
@@ -96,7 +99,7 @@ impl Head {
                 "unexpected tensor {other:?} (a head has weight, bias, and optionally hidden.weight, hidden.bias)"
             )));
         }
-        let tensor = |t: &str| -> Result<Option<(Vec<usize>, Vec<f32>)>, RewardError> {
+        let tensor = |t: &str| -> Result<Option<Loaded>, RewardError> {
             let view = match st.tensor(t) {
                 Ok(v) => v,
                 Err(safetensors::SafeTensorError::TensorNotFound(_)) => return Ok(None),
@@ -118,36 +121,33 @@ impl Head {
             }
             Ok(Some((view.shape().to_vec(), data)))
         };
-        let need = |t: &str| -> Result<(Vec<usize>, Vec<f32>), RewardError> {
+        let need = |t: &str| -> Result<Loaded, RewardError> {
             tensor(t)?.ok_or_else(|| bad(format!("missing tensor {t:?}")))
         };
-        let dense = |w: (Vec<usize>, Vec<f32>),
-                     b: (Vec<usize>, Vec<f32>),
-                     wname: &str,
-                     bname: &str|
-         -> Result<Dense, RewardError> {
-            let [out, inp] = w.0[..] else {
-                return Err(bad(format!(
-                    "tensor {wname} has shape {:?}, expected 2 dimensions [out, in]",
-                    w.0
-                )));
+        let dense =
+            |w: Loaded, b: Loaded, wname: &str, bname: &str| -> Result<Dense, RewardError> {
+                let [out, inp] = w.0[..] else {
+                    return Err(bad(format!(
+                        "tensor {wname} has shape {:?}, expected 2 dimensions [out, in]",
+                        w.0
+                    )));
+                };
+                if b.0 != [out] {
+                    return Err(bad(format!(
+                        "tensor {bname} has shape {:?}, expected [{out}] to match {wname} {:?}",
+                        b.0, w.0
+                    )));
+                }
+                if out == 0 || inp == 0 {
+                    return Err(bad(format!("tensor {wname} is empty: shape {:?}", w.0)));
+                }
+                Ok(Dense {
+                    out,
+                    inp,
+                    weight: w.1,
+                    bias: b.1,
+                })
             };
-            if b.0 != [out] {
-                return Err(bad(format!(
-                    "tensor {bname} has shape {:?}, expected [{out}] to match {wname} {:?}",
-                    b.0, w.0
-                )));
-            }
-            if out == 0 || inp == 0 {
-                return Err(bad(format!("tensor {wname} is empty: shape {:?}", w.0)));
-            }
-            Ok(Dense {
-                out,
-                inp,
-                weight: w.1,
-                bias: b.1,
-            })
-        };
         let output = dense(need("weight")?, need("bias")?, "weight", "bias")?;
         let hidden = match (tensor("hidden.weight")?, tensor("hidden.bias")?) {
             (None, None) => None,
@@ -311,16 +311,30 @@ impl Reward for HeadReward {
                     .collect::<Result<Vec<_>, _>>()?
             }
             HeadInput::PromptAndResponse => {
-                let texts: Vec<&str> = pairs
-                    .iter()
-                    .map(|(p, _)| *p)
-                    .chain(pairs.iter().map(|(_, r)| *r))
-                    .collect();
+                // Each distinct prompt is embedded once (best-of-n repeats one prompt n times).
+                let mut prompt_index: std::collections::HashMap<&str, usize> =
+                    std::collections::HashMap::new();
+                let mut texts: Vec<&str> = Vec::new();
+                let mut pair_prompt = Vec::with_capacity(pairs.len());
+                for (prompt, _) in pairs {
+                    let idx = *prompt_index.entry(prompt).or_insert_with(|| {
+                        texts.push(prompt);
+                        texts.len() - 1
+                    });
+                    pair_prompt.push(idx);
+                }
+                let first_response = texts.len();
+                texts.extend(pairs.iter().map(|(_, r)| *r));
                 let emb = self.embedder.embed(&texts).map_err(rename)?;
-                let n = pairs.len();
-                (0..n)
-                    .map(|i| {
-                        let z: Vec<f32> = emb[i].iter().chain(&emb[n + i]).copied().collect();
+                pair_prompt
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &p)| {
+                        let z: Vec<f32> = emb[p]
+                            .iter()
+                            .chain(&emb[first_response + i])
+                            .copied()
+                            .collect();
                         self.head.apply(&z)
                     })
                     .collect::<Result<Vec<_>, _>>()?

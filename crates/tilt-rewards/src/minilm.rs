@@ -235,11 +235,11 @@ impl MiniLmEmbedder {
 /// `batch_size`, also closing a batch before padding would more than double its work
 /// (`count × longest > 2 × Σ lengths`): seven short texts and one of 256 tokens run as two
 /// passes (7×21 + 256 positions) rather than one of 8×256.
-fn padded_batches<'a>(
-    order: &'a [usize],
+fn padded_batches(
+    order: &[usize],
     len: impl Fn(usize) -> usize,
     batch_size: usize,
-) -> Vec<&'a [usize]> {
+) -> Vec<&[usize]> {
     let mut batches = Vec::new();
     let (mut start, mut total) = (0usize, 0usize);
     for (k, &i) in order.iter().enumerate() {
@@ -393,30 +393,6 @@ impl MiniLmRelevance {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::padded_batches;
-
-    #[test]
-    fn batches_respect_size_and_padding_waste() {
-        let lens = [9, 10, 13, 14, 19, 21, 2, 256];
-        let mut order: Vec<usize> = (0..lens.len()).collect();
-        order.sort_by_key(|&i| (lens[i], i));
-        let b = padded_batches(&order, |i| lens[i], 16);
-        assert_eq!(b, vec![&[6, 0, 1, 2, 3, 4, 5][..], &[7][..]]);
-        let b = padded_batches(&order, |i| lens[i], 3);
-        assert_eq!(b.iter().map(|c| c.len()).collect::<Vec<_>>(), vec![3, 3, 2]);
-        let uniform = [40usize; 40];
-        let order: Vec<usize> = (0..40).collect();
-        let b = padded_batches(&order, |i| uniform[i], 16);
-        assert_eq!(
-            b.iter().map(|c| c.len()).collect::<Vec<_>>(),
-            vec![16, 16, 8]
-        );
-        assert!(padded_batches(&[], |_| 1, 16).is_empty());
-    }
-}
-
 /// Dot product of two equal-length vectors, accumulated in f64.
 pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     a.iter()
@@ -463,5 +439,29 @@ impl Reward for MiniLmRelevance {
 
     fn artifacts(&self) -> Vec<PathBuf> {
         self.embedder.artifacts()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::padded_batches;
+
+    #[test]
+    fn batches_respect_size_and_padding_waste() {
+        let lens = [9, 10, 13, 14, 19, 21, 2, 256];
+        let mut order: Vec<usize> = (0..lens.len()).collect();
+        order.sort_by_key(|&i| (lens[i], i));
+        let b = padded_batches(&order, |i| lens[i], 16);
+        assert_eq!(b, vec![&[6, 0, 1, 2, 3, 4, 5][..], &[7][..]]);
+        let b = padded_batches(&order, |i| lens[i], 3);
+        assert_eq!(b.iter().map(|c| c.len()).collect::<Vec<_>>(), vec![3, 3, 2]);
+        let uniform = [40usize; 40];
+        let order: Vec<usize> = (0..40).collect();
+        let b = padded_batches(&order, |i| uniform[i], 16);
+        assert_eq!(
+            b.iter().map(|c| c.len()).collect::<Vec<_>>(),
+            vec![16, 16, 8]
+        );
+        assert!(padded_batches(&[], |_| 1, 16).is_empty());
     }
 }

@@ -156,7 +156,7 @@ fn mlp_head_applies_relu_between_layers() {
         .map(|k| (dot64(&hw[k * d..(k + 1) * d], &z) + f64::from(hb[k])).max(0.0))
         .collect();
     assert!(
-        a.iter().any(|&x| x == 0.0) && a.iter().any(|&x| x > 0.0),
+        a.contains(&0.0) && a.iter().any(|&x| x > 0.0),
         "ReLU exercised: {a:?}"
     );
     let expected: f64 = a
@@ -174,7 +174,13 @@ fn malformed_heads_are_rejected_with_the_reason() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let w = vector(384, 1);
-    let cases: Vec<(&str, Vec<(&str, T)>, Option<HashMap<String, String>>, &str)> = vec![
+    type Case<'a> = (
+        &'a str,
+        Vec<(&'a str, T)>,
+        Option<HashMap<String, String>>,
+        &'a str,
+    );
+    let cases: Vec<Case> = vec![
         (
             "nobias",
             vec![("weight", f32s(&[1, 384], &w))],
@@ -362,4 +368,20 @@ fn head_reward_on_real_embeddings_equals_relevance_plus_bias() {
         .unwrap();
     assert!((got2 - (rp[0] + rp[1])).abs() < 1e-5, "{got2} vs {rp:?}");
     assert!(reward2.artifacts().contains(&p2));
+    // A shared prompt (embedded once) and a second one, interleaved.
+    let pairs3 = [
+        ("Bake bread.", "Knead the dough and bake it."),
+        ("Sell stocks.", "Knead the dough and bake it."),
+        ("Bake bread.", "Stocks fell sharply."),
+    ];
+    let got3 = reward2.score(&pairs3).unwrap();
+    let rel = MiniLmRelevance::new(e.clone(), Some(target.into()));
+    for (i, (p, r)) in pairs3.iter().enumerate() {
+        let s = rel.score(&[("", p), ("", r)]).unwrap();
+        assert!(
+            (got3[i] - (s[0] + s[1])).abs() < 1e-5,
+            "pair {i}: {} vs {s:?}",
+            got3[i]
+        );
+    }
 }

@@ -105,7 +105,8 @@ fn http_errors_quote_the_body() {
 
 #[test]
 fn malformed_answers_are_named() {
-    let cases: Vec<(fn(&serde_json::Value) -> (u16, String), &str)> = vec![
+    type Handler = fn(&serde_json::Value) -> (u16, String);
+    let cases: Vec<(Handler, &str)> = vec![
         (|_| (200, "not json".into()), "not JSON"),
         (|_| (200, "{\"score\": [1]}".into()), "no \"scores\" array"),
         (
