@@ -63,7 +63,10 @@ fn memoryless_fields_and_convergence_table() {
         .iter()
         .map(|r| r["x_star_minus_bon"].as_f64().unwrap())
         .collect();
-    assert!(gaps[0] > gaps[1] && gaps[1] > gaps[2] && gaps[2] > 0.0, "{gaps:?}");
+    assert!(
+        gaps[0] > gaps[1] && gaps[1] > gaps[2] && gaps[2] > 0.0,
+        "{gaps:?}"
+    );
     let kls: Vec<f64> = table
         .iter()
         .map(|r| r["kl_tilt_bon_per_token"].as_f64().unwrap())
@@ -106,15 +109,33 @@ fn memoryless_bad_input() {
     run(&["--lengths", "10,x", "--delta", "0.1"], "--lengths");
     usage_error(
         &[
-            "theory", "memoryless", "--probs", "0.5,0.5", "--rewards", "0,0.7071067811865476",
-            "--length", "10", "--delta", "0.1", "--grid", "-1",
+            "theory",
+            "memoryless",
+            "--probs",
+            "0.5,0.5",
+            "--rewards",
+            "0,0.7071067811865476",
+            "--length",
+            "10",
+            "--delta",
+            "0.1",
+            "--grid",
+            "-1",
         ],
         "--grid",
     );
     usage_error(
         &[
-            "theory", "memoryless", "--probs", "0.3,0.3,0.4", "--rewards", "0,1,1.4142135623730951",
-            "--length", "10", "--delta", "0.1",
+            "theory",
+            "memoryless",
+            "--probs",
+            "0.3,0.3,0.4",
+            "--rewards",
+            "0,1,1.4142135623730951",
+            "--length",
+            "10",
+            "--delta",
+            "0.1",
         ],
         "--rewards",
     );
@@ -123,21 +144,49 @@ fn memoryless_bad_input() {
 #[test]
 fn infalign_fields_closed_form_and_optimize() {
     // Identity at β = 1: W = 1/(1 − e^{−1}) − 1 (derivations §2.3).
-    let v = json_ok(&["theory", "infalign", "--n", "4", "--transform", "identity", "--beta", "1"]);
+    let v = json_ok(&[
+        "theory",
+        "infalign",
+        "--n",
+        "4",
+        "--transform",
+        "identity",
+        "--beta",
+        "1",
+    ]);
     for k in ["kl", "win_rate", "inference_win_rate", "t", "beta"] {
         assert!(v.get(k).is_some(), "missing {k}: {v}");
     }
     let w = 1.0 / (1.0 - (-1f64).exp()) - 1.0;
     assert!((v["win_rate"].as_f64().unwrap() - w).abs() < 1e-11);
     let v = json_ok(&[
-        "theory", "infalign", "--n", "2", "--procedure", "bon", "--transform", "exp", "--t", "5",
-        "--kl", "0.5",
+        "theory",
+        "infalign",
+        "--n",
+        "2",
+        "--procedure",
+        "bon",
+        "--transform",
+        "exp",
+        "--t",
+        "5",
+        "--kl",
+        "0.5",
     ]);
     assert!((v["inference_win_rate"].as_f64().unwrap() - 0.8154).abs() < 1.5e-4);
     assert!((v["kl"].as_f64().unwrap() - 0.5).abs() < 1e-10);
     let v = json_ok(&[
-        "theory", "infalign", "--n", "2", "--transform", "exp", "--kl", "0.5", "--optimize-t",
-        "--t-max", "50",
+        "theory",
+        "infalign",
+        "--n",
+        "2",
+        "--transform",
+        "exp",
+        "--kl",
+        "0.5",
+        "--optimize-t",
+        "--t-max",
+        "50",
     ]);
     assert!(v["inference_win_rate"].as_f64().unwrap() >= 0.8154 - 1e-4);
     assert_eq!(v["t_at_edge"], Value::Bool(false));
@@ -146,19 +195,60 @@ fn infalign_fields_closed_form_and_optimize() {
 #[test]
 fn infalign_bad_input() {
     usage_error(
-        &["theory", "infalign", "--n", "4", "--transform", "exp", "--t", "-1", "--beta", "1"],
+        &[
+            "theory",
+            "infalign",
+            "--n",
+            "4",
+            "--transform",
+            "exp",
+            "--t",
+            "-1",
+            "--beta",
+            "1",
+        ],
         "--t",
     );
     usage_error(
-        &["theory", "infalign", "--n", "4", "--transform", "identity", "--beta", "0"],
+        &[
+            "theory",
+            "infalign",
+            "--n",
+            "4",
+            "--transform",
+            "identity",
+            "--beta",
+            "0",
+        ],
         "--beta",
     );
     usage_error(
-        &["theory", "infalign", "--n", "4", "--transform", "identity", "--kl", "-1"],
+        &[
+            "theory",
+            "infalign",
+            "--n",
+            "4",
+            "--transform",
+            "identity",
+            "--kl",
+            "-1",
+        ],
         "--kl",
     );
     usage_error(&["theory", "infalign", "--n", "0", "--beta", "1"], "--n");
-    usage_error(&["theory", "infalign", "--n", "4", "--transform", "exp", "--beta", "1"], "--t");
+    usage_error(
+        &[
+            "theory",
+            "infalign",
+            "--n",
+            "4",
+            "--transform",
+            "exp",
+            "--beta",
+            "1",
+        ],
+        "--t",
+    );
 }
 
 #[test]

@@ -25,7 +25,8 @@ fn json_of(args: &[&str]) -> Value {
 }
 
 fn f(v: &Value, k: &str) -> f64 {
-    v[k].as_f64().unwrap_or_else(|| panic!("{k} missing in {v}"))
+    v[k].as_f64()
+        .unwrap_or_else(|| panic!("{k} missing in {v}"))
 }
 
 /// Bad input: exit code 2, exactly one line on stderr, naming `needle`.
@@ -35,7 +36,10 @@ fn rejects(args: &[&str], needle: &str) {
     assert_eq!(out.status.code(), Some(2), "tilt {args:?}: {err}");
     assert!(out.stdout.is_empty(), "no output on error");
     assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
-    assert!(err.contains(needle), "tilt {args:?}: {err:?} should name {needle:?}");
+    assert!(
+        err.contains(needle),
+        "tilt {args:?}: {err:?} should name {needle:?}"
+    );
     assert!(!err.contains("panicked"), "{err}");
 }
 
@@ -52,7 +56,12 @@ fn bon_on_a_fair_coin_matches_spec_closed_forms() {
     assert_eq!(f(&v, "expected_reward"), 0.9375);
     assert_eq!(v["n"], 4);
     assert_eq!(v["units"], "nats");
-    let pmf: Vec<f64> = v["pmf"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+    let pmf: Vec<f64> = v["pmf"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect();
     assert_eq!(pmf, vec![0.0625, 0.9375]);
     // Worst-of-n mirrors it; n = 10^15 stays finite and below log 2.
     let w = json_of(&[&["theory", "bon", "--n", "4", "--worst"][..], &COIN].concat());
@@ -79,10 +88,18 @@ fn tilt_by_beta_and_by_kl_agree() {
     let csv = dir.path().join("d.csv");
     std::fs::write(&csv, "prob,reward\n0.5,0\n0.5,1\n").unwrap();
     let jl = dir.path().join("d.jsonl");
-    std::fs::write(&jl, "{\"prob\":0.5,\"reward\":0}\n{\"prob\":0.5,\"reward\":1}\n").unwrap();
+    std::fs::write(
+        &jl,
+        "{\"prob\":0.5,\"reward\":0}\n{\"prob\":0.5,\"reward\":1}\n",
+    )
+    .unwrap();
     let samples = dir.path().join("s.txt");
     std::fs::write(&samples, "0\n1\n").unwrap();
-    for flag in [["--dist", csv.to_str().unwrap()], ["--dist", jl.to_str().unwrap()], ["--samples", samples.to_str().unwrap()]] {
+    for flag in [
+        ["--dist", csv.to_str().unwrap()],
+        ["--dist", jl.to_str().unwrap()],
+        ["--samples", samples.to_str().unwrap()],
+    ] {
         let w = json_of(&[&["theory", "tilt", "--beta", "1"][..], &flag].concat());
         assert_eq!(f(&w, "kl"), f(&v, "kl"), "{flag:?}");
     }
@@ -93,8 +110,18 @@ fn frontier_has_both_curves_and_draws_a_plot() {
     let dir = tempfile::tempdir().unwrap();
     let svg = dir.path().join("frontier.svg");
     let v = json_of(&[
-        "theory", "frontier", "--probs", "0.2,0.3,0.1,0.4", "--rewards", "0,1,1,2",
-        "--n-max", "64", "--points", "7", "--plot", svg.to_str().unwrap(),
+        "theory",
+        "frontier",
+        "--probs",
+        "0.2,0.3,0.1,0.4",
+        "--rewards",
+        "0,1,1,2",
+        "--n-max",
+        "64",
+        "--points",
+        "7",
+        "--plot",
+        svg.to_str().unwrap(),
     ]);
     let bon = v["bon"].as_array().unwrap();
     let tl = v["tilt"].as_array().unwrap();
@@ -108,14 +135,35 @@ fn frontier_has_both_curves_and_draws_a_plot() {
         assert!(f(b, "kl") <= f(b, "kl_bound") + 1e-12);
     }
     let text = std::fs::read_to_string(&svg).unwrap();
-    assert!(text.contains("<svg") && text.contains("KL(π‖p) (nats)"), "labelled axes");
-    let all = json_of(&["theory", "frontier", "--probs", "0.2,0.8", "--rewards", "0,1", "--n-max", "5"]);
+    assert!(
+        text.contains("<svg") && text.contains("KL(π‖p) (nats)"),
+        "labelled axes"
+    );
+    let all = json_of(&[
+        "theory",
+        "frontier",
+        "--probs",
+        "0.2,0.8",
+        "--rewards",
+        "0,1",
+        "--n-max",
+        "5",
+    ]);
     assert_eq!(all["bon"].as_array().unwrap().len(), 5);
 }
 
 #[test]
 fn divergence_values_and_infinities() {
-    let v = json_of(&["theory", "divergence", "--q", "0.25,0.75", "--p", "0.5,0.5", "--alpha", "2"]);
+    let v = json_of(&[
+        "theory",
+        "divergence",
+        "--q",
+        "0.25,0.75",
+        "--p",
+        "0.5,0.5",
+        "--alpha",
+        "2",
+    ]);
     let kl = 0.25 * 0.5f64.ln() + 0.75 * 1.5f64.ln();
     assert!((f(&v, "kl_q_p") - kl).abs() < 1e-15);
     assert!((f(&v, "renyi_q_p") - 1.25f64.ln()).abs() < 1e-15);
@@ -130,7 +178,13 @@ fn divergence_values_and_infinities() {
 
 #[test]
 fn bounds_hold_and_name_the_proxy() {
-    let v = json_of(&[&["theory", "bounds", "--n-max", "256", "--points", "5"][..], &["--probs", "0.9,0.1", "--rewards", "0,1"]].concat());
+    let v = json_of(
+        &[
+            &["theory", "bounds", "--n-max", "256", "--points", "5"][..],
+            &["--probs", "0.9,0.1", "--rewards", "0,1"],
+        ]
+        .concat(),
+    );
     let ks = 0.8 / (2.0 * 9f64.ln());
     assert!((f(&v, "sigma2") - ks).abs() < 1e-9);
     assert_eq!(f(&v, "sigma2_hoeffding"), 0.25);
@@ -147,42 +201,109 @@ fn bounds_hold_and_name_the_proxy() {
 #[test]
 fn bad_inputs_exit_2_with_one_line_naming_the_input() {
     let t = |extra: &[&str]| -> Vec<String> {
-        let mut v: Vec<String> = ["theory", "bon", "--n", "3"].iter().map(|s| s.to_string()).collect();
+        let mut v: Vec<String> = ["theory", "bon", "--n", "3"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
         v.extend(extra.iter().map(|s| s.to_string()));
         v
     };
     let cases: Vec<(Vec<String>, &str)> = vec![
         (t(&["--probs", "", "--rewards", ""]), "--probs"),
-        (t(&["--probs", "0.5,0.5", "--rewards", "0,1,2"]), "unequal lengths"),
+        (
+            t(&["--probs", "0.5,0.5", "--rewards", "0,1,2"]),
+            "unequal lengths",
+        ),
         (t(&["--probs", "-0.5,1.5", "--rewards", "0,1"]), "--probs"),
         (t(&["--probs", "nan,1", "--rewards", "0,1"]), "--probs"),
-        (t(&["--probs", "0.5,0.5", "--rewards", "0,inf"]), "--rewards"),
-        (t(&["--probs", "0.5,0.6", "--rewards", "0,1"]), "--normalize"),
-        (t(&["--probs", "0.5,x", "--rewards", "0,1"]), "--probs: entry 2"),
+        (
+            t(&["--probs", "0.5,0.5", "--rewards", "0,inf"]),
+            "--rewards",
+        ),
+        (
+            t(&["--probs", "0.5,0.6", "--rewards", "0,1"]),
+            "--normalize",
+        ),
+        (
+            t(&["--probs", "0.5,x", "--rewards", "0,1"]),
+            "--probs: entry 2",
+        ),
         (t(&[]), "--probs"),
         (t(&["--dist", "/nonexistent/d.csv"]), "/nonexistent/d.csv"),
         (
-            vec!["theory".into(), "bon".into(), "--n".into(), "0".into(), "--probs".into(), "0.5,0.5".into(), "--rewards".into(), "0,1".into()],
+            vec![
+                "theory".into(),
+                "bon".into(),
+                "--n".into(),
+                "0".into(),
+                "--probs".into(),
+                "0.5,0.5".into(),
+                "--rewards".into(),
+                "0,1".into(),
+            ],
             "--n",
         ),
         (
-            vec!["theory".into(), "tilt".into(), "--kl".into(), "0.8".into(), "--probs".into(), "0.5,0.5".into(), "--rewards".into(), "0,1".into()],
+            vec![
+                "theory".into(),
+                "tilt".into(),
+                "--kl".into(),
+                "0.8".into(),
+                "--probs".into(),
+                "0.5,0.5".into(),
+                "--rewards".into(),
+                "0,1".into(),
+            ],
             "--kl",
         ),
         (
-            vec!["theory".into(), "tilt".into(), "--beta".into(), "-1".into(), "--probs".into(), "0.5,0.5".into(), "--rewards".into(), "0,1".into()],
+            vec![
+                "theory".into(),
+                "tilt".into(),
+                "--beta".into(),
+                "-1".into(),
+                "--probs".into(),
+                "0.5,0.5".into(),
+                "--rewards".into(),
+                "0,1".into(),
+            ],
             "--beta",
         ),
         (
-            vec!["theory".into(), "divergence".into(), "--q".into(), "0.5,0.5".into(), "--p".into(), "1".into()],
+            vec![
+                "theory".into(),
+                "divergence".into(),
+                "--q".into(),
+                "0.5,0.5".into(),
+                "--p".into(),
+                "1".into(),
+            ],
             "unequal lengths",
         ),
         (
-            vec!["theory".into(), "divergence".into(), "--q".into(), "0.5,0.5".into(), "--p".into(), "0.5,0.5".into(), "--alpha".into(), "0".into()],
+            vec![
+                "theory".into(),
+                "divergence".into(),
+                "--q".into(),
+                "0.5,0.5".into(),
+                "--p".into(),
+                "0.5,0.5".into(),
+                "--alpha".into(),
+                "0".into(),
+            ],
             "--alpha",
         ),
         (
-            vec!["theory".into(), "frontier".into(), "--n-max".into(), "0".into(), "--probs".into(), "1".into(), "--rewards".into(), "0".into()],
+            vec![
+                "theory".into(),
+                "frontier".into(),
+                "--n-max".into(),
+                "0".into(),
+                "--probs".into(),
+                "1".into(),
+                "--rewards".into(),
+                "0".into(),
+            ],
             "--n-max",
         ),
     ];
@@ -194,17 +315,53 @@ fn bad_inputs_exit_2_with_one_line_naming_the_input() {
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("bad.csv");
     std::fs::write(&bad, "prob,reward\n0.5,0\n-0.5,1\n").unwrap();
-    rejects(&["theory", "bon", "--n", "2", "--dist", bad.to_str().unwrap()], "bad.csv line 3");
+    rejects(
+        &["theory", "bon", "--n", "2", "--dist", bad.to_str().unwrap()],
+        "bad.csv line 3",
+    );
     let hdr = dir.path().join("hdr.csv");
     std::fs::write(&hdr, "p,r\n0.5,0\n").unwrap();
-    rejects(&["theory", "bon", "--n", "2", "--dist", hdr.to_str().unwrap()], "hdr.csv line 1");
+    rejects(
+        &["theory", "bon", "--n", "2", "--dist", hdr.to_str().unwrap()],
+        "hdr.csv line 1",
+    );
     let s = dir.path().join("s.txt");
     std::fs::write(&s, "1\n2\nabc\n").unwrap();
-    rejects(&["theory", "bon", "--n", "2", "--samples", s.to_str().unwrap()], "s.txt line 3");
+    rejects(
+        &[
+            "theory",
+            "bon",
+            "--n",
+            "2",
+            "--samples",
+            s.to_str().unwrap(),
+        ],
+        "s.txt line 3",
+    );
     let empty = dir.path().join("e.txt");
     std::fs::write(&empty, "\n").unwrap();
-    rejects(&["theory", "bon", "--n", "2", "--samples", empty.to_str().unwrap()], "e.txt");
+    rejects(
+        &[
+            "theory",
+            "bon",
+            "--n",
+            "2",
+            "--samples",
+            empty.to_str().unwrap(),
+        ],
+        "e.txt",
+    );
     // --normalize accepts what is otherwise rejected.
-    let v = json_of(&["theory", "bon", "--n", "2", "--probs", "1,1", "--rewards", "0,1", "--normalize"]);
+    let v = json_of(&[
+        "theory",
+        "bon",
+        "--n",
+        "2",
+        "--probs",
+        "1,1",
+        "--rewards",
+        "0,1",
+        "--normalize",
+    ]);
     assert_eq!(f(&v, "win_rate"), 0.625);
 }

@@ -107,7 +107,9 @@ fn run_rust(d: &RewardDistribution) -> RustResult {
 fn main() {
     // `cargo test --benches` runs this binary without `--bench`: do nothing then.
     if !std::env::args().any(|a| a == "--bench") {
-        println!("best_of_n_vs_numpy: run with `cargo bench -p tilt-core --bench best_of_n_vs_numpy`");
+        println!(
+            "best_of_n_vs_numpy: run with `cargo bench -p tilt-core --bench best_of_n_vs_numpy`"
+        );
         return;
     }
     let outcomes: usize = std::env::var("TILT_BENCH_OUTCOMES")

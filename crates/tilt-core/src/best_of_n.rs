@@ -110,7 +110,11 @@ fn level_log_mass(nf: f64, mass: f64, below: f64, above: f64, selection: Selecti
 ///
 /// # Errors
 /// [`TiltError::InvalidInput`] naming `n` when `n = 0`.
-pub fn order_statistic_levels(levels: &Levels, n: u64, selection: Selection) -> Result<LevelPolicy> {
+pub fn order_statistic_levels(
+    levels: &Levels,
+    n: u64,
+    selection: Selection,
+) -> Result<LevelPolicy> {
     let nf = check_n(n)?;
     let (rw, ms, bl, ab) = (
         levels.rewards(),
@@ -120,7 +124,10 @@ pub fn order_statistic_levels(levels: &Levels, n: u64, selection: Selection) -> 
     );
     let log_pmf: Vec<f64> = if n == 1 {
         // π_1 = p exactly (the general formula agrees up to rounding).
-        ms.par_iter().with_min_len(1 << 12).map(|m| m.ln()).collect()
+        ms.par_iter()
+            .with_min_len(1 << 12)
+            .map(|m| m.ln())
+            .collect()
     } else {
         (0..levels.len())
             .into_par_iter()
@@ -131,7 +138,11 @@ pub fn order_statistic_levels(levels: &Levels, n: u64, selection: Selection) -> 
     let level_pmf: Vec<f64> = if n == 1 {
         ms.to_vec()
     } else {
-        log_pmf.par_iter().with_min_len(1 << 12).map(|x| x.exp()).collect()
+        log_pmf
+            .par_iter()
+            .with_min_len(1 << 12)
+            .map(|x| x.exp())
+            .collect()
     };
     let [kl, er, w] = chunked_sum(levels.len(), |l| {
         let q = level_pmf[l];

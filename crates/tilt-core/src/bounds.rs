@@ -136,7 +136,10 @@ pub fn bon_hellinger_squared_bound(n: u64) -> Result<f64> {
 /// [`TiltError::InvalidInput`] naming `sigma2` or `kl` if negative or not finite.
 pub fn sub_gaussian_improvement_bound(sigma2: f64, kl: f64) -> Result<f64> {
     if !sigma2.is_finite() || sigma2 < 0.0 {
-        return Err(TiltError::invalid("sigma2", format!("{sigma2}: must be finite and ≥ 0")));
+        return Err(TiltError::invalid(
+            "sigma2",
+            format!("{sigma2}: must be finite and ≥ 0"),
+        ));
     }
     if kl.is_nan() || kl < 0.0 {
         return Err(TiltError::invalid("kl", format!("{kl}: must be ≥ 0")));
@@ -200,7 +203,10 @@ pub fn optimal_sub_gaussian_proxy(dist: &RewardDistribution) -> Result<SubGaussi
     }
     // Centre and scale the rewards to [−1, 1]-ish: x = (r − μ)/range.
     let mu = neumaier_sum(support.iter().map(|(r, m)| r * m));
-    let xs: Vec<(f64, f64)> = support.iter().map(|&(r, m)| ((r - mu) / range, m)).collect();
+    let xs: Vec<(f64, f64)> = support
+        .iter()
+        .map(|&(r, m)| ((r - mu) / range, m))
+        .collect();
     let mean_x = neumaier_sum(xs.iter().map(|(x, m)| x * m));
     let variance_x = neumaier_sum(xs.iter().map(|(x, m)| m * (x - mean_x) * (x - mean_x)));
     // g(t) = 2·Λ_c(t)/t² in scaled units (σ² = range²·g).

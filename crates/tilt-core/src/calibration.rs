@@ -111,7 +111,10 @@ impl Calibrator {
     /// [`TiltError::InvalidInput`] naming `fresh samples` when empty or not finite.
     pub fn exactness_check(&self, fresh_reference_rewards: &[f64]) -> Result<ExactnessReport> {
         if fresh_reference_rewards.is_empty() {
-            return Err(TiltError::invalid("fresh samples", "no reward samples given"));
+            return Err(TiltError::invalid(
+                "fresh samples",
+                "no reward samples given",
+            ));
         }
         if fresh_reference_rewards.iter().any(|x| !x.is_finite()) {
             return Err(TiltError::invalid(
@@ -160,7 +163,7 @@ impl Calibrator {
 /// switching to the theta-function form `1 − (√(2π)/λ) Σ_{k≥1} e^{−(2k−1)²π²/(8λ²)}` for
 /// `λ < 1.18` where the alternating series converges slowly.
 pub fn kolmogorov_q(lambda: f64) -> f64 {
-    if !(lambda > 0.0) {
+    if lambda.is_nan() || lambda <= 0.0 {
         return 1.0;
     }
     if lambda < 1.18 {

@@ -23,10 +23,17 @@ fn check(q: &[f64], p: &[f64]) -> Result<()> {
         if v.is_empty() {
             return Err(TiltError::invalid(name, "empty list"));
         }
-        if let Some((i, x)) = v.iter().enumerate().find(|(_, x)| !x.is_finite() || **x < 0.0) {
+        if let Some((i, x)) = v
+            .iter()
+            .enumerate()
+            .find(|(_, x)| !x.is_finite() || **x < 0.0)
+        {
             return Err(TiltError::invalid(
                 name,
-                format!("entry {} is {x}; probabilities must be finite and ≥ 0", i + 1),
+                format!(
+                    "entry {} is {x}; probabilities must be finite and ≥ 0",
+                    i + 1
+                ),
             ));
         }
     }

@@ -79,10 +79,7 @@ pub fn frontier_ns(n_max: u64, points: Option<usize>) -> Result<Vec<u64>> {
             Ok((1..=n_max).collect())
         }
         Some(0) => Err(TiltError::invalid("points", "must be at least 1 (got 0)")),
-        Some(k) if k > 1_000_000 => Err(TiltError::invalid(
-            "points",
-            format!("{k}: at most 10^6"),
-        )),
+        Some(k) if k > 1_000_000 => Err(TiltError::invalid("points", format!("{k}: at most 10^6"))),
         Some(1) => Ok(vec![n_max]),
         Some(k) => {
             let top = (n_max as f64).ln();

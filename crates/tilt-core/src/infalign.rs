@@ -207,7 +207,7 @@ impl CalibratedTilt {
     /// [`Transform::validated`]); [`TiltError::NoConvergence`] if quadrature fails.
     pub fn new(transform: Transform, beta: f64) -> Result<Self> {
         let transform = transform.validated()?;
-        if !(beta > 0.0) || beta.is_nan() {
+        if beta.is_nan() || beta <= 0.0 {
             return Err(TiltError::invalid(
                 "beta",
                 format!("{beta}: the KL coefficient must be > 0"),

@@ -69,8 +69,7 @@ impl LatticeRewards {
     /// naming `rewards` when no grid is given and none with at most [`MAX_GRID_INDEX`]
     /// steps fits them, or when the grid needs more than [`MAX_GRID_INDEX`] steps.
     pub fn new(rewards: &[f64], support: &[bool], grid: Option<f64>) -> Result<Self> {
-        if rewards.is_empty() || rewards.len() != support.len() || !support.iter().any(|s| *s)
-        {
+        if rewards.is_empty() || rewards.len() != support.len() || !support.iter().any(|s| *s) {
             return Err(TiltError::invalid(
                 "rewards",
                 "need at least one outcome with positive probability",
@@ -280,7 +279,7 @@ pub fn sum_pmf(token_pmf: &[f64], length: usize, method: ConvolutionMethod) -> R
         ));
     }
     let total: f64 = token_pmf.iter().sum();
-    if !(total > 0.0) {
+    if total <= 0.0 {
         return Err(TiltError::invalid("token pmf", "sums to 0"));
     }
     let k = token_pmf.len() - 1;
@@ -370,9 +369,10 @@ mod tests {
         let f = sum_pmf(&q, 50, ConvolutionMethod::Fft).unwrap();
         let lnf = crate::numerics::ln_factorials(50);
         for j in 0..=50 {
-            let exact =
-                (lnf[50] - lnf[j] - lnf[50 - j] + j as f64 * 0.7f64.ln() + (50 - j) as f64 * 0.3f64.ln())
-                    .exp();
+            let exact = (lnf[50] - lnf[j] - lnf[50 - j]
+                + j as f64 * 0.7f64.ln()
+                + (50 - j) as f64 * 0.3f64.ln())
+            .exp();
             assert!((d[j] - exact).abs() <= 1e-13 * exact, "direct {j}");
             assert!((f[j] - exact).abs() <= 1e-13, "fft {j}");
         }

@@ -48,6 +48,56 @@ fn sortable_bits(x: f64) -> u64 {
     }
 }
 
+/// Below this many outcomes, a comparison sort; above, an LSD radix sort.
+const RADIX_THRESHOLD: usize = 1 << 16;
+
+/// Sort `(key, index)` pairs by key, then index (the input is in index order).
+///
+/// Large inputs use a stable LSD radix sort on 11-bit digits that skips every digit on
+/// which all keys agree (tied or narrow-range rewards need only a few passes); its result
+/// is the same total order as the comparison sort, whatever the thread count.
+fn sort_keyed(mut keyed: Vec<(u64, u32)>) -> Vec<(u64, u32)> {
+    if keyed.len() < RADIX_THRESHOLD {
+        keyed.par_sort_unstable();
+        return keyed;
+    }
+    radix_sort(keyed)
+}
+
+fn radix_sort(mut keyed: Vec<(u64, u32)>) -> Vec<(u64, u32)> {
+    const BITS: u32 = 11;
+    const BUCKETS: usize = 1 << BITS;
+    const PASSES: usize = 64usize.div_ceil(BITS as usize);
+    let n = keyed.len();
+    // One read to histogram every digit.
+    let mut hist = vec![[0usize; BUCKETS]; PASSES];
+    for &(k, _) in &keyed {
+        for (p, h) in hist.iter_mut().enumerate() {
+            h[((k >> (p as u32 * BITS)) as usize) & (BUCKETS - 1)] += 1;
+        }
+    }
+    let mut buf: Vec<(u64, u32)> = vec![(0, 0); n];
+    for (p, h) in hist.iter().enumerate() {
+        if h.iter().any(|&c| c == n) {
+            continue; // every key has the same digit here
+        }
+        let mut offset = [0usize; BUCKETS];
+        let mut acc = 0;
+        for (o, &c) in offset.iter_mut().zip(h.iter()) {
+            *o = acc;
+            acc += c;
+        }
+        let shift = p as u32 * BITS;
+        for &e in &keyed {
+            let d = ((e.0 >> shift) as usize) & (BUCKETS - 1);
+            buf[offset[d]] = e;
+            offset[d] += 1;
+        }
+        std::mem::swap(&mut keyed, &mut buf);
+    }
+    keyed
+}
+
 impl Levels {
     /// Group the outcomes of `dist` into reward levels.
     ///
@@ -76,12 +126,12 @@ impl Levels {
                 format!("{n} outcomes; at most {} are supported", u32::MAX),
             ));
         }
-        let mut keyed: Vec<(u64, u32)> = rewards
+        let keyed: Vec<(u64, u32)> = rewards
             .par_iter()
             .enumerate()
             .map(|(i, &r)| (sortable_bits(r), i as u32))
             .collect();
-        keyed.par_sort_unstable();
+        let keyed = sort_keyed(keyed);
 
         let mut reward = Vec::new();
         let mut mass = Vec::new();
@@ -188,11 +238,7 @@ impl Levels {
         if pmf.len() != self.num_outcomes() {
             return Err(TiltError::invalid(
                 input,
-                format!(
-                    "{} entries for {} outcomes",
-                    pmf.len(),
-                    self.num_outcomes()
-                ),
+                format!("{} entries for {} outcomes", pmf.len(), self.num_outcomes()),
             ));
         }
         let mut sums = vec![NeumaierSum::default(); self.len()];
@@ -249,4 +295,34 @@ pub(crate) fn chunked_sum<const K: usize>(
         }
     }
     total.map(|s| s.value())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn radix_sort_equals_comparison_sort_with_ties_and_signs() {
+        let mut state = 3u64;
+        let mut next = || {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            state >> 11
+        };
+        for distinct in [3u64, 1000, u64::MAX] {
+            let keyed: Vec<(u64, u32)> = (0..200_000u32)
+                .map(|i| {
+                    let v = next() % distinct;
+                    let r = (v as f64 - (distinct.min(1 << 40) as f64) / 2.0) * 0.37;
+                    (sortable_bits(r), i)
+                })
+                .collect();
+            let mut expect = keyed.clone();
+            expect.sort_unstable();
+            assert_eq!(radix_sort(keyed), expect);
+        }
+        let zeros = vec![(sortable_bits(-0.0), 0), (sortable_bits(0.0), 1)];
+        assert_eq!(zeros[0].0, zeros[1].0);
+    }
 }

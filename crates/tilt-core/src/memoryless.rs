@@ -23,6 +23,22 @@
 //! finite `L` so the convergence can be watched.
 //!
 //! Conventions: multiplier `λ` inside (β = 1/λ at the edges), natural logs, nats.
+//!
+//! # Observed convergence
+//! `tilt theory memoryless --probs 0.5,0.3,0.2 --rewards 0,1,2 --delta 0.2
+//! --lengths 10,100,1000,10000,100000` (x* = 1.2113855051, λ = 0.7751746, I(x*) = 0.2):
+//!
+//! ```text
+//!      L   log N   BoN reward/token   x* − BoN    KL(BoN‖tilt)/L   KL(BoN‖q)/L   method
+//!     10       2     1.0483704317     1.630e-1      3.801e-2        0.111641     direct
+//!    100      20     1.1823325663     2.905e-2      1.210e-2        0.189579     direct
+//!   1000     200     1.2070546238     4.331e-3      2.309e-3        0.198952     direct
+//!  10000    2000     1.2108050780     5.804e-4      3.451e-4        0.199895     fft
+//! 100000   20000     1.2113126319     7.287e-5      4.600e-5        0.199990     fft
+//! ```
+//! The gap to x* shrinks like `log L / (2λL)` (the `1/√L` prefactor of the tail
+//! `P(S_L ≥ Lx) ≈ e^{−L I(x)}/√L` costs best-of-N `log √L` nats), and so does the KL per
+//! token, as the paper proves.
 
 use crate::distribution::RewardDistribution;
 use crate::error::{Result, TiltError};
@@ -194,7 +210,13 @@ impl MemorylessModel {
             let neg = bracket_up(|l: f64| -g(-l), 1.0 / span, 2000, "λ for Λ'(λ) = x")?;
             (-neg, 0.0)
         };
-        brent_root(g, lo, hi, 1e-15 * (1.0 + hi.abs().max(lo.abs())), "λ for Λ'(λ) = x")
+        brent_root(
+            g,
+            lo,
+            hi,
+            1e-15 * (1.0 + hi.abs().max(lo.abs())),
+            "λ for Λ'(λ) = x",
+        )
     }
 
     /// The Cramér rate function `I(x) = sup_λ (λx − Λ(λ))` (Legendre transform; derivations
@@ -278,7 +300,7 @@ impl MemorylessModel {
     }
 
     /// The scaled cumulant generating function of the reward under the tilt `q_λ^{⊗L}`,
-    /// with its Rényi form (derivations §1.6, derived there [D]; arXiv 2404.01730 states
+    /// with its Rényi form (derivations §1.6, derived there, tag D; arXiv 2404.01730 states
     /// that "the rate of growth of the scaled cumulants is characterised by a proper Rényi
     /// cross entropy" — the exact statement in the paper was not available to us, so this
     /// implements the identity below, which is exact for every `L`):
@@ -296,7 +318,10 @@ impl MemorylessModel {
     /// [`TiltError::InvalidInput`] naming `theta` or `lambda` outside that range.
     pub fn scaled_cgf_renyi(&self, lambda: f64, theta: f64) -> Result<ScaledCgf> {
         if !(lambda.is_finite() && lambda > 0.0) {
-            return Err(TiltError::invalid("lambda", format!("{lambda} must be > 0")));
+            return Err(TiltError::invalid(
+                "lambda",
+                format!("{lambda} must be > 0"),
+            ));
         }
         if !(theta.is_finite() && theta > -lambda && theta != 0.0) {
             return Err(TiltError::invalid(

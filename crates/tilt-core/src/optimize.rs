@@ -178,7 +178,11 @@ pub fn maximize_scalar(
     grid: &[f64],
     x_tol: f64,
 ) -> Result<Maximum> {
-    if grid.len() < 3 || grid.windows(2).any(|w| !(w[0] < w[1])) {
+    if grid.len() < 3
+        || grid
+            .windows(2)
+            .any(|w| w[0].partial_cmp(&w[1]) != Some(std::cmp::Ordering::Less))
+    {
         return Err(TiltError::invalid(
             "optimisation grid",
             "needs at least 3 strictly increasing points",
@@ -190,16 +194,17 @@ pub fn maximize_scalar(
         values.push(f(x)?);
         evaluations += 1;
     }
-    let (best, _) = values
-        .iter()
-        .enumerate()
-        .fold((0usize, f64::NEG_INFINITY), |(bi, bv), (i, &v)| {
-            if v > bv {
-                (i, v)
-            } else {
-                (bi, bv)
-            }
-        });
+    let (best, _) =
+        values
+            .iter()
+            .enumerate()
+            .fold((0usize, f64::NEG_INFINITY), |(bi, bv), (i, &v)| {
+                if v > bv {
+                    (i, v)
+                } else {
+                    (bi, bv)
+                }
+            });
     let at_edge = best == grid.len() - 1;
     let lo_i = best.saturating_sub(1);
     let hi_i = (best + 1).min(grid.len() - 1);
@@ -256,7 +261,7 @@ mod tests {
     #[test]
     fn maximiser_reports_edge() {
         let grid = [0.0, 1.0, 2.0, 3.0];
-        let m = maximize_scalar(|x| Ok(x), &grid, 1e-9).unwrap();
+        let m = maximize_scalar(Ok, &grid, 1e-9).unwrap();
         assert!(m.at_edge);
         assert!((m.x - 3.0).abs() < 1e-6);
     }

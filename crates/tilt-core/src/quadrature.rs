@@ -317,7 +317,10 @@ mod tests {
         for deg in 0..=22 {
             let exact = 2.0 / (deg as f64 + 1.0) * if deg % 2 == 0 { 1.0 } else { 0.0 };
             let (k, _) = gk15(&mut |x: f64| x.powi(deg), -1.0, 1.0);
-            assert!((k - exact).abs() < 1e-14, "K15 degree {deg}: {k} vs {exact}");
+            assert!(
+                (k - exact).abs() < 1e-14,
+                "K15 degree {deg}: {k} vs {exact}"
+            );
         }
         // Gauss part alone = K − (K−G): check through a degree-13 polynomial on [0, 1].
         for deg in 0..=13 {
@@ -339,8 +342,8 @@ mod tests {
 
     #[test]
     fn cumulative_matches_closed_form() {
-        let c = CumulativeIntegral::new(|x: f64| (3.0 * x).exp(), 0.0, 1.0, &[], 1e-15, 1e-15)
-            .unwrap();
+        let c =
+            CumulativeIntegral::new(|x: f64| (3.0 * x).exp(), 0.0, 1.0, &[], 1e-15, 1e-15).unwrap();
         for x in [0.0f64, 0.1, 0.37, 0.5, 0.99, 1.0] {
             let exact = ((3.0 * x).exp() - 1.0) / 3.0;
             let got = c.at(x, |y: f64| (3.0 * y).exp());

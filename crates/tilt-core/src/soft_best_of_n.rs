@@ -78,17 +78,23 @@ pub fn soft_best_of_n(dist: &RewardDistribution, n: u64, lambda: f64) -> Result<
         enumerate(&levels, n, lambda)?
     };
     let (rw, ms) = (levels.rewards(), levels.masses());
-    let kl = neumaier_sum(level_pmf.iter().zip(ms).filter(|(_, &m)| m > 0.0).map(|(&q, &m)| {
-        if q == 0.0 {
-            return m;
-        }
-        let u = q.ln() - m.ln();
-        if u.abs() < 0.5 {
-            m * kl_summand(u)
-        } else {
-            q * (u - 1.0) + m
-        }
-    }))
+    let kl = neumaier_sum(
+        level_pmf
+            .iter()
+            .zip(ms)
+            .filter(|(_, &m)| m > 0.0)
+            .map(|(&q, &m)| {
+                if q == 0.0 {
+                    return m;
+                }
+                let u = q.ln() - m.ln();
+                if u.abs() < 0.5 {
+                    m * kl_summand(u)
+                } else {
+                    q * (u - 1.0) + m
+                }
+            }),
+    )
     .max(0.0);
     let expected_reward = neumaier_sum(level_pmf.iter().zip(rw).map(|(q, r)| q * r));
     let win_rate = win_rate_levels(&levels, &level_pmf);

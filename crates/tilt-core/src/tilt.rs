@@ -95,7 +95,13 @@ pub fn tilt_levels(levels: &Levels, lambda: f64) -> Result<TiltedLevels> {
         let x: Vec<f64> = y
             .iter()
             .zip(ms)
-            .map(|(&y, &m)| if m > 0.0 { m.ln() + y } else { f64::NEG_INFINITY })
+            .map(|(&y, &m)| {
+                if m > 0.0 {
+                    m.ln() + y
+                } else {
+                    f64::NEG_INFINITY
+                }
+            })
             .collect();
         let shift = log_sum_exp(&x);
         log_partition = shift + lambda * c;
@@ -147,10 +153,7 @@ pub fn solve_lambda_for_kl(levels: &Levels, kl: f64) -> Result<f64> {
     }
     let max = max_kl(levels);
     if kl > max {
-        return Err(TiltError::KlBudgetTooLarge {
-            requested: kl,
-            max,
-        });
+        return Err(TiltError::KlBudgetTooLarge { requested: kl, max });
     }
     if kl == 0.0 {
         return Ok(0.0);
@@ -162,7 +165,11 @@ pub fn solve_lambda_for_kl(levels: &Levels, kl: f64) -> Result<f64> {
     // Initial guess from the Gaussian approximation KL ≈ λ²σ²/2.
     let (rw, ms) = (levels.rewards(), levels.masses());
     let mu: f64 = rw.iter().zip(ms).map(|(r, m)| r * m).sum();
-    let var: f64 = rw.iter().zip(ms).map(|(r, m)| m * (r - mu) * (r - mu)).sum();
+    let var: f64 = rw
+        .iter()
+        .zip(ms)
+        .map(|(r, m)| m * (r - mu) * (r - mu))
+        .sum();
     let guess = if var > 0.0 && var.is_finite() {
         (2.0 * kl / var).sqrt()
     } else {

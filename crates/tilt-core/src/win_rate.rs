@@ -18,7 +18,9 @@ use crate::levels::{chunked_sum, Levels};
 /// ```
 pub fn win_rate_levels(levels: &Levels, level_pmf: &[f64]) -> f64 {
     let (below, mass) = (levels.below(), levels.masses());
-    let [w] = chunked_sum(level_pmf.len(), |l| [level_pmf[l] * (below[l] + 0.5 * mass[l])]);
+    let [w] = chunked_sum(level_pmf.len(), |l| {
+        [level_pmf[l] * (below[l] + 0.5 * mass[l])]
+    });
     w
 }
 
@@ -36,10 +38,17 @@ pub fn win_rate_levels(levels: &Levels, level_pmf: &[f64]) -> f64 {
 /// assert!((win_rate(&p, &[0.25, 0.75]).unwrap() - 0.625).abs() < 1e-15);
 /// ```
 pub fn win_rate(dist: &RewardDistribution, pi: &[f64]) -> Result<f64> {
-    if let Some((i, q)) = pi.iter().enumerate().find(|(_, q)| !q.is_finite() || **q < 0.0) {
+    if let Some((i, q)) = pi
+        .iter()
+        .enumerate()
+        .find(|(_, q)| !q.is_finite() || **q < 0.0)
+    {
         return Err(TiltError::invalid(
             "pi",
-            format!("entry {} is {q}; probabilities must be finite and ≥ 0", i + 1),
+            format!(
+                "entry {} is {q}; probabilities must be finite and ≥ 0",
+                i + 1
+            ),
         ));
     }
     let levels = Levels::new(dist)?;

@@ -39,10 +39,22 @@ impl SplitMix {
 /// values (so with ties when distinct < k), some outcomes possibly with mass 0.
 fn random_dist(rng: &mut SplitMix, k: usize, distinct: u64) -> RewardDistribution {
     let raw: Vec<f64> = (0..k)
-        .map(|_| if rng.unit() < 0.1 { 0.0 } else { rng.unit() + 0.01 })
+        .map(|_| {
+            if rng.unit() < 0.1 {
+                0.0
+            } else {
+                rng.unit() + 0.01
+            }
+        })
         .collect();
-    let rewards: Vec<f64> = (0..k).map(|_| (rng.next() % distinct) as f64 * 0.5 - 1.0).collect();
-    let raw = if raw.iter().all(|&x| x == 0.0) { vec![1.0; k] } else { raw };
+    let rewards: Vec<f64> = (0..k)
+        .map(|_| (rng.next() % distinct) as f64 * 0.5 - 1.0)
+        .collect();
+    let raw = if raw.iter().all(|&x| x == 0.0) {
+        vec![1.0; k]
+    } else {
+        raw
+    };
     RewardDistribution::new_normalized(raw, rewards).unwrap()
 }
 
@@ -65,16 +77,20 @@ fn brute_force_order_statistic(d: &RewardDistribution, n: u32, best: bool) -> Ve
         if prob == 0.0 {
             continue;
         }
-        let target = tuple
-            .iter()
-            .map(|&i| r[i])
-            .fold(if best { f64::NEG_INFINITY } else { f64::INFINITY }, |a, b| {
+        let target = tuple.iter().map(|&i| r[i]).fold(
+            if best {
+                f64::NEG_INFINITY
+            } else {
+                f64::INFINITY
+            },
+            |a, b| {
                 if best {
                     a.max(b)
                 } else {
                     a.min(b)
                 }
-            });
+            },
+        );
         let winners: Vec<usize> = tuple.iter().copied().filter(|&i| r[i] == target).collect();
         for &w in &winners {
             out[w] += prob / winners.len() as f64;
@@ -245,7 +261,11 @@ fn n_of_ten_to_the_fifteen_matches_series_expansions() {
     let nf = n as f64;
     for t in [1e-20, 1e-17, 3e-16, 1e-15] {
         let d = RewardDistribution::new(vec![1.0 - t, t], vec![0.0, 1.0]).unwrap();
-        assert_eq!(Levels::new(&d).unwrap().above()[0], t, "tail summed directly");
+        assert_eq!(
+            Levels::new(&d).unwrap().above()[0],
+            t,
+            "tail summed directly"
+        );
         let b = best_of_n(&d, n).unwrap();
         // π(top) = 1 − (1−t)^n, by series (x = n t ≤ 1: converges quickly).
         let top = one_minus_pow_series(t, nf);
@@ -253,7 +273,12 @@ fn n_of_ten_to_the_fifteen_matches_series_expansions() {
         assert_close(b.pmf[0], 1.0 - top, 1e-13, "π(bottom)");
         let klx = (1.0 - top) * ((1.0 - top).ln() - (-t).ln_1p()) + top * (top / t).ln();
         assert_close(b.kl, klx, 1e-12, &format!("KL t={t}"));
-        assert_close(b.win_rate, (1.0 - top) * (1.0 - t) / 2.0 + top * (1.0 - t / 2.0), 1e-14, "W");
+        assert_close(
+            b.win_rate,
+            (1.0 - top) * (1.0 - t) / 2.0 + top * (1.0 - t / 2.0),
+            1e-14,
+            "W",
+        );
         assert!(b.kl <= b.kl_bound);
     }
     // Three levels, the middle one tiny: π(mid) = (1−t)^n − ½^n ≈ e^{−nt}.
@@ -298,18 +323,31 @@ fn tilt_closed_forms_and_kl_solver() {
     for lambda in [1e-7, 1e-3, 0.1, 0.3, 1.0] {
         let kl_l = tilt_by_lambda(&d3, lambda).unwrap().kl;
         let back = tilt_by_kl(&d3, kl_l).unwrap();
-        assert!((back.lambda / lambda - 1.0).abs() < 1e-11, "λ={lambda}: {}", back.lambda);
+        assert!(
+            (back.lambda / lambda - 1.0).abs() < 1e-11,
+            "λ={lambda}: {}",
+            back.lambda
+        );
         assert!((back.beta * lambda - 1.0).abs() < 1e-11);
     }
     // Near saturation KL is flat in λ (dKL/dλ = λ·Var_φ(r) ≈ e^{−28}): λ is then only
     // determined up to rounding of KL, so check the KL reached instead.
     let kl_flat = tilt_by_lambda(&d3, 3.0).unwrap().kl;
     let back = tilt_by_kl(&d3, kl_flat).unwrap();
-    assert_close(back.kl, kl_flat, 1e-15, "KL at the solved λ near saturation");
+    assert_close(
+        back.kl,
+        kl_flat,
+        1e-15,
+        "KL at the solved λ near saturation",
+    );
     // Small-λ KL ≈ λ² Var/2.
     let var = {
         let mu = d3.mean_reward();
-        d3.probs().iter().zip(d3.rewards()).map(|(p, r)| p * (r - mu) * (r - mu)).sum::<f64>()
+        d3.probs()
+            .iter()
+            .zip(d3.rewards())
+            .map(|(p, r)| p * (r - mu) * (r - mu))
+            .sum::<f64>()
     };
     let small = tilt_by_lambda(&d3, 1e-8).unwrap().kl;
     assert_close(small, 1e-16 * var / 2.0, 1e-6, "KL ≈ λ²σ²/2");
@@ -355,7 +393,8 @@ fn soft_best_of_n_values_of_derivations_6_and_7() {
         assert!((a - b).abs() < 1e-8);
     }
     assert!(soft_best_of_n(&d3, 0, 1.0).is_err());
-    let wide = RewardDistribution::from_samples(&(0..40).map(f64::from).collect::<Vec<_>>()).unwrap();
+    let wide =
+        RewardDistribution::from_samples(&(0..40).map(f64::from).collect::<Vec<_>>()).unwrap();
     let e = soft_best_of_n(&wide, 30, 1.0).unwrap_err();
     assert!(e.to_string().contains("count vectors"), "{e}");
 }
@@ -407,12 +446,31 @@ fn divergences_match_direct_formulas() {
     let bc: f64 = q.iter().zip(&p).map(|(a, b)| (a * b).sqrt()).sum();
     assert_close(hellinger_squared(&q, &p).unwrap(), 1.0 - bc, 1e-14, "H²");
     for alpha in [0.5, 2.0, 3.0] {
-        let s: f64 = q.iter().zip(&p).map(|(a, b)| a.powf(alpha) * b.powf(1.0 - alpha)).sum();
-        assert_close(renyi(&q, &p, alpha).unwrap(), s.ln() / (alpha - 1.0), 1e-14, "Rényi");
+        let s: f64 = q
+            .iter()
+            .zip(&p)
+            .map(|(a, b)| a.powf(alpha) * b.powf(1.0 - alpha))
+            .sum();
+        assert_close(
+            renyi(&q, &p, alpha).unwrap(),
+            s.ln() / (alpha - 1.0),
+            1e-14,
+            "Rényi",
+        );
     }
     // α → 1 tends to KL; α = ∞ is log max ratio; ordering in α.
-    assert_close(renyi(&q, &p, 1.0 + 1e-7).unwrap(), direct_kl(&q, &p), 1e-6, "α→1");
-    assert_close(renyi(&q, &p, f64::INFINITY).unwrap(), 1.6f64.ln(), 1e-15, "D_∞");
+    assert_close(
+        renyi(&q, &p, 1.0 + 1e-7).unwrap(),
+        direct_kl(&q, &p),
+        1e-6,
+        "α→1",
+    );
+    assert_close(
+        renyi(&q, &p, f64::INFINITY).unwrap(),
+        1.6f64.ln(),
+        1e-15,
+        "D_∞",
+    );
     assert!(renyi(&q, &p, 0.5).unwrap() <= renyi(&q, &p, 2.0).unwrap());
     // Support failures are +∞, not NaN.
     let q0 = [0.5, 0.5, 0.0, 0.0];
@@ -420,7 +478,12 @@ fn divergences_match_direct_formulas() {
     assert_eq!(kl(&q0, &p0).unwrap(), f64::INFINITY);
     assert_eq!(chi_squared(&q0, &p0).unwrap(), f64::INFINITY);
     assert_eq!(renyi(&q0, &p0, 2.0).unwrap(), f64::INFINITY);
-    assert_close(renyi(&q0, &p0, 0.5).unwrap(), -2.0 * (0.5f64.sqrt()).ln(), 1e-15, "α<1");
+    assert_close(
+        renyi(&q0, &p0, 0.5).unwrap(),
+        -2.0 * (0.5f64.sqrt()).ln(),
+        1e-15,
+        "α<1",
+    );
     assert!(kl(&[0.5, 0.5], &[1.0]).is_err());
     assert!(kl(&[], &[]).is_err());
     assert!(renyi(&q, &p, 0.0).is_err());

@@ -33,7 +33,10 @@ fn identity_tilt_matches_closed_form() {
         let kl = l * w - (l + (-(-l).exp()).ln_1p() - l.ln());
         let (got_w, got_kl) = (tilt.win_rate().unwrap(), tilt.kl().unwrap());
         assert!((got_w - w).abs() < 1e-11, "l={l}: W {got_w} vs {w}");
-        assert!((got_kl - kl).abs() < 1e-10 * kl.max(1.0), "l={l}: KL {got_kl} vs {kl}");
+        assert!(
+            (got_kl - kl).abs() < 1e-10 * kl.max(1.0),
+            "l={l}: KL {got_kl} vs {kl}"
+        );
         // G(u) = expm1(lu)/expm1(l).
         for u in [0.1, 0.5, 0.9, 0.999] {
             let g = if l < 500.0 {
@@ -41,7 +44,11 @@ fn identity_tilt_matches_closed_form() {
             } else {
                 (l * (u - 1.0)).exp()
             };
-            assert!((tilt.cdf(u) - g).abs() < 1e-12, "l={l} u={u}: {} vs {g}", tilt.cdf(u));
+            assert!(
+                (tilt.cdf(u) - g).abs() < 1e-12,
+                "l={l} u={u}: {} vs {g}",
+                tilt.cdf(u)
+            );
         }
     }
 }
@@ -175,21 +182,76 @@ fn regression_values_of_derivations_2_5() {
     }
     // (N, procedure, transform, K, inference WR, identity inference WR); 4-digit values.
     let cases = [
-        (2, Procedure::Bon, Transform::Exp { t: 4.0 }, 0.25, 0.7393, 0.7198),
-        (2, Procedure::Bon, Transform::Exp { t: 5.0 }, 0.5, 0.8154, 0.7917),
-        (2, Procedure::Bon, Transform::Exp { t: 10.0 }, 2.0, 0.9627, 0.9515),
-        (4, Procedure::Bon, Transform::Exp { t: 12.0 }, 0.5, 0.8726, 0.7998),
-        (4, Procedure::Bon, Transform::Exp { t: 15.0 }, 1.0, 0.9395, 0.8770),
-        (2, Procedure::Won, Transform::NegExp { t: 4.0 }, 0.5, 0.8595, 0.8403),
-        (4, Procedure::Won, Transform::NegExp { t: 10.0 }, 0.5, 0.9476, 0.8860),
+        (
+            2,
+            Procedure::Bon,
+            Transform::Exp { t: 4.0 },
+            0.25,
+            0.7393,
+            0.7198,
+        ),
+        (
+            2,
+            Procedure::Bon,
+            Transform::Exp { t: 5.0 },
+            0.5,
+            0.8154,
+            0.7917,
+        ),
+        (
+            2,
+            Procedure::Bon,
+            Transform::Exp { t: 10.0 },
+            2.0,
+            0.9627,
+            0.9515,
+        ),
+        (
+            4,
+            Procedure::Bon,
+            Transform::Exp { t: 12.0 },
+            0.5,
+            0.8726,
+            0.7998,
+        ),
+        (
+            4,
+            Procedure::Bon,
+            Transform::Exp { t: 15.0 },
+            1.0,
+            0.9395,
+            0.8770,
+        ),
+        (
+            2,
+            Procedure::Won,
+            Transform::NegExp { t: 4.0 },
+            0.5,
+            0.8595,
+            0.8403,
+        ),
+        (
+            4,
+            Procedure::Won,
+            Transform::NegExp { t: 10.0 },
+            0.5,
+            0.9476,
+            0.8860,
+        ),
     ];
     for (n, p, tr, kl, w, w_id) in cases {
         let tilt = CalibratedTilt::with_kl(tr, kl).unwrap();
         let got = inference_win_rate(&tilt, n, p).unwrap();
-        assert!((got - w).abs() < 1.5e-4, "{tr:?} N={n} K={kl}: {got} vs {w}");
+        assert!(
+            (got - w).abs() < 1.5e-4,
+            "{tr:?} N={n} K={kl}: {got} vs {w}"
+        );
         let id = CalibratedTilt::with_kl(Transform::Identity, kl).unwrap();
         let got_id = inference_win_rate(&id, n, p).unwrap();
-        assert!((got_id - w_id).abs() < 1.5e-4, "identity N={n} K={kl}: {got_id}");
+        assert!(
+            (got_id - w_id).abs() < 1.5e-4,
+            "identity N={n} K={kl}: {got_id}"
+        );
     }
     // N = 32, K = 0.5, t = 50: 0.97259 (extended grid).
     let tilt = CalibratedTilt::with_kl(Transform::Exp { t: 50.0 }, 0.5).unwrap();
@@ -217,7 +279,10 @@ fn bad_input_is_a_clear_error() {
         other => panic!("expected an error naming {name}, got {other:?}"),
     };
     named(CalibratedTilt::new(Transform::Exp { t: -1.0 }, 1.0), "t");
-    named(CalibratedTilt::new(Transform::NegExp { t: f64::NAN }, 1.0), "t");
+    named(
+        CalibratedTilt::new(Transform::NegExp { t: f64::NAN }, 1.0),
+        "t",
+    );
     named(CalibratedTilt::new(Transform::Identity, 0.0), "beta");
     named(CalibratedTilt::new(Transform::Identity, -2.0), "beta");
     named(CalibratedTilt::with_kl(Transform::Identity, 0.0), "kl");
@@ -277,5 +342,22 @@ proptest! {
         // the identity: RLHF on c is optimal for the standard win rate at its KL.
         let id = CalibratedTilt::with_kl(Transform::Identity, kl).unwrap();
         prop_assert!(tilt.win_rate().unwrap() <= id.win_rate().unwrap() + 1e-10);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(200))]
+    #[test]
+    fn complement_is_one_minus_normalized_and_normalisation_holds(
+        t in 0.0f64..300.0,
+        u in 0.0f64..=1.0,
+        neg in any::<bool>(),
+    ) {
+        let tr = if neg { Transform::NegExp { t } } else { Transform::Exp { t } };
+        let phi = tr.normalized(u);
+        prop_assert!((0.0..=1.0 + 1e-15).contains(&phi));
+        prop_assert!((tr.complement(u) - (1.0 - phi)).abs() < 1e-14);
+        prop_assert!(tr.normalized(0.0).abs() < 1e-15);
+        prop_assert!((tr.normalized(1.0) - 1.0).abs() < 1e-14);
     }
 }

@@ -157,7 +157,11 @@ fn best_of_three_matches_triple_enumeration_and_sequence_level_kl() {
     let law = m.sum_law(l, 0.7, None).unwrap();
     let bon = law.best_of_n(3f64.ln()).unwrap();
     let mean_exact: f64 = bon_exact.iter().map(|(s, p)| *s as f64 * p).sum();
-    assert!((bon.mean - mean_exact).abs() < 1e-13, "{} vs {mean_exact}", bon.mean);
+    assert!(
+        (bon.mean - mean_exact).abs() < 1e-13,
+        "{} vs {mean_exact}",
+        bon.mean
+    );
     for (j, lp) in bon.log_pmf.iter().enumerate() {
         let s = law.value(j).round() as i64;
         let e = bon_exact[&s];
@@ -206,12 +210,21 @@ fn convergence_as_length_grows() {
         assert!(r.bon_reward_per_token < r.tilt_reward_per_token);
         assert!(r.bon_reward_per_token > r.reference_reward_per_token);
         let gap = r.x_star - r.bon_reward_per_token;
-        assert!(gap < prev_gap, "L={l}: gap {gap} did not shrink from {prev_gap}");
-        assert!(r.kl_tilt_bon_per_token < prev_kl, "L={l}: KL/L did not shrink");
+        assert!(
+            gap < prev_gap,
+            "L={l}: gap {gap} did not shrink from {prev_gap}"
+        );
+        assert!(
+            r.kl_tilt_bon_per_token < prev_kl,
+            "L={l}: KL/L did not shrink"
+        );
         prev_gap = gap;
         prev_kl = r.kl_tilt_bon_per_token;
         if l == 4000 {
-            assert!(gap < 0.01 * (r.x_star - r.reference_reward_per_token), "gap {gap}");
+            assert!(
+                gap < 0.01 * (r.x_star - r.reference_reward_per_token),
+                "gap {gap}"
+            );
             assert!(r.kl_tilt_bon_per_token < 2e-3);
         }
     }
@@ -234,7 +247,9 @@ fn renyi_form_of_scaled_cgf_is_exact_at_finite_length() {
     let m = model(&[0.4, 0.35, 0.25], &[0.0, 1.0, 3.0]);
     let lambda = m.lambda_for_kl(0.3).unwrap();
     let l = 20;
-    let law = m.sum_law(l, lambda, Some(ConvolutionMethod::Direct)).unwrap();
+    let law = m
+        .sum_law(l, lambda, Some(ConvolutionMethod::Direct))
+        .unwrap();
     let tilt = law.tilted_log_pmf(&m, lambda);
     for ratio in [-0.6, 0.5, 1.0, 2.5] {
         let theta = ratio * lambda;
@@ -258,13 +273,19 @@ fn bad_input_is_a_clear_error() {
         Err(TiltError::KlBudgetTooLarge { max, .. }) => assert!((max - 2f64.ln()).abs() < 1e-15),
         other => panic!("{other:?}"),
     }
-    assert!(matches!(m.analyze(0, 0.1), Err(TiltError::InvalidInput { input, .. }) if input == "length"));
-    assert!(matches!(m.analyze(10, -0.1), Err(TiltError::InvalidInput { input, .. }) if input == "delta"));
+    assert!(
+        matches!(m.analyze(0, 0.1), Err(TiltError::InvalidInput { input, .. }) if input == "length")
+    );
+    assert!(
+        matches!(m.analyze(10, -0.1), Err(TiltError::InvalidInput { input, .. }) if input == "delta")
+    );
     let d = RewardDistribution::new(vec![0.5, 0.5], vec![0.0, std::f64::consts::PI]).unwrap();
     // π and 0 are on a grid (step π); √2 with 1 is not.
     assert!(MemorylessModel::new(&d, None).is_ok());
     let d = RewardDistribution::new(vec![0.3, 0.3, 0.4], vec![0.0, 1.0, 2f64.sqrt()]).unwrap();
-    assert!(matches!(MemorylessModel::new(&d, None), Err(TiltError::InvalidInput { input, .. }) if input == "rewards"));
+    assert!(
+        matches!(MemorylessModel::new(&d, None), Err(TiltError::InvalidInput { input, .. }) if input == "rewards")
+    );
     let snapped = MemorylessModel::new(&d, Some(0.01)).unwrap();
     assert!(snapped.lattice().snap_error() <= 0.005 + 1e-15);
     assert!(MemorylessModel::new(&d, Some(-1.0)).is_err());

@@ -199,7 +199,7 @@ pub fn parse_strategies(spec: &str) -> Result<Vec<EvalStrategy>, DecodeError> {
                             let l: f64 = v.trim().parse().map_err(|_| {
                                 bad_spec(format!("cd-token lambda = {v:?} is not a number"))
                             })?;
-                            if !(l >= 0.0) || !l.is_finite() {
+                            if !(l.is_finite() && l >= 0.0) {
                                 return Err(bad_spec(format!(
                                     "cd-token lambda = {l}; λ must be a finite number ≥ 0"
                                 )));

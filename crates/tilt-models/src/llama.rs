@@ -36,8 +36,10 @@
 //! blocks whatever the thread count), each computed by a single-threaded GEMM, and attention
 //! is one task per row; so results are bitwise identical at any thread count. They may
 //! differ in the last bits with the *number of rows* in a batch (GEMM picks its blocking
-//! from the matrix sizes), so a sequence's log-probs can differ by ~1e-6 depending on which
-//! other sequences share its batch; the tests check such differences stay at that level.
+//! from the matrix sizes, and from 8 rows on the product is written column-major), so a
+//! sequence's log-probs can differ slightly depending on how many other sequences share its
+//! batch; the tests bound the difference (1e-4 nats on tiny models) and check that the
+//! argmax agrees. Same seed and configuration give the same bytes at 1 or 2 threads.
 
 use std::sync::Arc;
 

@@ -6,7 +6,7 @@
 //!
 //! Tolerances: both sides compute in f32 from the same dequantised weights, but in a
 //! different order (tilt's GEMM blocking, torch's kernels), and the differences grow
-//! through 30 layers; logits agree to ~1e-4 typically. We allow 2e-3 nats (absolute) on
+//! through 30 layers; measured: 2.7e-5 nats at most over the top-50. We allow 5e-4 nats on
 //! logits and log-probs, 1e-3 relative on the hidden state's norm.
 
 use std::sync::OnceLock;
@@ -14,7 +14,7 @@ use std::sync::OnceLock;
 use serde_json::Value;
 use tilt_models::{LlamaPolicy, Policy, TokenId};
 
-const LOGIT_TOL: f64 = 2e-3;
+const LOGIT_TOL: f64 = 5e-4;
 
 fn reference() -> Value {
     let text = include_str!("fixtures/smollm2_reference.json");

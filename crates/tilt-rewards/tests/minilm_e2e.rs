@@ -132,3 +132,44 @@ fn missing_and_truncated_model_files_are_named() {
     let msg = MiniLmEmbedder::load(dir.path()).unwrap_err().to_string();
     assert!(msg.contains("is not a BERT config"), "{msg}");
 }
+
+/// Same texts, same bytes, whatever the thread count: this test re-runs itself in child
+/// processes with `RAYON_NUM_THREADS` = 1 and 2 (candle's CPU thread count) and compares the
+/// embeddings bit for bit.
+#[test]
+fn embeddings_do_not_depend_on_the_thread_count() {
+    const NAME: &str = "embeddings_do_not_depend_on_the_thread_count";
+    let texts = [
+        "The cat sat on the mat.",
+        "Mix flour, water and starter, let it rise overnight, then bake at 230 degrees.",
+        "Quarterly revenue grew by twelve percent, beating analyst expectations.",
+    ];
+    if let Ok(path) = std::env::var("TILT_MINILM_DUMP") {
+        let emb = MiniLmEmbedder::load_default()
+            .unwrap()
+            .embed(&texts)
+            .unwrap();
+        let bytes: Vec<u8> = emb.iter().flatten().flat_map(|x| x.to_le_bytes()).collect();
+        std::fs::write(path, bytes).unwrap();
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut dumps = Vec::new();
+    for threads in ["1", "2"] {
+        let path = dir.path().join(format!("threads{threads}"));
+        let status = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", NAME, "--test-threads", "1"])
+            .env("TILT_MINILM_DUMP", &path)
+            .env("RAYON_NUM_THREADS", threads)
+            .stdout(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success());
+        dumps.push(std::fs::read(&path).unwrap());
+    }
+    assert_eq!(dumps[0].len(), 3 * 384 * 4);
+    assert!(
+        dumps[0] == dumps[1],
+        "embeddings differ between 1 and 2 threads"
+    );
+}

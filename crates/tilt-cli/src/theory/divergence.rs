@@ -29,7 +29,11 @@ pub struct DivergenceArgs {
 
 fn pmf(flag: &str, text: &str, normalize: bool) -> anyhow::Result<Vec<f64>> {
     let mut v = parse_list(flag, text)?;
-    if let Some((i, x)) = v.iter().enumerate().find(|(_, x)| !x.is_finite() || **x < 0.0) {
+    if let Some((i, x)) = v
+        .iter()
+        .enumerate()
+        .find(|(_, x)| !x.is_finite() || **x < 0.0)
+    {
         return Err(usage(format!(
             "{flag}: entry {} is {x}; probabilities must be finite and ≥ 0",
             i + 1

@@ -32,7 +32,11 @@ pub struct FrontierArgs {
 fn plot(path: &std::path::Path, f: &Frontier) -> anyhow::Result<()> {
     let bon_r: Vec<(f64, f64)> = f.bon.iter().map(|b| (b.kl, b.expected_reward)).collect();
     let tilt_r: Vec<(f64, f64)> = f.tilt.iter().map(|t| (t.kl, t.expected_reward)).collect();
-    let bound_r: Vec<(f64, f64)> = f.bon.iter().map(|b| (b.kl_bound, b.expected_reward)).collect();
+    let bound_r: Vec<(f64, f64)> = f
+        .bon
+        .iter()
+        .map(|b| (b.kl_bound, b.expected_reward))
+        .collect();
     let bon_w: Vec<(f64, f64)> = f.bon.iter().map(|b| (b.kl, b.win_rate)).collect();
     let tilt_w: Vec<(f64, f64)> = f.tilt.iter().map(|t| (t.kl, t.win_rate)).collect();
     let bound_w: Vec<(f64, f64)> = f.bon.iter().map(|b| (b.kl_bound, b.win_rate)).collect();

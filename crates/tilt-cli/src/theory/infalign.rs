@@ -10,8 +10,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use tilt_core::infalign::{
-    evaluate, inference_win_rate, optimize_t, BestOfMPolicy, CalibratedTilt, Procedure,
-    Transform,
+    evaluate, inference_win_rate, optimize_t, BestOfMPolicy, CalibratedTilt, Procedure, Transform,
 };
 use tilt_plot::{write_svg, Panel, Series, SeriesStyle};
 
@@ -118,8 +117,8 @@ pub fn run(args: InfalignArgs) -> anyhow::Result<()> {
         }
         let kl = args.kl.expect("clap requires --kl");
         let kind = args.transform;
-        let opt = optimize_t(|t| make(kind, t), args.n, procedure, kl, args.t_max)
-            .map_err(flag_error)?;
+        let opt =
+            optimize_t(|t| make(kind, t), args.n, procedure, kl, args.t_max).map_err(flag_error)?;
         if opt.at_edge {
             tracing::warn!(
                 t_max = opt.t_max,
@@ -179,7 +178,11 @@ pub struct InfalignFrontierArgs {
     #[arg(long, value_enum, default_value_t = ProcedureArg::Bon)]
     procedure: ProcedureArg,
     /// KL budgets in nats, comma separated.
-    #[arg(long, default_value = "0.1,0.25,0.5,0.75,1,1.5,2,3", allow_hyphen_values = true)]
+    #[arg(
+        long,
+        default_value = "0.1,0.25,0.5,0.75,1,1.5,2,3",
+        allow_hyphen_values = true
+    )]
     kls: String,
     /// Upper end of the t search.
     #[arg(long, default_value_t = 200.0, allow_hyphen_values = true)]
@@ -228,7 +231,10 @@ pub fn run_frontier(args: InfalignFrontierArgs) -> anyhow::Result<()> {
     let kls = parse_list("--kls", &args.kls)?;
     if let Some(path) = &args.plot {
         if path.extension().and_then(|e| e.to_str()) != Some("svg") {
-            return Err(usage(format!("--plot: {} must end in .svg", path.display())));
+            return Err(usage(format!(
+                "--plot: {} must end in .svg",
+                path.display()
+            )));
         }
     }
     let kind = match procedure {
@@ -245,8 +251,8 @@ pub fn run_frontier(args: InfalignFrontierArgs) -> anyhow::Result<()> {
     for &kl in &kls {
         let id = CalibratedTilt::with_kl(Transform::Identity, kl).map_err(flag_error)?;
         let id_w = inference_win_rate(&id, args.n, procedure).map_err(flag_error)?;
-        let opt = optimize_t(|t| make(kind, t), args.n, procedure, kl, args.t_max)
-            .map_err(flag_error)?;
+        let opt =
+            optimize_t(|t| make(kind, t), args.n, procedure, kl, args.t_max).map_err(flag_error)?;
         let bom = BestOfMPolicy::with_kl(kl).map_err(flag_error)?;
         let bom_w = inference_win_rate(&bom, args.n, procedure).map_err(flag_error)?;
         rows.push(json!({
@@ -266,7 +272,11 @@ pub fn run_frontier(args: InfalignFrontierArgs) -> anyhow::Result<()> {
     if let Some(path) = &args.plot {
         let title = format!(
             "InfAlign: {} N = {} (arXiv 2412.19792)",
-            if procedure == Procedure::Bon { "best-of-N" } else { "worst-of-N" },
+            if procedure == Procedure::Bon {
+                "best-of-N"
+            } else {
+                "worst-of-N"
+            },
             args.n
         );
         plot(path, &title, &rows)?;

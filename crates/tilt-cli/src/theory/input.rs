@@ -43,12 +43,8 @@ pub fn parse_list(flag: &str, text: &str) -> anyhow::Result<Vec<f64>> {
         .enumerate()
         .map(|(i, s)| {
             let s = s.trim();
-            s.parse::<f64>().map_err(|_| {
-                usage(format!(
-                    "{flag}: entry {} {s:?} is not a number",
-                    i + 1
-                ))
-            })
+            s.parse::<f64>()
+                .map_err(|_| usage(format!("{flag}: entry {} {s:?} is not a number", i + 1)))
         })
         .collect()
 }
@@ -150,9 +146,15 @@ fn read_dist_file(path: &Path) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
             rewards.push(field("reward")?);
         }
     } else {
-        let mut lines = text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty());
+        let mut lines = text
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty());
         let header: Vec<String> = match lines.next() {
-            Some((_, h)) => h.split(',').map(|s| s.trim().to_ascii_lowercase()).collect(),
+            Some((_, h)) => h
+                .split(',')
+                .map(|s| s.trim().to_ascii_lowercase())
+                .collect(),
             None => return Err(usage(format!("{name}: empty file"))),
         };
         let (pi, ri) = match (
@@ -249,7 +251,9 @@ pub fn parse_count(s: &str) -> Result<u64, String> {
         return Ok(v);
     }
     match s.trim().parse::<f64>() {
-        Ok(x) if x.is_finite() && x >= 0.0 && x.fract() == 0.0 && x <= u64::MAX as f64 => Ok(x as u64),
+        Ok(x) if x.is_finite() && x >= 0.0 && x.fract() == 0.0 && x <= u64::MAX as f64 => {
+            Ok(x as u64)
+        }
         _ => Err(format!("{s:?} is not a non-negative whole number")),
     }
 }

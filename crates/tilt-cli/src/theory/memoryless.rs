@@ -141,7 +141,10 @@ pub fn run(args: MemorylessArgs) -> anyhow::Result<()> {
     let lengths = parse_lengths(&args)?;
     if let Some(path) = &args.plot {
         if path.extension().and_then(|e| e.to_str()) != Some("svg") {
-            return Err(usage(format!("--plot: {} must end in .svg", path.display())));
+            return Err(usage(format!(
+                "--plot: {} must end in .svg",
+                path.display()
+            )));
         }
     }
     let model = MemorylessModel::new(&dist, args.grid).map_err(flag)?;

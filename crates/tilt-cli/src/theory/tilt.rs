@@ -11,7 +11,12 @@ pub struct TiltArgs {
     #[command(flatten)]
     dist: DistributionArgs,
     /// Regularisation strength β > 0 (the tilt is p·e^{r/β}).
-    #[arg(long, conflicts_with = "kl", required_unless_present = "kl", allow_hyphen_values = true)]
+    #[arg(
+        long,
+        conflicts_with = "kl",
+        required_unless_present = "kl",
+        allow_hyphen_values = true
+    )]
     beta: Option<f64>,
     /// KL budget in nats: solve for the β whose tilt has exactly this KL (1e-12 relative).
     #[arg(long, allow_hyphen_values = true)]

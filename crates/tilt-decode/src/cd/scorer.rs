@@ -258,7 +258,7 @@ impl ScorerHead {
         }
         let mean = file.get(names::FEATURE_MEAN, &[d])?;
         let std = file.get(names::FEATURE_STD, &[d])?;
-        if let Some(i) = std.iter().position(|&s| !(s > 0.0)) {
+        if let Some(i) = std.iter().position(|&s| !(s.is_finite() && s > 0.0)) {
             return Err(file.bad(format!(
                 "tensor {:?} entry {i} is {}, must be > 0",
                 names::FEATURE_STD,

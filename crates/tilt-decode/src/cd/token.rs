@@ -42,7 +42,7 @@ impl CdTokenParams {
     /// # Errors
     /// [`CdError::InvalidParameter`] naming `--lambda`, `--top-k` or `--max-new-tokens`.
     pub fn validate(&self) -> Result<()> {
-        if !(self.lambda >= 0.0) || !self.lambda.is_finite() {
+        if !(self.lambda.is_finite() && self.lambda >= 0.0) {
             return Err(CdError::invalid(
                 "--lambda",
                 format!("is {}; λ must be a finite number ≥ 0", self.lambda),
@@ -135,7 +135,7 @@ pub fn cd_token_step_law(
     values: &[f64],
     lambda: f64,
 ) -> Result<CdTokenStepLaw> {
-    if !(lambda >= 0.0) || !lambda.is_finite() {
+    if !(lambda.is_finite() && lambda >= 0.0) {
         return Err(CdError::invalid(
             "--lambda",
             format!("is {lambda}; λ must be a finite number ≥ 0"),
@@ -176,7 +176,7 @@ pub fn cd_token_step_law(
     let top: f64 = by_id.iter().map(|&i| lp[i].exp() * a[i].exp()).sum();
     let all: f64 = log_probs.iter().map(|&l| f64::from(l).exp()).sum();
     let log_z = top.ln() - all.ln();
-    if !(top > 0.0) || !log_z.is_finite() {
+    if !(top.is_finite() && top > 0.0 && log_z.is_finite()) {
         return Err(CdError::invalid(
             "candidates",
             "the top-k tokens have zero probability under p",

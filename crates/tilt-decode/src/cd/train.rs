@@ -236,13 +236,13 @@ impl TrainConfig {
         if self.epochs == 0 {
             return Err(CdError::invalid("--epochs", "is 0; at least 1"));
         }
-        if !(self.learning_rate > 0.0) || !self.learning_rate.is_finite() {
+        if !(self.learning_rate.is_finite() && self.learning_rate > 0.0) {
             return Err(CdError::invalid(
                 "--learning-rate",
                 format!("is {}; must be a finite number > 0", self.learning_rate),
             ));
         }
-        if !(self.weight_decay >= 0.0) || !self.weight_decay.is_finite() {
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
             return Err(CdError::invalid(
                 "--weight-decay",
                 format!("is {}; must be a finite number ≥ 0", self.weight_decay),
