@@ -51,45 +51,58 @@ fn sortable_bits(x: f64) -> u64 {
 /// Below this many outcomes, a comparison sort; above, an LSD radix sort.
 const RADIX_THRESHOLD: usize = 1 << 16;
 
+const RADIX_BITS: u32 = 11;
+const RADIX_BUCKETS: usize = 1 << RADIX_BITS;
+const RADIX_PASSES: usize = 64usize.div_ceil(RADIX_BITS as usize);
+/// Radix sort when at most this many of its passes are needed (tied or narrow-range
+/// rewards); otherwise rayon's parallel comparison sort, which wins on 2 cores.
+const RADIX_MAX_PASSES: usize = 3;
+
 /// Sort `(key, index)` pairs by key, then index (the input is in index order).
 ///
-/// Large inputs use a stable LSD radix sort on 11-bit digits that skips every digit on
-/// which all keys agree (tied or narrow-range rewards need only a few passes); its result
-/// is the same total order as the comparison sort, whatever the thread count.
+/// Large inputs whose keys differ in few 11-bit digits (ties, narrow ranges) use a stable
+/// LSD radix sort that skips every digit on which all keys agree; others use rayon's
+/// parallel pdqsort. Both give the same total order, whatever the thread count.
 fn sort_keyed(mut keyed: Vec<(u64, u32)>) -> Vec<(u64, u32)> {
-    if keyed.len() < RADIX_THRESHOLD {
-        keyed.par_sort_unstable();
-        return keyed;
+    if keyed.len() >= RADIX_THRESHOLD {
+        let hist = digit_histograms(&keyed);
+        let n = keyed.len();
+        let passes = hist.iter().filter(|h| !h.contains(&n)).count();
+        if passes <= RADIX_MAX_PASSES {
+            return radix_sort(keyed, &hist);
+        }
     }
-    radix_sort(keyed)
+    keyed.par_sort_unstable();
+    keyed
 }
 
-fn radix_sort(mut keyed: Vec<(u64, u32)>) -> Vec<(u64, u32)> {
-    const BITS: u32 = 11;
-    const BUCKETS: usize = 1 << BITS;
-    const PASSES: usize = 64usize.div_ceil(BITS as usize);
-    let n = keyed.len();
-    // One read to histogram every digit.
-    let mut hist = vec![[0usize; BUCKETS]; PASSES];
-    for &(k, _) in &keyed {
+/// Histogram of every 11-bit digit of the keys, in one read.
+fn digit_histograms(keyed: &[(u64, u32)]) -> Vec<[usize; RADIX_BUCKETS]> {
+    let mut hist = vec![[0usize; RADIX_BUCKETS]; RADIX_PASSES];
+    for &(k, _) in keyed {
         for (p, h) in hist.iter_mut().enumerate() {
-            h[((k >> (p as u32 * BITS)) as usize) & (BUCKETS - 1)] += 1;
+            h[((k >> (p as u32 * RADIX_BITS)) as usize) & (RADIX_BUCKETS - 1)] += 1;
         }
     }
+    hist
+}
+
+fn radix_sort(mut keyed: Vec<(u64, u32)>, hist: &[[usize; RADIX_BUCKETS]]) -> Vec<(u64, u32)> {
+    let n = keyed.len();
     let mut buf: Vec<(u64, u32)> = vec![(0, 0); n];
     for (p, h) in hist.iter().enumerate() {
-        if h.iter().any(|&c| c == n) {
+        if h.contains(&n) {
             continue; // every key has the same digit here
         }
-        let mut offset = [0usize; BUCKETS];
+        let mut offset = [0usize; RADIX_BUCKETS];
         let mut acc = 0;
         for (o, &c) in offset.iter_mut().zip(h.iter()) {
             *o = acc;
             acc += c;
         }
-        let shift = p as u32 * BITS;
+        let shift = p as u32 * RADIX_BITS;
         for &e in &keyed {
-            let d = ((e.0 >> shift) as usize) & (BUCKETS - 1);
+            let d = ((e.0 >> shift) as usize) & (RADIX_BUCKETS - 1);
             buf[offset[d]] = e;
             offset[d] += 1;
         }
@@ -320,9 +333,11 @@ mod tests {
                 .collect();
             let mut expect = keyed.clone();
             expect.sort_unstable();
-            assert_eq!(radix_sort(keyed), expect);
+            let hist = digit_histograms(&keyed);
+            assert_eq!(radix_sort(keyed.clone(), &hist), expect);
+            assert_eq!(sort_keyed(keyed), expect);
         }
-        let zeros = vec![(sortable_bits(-0.0), 0), (sortable_bits(0.0), 1)];
+        let zeros = [(sortable_bits(-0.0), 0), (sortable_bits(0.0), 1)];
         assert_eq!(zeros[0].0, zeros[1].0);
     }
 }

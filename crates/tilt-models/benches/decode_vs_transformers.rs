@@ -2,7 +2,8 @@
 //! run, on the same GGUF file (SmolLM2-135M-Instruct Q4_1 by default) and thread count.
 //!
 //! For N = 1, 4, 16 sequences: a 64-token prompt is prefilled once, forked N times, and 64
-//! new tokens are decoded per sequence (greedy: the sampler is not what is measured). We
+//! new tokens are decoded per sequence (greedy for tilt: the sampler is not what is
+//! measured; transformers samples at temperature 1, as it refuses N > 1 greedy). We
 //! print the prefill time and the aggregated decode rate (N × 64 tokens / decode time), and
 //! transformers' `generate(num_return_sequences = N)` rate (prefill included, as it reports
 //! it), with the ratios.
@@ -196,7 +197,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     };
     println!(
-        "{PROMPT_TOKENS}-token prompt, {NEW_TOKENS} new tokens per sequence, greedy, {threads} threads"
+        "{PROMPT_TOKENS}-token prompt, {NEW_TOKENS} new tokens per sequence, {threads} threads; total = prefill + decode"
     );
     println!(
         "{:>3} | {:>14} {:>16} {:>16} | {:>14} {:>16} {:>16} | {:>9}",

@@ -1,8 +1,9 @@
 """Baseline for benches/decode_vs_transformers.rs: HF transformers `generate` on a GGUF.
 
 Loads the GGUF with transformers (dequantised to f32, CPU), then for each N generates
-`--new-tokens` tokens after the given prompt ids with `num_return_sequences = N` (greedy via
-`do_sample=False`, N identical rows: the cost is what is measured), and prints one JSON line
+`--new-tokens` tokens after the given prompt ids with `num_return_sequences = N` (plain sampling,
+temperature 1, no truncation: transformers refuses `num_return_sequences > 1` for greedy
+decoding; the sampler's cost is small beside the forward), and prints one JSON line
 per N: prefill time (one forward of the prompt), total rate (prefill included, N × new
 tokens / generate time) and a decode-only rate (generate time minus one prefill).
 
@@ -32,7 +33,7 @@ def main():
     model.eval()
     ids = torch.tensor([[int(x) for x in a.prompt_ids.split(",")]])
     with torch.no_grad():
-        model.generate(ids, max_new_tokens=4, do_sample=False, min_new_tokens=4)  # warm-up
+        model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=True, top_k=0)  # warm-up
         for n in [int(x) for x in a.batches.split(",")]:
             t0 = time.perf_counter()
             model(ids.repeat(n, 1))
@@ -42,7 +43,10 @@ def main():
                 ids,
                 max_new_tokens=a.new_tokens,
                 min_new_tokens=a.new_tokens,
-                do_sample=False,
+                do_sample=True,
+                temperature=1.0,
+                top_k=0,
+                top_p=1.0,
                 num_beams=1,
                 num_return_sequences=n,
                 pad_token_id=0,

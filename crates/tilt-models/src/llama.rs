@@ -36,7 +36,7 @@
 //! blocks whatever the thread count), each computed by a single-threaded GEMM, and attention
 //! is one task per row; so results are bitwise identical at any thread count. They may
 //! differ in the last bits with the *number of rows* in a batch (GEMM picks its blocking
-//! from the matrix sizes, and from 8 rows on the product is written column-major), so a
+//! from the matrix sizes, and from 2 rows on the product is written column-major), so a
 //! sequence's log-probs can differ slightly depending on how many other sequences share its
 //! batch; the tests bound the difference (1e-4 nats on tiny models) and check that the
 //! argmax agrees. Same seed and configuration give the same bytes at 1 or 2 threads.
@@ -597,11 +597,10 @@ impl Llama {
     /// `out (rows, w.out) = x (rows, w.inp) · Wᵀ`, or `out += …` when `accumulate`.
     ///
     /// The output columns are split into fixed blocks, one single-threaded GEMM each, so
-    /// the arithmetic does not depend on the thread count. From 8 rows on, the GEMM writes
+    /// the arithmetic does not depend on the thread count. From 2 rows on, the GEMM writes
     /// a column-major `(out, rows)` scratch that is then transposed into `out`: measured on
-    /// 2 AVX2 cores, 16 rows × the LM head took 16 ms that way against 26 ms writing
-    /// row-major (the GEMM transposes a row-major product internally and then works on
-    /// 16-wide panels).
+    /// 2 AVX2 cores, the LM head took 16 ms that way for 16 rows against 26 ms writing
+    /// row-major (29 against 36 ms for 4 rows); one row takes GEMM's matrix–vector path.
     fn matmul(
         &self,
         x: &[f32],
@@ -619,8 +618,8 @@ impl Llama {
                 w.out
             )));
         }
-        let column_major = rows >= 8;
-        let block_cols = if rows < 8 { 1024 } else { 256 };
+        let column_major = rows >= 2;
+        let block_cols = if column_major { 256 } else { 1024 };
         let mut scratch = if column_major {
             vec![0f32; rows * w.out]
         } else {

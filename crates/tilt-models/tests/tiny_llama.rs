@@ -322,8 +322,8 @@ fn reference_log_probs(w: &Weights, tokens: &[TokenId]) -> Vec<Vec<f32>> {
 fn extend_matches_naive_reference_forward() {
     let t = tiny();
     let p = load(&t, 1);
-    // 12 extended rows: the GEMM's column-major path (8 rows or more) as well as the
-    // row-major one (the 3-token prefill).
+    // A 3-row prefill and a 12-row extend (the GEMM's column-major path; single steps,
+    // tested below, take its one-row path).
     let tokens: Vec<TokenId> = vec![5, 17, 200, 3, 99, 42, 42, 7, 250, 11, 64, 65, 66, 9, 1];
     let (mut cache, first) = p.prefill(&tokens[..3]).unwrap();
     let rest = p.extend(&mut cache, &tokens[3..]).unwrap();
@@ -339,7 +339,8 @@ fn extend_matches_naive_reference_forward() {
 fn batched_step_equals_separate_steps() {
     let t = tiny();
     let p = load(&t, 2);
-    // 10 sequences: at 8 rows or more the GEMM takes its column-major path.
+    // 10 sequences batched (the GEMM's column-major path) against one at a time (its
+    // one-row path).
     let prompts: [&[TokenId]; 10] = [
         &[4, 8, 15],
         &[16, 23, 42, 100, 7],
@@ -440,7 +441,7 @@ fn response_log_probs_equal_sum_of_step_wise_log_probs() {
 fn sample_run(p: &LlamaPolicy, seed: u64) -> (Vec<Vec<TokenId>>, Vec<Vec<u32>>) {
     let params = SamplingParams::new(1.5, Some(100), Some(0.99)).unwrap();
     let (cache, first) = p.prefill(&[1, 40, 41, 42]).unwrap();
-    // 9 sequences: the GEMM's column-major path (8 rows or more).
+    // 9 sequences batched: the GEMM's column-major path.
     let n = 9;
     let mut caches = vec![cache; n];
     let mut samplers: Vec<_> = (0..n as u64)

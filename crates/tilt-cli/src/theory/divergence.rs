@@ -41,7 +41,7 @@ fn pmf(flag: &str, text: &str, normalize: bool) -> anyhow::Result<Vec<f64>> {
     }
     let sum: f64 = v.iter().sum();
     if normalize {
-        if !(sum > 0.0) {
+        if sum.is_nan() || sum <= 0.0 {
             return Err(usage(format!("{flag}: sum to {sum}; cannot normalise")));
         }
         v.iter_mut().for_each(|x| *x /= sum);
