@@ -4,21 +4,19 @@
 
 use crate::output::{emit, Format};
 use crate::usage;
-use anyhow::Context;
 use clap::Args;
-use serde_json::{json, Value};
+use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 use tilt_decode::cd::scorer::ScorerFile;
 use tilt_decode::cd::PrefixScorer;
 use tilt_decode::eval::{evaluate, parse_strategies, EvalConfig, EvalReport};
+use crate::runtime::{hashed, load_policy, load_reward, policy_path, read_prompts};
 use tilt_decode::manifest::{
-    sha256_hex, HashedFile, HostInfo, Manifest, RecordedOutput, MANIFEST_VERSION,
+    HostInfo, Manifest, RecordedOutput, MANIFEST_VERSION,
 };
-use tilt_models::llama::LlamaPolicy;
 use tilt_models::Policy;
 use tilt_plot::{write_svg, Panel, Series, SeriesStyle};
-use tilt_rewards::{Reward, RewardSpec};
 
 /// Flags of `tilt eval`.
 #[derive(Debug, Args)]
@@ -65,75 +63,6 @@ pub struct EvalArgs {
     /// Output format.
     #[arg(long, value_enum, default_value_t = Format::Json)]
     pub format: Format,
-}
-
-/// Read a prompts file: one JSON object with a non-empty string `prompt` per non-blank line.
-///
-/// # Errors
-/// A usage error naming the file and line.
-pub fn read_prompts(path: &Path) -> anyhow::Result<Vec<String>> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| usage(format!("--prompts {}: {e}", path.display())))?;
-    let mut prompts = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let v: Value = serde_json::from_str(line).map_err(|e| {
-            usage(format!(
-                "--prompts {} line {}: not JSON: {e}",
-                path.display(),
-                i + 1
-            ))
-        })?;
-        match v.get("prompt").and_then(Value::as_str) {
-            Some(p) if !p.trim().is_empty() => prompts.push(p.to_string()),
-            _ => {
-                return Err(usage(format!(
-                    "--prompts {} line {}: expected {{\"prompt\": \"non-empty text\"}}",
-                    path.display(),
-                    i + 1
-                )))
-            }
-        }
-    }
-    if prompts.is_empty() {
-        return Err(usage(format!("--prompts {}: no prompts", path.display())));
-    }
-    Ok(prompts)
-}
-
-/// The policy file: `--model` or the default (fetched on first use).
-pub fn policy_path(model: &Option<PathBuf>) -> anyhow::Result<PathBuf> {
-    match model {
-        Some(p) => Ok(p.clone()),
-        None => tilt_assets::default_policy_gguf().context("fetching the default policy model"),
-    }
-}
-
-/// Load the policy, mapping bad files to usage errors.
-pub fn load_policy(path: &Path, threads: usize) -> anyhow::Result<LlamaPolicy> {
-    LlamaPolicy::load(path, threads).map_err(|e| match e {
-        tilt_models::ModelError::BadFile { .. }
-        | tilt_models::ModelError::UnsupportedArchitecture { .. } => usage(e),
-        other => anyhow::Error::new(other),
-    })
-}
-
-/// Build the reward from its spec.
-pub fn load_reward(spec: &str) -> anyhow::Result<Box<dyn Reward>> {
-    let spec = RewardSpec::parse(spec).map_err(usage)?;
-    spec.build().context("loading the reward")
-}
-
-/// A file with its sha256 for a manifest.
-pub fn hashed(role: &str, path: &Path) -> anyhow::Result<HashedFile> {
-    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    Ok(HashedFile {
-        role: role.into(),
-        path: path.to_path_buf(),
-        sha256: sha256_hex(&bytes),
-    })
 }
 
 /// Run `tilt eval`.

@@ -8,7 +8,7 @@
 //! stdout for that line; the other prompts still run, and the exit code is non-zero at the
 //! end.
 
-use crate::eval::{hashed, load_policy, load_reward, policy_path};
+use crate::runtime::{hashed, load_policy, load_reward, policy_path};
 use crate::usage;
 use anyhow::Context;
 use clap::{Args, ValueEnum};
@@ -307,7 +307,7 @@ pub fn execute(args: &GenerateArgs, out: &mut dyn Write) -> anyhow::Result<RunRe
     let model_path = policy_path(&args.model)?;
     let policy: LlamaPolicy = load_policy(&model_path, threads)?;
     let reward = load_reward(&args.reward)?;
-    let cd = crate::train_scorer::load_cd(args, &policy)?;
+    let cd = crate::runtime::load_cd(args, &policy)?;
     let load_s = t0.elapsed().as_secs_f64();
     // Refuse a batch that cannot fit in memory before any work.
     let cfg = policy.model().config();
@@ -444,13 +444,19 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let output = tee.copy;
     if let Some(path) = &args.manifest {
         let config = args.config()?;
+        let mut config = serde_json::to_value(&config)?;
+        // Controlled decoding runs outside `GenerationConfig`'s strategies: record the one
+        // that actually ran.
+        if let Some(cd) = args.cd_strategy() {
+            config["strategy"] = serde_json::to_value(&cd)?;
+        }
         let manifest = Manifest {
             manifest_version: MANIFEST_VERSION,
             tool_version: env!("CARGO_PKG_VERSION").to_string(),
             git_commit: GIT_COMMIT.to_string(),
             command: "generate".into(),
             args: args.resolved_args(),
-            config: serde_json::to_value(&config)?,
+            config,
             seed: args.seed,
             files: record.files,
             host: HostInfo::current(record.threads),

@@ -9,6 +9,7 @@ mod generate;
 mod models;
 mod output;
 mod reproduce;
+mod runtime;
 mod theory;
 mod train_scorer;
 
@@ -18,7 +19,7 @@ use std::process::ExitCode;
 /// Inference-time alignment of language models, with the exact theory beside every method.
 /// All divergences are in nats.
 #[derive(Debug, Parser)]
-#[command(name = "tilt", version, about, long_about = None)]
+#[command(name = "tilt", version)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -4,7 +4,7 @@
 //! (data, seed, loss curve, held-out MSE against the constant predictor). The engine is
 //! `tilt_decode::cd::train`; this file loads models and writes files.
 
-use crate::eval::{hashed, load_policy, load_reward, policy_path, read_prompts};
+use crate::runtime::{cd_to_anyhow, hashed, load_policy, load_reward, policy_path, read_prompts};
 use crate::output::{emit, Format};
 use crate::usage;
 use anyhow::Context;
@@ -167,66 +167,4 @@ pub fn run(args: TrainScorerArgs) -> anyhow::Result<()> {
         t_start.elapsed().as_secs_f64()
     );
     emit(&value, args.format)
-}
-
-/// Input errors (bad parameters, bad scorer files) exit 2; the rest exit 1.
-pub fn cd_to_anyhow(e: tilt_decode::cd::CdError) -> anyhow::Error {
-    match e {
-        tilt_decode::cd::CdError::InvalidParameter { .. }
-        | tilt_decode::cd::CdError::ScorerFile { .. }
-        | tilt_decode::cd::CdError::Model(tilt_models::ModelError::InvalidInput(_)) => usage(e),
-        other => anyhow::Error::new(other),
-    }
-}
-
-/// For `tilt generate --strategy cd-token|cd-block`: the strategy and its scorer, checked
-/// against the policy (usage errors for a missing, bad or mismatched scorer file and for
-/// λ < 0, k = 0, K = 0, M = 0); `None` for the other strategies.
-pub fn load_cd(
-    args: &crate::generate::GenerateArgs,
-    policy: &tilt_models::llama::LlamaPolicy,
-) -> anyhow::Result<
-    Option<(
-        tilt_decode::cd::CdStrategy,
-        tilt_decode::cd::scorer::ScorerFile,
-    )>,
-> {
-    use tilt_decode::cd::{CdBlockParams, CdStrategy, CdTokenParams, PrefixScorer};
-    let Some(strategy) = args.cd_strategy() else {
-        return Ok(None);
-    };
-    match strategy {
-        CdStrategy::CdToken { lambda, top_k } => CdTokenParams {
-            lambda,
-            top_k,
-            max_new_tokens: args.max_new_tokens,
-            seed: args.seed,
-        }
-        .validate(),
-        CdStrategy::CdBlock { k, m } => CdBlockParams {
-            k,
-            m,
-            max_new_tokens: args.max_new_tokens,
-            seed: args.seed,
-        }
-        .validate(),
-    }
-    .map_err(usage)?;
-    let path = args.scorer.as_ref().ok_or_else(|| {
-        usage(format!(
-            "--strategy {}: needs --scorer FILE (train one with `tilt train-scorer`)",
-            strategy.name()
-        ))
-    })?;
-    let scorer = tilt_decode::cd::scorer::ScorerFile::load(path).map_err(usage)?;
-    if scorer.hidden_size() != policy.hidden_size() {
-        return Err(usage(format!(
-            "--scorer {}: reads hidden states of size {}, but policy {} has hidden size {}",
-            path.display(),
-            scorer.hidden_size(),
-            policy.name(),
-            policy.hidden_size()
-        )));
-    }
-    Ok(Some((strategy, scorer)))
 }

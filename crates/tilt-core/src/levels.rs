@@ -48,68 +48,133 @@ fn sortable_bits(x: f64) -> u64 {
     }
 }
 
-/// Below this many outcomes, a comparison sort; above, an LSD radix sort.
+/// Inverse of [`sortable_bits`] (on its image): the reward whose key is `k`.
+#[inline]
+fn from_sortable_bits(k: u64) -> f64 {
+    if k >> 63 == 1 {
+        f64::from_bits(k & !(1 << 63))
+    } else {
+        f64::from_bits(!k)
+    }
+}
+
+/// Below this many outcomes, a comparison sort; above, a parallel LSD radix sort.
 const RADIX_THRESHOLD: usize = 1 << 16;
 
 const RADIX_BITS: u32 = 11;
 const RADIX_BUCKETS: usize = 1 << RADIX_BITS;
 const RADIX_PASSES: usize = 64usize.div_ceil(RADIX_BITS as usize);
-/// Radix sort when at most this many of its passes are needed (tied or narrow-range
-/// rewards); otherwise rayon's parallel comparison sort, which wins on 2 cores.
-const RADIX_MAX_PASSES: usize = 3;
+
+/// A raw pointer that parallel tasks write through at disjoint positions.
+#[derive(Clone, Copy)]
+struct SharedMut<T>(*mut T);
+// SAFETY: every user writes through it at positions no other task touches, and the
+// owner of the buffer waits for all tasks (rayon scopes) before reading it.
+unsafe impl<T: Send> Send for SharedMut<T> {}
+unsafe impl<T: Send> Sync for SharedMut<T> {}
+impl<T> SharedMut<T> {
+    /// # Safety
+    /// `i` is in bounds and written by no other task.
+    #[inline]
+    unsafe fn write(self, i: usize, v: T) {
+        unsafe { self.0.add(i).write(v) }
+    }
+}
 
 /// Sort `(key, index)` pairs by key, then index (the input is in index order).
 ///
-/// Large inputs whose keys differ in few 11-bit digits (ties, narrow ranges) use a stable
-/// LSD radix sort that skips every digit on which all keys agree; others use rayon's
-/// parallel pdqsort. Both give the same total order, whatever the thread count.
+/// Large inputs use a parallel stable LSD radix sort on 11-bit digits that skips every
+/// digit on which all keys agree (tied or narrow-range rewards need few passes). A stable
+/// sort has exactly one result, so neither the thread count nor the chunking changes it.
 fn sort_keyed(mut keyed: Vec<(u64, u32)>) -> Vec<(u64, u32)> {
-    if keyed.len() >= RADIX_THRESHOLD {
-        let hist = digit_histograms(&keyed);
-        let n = keyed.len();
-        let passes = hist.iter().filter(|h| !h.contains(&n)).count();
-        if passes <= RADIX_MAX_PASSES {
-            return radix_sort(keyed, &hist);
-        }
+    if keyed.len() < RADIX_THRESHOLD {
+        keyed.par_sort_unstable();
+        return keyed;
     }
-    keyed.par_sort_unstable();
+    radix_sort(keyed)
+}
+
+/// Per-chunk histograms of the digits `digits` of the keys.
+fn chunk_histograms(
+    keyed: &[(u64, u32)],
+    chunk: usize,
+    digits: &[usize],
+) -> Vec<Vec<[usize; RADIX_BUCKETS]>> {
     keyed
+        .par_chunks(chunk)
+        .map(|c| {
+            let mut hist = vec![[0usize; RADIX_BUCKETS]; digits.len()];
+            for &(k, _) in c {
+                for (h, &p) in hist.iter_mut().zip(digits) {
+                    h[((k >> (p as u32 * RADIX_BITS)) as usize) & (RADIX_BUCKETS - 1)] += 1;
+                }
+            }
+            hist
+        })
+        .collect()
 }
 
-/// Histogram of every 11-bit digit of the keys, in one read.
-fn digit_histograms(keyed: &[(u64, u32)]) -> Vec<[usize; RADIX_BUCKETS]> {
-    let mut hist = vec![[0usize; RADIX_BUCKETS]; RADIX_PASSES];
-    for &(k, _) in keyed {
-        for (p, h) in hist.iter_mut().enumerate() {
-            h[((k >> (p as u32 * RADIX_BITS)) as usize) & (RADIX_BUCKETS - 1)] += 1;
+fn radix_sort(mut keyed: Vec<(u64, u32)>) -> Vec<(u64, u32)> {
+    let n = keyed.len();
+    // Chunks only split the work: a stable sort's output does not depend on them.
+    let chunk = n.div_ceil(rayon::current_num_threads().max(1)).max(1 << 12);
+    let all: Vec<usize> = (0..RADIX_PASSES).collect();
+    let first = chunk_histograms(&keyed, chunk, &all);
+    let mut total = vec![[0usize; RADIX_BUCKETS]; RADIX_PASSES];
+    for h in &first {
+        for (t, c) in total.iter_mut().zip(h) {
+            for (a, b) in t.iter_mut().zip(c) {
+                *a += b;
+            }
         }
     }
-    hist
-}
-
-fn radix_sort(mut keyed: Vec<(u64, u32)>, hist: &[[usize; RADIX_BUCKETS]]) -> Vec<(u64, u32)> {
-    let n = keyed.len();
-    let mut buf: Vec<(u64, u32)> = vec![(0, 0); n];
-    for (p, h) in hist.iter().enumerate() {
-        if h.contains(&n) {
-            continue; // every key has the same digit here
-        }
-        let mut offset = [0usize; RADIX_BUCKETS];
+    // Digits on which all keys agree need no pass.
+    let passes: Vec<usize> = (0..RADIX_PASSES)
+        .filter(|&p| !total[p].contains(&n))
+        .collect();
+    let mut buf: Vec<(u64, u32)> = Vec::with_capacity(n);
+    for (i, &p) in passes.iter().enumerate() {
+        let hist: Vec<[usize; RADIX_BUCKETS]> = if i == 0 {
+            first.iter().map(|h| h[p]).collect()
+        } else {
+            chunk_histograms(&keyed, chunk, &[p])
+                .into_iter()
+                .map(|h| h[0])
+                .collect()
+        };
+        // Chunk c writes bucket b from offset[c][b]: buckets in order, chunks in order
+        // within a bucket (stability).
+        let mut offset = vec![[0usize; RADIX_BUCKETS]; hist.len()];
         let mut acc = 0;
-        for (o, &c) in offset.iter_mut().zip(h.iter()) {
-            *o = acc;
-            acc += c;
+        for b in 0..RADIX_BUCKETS {
+            for (o, h) in offset.iter_mut().zip(&hist) {
+                o[b] = acc;
+                acc += h[b];
+            }
         }
         let shift = p as u32 * RADIX_BITS;
-        for &e in &keyed {
-            let d = ((e.0 >> shift) as usize) & (RADIX_BUCKETS - 1);
-            buf[offset[d]] = e;
-            offset[d] += 1;
-        }
+        let dst = SharedMut(buf.as_mut_ptr());
+        keyed
+            .par_chunks(chunk)
+            .zip(offset.par_iter_mut())
+            .for_each(|(c, off)| {
+                for &e in c {
+                    let d = ((e.0 >> shift) as usize) & (RADIX_BUCKETS - 1);
+                    // SAFETY: offsets partition 0..n, each slot is written once.
+                    unsafe { dst.write(off[d], e) };
+                    off[d] += 1;
+                }
+            });
+        // SAFETY: the scatter above wrote all n slots.
+        unsafe { buf.set_len(n) };
         std::mem::swap(&mut keyed, &mut buf);
+        buf.clear();
     }
     keyed
 }
+
+/// Positions per grouping task (each task handles the levels that *start* in its span).
+const GROUP_CHUNK: usize = 1 << 16;
 
 impl Levels {
     /// Group the outcomes of `dist` into reward levels.
@@ -142,43 +207,92 @@ impl Levels {
         let keyed: Vec<(u64, u32)> = rewards
             .par_iter()
             .enumerate()
+            .with_min_len(1 << 14)
             .map(|(i, &r)| (sortable_bits(r), i as u32))
             .collect();
         let keyed = sort_keyed(keyed);
 
-        let mut reward = Vec::new();
-        let mut mass = Vec::new();
-        let mut level_of = vec![0u32; n];
-        let mut i = 0;
-        while i < n {
-            let key = keyed[i].0;
-            let level = reward.len() as u32;
-            let mut m = NeumaierSum::default();
-            let mut j = i;
-            while j < n && keyed[j].0 == key {
-                let idx = keyed[j].1 as usize;
-                m.add(probs[idx]);
-                level_of[idx] = level;
-                j += 1;
+        // Levels start where the key changes. Each fixed span of positions counts its
+        // starts; the prefix sums give every span its first level index.
+        let is_start = |i: usize| i == 0 || keyed[i].0 != keyed[i - 1].0;
+        let spans = n.div_ceil(GROUP_CHUNK);
+        let starts_per_span: Vec<usize> = (0..spans)
+            .into_par_iter()
+            .map(|s| {
+                (s * GROUP_CHUNK..((s + 1) * GROUP_CHUNK).min(n))
+                    .filter(|&i| is_start(i))
+                    .count()
+            })
+            .collect();
+        let k: usize = starts_per_span.iter().sum();
+        let mut reward = vec![0.0; k];
+        let mut mass = vec![0.0; k];
+        let mut level_of: Vec<u32> = Vec::with_capacity(n);
+        {
+            // Each span owns the levels that start in it: split the outputs accordingly.
+            let mut tasks = Vec::with_capacity(spans);
+            let (mut rw, mut ms) = (&mut reward[..], &mut mass[..]);
+            let mut first_level = 0;
+            for (s, &count) in starts_per_span.iter().enumerate() {
+                let (r_here, r_rest) = rw.split_at_mut(count);
+                let (m_here, m_rest) = ms.split_at_mut(count);
+                tasks.push((s, first_level, r_here, m_here));
+                rw = r_rest;
+                ms = m_rest;
+                first_level += count;
             }
-            reward.push(rewards[keyed[i].1 as usize] + 0.0);
-            mass.push(m.value());
-            i = j;
+            let level_dst = SharedMut(level_of.as_mut_ptr());
+            let keyed = &keyed;
+            tasks
+                .into_par_iter()
+                .for_each(|(s, first_level, r_out, m_out)| {
+                    let end_span = ((s + 1) * GROUP_CHUNK).min(n);
+                    let mut i = s * GROUP_CHUNK;
+                    while i < end_span && !is_start(i) {
+                        i += 1; // these positions belong to a level started earlier
+                    }
+                    for (l, (r_slot, m_slot)) in r_out.iter_mut().zip(m_out.iter_mut()).enumerate()
+                    {
+                        let key = keyed[i].0;
+                        let level = (first_level + l) as u32;
+                        let mut m = NeumaierSum::default();
+                        while i < n && keyed[i].0 == key {
+                            let idx = keyed[i].1 as usize;
+                            m.add(probs[idx]);
+                            // SAFETY: indices are a permutation of 0..n and each position
+                            // of `keyed` is visited by exactly one task.
+                            unsafe { level_dst.write(idx, level) };
+                            i += 1;
+                        }
+                        *r_slot = from_sortable_bits(key);
+                        *m_slot = m.value();
+                    }
+                });
+            // SAFETY: every outcome index was written once above.
+            unsafe { level_of.set_len(n) };
         }
         drop(keyed);
-        let k = reward.len();
-        let mut below = vec![0.0; k];
-        let mut acc = NeumaierSum::default();
-        for l in 0..k {
-            below[l] = acc.value();
-            acc.add(mass[l]);
-        }
-        let mut above = vec![0.0; k];
-        let mut acc = NeumaierSum::default();
-        for l in (0..k).rev() {
-            above[l] = acc.value();
-            acc.add(mass[l]);
-        }
+        // Both tails sequentially (compensated), each from its own end, side by side.
+        let (below, above) = rayon::join(
+            || {
+                let mut below = vec![0.0; k];
+                let mut acc = NeumaierSum::default();
+                for (b, &m) in below.iter_mut().zip(&mass) {
+                    *b = acc.value();
+                    acc.add(m);
+                }
+                below
+            },
+            || {
+                let mut above = vec![0.0; k];
+                let mut acc = NeumaierSum::default();
+                for (a, &m) in above.iter_mut().zip(&mass).rev() {
+                    *a = acc.value();
+                    acc.add(m);
+                }
+                above
+            },
+        );
         Ok(Self {
             reward,
             mass,
@@ -333,11 +447,16 @@ mod tests {
                 .collect();
             let mut expect = keyed.clone();
             expect.sort_unstable();
-            let hist = digit_histograms(&keyed);
-            assert_eq!(radix_sort(keyed.clone(), &hist), expect);
+            assert_eq!(radix_sort(keyed.clone()), expect);
             assert_eq!(sort_keyed(keyed), expect);
         }
         let zeros = [(sortable_bits(-0.0), 0), (sortable_bits(0.0), 1)];
         assert_eq!(zeros[0].0, zeros[1].0);
+        for x in [-3.5f64, -0.0, 0.0, 1e-300, -f64::MAX, f64::MAX, 7.25] {
+            assert_eq!(
+                from_sortable_bits(sortable_bits(x)).to_bits(),
+                (x + 0.0).to_bits()
+            );
+        }
     }
 }

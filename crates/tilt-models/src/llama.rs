@@ -619,7 +619,14 @@ impl Llama {
             )));
         }
         let column_major = rows >= 2;
-        let block_cols = if column_major { 256 } else { 1024 };
+        // Narrow blocks for the layer matrices (576–3072 outputs), so that both threads get
+        // work; wider ones for the LM head. Chosen from the shapes only, never the thread
+        // count, so that the arithmetic is the same at any thread count.
+        let block_cols = match (w.out <= 4096, column_major) {
+            (true, _) => 64,
+            (false, true) => 256,
+            (false, false) => 1024,
+        };
         let mut scratch = if column_major {
             vec![0f32; rows * w.out]
         } else {
