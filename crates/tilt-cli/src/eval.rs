@@ -3,6 +3,7 @@
 //! manifest. The engine is `tilt_decode::eval`; this file loads models and writes files.
 
 use crate::output::{emit, Format};
+use crate::runtime::{hashed, load_policy, load_reward, policy_path, read_prompts};
 use crate::usage;
 use clap::Args;
 use serde_json::json;
@@ -11,10 +12,7 @@ use std::time::Instant;
 use tilt_decode::cd::scorer::ScorerFile;
 use tilt_decode::cd::PrefixScorer;
 use tilt_decode::eval::{evaluate, parse_strategies, EvalConfig, EvalReport};
-use crate::runtime::{hashed, load_policy, load_reward, policy_path, read_prompts};
-use tilt_decode::manifest::{
-    HostInfo, Manifest, RecordedOutput, MANIFEST_VERSION,
-};
+use tilt_decode::manifest::{HostInfo, Manifest, RecordedOutput, MANIFEST_VERSION};
 use tilt_models::Policy;
 use tilt_plot::{write_svg, Panel, Series, SeriesStyle};
 

@@ -72,7 +72,8 @@ pub fn load_reward(spec: &str) -> anyhow::Result<Box<dyn Reward>> {
 
 /// A file with its sha256 for a manifest.
 pub fn hashed(role: &str, path: &Path) -> anyhow::Result<HashedFile> {
-    let sha256 = tilt_assets::sha256_file(path).with_context(|| format!("hashing {}", path.display()))?;
+    let sha256 =
+        tilt_assets::sha256_file(path).with_context(|| format!("hashing {}", path.display()))?;
     Ok(HashedFile {
         role: role.into(),
         path: path.to_path_buf(),

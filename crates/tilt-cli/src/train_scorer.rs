@@ -4,8 +4,8 @@
 //! (data, seed, loss curve, held-out MSE against the constant predictor). The engine is
 //! `tilt_decode::cd::train`; this file loads models and writes files.
 
-use crate::runtime::{cd_to_anyhow, hashed, load_policy, load_reward, policy_path, read_prompts};
 use crate::output::{emit, Format};
+use crate::runtime::{cd_to_anyhow, hashed, load_policy, load_reward, policy_path, read_prompts};
 use crate::usage;
 use anyhow::Context;
 use clap::{Args, ValueEnum};

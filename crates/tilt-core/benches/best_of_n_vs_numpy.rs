@@ -17,6 +17,8 @@ use tilt_core::RewardDistribution;
 
 const N_DRAWS: u64 = 1000;
 const REPEATS: usize = 5;
+/// Largest relative difference accepted between the Rust and NumPy results.
+const AGREEMENT: f64 = 1e-9;
 
 struct SplitMix(u64);
 impl SplitMix {
@@ -161,6 +163,8 @@ fn main() {
         std::process::exit(1);
     }
     let text = String::from_utf8_lossy(&out.stdout);
+    let mut disagreements = Vec::new();
+    let mut compared = 0;
     for line in text.lines().filter(|l| l.starts_with('{')) {
         let v: serde_json::Value = serde_json::from_str(line).expect("NumPy JSON");
         let case = v["case"].as_str().unwrap_or("?");
@@ -182,5 +186,38 @@ fn main() {
             rel(r.win_rate, v["win_rate"].as_f64().unwrap_or(f64::NAN)),
             rel(r.expected_reward, v["expected_reward"].as_f64().unwrap_or(f64::NAN)),
         );
+        // Both sides compute the same quantities: they must agree to rounding (NumPy's
+        // uncompensated sums differ in the last digits only).
+        compared += 1;
+        for (what, ours, theirs) in [
+            ("KL", r.kl, v["kl"].as_f64().unwrap_or(f64::NAN)),
+            (
+                "win rate",
+                r.win_rate,
+                v["win_rate"].as_f64().unwrap_or(f64::NAN),
+            ),
+            (
+                "expected reward",
+                r.expected_reward,
+                v["expected_reward"].as_f64().unwrap_or(f64::NAN),
+            ),
+            (
+                "levels",
+                r.levels as f64,
+                v["levels"].as_f64().unwrap_or(f64::NAN),
+            ),
+        ] {
+            if !(rel(ours, theirs) <= AGREEMENT) {
+                disagreements.push(format!("{case} {what}: rust {ours}, numpy {theirs}"));
+            }
+        }
     }
+    if compared != rust.len() || !disagreements.is_empty() {
+        eprintln!(
+            "Rust and NumPy disagree (relative tolerance {AGREEMENT:e}; {compared} of {} cases compared): {disagreements:?}",
+            rust.len()
+        );
+        std::process::exit(1);
+    }
+    println!("rust and numpy agree on KL, win rate, expected reward and level count (relative tolerance {AGREEMENT:e})");
 }

@@ -25,8 +25,8 @@
 use crate::bounds::{bon_kl_bound, bon_win_rate_bound, check_n};
 use crate::distribution::RewardDistribution;
 use crate::error::{Result, TiltError};
-use crate::levels::{chunked_sum, Levels};
-use crate::numerics::ln_pow_one_minus;
+use crate::levels::{chunked_sum, Levels, SUM_CHUNK};
+use crate::numerics::{ln_pow_one_minus, NeumaierSum};
 use rayon::prelude::*;
 use serde::Serialize;
 
@@ -122,39 +122,48 @@ pub fn order_statistic_levels(
         levels.below(),
         levels.above(),
     );
-    let log_pmf: Vec<f64> = if n == 1 {
-        // π_1 = p exactly (the general formula agrees up to rounding).
-        ms.par_iter()
-            .with_min_len(1 << 12)
-            .map(|m| m.ln())
-            .collect()
-    } else {
-        (0..levels.len())
-            .into_par_iter()
-            .with_min_len(1 << 12)
-            .map(|l| level_log_mass(nf, ms[l], bl[l], ab[l], selection))
-            .collect()
-    };
-    let level_pmf: Vec<f64> = if n == 1 {
-        ms.to_vec()
-    } else {
-        log_pmf
-            .par_iter()
-            .with_min_len(1 << 12)
-            .map(|x| x.exp())
-            .collect()
-    };
-    let [kl, er, w] = chunked_sum(levels.len(), |l| {
-        let q = level_pmf[l];
-        if q == 0.0 {
-            return [0.0, 0.0, 0.0];
+    // One fused pass per fixed chunk of levels: the level's log-mass, its mass (written
+    // out) and the compensated partial sums of KL, E[r] and W, merged in chunk order as
+    // `chunked_sum` does, so the bits do not depend on the thread count.
+    let mut level_pmf = vec![0.0; levels.len()];
+    let partial: Vec<[NeumaierSum; 3]> = level_pmf
+        .par_chunks_mut(SUM_CHUNK)
+        .enumerate()
+        .map(|(c, out)| {
+            let mut s = [NeumaierSum::default(); 3];
+            for (j, slot) in out.iter_mut().enumerate() {
+                let l = c * SUM_CHUNK + j;
+                let (log_q, q) = if n == 1 {
+                    // π_1 = p exactly (the general formula agrees up to rounding).
+                    (ms[l].ln(), ms[l])
+                } else {
+                    let log_q = level_log_mass(nf, ms[l], bl[l], ab[l], selection);
+                    (log_q, log_q.exp())
+                };
+                *slot = q;
+                let terms = if q == 0.0 {
+                    [0.0; 3]
+                } else {
+                    [
+                        q * (log_q - ms[l].ln()),
+                        q * rw[l],
+                        q * (bl[l] + 0.5 * ms[l]),
+                    ]
+                };
+                for (sum, t) in s.iter_mut().zip(terms) {
+                    sum.add(t);
+                }
+            }
+            s
+        })
+        .collect();
+    let mut total = [NeumaierSum::default(); 3];
+    for s in partial {
+        for k in 0..3 {
+            total[k].merge(s[k]);
         }
-        [
-            q * (log_pmf[l] - ms[l].ln()),
-            q * rw[l],
-            q * (bl[l] + 0.5 * ms[l]),
-        ]
-    });
+    }
+    let [kl, er, w] = total.map(|s| s.value());
     Ok(LevelPolicy {
         level_pmf,
         kl: kl.max(0.0),

@@ -58,10 +58,58 @@ fn from_sortable_bits(k: u64) -> f64 {
     }
 }
 
+/// A vector with room for `len` elements, whose pages the kernel is asked to back with
+/// transparent huge pages (Linux; elsewhere a plain allocation). Large buffers here are
+/// written once in random order (radix scatter, `level_of`): with 4 KiB pages, page faults
+/// and TLB misses cost about as much as the work itself.
+pub(crate) fn huge_capacity<T>(len: usize) -> Vec<T> {
+    let mut v = Vec::with_capacity(len);
+    advise_huge_pages(&mut v);
+    v
+}
+
+/// `vec![0.0; len]` (fresh zero pages, untouched), advised like [`huge_capacity`].
+pub(crate) fn huge_zeros(len: usize) -> Vec<f64> {
+    let mut v = vec![0.0; len];
+    advise_huge_pages(&mut v);
+    v
+}
+
+#[cfg(target_os = "linux")]
+fn advise_huge_pages<T>(v: &mut Vec<T>) {
+    const MIN_BYTES: usize = 4 << 20;
+    const PAGE: usize = 4096;
+    const MADV_HUGEPAGE: std::ffi::c_int = 14;
+    extern "C" {
+        fn madvise(
+            addr: *mut std::ffi::c_void,
+            len: usize,
+            advice: std::ffi::c_int,
+        ) -> std::ffi::c_int;
+    }
+    let bytes = v.capacity() * std::mem::size_of::<T>();
+    if bytes < MIN_BYTES {
+        return;
+    }
+    let start = (v.as_mut_ptr() as usize).next_multiple_of(PAGE);
+    let end = (v.as_mut_ptr() as usize + bytes) / PAGE * PAGE;
+    if end > start {
+        // SAFETY: the range lies inside this vector's own allocation and MADV_HUGEPAGE
+        // only changes how the kernel backs it (contents are kept). It is advice: a
+        // failure (no THP support) leaves ordinary pages, so the result is ignored.
+        unsafe {
+            madvise(start as *mut std::ffi::c_void, end - start, MADV_HUGEPAGE);
+        }
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn advise_huge_pages<T>(_v: &mut Vec<T>) {}
+
 /// Below this many outcomes, a comparison sort; above, a parallel LSD radix sort.
 const RADIX_THRESHOLD: usize = 1 << 16;
 
-const RADIX_BITS: u32 = 11;
+const RADIX_BITS: u32 = 13;
 const RADIX_BUCKETS: usize = 1 << RADIX_BITS;
 const RADIX_PASSES: usize = 64usize.div_ceil(RADIX_BITS as usize);
 
@@ -132,7 +180,7 @@ fn radix_sort(mut keyed: Vec<(u64, u32)>) -> Vec<(u64, u32)> {
     let passes: Vec<usize> = (0..RADIX_PASSES)
         .filter(|&p| !total[p].contains(&n))
         .collect();
-    let mut buf: Vec<(u64, u32)> = Vec::with_capacity(n);
+    let mut buf: Vec<(u64, u32)> = huge_capacity(n);
     for (i, &p) in passes.iter().enumerate() {
         let hist: Vec<[usize; RADIX_BUCKETS]> = if i == 0 {
             first.iter().map(|h| h[p]).collect()
@@ -173,6 +221,22 @@ fn radix_sort(mut keyed: Vec<(u64, u32)>) -> Vec<(u64, u32)> {
     keyed
 }
 
+/// How far ahead of the grouping loop the outcome reads and writes are prefetched (they
+/// land in random order when rewards are distinct).
+const PREFETCH_AHEAD: usize = 32;
+
+/// Hint the CPU to fetch the cache line of `p` (no effect on results; a no-op off x86-64).
+#[inline(always)]
+fn prefetch<T>(p: *const T) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch never faults, whatever the address.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch(p as *const i8, std::arch::x86_64::_MM_HINT_T0);
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
+
 /// Positions per grouping task (each task handles the levels that *start* in its span).
 const GROUP_CHUNK: usize = 1 << 16;
 
@@ -204,12 +268,14 @@ impl Levels {
                 format!("{n} outcomes; at most {} are supported", u32::MAX),
             ));
         }
-        let keyed: Vec<(u64, u32)> = rewards
-            .par_iter()
-            .enumerate()
-            .with_min_len(1 << 14)
-            .map(|(i, &r)| (sortable_bits(r), i as u32))
-            .collect();
+        let mut keyed: Vec<(u64, u32)> = huge_capacity(n);
+        keyed.par_extend(
+            rewards
+                .par_iter()
+                .enumerate()
+                .with_min_len(1 << 14)
+                .map(|(i, &r)| (sortable_bits(r), i as u32)),
+        );
         let keyed = sort_keyed(keyed);
 
         // Levels start where the key changes. Each fixed span of positions counts its
@@ -225,9 +291,9 @@ impl Levels {
             })
             .collect();
         let k: usize = starts_per_span.iter().sum();
-        let mut reward = vec![0.0; k];
-        let mut mass = vec![0.0; k];
-        let mut level_of: Vec<u32> = Vec::with_capacity(n);
+        let mut reward = huge_zeros(k);
+        let mut mass = huge_zeros(k);
+        let mut level_of: Vec<u32> = huge_capacity(n);
         {
             // Each span owns the levels that start in it: split the outputs accordingly.
             let mut tasks = Vec::with_capacity(spans);
@@ -257,6 +323,10 @@ impl Levels {
                         let level = (first_level + l) as u32;
                         let mut m = NeumaierSum::default();
                         while i < n && keyed[i].0 == key {
+                            if let Some(&(_, ahead)) = keyed.get(i + PREFETCH_AHEAD) {
+                                prefetch(probs.as_ptr().wrapping_add(ahead as usize));
+                                prefetch(level_dst.0.wrapping_add(ahead as usize));
+                            }
                             let idx = keyed[i].1 as usize;
                             m.add(probs[idx]);
                             // SAFETY: indices are a permutation of 0..n and each position
@@ -275,7 +345,7 @@ impl Levels {
         // Both tails sequentially (compensated), each from its own end, side by side.
         let (below, above) = rayon::join(
             || {
-                let mut below = vec![0.0; k];
+                let mut below = huge_zeros(k);
                 let mut acc = NeumaierSum::default();
                 for (b, &m) in below.iter_mut().zip(&mass) {
                     *b = acc.value();
@@ -284,7 +354,7 @@ impl Levels {
                 below
             },
             || {
-                let mut above = vec![0.0; k];
+                let mut above = huge_zeros(k);
                 let mut acc = NeumaierSum::default();
                 for (a, &m) in above.iter_mut().zip(&mass).rev() {
                     *a = acc.value();
@@ -379,19 +449,34 @@ impl Levels {
     /// reference probabilities within each level (the uniform-among-tied-draws rule):
     /// `π(y) = p(y)/p(T(y)) · Π(T(y))`.
     pub fn spread_to_outcomes(&self, probs: &[f64], level_pmf: &[f64]) -> Vec<f64> {
+        // Plain pages here: measured, huge pages made this phase slower.
         let ratio: Vec<f64> = level_pmf
-            .iter()
-            .zip(&self.mass)
+            .par_iter()
+            .zip(self.mass.par_iter())
+            .with_min_len(1 << 14)
             .map(|(&q, &m)| if m > 0.0 { q / m } else { 0.0 })
             .collect();
-        self.level_of
-            .par_iter()
-            .zip(probs.par_iter())
-            .with_min_len(1 << 14)
-            .map(|(&l, &p)| p * ratio[l as usize])
-            .collect()
+        let mut pmf = vec![0.0; probs.len()];
+        let level_of = &self.level_of;
+        pmf.par_chunks_mut(1 << 14)
+            .zip(probs.par_chunks(1 << 14))
+            .enumerate()
+            .for_each(|(c, (out, p))| {
+                let base = c << 14;
+                for (j, (o, &p)) in out.iter_mut().zip(p).enumerate() {
+                    if let Some(&ahead) = level_of.get(base + j + PREFETCH_AHEAD) {
+                        prefetch(ratio.as_ptr().wrapping_add(ahead as usize));
+                    }
+                    *o = p * ratio[level_of[base + j] as usize];
+                }
+            });
+        pmf
     }
 }
+
+/// Terms per chunk of the deterministic parallel sums ([`chunked_sum`] and the fused
+/// best-of-n pass, which must chunk alike to give the same bits).
+pub(crate) const SUM_CHUNK: usize = 1 << 14;
 
 /// Deterministic parallel sum of `f(l)` over `0..len`: fixed chunks, each summed
 /// sequentially with compensation, merged in chunk order, so the bits of the result do not
@@ -400,7 +485,7 @@ pub(crate) fn chunked_sum<const K: usize>(
     len: usize,
     f: impl Fn(usize) -> [f64; K] + Sync,
 ) -> [f64; K] {
-    const CHUNK: usize = 1 << 14;
+    const CHUNK: usize = SUM_CHUNK;
     let chunks = len.div_ceil(CHUNK);
     let partial: Vec<[NeumaierSum; K]> = (0..chunks)
         .into_par_iter()

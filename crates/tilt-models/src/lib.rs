@@ -13,10 +13,10 @@ pub mod threads;
 pub mod tokenizer;
 pub mod toy;
 
-pub use policy::{Policy, StepOutput, TokenId};
 pub use chat_template::{ChatMessage, ChatTemplate};
 pub use gguf::GgufFile;
 pub use llama::{Llama, LlamaCache, LlamaConfig, LlamaPolicy, Outputs};
+pub use policy::{Policy, StepOutput, TokenId};
 pub use threads::set_num_threads;
 pub use tokenizer::GgufTokenizer;
 

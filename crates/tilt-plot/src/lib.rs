@@ -76,13 +76,19 @@ pub enum PlotError {
     },
 }
 
-const PALETTE: [RGBColor; 6] = [
+/// Matplotlib's "tab10": ten colours that stay apart, so that eval plots with many
+/// strategies do not repeat a colour.
+const PALETTE: [RGBColor; 10] = [
     RGBColor(31, 119, 180),
     RGBColor(214, 39, 40),
     RGBColor(44, 160, 44),
     RGBColor(148, 103, 189),
     RGBColor(255, 127, 14),
+    RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
     RGBColor(127, 127, 127),
+    RGBColor(188, 189, 34),
+    RGBColor(23, 190, 207),
 ];
 
 fn finite(points: &[(f64, f64)], log_x: bool) -> impl Iterator<Item = (f64, f64)> + '_ {
