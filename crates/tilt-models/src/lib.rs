@@ -7,6 +7,7 @@
 pub mod chat_template;
 pub mod gguf;
 pub mod llama;
+mod matmul;
 pub mod policy;
 pub mod sampling;
 pub mod threads;

@@ -9,15 +9,15 @@
 //! `rotate_half`), tied embeddings when `output.weight` is absent — and differs from it
 //! where tilt needs something else:
 //!
-//! - **Weights are dequantised to f32 at load.** On CPU, candle's quantised matmul is a loop
-//!   of matrix–vector products that re-reads the weights for every row of the batch (16
-//!   rows cost 12–14× one row), has no SIMD kernel for the shipped Q4_1 type, and made a
-//!   64-token prefill take 2.7 s where the f32 GEMM takes 0.19 s (measurements on 2 AVX2
-//!   cores, `shared/notes/measurements.md`). The f32 GEMM reuses each weight across all
-//!   rows, which is what sampling N continuations of one prompt needs. The cost is memory
-//!   (4 bytes a weight: 540 MB for SmolLM2-135M) and a batch-1 decode bound by memory
-//!   bandwidth (every step streams all weights). Other devices (a GPU, a CPU with fast
-//!   int8 dot products) would call for other formats; tilt runs on CPU only so far.
+//! - **Weights stay in the file's quantised format.** The matrix products
+//!   (`matmul.rs`) read Q4_1 and Q8_0 blocks directly and dequantise them exactly
+//!   in registers, multiplying with f32 activations. A small model on a CPU is bound by
+//!   the bytes of weights each step reads: the shipped SmolLM2-135M is ≈100 MB a step this
+//!   way, 540 MB dequantised to f32. Measured on 2 AVX2 cores, 64-token prompt: the f32
+//!   copy with the `gemm` crate decoded 19 tok/s for one sequence and 116 tok/s aggregated
+//!   for 16; candle's quantised matmul has no SIMD kernel for Q4_1 and took 2.7 s for the
+//!   prefill (`shared/notes/measurements.md`). Formats without a kernel here are
+//!   dequantised to f32 at load and take the same code path.
 //! - **The cache is a value, one per sequence, and cloning it forks it.** A
 //!   [`LlamaCache`] holds a shared, immutable prefix (`Arc`) and a private suffix: a
 //!   prompt is prefilled once, and N clones share its keys and values, so prefill time does
@@ -28,18 +28,14 @@
 //!   all sequences; attention then runs per row over that row's own sequence
 //!   (prefix + suffix), with grouped-query heads reading their shared K/V head in place
 //!   (no repeat) and keys appended in place (no concatenation of the whole cache per step).
-//!   For a 135M model most of a step is per-operation overhead, so the hot loops work on
-//!   plain `f32` slices with preallocated buffers; only the matrix products call a library
-//!   (the `gemm` crate, which candle's CPU backend also uses).
+//!   For a 135M model much of a step is per-operation overhead, so the hot loops work on
+//!   plain `f32` slices with preallocated buffers.
 //!
-//! Determinism: matrix products are split over fixed blocks of output columns (the same
-//! blocks whatever the thread count), each computed by a single-threaded GEMM, and attention
-//! is one task per row; so results are bitwise identical at any thread count. They may
-//! differ in the last bits with the *number of rows* in a batch (GEMM picks its blocking
-//! from the matrix sizes, and from 2 rows on the product is written column-major), so a
-//! sequence's log-probs can differ slightly depending on how many other sequences share its
-//! batch; the tests bound the difference (1e-4 nats on tiny models) and check that the
-//! argmax agrees. Same seed and configuration give the same bytes at 1 or 2 threads.
+//! Determinism: every output element of a matrix product is one fixed sequence of
+//! operations (see `matmul.rs`), attention and the element-wise steps work one row
+//! at a time, so a sequence's log-probs and hidden states are bit-identical whatever the
+//! thread count, whatever other sequences share its batch, and whether its tokens came one
+//! at a time or in one prefill. The tests check this bit for bit.
 
 use std::sync::Arc;
 
@@ -47,6 +43,7 @@ use rayon::prelude::*;
 
 use crate::chat_template::{ChatMessage, ChatTemplate};
 use crate::gguf::GgufFile;
+use crate::matmul::Linear;
 use crate::tokenizer::GgufTokenizer;
 use crate::{ModelError, Policy, StepOutput, TokenId};
 
@@ -263,29 +260,6 @@ impl LlamaCache {
     }
 }
 
-/// A linear layer y = W x, its weight row-major `(out, in)`, as GGUF stores it. (Measured
-/// on 2 AVX2 cores, 16 rows × the 576×49152 LM head: this layout read as the GEMM's
-/// transposed right operand took 35 ms, a pre-transposed `(in, out)` copy 93 ms.)
-#[derive(Debug, Clone)]
-struct Linear {
-    w: Vec<f32>,
-    out: usize,
-    inp: usize,
-}
-
-impl Linear {
-    /// From weights given row-major `(out, in)`, several stacked by rows (fused
-    /// projections) when `parts` has more than one.
-    fn from_rows(parts: &[&[f32]], inp: usize) -> Self {
-        let w: Vec<f32> = parts.concat();
-        Self {
-            out: w.len() / inp,
-            inp,
-            w,
-        }
-    }
-}
-
 #[derive(Debug, Clone)]
 struct Block {
     attn_norm: Vec<f32>,
@@ -329,13 +303,9 @@ impl std::fmt::Debug for Llama {
     }
 }
 
-struct SendPtr(*mut f32);
-// SAFETY: used only to write disjoint column blocks of one buffer from several tasks.
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
-
 impl Llama {
-    /// Load the weights of `gguf` (dequantised to f32) and make a pool of `threads` threads
+    /// Load the weights of `gguf` (Q4_1 and Q8_0 matrices kept as they are, others
+    /// dequantised to f32; see `matmul.rs`) and make a pool of `threads` threads
     /// (0: [`crate::threads::num_threads`]).
     ///
     /// # Errors
@@ -349,37 +319,31 @@ impl Llama {
         };
         let (d, f) = (cfg.hidden_size, cfg.intermediate_size);
         let (qd, kvd) = (cfg.q_dim(), cfg.kv_dim());
-        let embed = Linear {
-            w: gguf.tensor_f32("token_embd.weight", &[cfg.vocab_size, d])?,
-            out: cfg.vocab_size,
-            inp: d,
-        };
+        let embed = linear(gguf, "token_embd.weight", cfg.vocab_size, d)?;
         let lm_head = if gguf.has_tensor("output.weight") {
-            let w = gguf.tensor_f32("output.weight", &[cfg.vocab_size, d])?;
-            Some(Linear::from_rows(&[&w], d))
+            Some(linear(gguf, "output.weight", cfg.vocab_size, d)?)
         } else {
             None
         };
         let mut blocks = Vec::with_capacity(cfg.n_layers);
         for l in 0..cfg.n_layers {
             let name = |s: &str| format!("blk.{l}.{s}.weight");
-            let mut t = |s: &str, shape: &[usize]| gguf.tensor_f32(&name(s), shape);
-            let attn_norm = t("attn_norm", &[d])?;
-            let wq = t("attn_q", &[qd, d])?;
-            let wk = t("attn_k", &[kvd, d])?;
-            let wv = t("attn_v", &[kvd, d])?;
-            let wo = t("attn_output", &[d, qd])?;
-            let ffn_norm = t("ffn_norm", &[d])?;
-            let gate = t("ffn_gate", &[f, d])?;
-            let up = t("ffn_up", &[f, d])?;
-            let down = t("ffn_down", &[d, f])?;
+            let mut m = |s: &str, out: usize, inp: usize| linear(gguf, &name(s), out, inp);
+            let wqkv = Linear::stack(vec![
+                m("attn_q", qd, d)?,
+                m("attn_k", kvd, d)?,
+                m("attn_v", kvd, d)?,
+            ])?;
+            let wo = m("attn_output", d, qd)?;
+            let w_gate_up = Linear::stack(vec![m("ffn_gate", f, d)?, m("ffn_up", f, d)?])?;
+            let w_down = m("ffn_down", d, f)?;
             blocks.push(Block {
-                attn_norm,
-                wqkv: Linear::from_rows(&[&wq, &wk, &wv], d),
-                wo: Linear::from_rows(&[&wo], qd),
-                ffn_norm,
-                w_gate_up: Linear::from_rows(&[&gate, &up], d),
-                w_down: Linear::from_rows(&[&down], f),
+                attn_norm: gguf.tensor_f32(&name("attn_norm"), &[d])?,
+                wqkv,
+                wo,
+                ffn_norm: gguf.tensor_f32(&name("ffn_norm"), &[d])?,
+                w_gate_up,
+                w_down,
             });
         }
         let final_norm = gguf.tensor_f32("output_norm.weight", &[d])?;
@@ -388,13 +352,24 @@ impl Llama {
             .thread_name(|i| format!("tilt-llama-{i}"))
             .build()
             .map_err(|e| ModelError::Internal(format!("cannot start {threads} threads: {e}")))?;
+        let matrices = blocks
+            .iter()
+            .flat_map(|b| [&b.wqkv, &b.wo, &b.w_gate_up, &b.w_down])
+            .chain(std::iter::once(&embed))
+            .chain(lm_head.as_ref());
+        let weight_bytes: usize = matrices.clone().map(Linear::bytes).sum();
+        let mut formats: Vec<&str> = matrices.map(Linear::format).collect();
+        formats.sort_unstable();
+        formats.dedup();
         tracing::info!(
             path = %gguf.path().display(),
             layers = cfg.n_layers,
             d,
             vocab = cfg.vocab_size,
             threads,
-            "loaded Llama weights (f32)"
+            weight_mb = weight_bytes / 1_000_000,
+            formats = formats.join(","),
+            "loaded Llama weights"
         );
         Ok(Self {
             cfg,
@@ -491,7 +466,7 @@ impl Llama {
         let mut h = vec![0f32; n * d];
         for (r, &(_, _, t)) in rows.iter().enumerate() {
             let t = t as usize;
-            h[r * d..(r + 1) * d].copy_from_slice(&self.embed.w[t * d..(t + 1) * d]);
+            self.embed.dequantize_row(t, &mut h[r * d..(r + 1) * d]);
         }
         // RoPE angles per row: cos/sin (n, hd/2), θ_i = base^(-2i/hd) (arXiv:2104.09864).
         let half = hd / 2;
@@ -514,7 +489,7 @@ impl Llama {
         for (l, blk) in self.blocks.iter().enumerate() {
             // Attention sub-block.
             rms_norm(&h, &blk.attn_norm, eps, &mut xn);
-            self.matmul(&xn, n, &blk.wqkv, &mut qkv, false)?; // (n, qd + 2 kvd)
+            blk.wqkv.matmul(&xn, n, &mut qkv, false)?; // (n, qd + 2 kvd)
             for r in 0..n {
                 let row = &mut qkv[r * qkv_w..(r + 1) * qkv_w];
                 let (c, s) = (
@@ -542,11 +517,11 @@ impl Llama {
                         attend(cfg, &caches[s], l, pos, q, out);
                     });
             }
-            self.matmul(&attn, n, &blk.wo, &mut h, true)?; // h += attn Woᵀ
+            blk.wo.matmul(&attn, n, &mut h, true)?; // h += attn Woᵀ
 
             // Gated MLP (SwiGLU, arXiv:2002.05202): h += W_down (silu(W_gate x) ⊙ W_up x).
             rms_norm(&h, &blk.ffn_norm, eps, &mut xn);
-            self.matmul(&xn, n, &blk.w_gate_up, &mut gate_up, false)?; // (n, 2f)
+            blk.w_gate_up.matmul(&xn, n, &mut gate_up, false)?; // (n, 2f)
             for r in 0..n {
                 let gu = &gate_up[r * 2 * f..(r + 1) * 2 * f];
                 let (g, u) = gu.split_at(f);
@@ -554,7 +529,7 @@ impl Llama {
                     *a = g / (1.0 + (-g).exp()) * u;
                 }
             }
-            self.matmul(&act, n, &blk.w_down, &mut h, true)?;
+            blk.w_down.matmul(&act, n, &mut h, true)?;
         }
         for (cache, toks) in caches.iter_mut().zip(tokens) {
             cache.suffix.len += toks.len();
@@ -576,9 +551,9 @@ impl Llama {
         let mut normed = vec![0f32; m * d];
         rms_norm(&hidden, &self.final_norm, eps, &mut normed);
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        let vocab = head.out;
+        let vocab = head.out();
         let mut logits = vec![0f32; m * vocab];
-        self.matmul(&normed, m, head, &mut logits, false)?;
+        head.matmul(&normed, m, &mut logits, false)?;
         let mut out: Vec<Vec<StepOutput>> = vec![Vec::new(); caches.len()];
         let results: Vec<StepOutput> = logits
             .par_chunks(vocab)
@@ -593,115 +568,23 @@ impl Llama {
         }
         Ok(out)
     }
+}
 
-    /// `out (rows, w.out) = x (rows, w.inp) · Wᵀ`, or `out += …` when `accumulate`.
-    ///
-    /// The output columns are split into fixed blocks, one single-threaded GEMM each, so
-    /// the arithmetic does not depend on the thread count. From 2 rows on, the GEMM writes
-    /// a column-major `(out, rows)` scratch that is then transposed into `out`: measured on
-    /// 2 AVX2 cores, the LM head took 16 ms that way for 16 rows against 26 ms writing
-    /// row-major (29 against 36 ms for 4 rows); one row takes GEMM's matrix–vector path.
-    fn matmul(
-        &self,
-        x: &[f32],
-        rows: usize,
-        w: &Linear,
-        out: &mut [f32],
-        accumulate: bool,
-    ) -> Result<(), ModelError> {
-        if x.len() != rows * w.inp || out.len() != rows * w.out || w.w.len() != w.out * w.inp {
-            return Err(ModelError::Internal(format!(
-                "matmul shapes: x {} for {rows}×{}, out {} for {rows}×{}",
-                x.len(),
-                w.inp,
-                out.len(),
-                w.out
-            )));
-        }
-        let column_major = rows >= 2;
-        // Narrow blocks for the layer matrices (576–3072 outputs), so that both threads get
-        // work; wider ones for the LM head. Chosen from the shapes only, never the thread
-        // count, so that the arithmetic is the same at any thread count.
-        let block_cols = match (w.out <= 4096, column_major) {
-            (true, _) => 64,
-            (false, true) => 256,
-            (false, false) => 1024,
-        };
-        let mut scratch = if column_major {
-            vec![0f32; rows * w.out]
-        } else {
-            Vec::new()
-        };
-        let dst = SendPtr(if column_major {
-            scratch.as_mut_ptr()
-        } else {
-            out.as_mut_ptr()
-        });
-        let n_blocks = w.out.div_ceil(block_cols);
-        let block = |b: usize| {
-            let c0 = b * block_cols;
-            let cols = block_cols.min(w.out - c0);
-            let dst = &dst;
-            // SAFETY: this task writes only the columns c0..c0+cols of the destination,
-            // which is (rows, w.out) row-major (`out`) or column-major (`scratch`); lhs is
-            // (rows, inp) row-major; rhs = Wᵀ is (inp, cols), read from W's rows c0.. with
-            // column stride inp. The length checks above keep every index in bounds.
-            unsafe {
-                let (d, dst_cs, dst_rs, read) = if column_major {
-                    (dst.0.add(c0 * rows), rows as isize, 1, false)
-                } else {
-                    (dst.0.add(c0), 1, w.out as isize, accumulate)
-                };
-                gemm::gemm(
-                    rows,
-                    cols,
-                    w.inp,
-                    d,
-                    dst_cs,
-                    dst_rs,
-                    read,
-                    x.as_ptr(),
-                    1,
-                    w.inp as isize,
-                    w.w.as_ptr().add(c0 * w.inp),
-                    w.inp as isize,
-                    1,
-                    if read { 1.0 } else { 0.0 },
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
-            }
-        };
-        if self.threads == 1 {
-            (0..n_blocks).for_each(block);
-        } else {
-            (0..n_blocks).into_par_iter().for_each(block);
-        }
-        if column_major {
-            let o = w.out;
-            let transpose_row = |(r, row): (usize, &mut [f32])| {
-                if accumulate {
-                    for (c, v) in row.iter_mut().enumerate() {
-                        *v += scratch[c * rows + r];
-                    }
-                } else {
-                    for (c, v) in row.iter_mut().enumerate() {
-                        *v = scratch[c * rows + r];
-                    }
+/// Matrix `name` of shape `(out, inp)` from `gguf`: Q4_1 and Q8_0 as stored, any other
+/// format dequantised to f32.
+fn linear(gguf: &mut GgufFile, name: &str, out: usize, inp: usize) -> Result<Linear, ModelError> {
+    use candle_core::quantized::GgmlDType;
+    match gguf.tensor_dtype(name)? {
+        dtype @ (GgmlDType::Q4_1 | GgmlDType::Q8_0) if inp % crate::matmul::QK == 0 => {
+            let bytes = gguf.tensor_bytes(name, &[out, inp])?;
+            Linear::from_ggml_bytes(&bytes, dtype == GgmlDType::Q8_0, out, inp).map_err(|problem| {
+                ModelError::BadFile {
+                    path: gguf.path().display().to_string(),
+                    problem: format!("tensor {name}: {problem}"),
                 }
-            };
-            if self.threads == 1 || rows * o < 1 << 16 {
-                out.chunks_exact_mut(o).enumerate().for_each(transpose_row);
-            } else {
-                out.par_chunks_exact_mut(o)
-                    .enumerate()
-                    .for_each(transpose_row);
-            }
+            })
         }
-        Ok(())
+        _ => Linear::from_f32(gguf.tensor_f32(name, &[out, inp])?, out, inp),
     }
 }
 
@@ -732,7 +615,39 @@ fn rope_interleaved(head: &mut [f32], cos: &[f32], sin: &[f32]) {
 /// Causal scaled dot-product attention (Vaswani et al., arXiv:1706.03762) of one row: query
 /// `q` (all heads) at position `pos` over positions `0..=pos` of `cache`, grouped-query
 /// heads (arXiv:2305.13245) reading their K/V head in place.
+///
+/// The same operations run with or without AVX2 (`mul_add` is an exact fused multiply-add
+/// either way); with it they are compiled 8 lanes wide.
 fn attend(
+    cfg: &LlamaConfig,
+    cache: &LlamaCache,
+    layer: usize,
+    pos: usize,
+    q: &[f32],
+    out: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::matmul::simd_available() {
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn attend_avx2(
+            cfg: &LlamaConfig,
+            cache: &LlamaCache,
+            layer: usize,
+            pos: usize,
+            q: &[f32],
+            out: &mut [f32],
+        ) {
+            attend_body(cfg, cache, layer, pos, q, out)
+        }
+        // SAFETY: AVX2 and FMA are present (checked at run time).
+        unsafe { attend_avx2(cfg, cache, layer, pos, q, out) };
+        return;
+    }
+    attend_body(cfg, cache, layer, pos, q, out)
+}
+
+#[inline(always)]
+fn attend_body(
     cfg: &LlamaConfig,
     cache: &LlamaCache,
     layer: usize,
@@ -753,8 +668,7 @@ fn attend(
         let qh = &q[head * hd..(head + 1) * hd];
         let mut max = f32::NEG_INFINITY;
         for (s, k) in scores.iter_mut().zip(keys()) {
-            let k = &k[kvh * hd..(kvh + 1) * hd];
-            *s = qh.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() * scale;
+            *s = crate::matmul::dot_reference(qh, &k[kvh * hd..(kvh + 1) * hd]) * scale;
             max = max.max(*s);
         }
         let mut sum = 0f32;
@@ -768,7 +682,7 @@ fn attend(
             let v = &v[kvh * hd..(kvh + 1) * hd];
             let p = p / sum;
             for (a, &b) in o.iter_mut().zip(v) {
-                *a += p * b;
+                *a = p.mul_add(b, *a);
             }
         }
     }

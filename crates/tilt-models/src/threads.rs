@@ -1,8 +1,8 @@
 //! How many CPU threads the models use.
 //!
 //! Each [`crate::Llama`] owns a rayon thread pool of its own, sized when the model is
-//! loaded, and runs its matrix products (the `gemm` crate, told the same count) and its
-//! per-sequence attention inside that pool. A process-wide pool would be simpler, but
+//! loaded, and runs its matrix products (split over output columns) and its per-sequence
+//! attention inside that pool. A process-wide pool would be simpler, but
 //! rayon's global pool can be sized only once, and the thread count must be a user
 //! setting: on a shared machine two threads that wait on a busy core are far slower than
 //! one (measured: 20.8 → 541 ms per token with 0.7 of a core taken), so the CLI's
@@ -11,8 +11,7 @@
 //! The default, in order: the value given to [`set_num_threads`], the environment variable
 //! `TILT_NUM_THREADS`, then `RAYON_NUM_THREADS`, then the number of available cores.
 //! Results do not depend on the thread count: the matrix products split work over output
-//! columns, never over the summed dimension, and attention is computed one sequence per
-//! task.
+//! columns, never over the summed dimension, and attention is computed one row per task.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 

@@ -54,6 +54,42 @@ fn vocab() -> (Vec<String>, Vec<String>) {
 
 struct Weights {
     tensors: Vec<(String, Vec<usize>, Vec<f32>)>,
+    /// Store the matrices as the shipped SmolLM2 does (Q8_0 embedding, Q4_1 layers; a
+    /// matrix whose rows are not whole 32-blocks stays f32), else all f32.
+    quantized: bool,
+}
+
+impl Weights {
+    fn dtype(&self, name: &str, shape: &[usize]) -> GgmlDType {
+        let blocks = shape.len() == 2 && shape[1] % 32 == 0;
+        match (self.quantized && blocks, name) {
+            (true, "token_embd.weight") => GgmlDType::Q8_0,
+            (true, _) => GgmlDType::Q4_1,
+            (false, _) => GgmlDType::F32,
+        }
+    }
+
+    /// Replace every value by what the file stores (the dequantised block values), so
+    /// that the reference forward computes with the weights the model reads.
+    fn round_to_storage(mut self) -> Self {
+        let dtypes: Vec<GgmlDType> = self
+            .tensors
+            .iter()
+            .map(|(n, s, _)| self.dtype(n, s))
+            .collect();
+        for ((_, shape, data), dtype) in self.tensors.iter_mut().zip(dtypes) {
+            let t = Tensor::from_slice(data, shape.as_slice(), &Device::Cpu).unwrap();
+            let q = QTensor::quantize(&t, dtype).unwrap();
+            *data = q
+                .dequantize(&Device::Cpu)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+        }
+        self
+    }
 }
 
 fn random_weights(seed: u64, vocab: usize) -> Weights {
@@ -103,7 +139,10 @@ fn random_weights(seed: u64, vocab: usize) -> Weights {
             mat(D, FFN, 1.0 / (FFN as f32).sqrt()),
         );
     }
-    Weights { tensors }
+    Weights {
+        tensors,
+        quantized: false,
+    }
 }
 
 /// Write a tiny Llama GGUF; `edit` may change metadata before writing.
@@ -149,7 +188,10 @@ fn write_gguf(path: &Path, w: &Weights, edit: impl Fn(&mut Vec<(String, Value)>)
         .iter()
         .map(|(name, shape, data)| {
             let t = Tensor::from_slice(data, shape.as_slice(), &Device::Cpu).unwrap();
-            (name.clone(), QTensor::quantize(&t, GgmlDType::F32).unwrap())
+            (
+                name.clone(),
+                QTensor::quantize(&t, w.dtype(name, shape)).unwrap(),
+            )
         })
         .collect();
     let md_refs: Vec<(&str, &Value)> = md.iter().map(|(k, v)| (k.as_str(), v)).collect();
@@ -165,15 +207,27 @@ struct Tiny {
 }
 
 fn tiny() -> Tiny {
+    tiny_as(false)
+}
+
+/// The tiny model with f32 weights, or (`quantized`) with SmolLM2's storage formats.
+fn tiny_as(quantized: bool) -> Tiny {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tiny-llama.gguf");
-    let weights = random_weights(7, vocab().0.len());
-    write_gguf(&path, &weights, |_| {});
+    let mut raw = random_weights(7, vocab().0.len());
+    raw.quantized = quantized;
+    write_gguf(&path, &raw, |_| {});
+    let weights = raw.round_to_storage();
     Tiny {
         _dir: dir,
         path,
         weights,
     }
+}
+
+/// Both formats of the tiny model.
+fn tinies() -> [Tiny; 2] {
+    [tiny_as(false), tiny_as(true)]
 }
 
 fn load(t: &Tiny, threads: usize) -> LlamaPolicy {
@@ -192,19 +246,17 @@ fn argmax(v: &[f32]) -> usize {
     (0..v.len()).fold(0, |b, i| if v[i] > v[b] { i } else { b })
 }
 
-/// Same up to GEMM blocking differences between batch shapes (see llama.rs).
-fn assert_close(a: &StepOutput, b: &StepOutput, what: &str) {
+/// Bit for bit: every output element is computed by one fixed sequence of operations,
+/// whatever else shares the batch (see the matmul module of tilt-models).
+fn assert_same(a: &StepOutput, b: &StepOutput, what: &str) {
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
     let dl = max_abs_diff(&a.log_probs, &b.log_probs);
     let dh = max_abs_diff(&a.hidden, &b.hidden);
     assert!(
-        dl < 1e-4 && dh < 1e-4,
-        "{what}: log-prob diff {dl}, hidden diff {dh}"
+        bits(&a.log_probs) == bits(&b.log_probs) && bits(&a.hidden) == bits(&b.hidden),
+        "{what}: not bit-identical (log-prob diff {dl}, hidden diff {dh})"
     );
-    assert_eq!(
-        argmax(&a.log_probs),
-        argmax(&b.log_probs),
-        "{what}: argmax differs"
-    );
+    assert_eq!(argmax(&a.log_probs), argmax(&b.log_probs), "{what}");
 }
 
 // ---------- a naive reference forward: whole sequence, no cache, plain loops ----------
@@ -320,27 +372,38 @@ fn reference_log_probs(w: &Weights, tokens: &[TokenId]) -> Vec<Vec<f32>> {
 
 #[test]
 fn extend_matches_naive_reference_forward() {
-    let t = tiny();
-    let p = load(&t, 1);
-    // A 3-row prefill and a 12-row extend (the GEMM's column-major path; single steps,
-    // tested below, take its one-row path).
-    let tokens: Vec<TokenId> = vec![5, 17, 200, 3, 99, 42, 42, 7, 250, 11, 64, 65, 66, 9, 1];
-    let (mut cache, first) = p.prefill(&tokens[..3]).unwrap();
-    let rest = p.extend(&mut cache, &tokens[3..]).unwrap();
-    let reference = reference_log_probs(&t.weights, &tokens);
-    let ours: Vec<&StepOutput> = std::iter::once(&first).chain(rest.iter()).collect();
-    for (i, o) in ours.iter().enumerate() {
-        let d = max_abs_diff(&o.log_probs, &reference[i + 2]);
-        assert!(d < 1e-4, "position {}: max |Δ log p| = {d}", i + 2);
+    for t in tinies() {
+        let p = load(&t, 1);
+        // A 3-row prefill and a 12-row extend; single steps, tested below, take the
+        // one-row kernel.
+        let tokens: Vec<TokenId> = vec![5, 17, 200, 3, 99, 42, 42, 7, 250, 11, 64, 65, 66, 9, 1];
+        let (mut cache, first) = p.prefill(&tokens[..3]).unwrap();
+        let rest = p.extend(&mut cache, &tokens[3..]).unwrap();
+        let reference = reference_log_probs(&t.weights, &tokens);
+        let ours: Vec<&StepOutput> = std::iter::once(&first).chain(rest.iter()).collect();
+        for (i, o) in ours.iter().enumerate() {
+            let d = max_abs_diff(&o.log_probs, &reference[i + 2]);
+            assert!(
+                d < 1e-4,
+                "quantized {}: position {}: max |Δ log p| = {d}",
+                t.weights.quantized,
+                i + 2
+            );
+        }
     }
 }
 
 #[test]
 fn batched_step_equals_separate_steps() {
-    let t = tiny();
-    let p = load(&t, 2);
-    // 10 sequences batched (the GEMM's column-major path) against one at a time (its
-    // one-row path).
+    for t in tinies() {
+        batched_step_equals_separate_steps_on(&t);
+    }
+}
+
+fn batched_step_equals_separate_steps_on(t: &Tiny) {
+    let p = load(t, 2);
+    // 10 sequences batched (the multi-row kernels) against one at a time (the one-row
+    // kernel, which dequantises in registers): bit for bit.
     let prompts: [&[TokenId]; 10] = [
         &[4, 8, 15],
         &[16, 23, 42, 100, 7],
@@ -359,15 +422,20 @@ fn batched_step_equals_separate_steps() {
     for (i, pr) in prompts.iter().enumerate() {
         let (mut c, _) = p.prefill(pr).unwrap();
         let alone = p.step(std::slice::from_mut(&mut c), &next[i..=i]).unwrap();
-        assert_close(&batched[i], &alone[0], &format!("sequence {i}"));
+        assert_same(&batched[i], &alone[0], &format!("sequence {i}"));
         assert_eq!(batch[i].len(), pr.len() + 1);
     }
 }
 
 #[test]
 fn forked_cache_equals_fresh_prefill() {
-    let t = tiny();
-    let p = load(&t, 2);
+    for t in tinies() {
+        forked_cache_equals_fresh_prefill_on(&t);
+    }
+}
+
+fn forked_cache_equals_fresh_prefill_on(t: &Tiny) {
+    let p = load(t, 2);
     let prompt: Vec<TokenId> = vec![30, 31, 32, 33, 34];
     let (cache, _) = p.prefill(&prompt).unwrap();
     assert_eq!(cache.shared_len(), prompt.len());
@@ -378,10 +446,10 @@ fn forked_cache_equals_fresh_prefill() {
         let mut full = prompt.clone();
         full.push(first);
         let (_, fresh1) = p.prefill(&full).unwrap();
-        assert_close(&a[i], &fresh1, &format!("fork {i}, first step"));
+        assert_same(&a[i], &fresh1, &format!("fork {i}, first step"));
         full.push(second);
         let (_, fresh2) = p.prefill(&full).unwrap();
-        assert_close(&b[i], &fresh2, &format!("fork {i}, second step"));
+        assert_same(&b[i], &fresh2, &format!("fork {i}, second step"));
     }
     // Forking a cache with a private suffix (blockwise decoding), before and after share().
     let mut c = forks[0].clone();
@@ -399,8 +467,13 @@ fn forked_cache_equals_fresh_prefill() {
 
 #[test]
 fn response_log_probs_equal_sum_of_step_wise_log_probs() {
-    let t = tiny();
-    let p = load(&t, 1);
+    for t in tinies() {
+        response_log_probs_equal_step_wise_log_probs_on(&t);
+    }
+}
+
+fn response_log_probs_equal_step_wise_log_probs_on(t: &Tiny) {
+    let p = load(t, 1);
     let context: Vec<TokenId> = vec![1, 100, 101, 102];
     let response: Vec<TokenId> = vec![50, 51, 52, 2, 9];
     let batched = p.response_log_probs(&context, &response).unwrap();
@@ -414,13 +487,9 @@ fn response_log_probs_equal_sum_of_step_wise_log_probs() {
             .unwrap()
             .remove(0);
     }
-    let (s1, s2): (f64, f64) = (
-        batched.iter().map(|&x| x as f64).sum(),
-        stepwise.iter().map(|&x| x as f64).sum(),
-    );
-    assert!((s1 - s2).abs() < 1e-4, "{s1} vs {s2}");
+    // One forward over the whole response gives the step-wise values bit for bit.
     for (a, b) in batched.iter().zip(&stepwise) {
-        assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+        assert_eq!(a.to_bits(), b.to_bits(), "{a} vs {b}");
     }
     // And against the naive reference.
     let mut all = context.clone();
@@ -441,7 +510,7 @@ fn response_log_probs_equal_sum_of_step_wise_log_probs() {
 fn sample_run(p: &LlamaPolicy, seed: u64) -> (Vec<Vec<TokenId>>, Vec<Vec<u32>>) {
     let params = SamplingParams::new(1.5, Some(100), Some(0.99)).unwrap();
     let (cache, first) = p.prefill(&[1, 40, 41, 42]).unwrap();
-    // 9 sequences batched: the GEMM's column-major path.
+    // 9 sequences batched.
     let n = 9;
     let mut caches = vec![cache; n];
     let mut samplers: Vec<_> = (0..n as u64)
@@ -467,9 +536,14 @@ fn sample_run(p: &LlamaPolicy, seed: u64) -> (Vec<Vec<TokenId>>, Vec<Vec<u32>>) 
 
 #[test]
 fn same_seed_same_samples_and_bits_at_one_and_two_threads() {
-    let t = tiny();
-    let one = load(&t, 1);
-    let two = load(&t, 2);
+    for t in tinies() {
+        same_seed_same_samples_on(&t);
+    }
+}
+
+fn same_seed_same_samples_on(t: &Tiny) {
+    let one = load(t, 1);
+    let two = load(t, 2);
     assert_eq!(one.model().num_threads(), 1);
     assert_eq!(two.model().num_threads(), 2);
     let (s1, b1) = sample_run(&one, 11);

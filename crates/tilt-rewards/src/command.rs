@@ -10,15 +10,19 @@
 //!   or a bare number `1.5`; `{"error": "message"}` reports a failure, which tilt raises.
 //! - A batch's requests are all written before its replies are read (a reader thread
 //!   drains stdout meanwhile, so a child that answers at once cannot deadlock on a full
-//!   pipe). Each reply must come within the timeout (default 60 s) of the previous one.
+//!   pipe). Requests are written from a thread too: a child that stops reading its stdin
+//!   cannot block tilt. Each request must be taken, and each reply must come, within the
+//!   timeout (default 60 s) of the previous one.
 //! - At the end tilt closes stdin; the child should exit on EOF (it is killed after 2 s).
 //!
 //! Whatever goes wrong names the reward and the command: the child exited (its status and
 //! last stderr lines), a reply that is neither JSON nor a number, a non-finite score
-//! (`NaN`, `Infinity`), a timeout. After a timeout or a malformed reply the stream is out of
-//! step, so the child is killed and every later call fails at once with the first error.
+//! (`NaN`, `Infinity`, bare or as `{"score": NaN}`), a timeout. After a timeout or a
+//! malformed reply the stream is out of step, so the child is killed and every later call
+//! fails at once with the first error; after a non-finite score it is in step and the
+//! child is kept.
 
-use crate::{check_scores, Reward, RewardError};
+use crate::{check_scores, json, Reward, RewardError};
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, Command, Stdio};
@@ -179,27 +183,74 @@ impl CommandReward {
         )
     }
 
+    /// Write the request lines from a thread, so that a child that stops reading its stdin
+    /// (once the pipe's buffer, ~64 KiB, is full) cannot block tilt: each line must be
+    /// taken within the timeout of the previous one, or the child is reported (and then
+    /// killed by the caller). A write that fails means the child closed its stdin: died.
+    fn write_requests(&self, run: &mut Running, lines: Vec<String>) -> Result<(), String> {
+        enum Written {
+            Line,
+            Done(ChildStdin),
+            Failed,
+        }
+        let Some(mut stdin) = run.stdin.take() else {
+            return Err("stdin is closed".into());
+        };
+        let (total, bytes) = (lines.len(), lines.iter().map(String::len).sum::<usize>());
+        let (tx, written) = mpsc::channel();
+        // If the child never reads, this thread stays blocked until the child is killed
+        // (its stdin pipe then breaks) and ends on its own.
+        std::thread::spawn(move || {
+            for line in &lines {
+                if stdin.write_all(line.as_bytes()).is_err() {
+                    let _ = tx.send(Written::Failed);
+                    return;
+                }
+                let _ = tx.send(Written::Line);
+            }
+            let _ = tx.send(match stdin.flush() {
+                Ok(()) => Written::Done(stdin),
+                Err(_) => Written::Failed,
+            });
+        });
+        let mut done = 0usize;
+        loop {
+            match written.recv_timeout(self.timeout) {
+                Ok(Written::Line) => done += 1,
+                Ok(Written::Done(stdin)) => {
+                    run.stdin = Some(stdin);
+                    return Ok(());
+                }
+                Ok(Written::Failed) | Err(RecvTimeoutError::Disconnected) => {
+                    return Err(self.died(run, "before reading its requests"))
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    return Err(format!(
+                        "the child stopped reading its stdin: {done} of {total} requests \
+                         ({bytes} bytes) written, nothing more taken within {:.3} s (timeout); \
+                         the child was stopped",
+                        self.timeout.as_secs_f64()
+                    ))
+                }
+            }
+        }
+    }
+
     fn score_running(&self, run: &mut Running, pairs: &[(&str, &str)]) -> Result<Vec<f32>, String> {
         // Drop replies left over from nothing: there should be none.
         if let Ok(extra) = run.replies.try_recv() {
             return Err(format!("the child wrote an unrequested line: {extra:?}"));
         }
-        let mut request = String::new();
-        for (prompt, response) in pairs {
-            let line = serde_json::json!({ "prompt": prompt, "response": response });
-            request.push_str(&line.to_string());
-            request.push('\n');
-        }
-        let Some(stdin) = run.stdin.as_mut() else {
-            return Err("stdin is closed".into());
-        };
-        if stdin
-            .write_all(request.as_bytes())
-            .and_then(|()| stdin.flush())
-            .is_err()
-        {
-            return Err(self.died(run, "before reading its requests"));
-        }
+        let lines: Vec<String> = pairs
+            .iter()
+            .map(|(prompt, response)| {
+                let mut line =
+                    serde_json::json!({ "prompt": prompt, "response": response }).to_string();
+                line.push('\n');
+                line
+            })
+            .collect();
+        self.write_requests(run, lines)?;
         let mut scores = Vec::with_capacity(pairs.len());
         for i in 0..pairs.len() {
             let line = match run.replies.recv_timeout(self.timeout) {
@@ -222,8 +273,10 @@ impl CommandReward {
 }
 
 /// Parse one reply line: `{"score": x}`, a bare number, or `{"error": "..."}`.
-/// Non-finite spellings (`NaN`, `Infinity`, `-Infinity`, `inf`) come back as non-finite
-/// values so that [`check_scores`] names them.
+/// Non-finite values come back as non-finite numbers so that [`check_scores`] names them
+/// (the stream is still in step): Python's `json.dumps` spellings `NaN`, `Infinity`,
+/// `-Infinity` anywhere a value may stand ([`json::parse`]), and for a bare line also
+/// what Python's `print` writes (`nan`, `inf`, `-inf`, any case).
 fn parse_reply(line: &str) -> Result<f32, String> {
     let t = line.trim();
     match t
@@ -241,30 +294,23 @@ fn parse_reply(line: &str) -> Result<f32, String> {
         }
         _ => {}
     }
-    let value: serde_json::Value =
-        serde_json::from_str(t).map_err(|e| format!("malformed reply {t:?}: {e}"))?;
-    let number = match &value {
-        serde_json::Value::Number(n) => n,
+    let value = json::parse(t).map_err(|e| format!("malformed reply {t:?}: {e}"))?;
+    match &value {
         serde_json::Value::Object(map) => {
             if let Some(err) = map.get("error") {
                 return Err(format!("the command reported an error: {err}"));
             }
             match map.get("score") {
-                Some(serde_json::Value::Number(n)) => n,
-                Some(other) => return Err(format!("\"score\" is {other}, not a number")),
-                None => return Err(format!("malformed reply {t:?}: no \"score\" field")),
+                Some(v) => json::score(v).map_err(|m| format!("\"score\" is {m}")),
+                None => Err(format!("malformed reply {t:?}: no \"score\" field")),
             }
         }
-        other => {
-            return Err(format!(
-                "malformed reply {t:?}: expected a number or an object, got {other}"
-            ))
-        }
-    };
-    number
-        .as_f64()
-        .map(|x| x as f32)
-        .ok_or_else(|| format!("score {number} is not representable"))
+        serde_json::Value::Array(_) | serde_json::Value::Bool(_) | serde_json::Value::Null => Err(
+            format!("malformed reply {t:?}: expected a number or an object, got {value}"),
+        ),
+        // A number, or a bare non-finite literal.
+        v => json::score(v).map_err(|m| format!("malformed reply {t:?}: {m}")),
+    }
 }
 
 impl Reward for CommandReward {
@@ -336,6 +382,13 @@ mod tests {
         assert!(parse_reply("NaN").unwrap().is_nan());
         assert_eq!(parse_reply("-Infinity").unwrap(), f32::NEG_INFINITY);
         assert_eq!(parse_reply("1e300").unwrap(), f32::INFINITY);
+        assert_eq!(parse_reply("-inf").unwrap(), f32::NEG_INFINITY);
+        // What Python's json.dumps writes for non-finite floats.
+        assert!(parse_reply("{\"score\": NaN}").unwrap().is_nan());
+        assert_eq!(
+            parse_reply("{\"score\": -Infinity}").unwrap(),
+            f32::NEG_INFINITY
+        );
         assert!(parse_reply("{\"scor\": 1}")
             .unwrap_err()
             .contains("no \"score\""));

@@ -20,7 +20,7 @@
 //! plain `http://` only (no TLS library is linked): put a local TLS-terminating proxy in
 //! front of an `https://` service.
 
-use crate::{check_scores, Reward, RewardError};
+use crate::{check_scores, json, Reward, RewardError};
 use std::time::Duration;
 
 /// Default time allowed for one whole request (connect, send, answer).
@@ -48,11 +48,31 @@ struct Request<'a> {
     pairs: Vec<Pair<'a>>,
 }
 
+/// Whether `url`'s host is exactly a loopback address: `localhost` (any case, with or
+/// without a trailing dot), an IPv4 address in 127.0.0.0/8, or `[::1]` (also as an
+/// IPv4-mapped `[::ffff:127.x.y.z]`). Only these skip the proxy: `localhost.example.com` or
+/// `127.0.0.1.example.com` are names like any other.
 fn is_loopback(url: &str) -> bool {
     let rest = url.split_once("://").map_or(url, |(_, r)| r);
-    let host = rest.split(['/', '?', '#']).next().unwrap_or("");
-    let host = host.rsplit_once('@').map_or(host, |(_, h)| h);
-    host.starts_with("127.") || host.starts_with("localhost") || host.starts_with("[::1]")
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    if let Some(bracketed) = host_port.strip_prefix('[') {
+        let Some((v6, after)) = bracketed.split_once(']') else {
+            return false;
+        };
+        if !(after.is_empty() || after.starts_with(':')) {
+            return false;
+        }
+        return v6.parse::<std::net::Ipv6Addr>().is_ok_and(|a| {
+            a.is_loopback() || a.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+        });
+    }
+    let host = host_port.split_once(':').map_or(host_port, |(h, _)| h);
+    let host = host.strip_suffix('.').unwrap_or(host);
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::Ipv4Addr>()
+            .is_ok_and(|a| a.is_loopback())
 }
 
 impl HttpReward {
@@ -135,15 +155,11 @@ impl Reward for HttpReward {
             let quoted: String = text.chars().take(QUOTED_BODY).collect();
             return Err(self.fail(format!("HTTP {status}: {quoted}")));
         }
-        let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
+        // Python's json.dumps writes NaN/Infinity for non-finite floats: accepted here so
+        // that check_scores names the item, as for the command reward.
+        let value = json::parse(&text).map_err(|e| {
             let quoted: String = text.chars().take(QUOTED_BODY).collect();
-            if text.contains("NaN") || text.contains("Infinity") {
-                self.fail(format!(
-                    "the answer holds a non-finite score (NaN/Infinity, which JSON cannot carry): {quoted}"
-                ))
-            } else {
-                self.fail(format!("the answer is not JSON ({e}): {quoted}"))
-            }
+            self.fail(format!("the answer is not JSON ({e}): {quoted}"))
         })?;
         let Some(list) = value.get("scores").and_then(|s| s.as_array()) else {
             let quoted: String = text.chars().take(QUOTED_BODY).collect();
@@ -152,14 +168,7 @@ impl Reward for HttpReward {
         let scores = list
             .iter()
             .enumerate()
-            .map(|(i, v)| match v {
-                serde_json::Value::Number(n) => n
-                    .as_f64()
-                    .map(|x| x as f32)
-                    .ok_or_else(|| self.fail(format!("score {i} ({n}) is not representable"))),
-                // JSON has no NaN; a service sending null or a string gets named.
-                other => Err(self.fail(format!("score {i} is {other}, not a number"))),
-            })
+            .map(|(i, v)| json::score(v).map_err(|m| self.fail(format!("score {i} is {m}"))))
             .collect::<Result<Vec<f32>, _>>()?;
         check_scores(&self.name(), pairs.len(), scores)
     }
@@ -171,10 +180,35 @@ mod tests {
 
     #[test]
     fn loopback_detection() {
-        assert!(is_loopback("http://127.0.0.1:8080/score"));
-        assert!(is_loopback("http://localhost/x"));
-        assert!(is_loopback("http://[::1]:9/"));
-        assert!(!is_loopback("http://example.com/127.0.0.1"));
+        for yes in [
+            "http://127.0.0.1:8080/score",
+            "http://127.255.0.9/",
+            "http://localhost/x",
+            "http://LocalHost:80",
+            "http://localhost.:8000/s",
+            "http://user:pw@localhost:1/",
+            "http://[::1]:9/",
+            "http://[::1]",
+            "http://[::ffff:127.0.0.1]:9/",
+        ] {
+            assert!(is_loopback(yes), "{yes}");
+        }
+        for no in [
+            "http://example.com/127.0.0.1",
+            "http://localhost.evil.com/score",
+            "http://localhost.evil.com:8000",
+            "http://localhostx/",
+            "http://evil.localhost/",
+            "http://127.0.0.1.evil.com/",
+            "http://127.evil.com/",
+            "http://128.0.0.1/",
+            "http://[::1].evil.com/",
+            "http://[::2]/",
+            "http://localhost@evil.com/",
+            "http://evil.com/?localhost",
+        ] {
+            assert!(!is_loopback(no), "{no}");
+        }
     }
 
     #[test]

@@ -21,6 +21,7 @@
 pub mod command;
 pub mod head;
 pub mod http;
+mod json;
 pub mod minilm;
 
 pub use command::{CommandReward, DEFAULT_COMMAND_TIMEOUT};

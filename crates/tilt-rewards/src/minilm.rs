@@ -207,14 +207,7 @@ impl MiniLmEmbedder {
     /// # Errors
     /// [`RewardError::Failed`] if tokenisation or the forward pass fails.
     pub fn embed(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>, RewardError> {
-        let mut encoded = Vec::with_capacity(texts.len());
-        for (i, t) in texts.iter().enumerate() {
-            let enc = self
-                .tokenizer
-                .encode(*t, true)
-                .map_err(|e| failed(EMBEDDER, format!("cannot tokenise text {i}: {e}")))?;
-            encoded.push(enc.get_ids().to_vec());
-        }
+        let encoded = self.token_ids(texts)?;
         let mut order: Vec<usize> = (0..texts.len()).collect();
         order.sort_by_key(|&i| (encoded[i].len(), i));
         let mut out = vec![Vec::new(); texts.len()];
@@ -228,6 +221,31 @@ impl MiniLmEmbedder {
             }
         }
         Ok(out)
+    }
+}
+
+impl MiniLmEmbedder {
+    /// How many word pieces the model sees for each text: `[CLS]`, the text's pieces and
+    /// `[SEP]`, truncated at [`Self::max_seq_length`] (sentence-transformers' count).
+    ///
+    /// # Errors
+    /// [`RewardError::Failed`] if tokenisation fails.
+    pub fn token_counts(&self, texts: &[&str]) -> Result<Vec<usize>, RewardError> {
+        Ok(self.token_ids(texts)?.iter().map(Vec::len).collect())
+    }
+
+    /// Each text's token ids, as the model sees them.
+    fn token_ids(&self, texts: &[&str]) -> Result<Vec<Vec<u32>>, RewardError> {
+        texts
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                self.tokenizer
+                    .encode(*t, true)
+                    .map(|enc| enc.get_ids().to_vec())
+                    .map_err(|e| failed(EMBEDDER, format!("cannot tokenise text {i}: {e}")))
+            })
+            .collect()
     }
 }
 

@@ -75,6 +75,65 @@ for line in sys.stdin:
     assert!(matches!(e, RewardError::NonFinite { index: 1, .. }), "{e}");
 }
 
+/// Python's `json.dumps({"score": float("nan")})` writes `{"score": NaN}`: a non-finite score
+/// for that item, with the child kept (the stream is in step), not a malformed reply.
+#[test]
+fn python_nan_inside_the_object_is_a_non_finite_score_and_the_child_lives_on() {
+    let r = CommandReward::spawn_shell(
+        r#"python3 -c '
+import json, sys
+k = 0
+for line in sys.stdin:
+    score = [1.0, float("nan"), float("inf"), -float("inf")][k] if k < 4 else float(k)
+    print(json.dumps({"score": score}), flush=True)
+    k += 1
+'"#,
+        SECOND,
+    )
+    .unwrap();
+    let e = r.score(&[("a", "b"), ("c", "d")]).unwrap_err();
+    assert!(
+        matches!(e, RewardError::NonFinite { index: 1, value, .. } if value.is_nan()),
+        "{e}"
+    );
+    assert!(e.to_string().contains("command:python3"), "{e}");
+    let e = r.score(&[("a", "b"), ("c", "d")]).unwrap_err();
+    assert!(
+        matches!(e, RewardError::NonFinite { index: 0, value, .. } if value == f32::INFINITY),
+        "{e}"
+    );
+    // Same child, in step: replies 4 and 5 answer the third batch.
+    assert_eq!(r.score(&[("a", "b"), ("c", "d")]).unwrap(), vec![4.0, 5.0]);
+}
+
+/// A child that never reads its stdin: once a batch is larger than the pipe's buffer, the
+/// write would block forever. It must time out, name the reward, and stop the child.
+#[test]
+fn a_child_that_never_reads_its_stdin_times_out_while_writing() {
+    let r = CommandReward::spawn_shell(
+        "exec python3 -c 'import time; time.sleep(60)'",
+        Duration::from_millis(500),
+    )
+    .unwrap();
+    let response = "x".repeat(1000);
+    let pairs: Vec<(&str, &str)> = (0..1500).map(|_| ("prompt", response.as_str())).collect();
+    let start = std::time::Instant::now();
+    let e = r.score(&pairs).unwrap_err().to_string();
+    let took = start.elapsed();
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+    assert!(
+        e.contains("stopped reading its stdin") && e.contains("timeout"),
+        "{e}"
+    );
+    assert!(e.contains("of 1500 requests"), "{e}");
+    assert!(e.contains("command:exec python3"), "{e}");
+    let again = r.score(&[("a", "b")]).unwrap_err().to_string();
+    assert!(
+        again.contains("unusable") && again.contains("stopped reading"),
+        "{again}"
+    );
+}
+
 #[test]
 fn a_child_that_dies_is_reported_with_status_and_stderr() {
     let r =

@@ -117,7 +117,6 @@ fn malformed_answers_are_named() {
             |_| (200, "{\"scores\": [1, null]}".into()),
             "score 1 is null",
         ),
-        (|_| (200, "{\"scores\": [1, NaN]}".into()), "non-finite"),
     ];
     for (handler, expected) in cases {
         let url = serve(1, handler);
@@ -138,6 +137,33 @@ fn malformed_answers_are_named() {
         .score(&[("p", "a")])
         .unwrap_err();
     assert!(matches!(e, RewardError::NonFinite { index: 0, .. }), "{e}");
+}
+
+/// A Python service answering `json.dumps({"scores": [1.0, float("nan")]})` sends `NaN`,
+/// which is not JSON: it is read as the non-finite score it stands for, and named by index.
+#[test]
+fn python_nan_and_infinity_are_named_non_finite_scores() {
+    let url = serve(2, |_| (200, "{\"scores\": [1.0, NaN]}".into()));
+    let r = HttpReward::new(&url, T).unwrap();
+    let e = r.score(&[("p", "a"), ("p", "b")]).unwrap_err();
+    assert!(
+        matches!(e, RewardError::NonFinite { index: 1, value, .. } if value.is_nan()),
+        "{e}"
+    );
+    assert!(e.to_string().contains(&url), "{e}");
+    // The reward stays usable: the next batch is asked anew.
+    let e = r.score(&[("p", "a"), ("p", "b")]).unwrap_err();
+    assert!(matches!(e, RewardError::NonFinite { index: 1, .. }), "{e}");
+
+    let url = serve(1, |_| (200, "{\"scores\": [-Infinity, 2]}".into()));
+    let e = HttpReward::new(&url, T)
+        .unwrap()
+        .score(&[("p", "a"), ("p", "b")])
+        .unwrap_err();
+    assert!(
+        matches!(e, RewardError::NonFinite { index: 0, value, .. } if value == f32::NEG_INFINITY),
+        "{e}"
+    );
 }
 
 #[test]

@@ -2,7 +2,8 @@
 //!
 //! `fixtures/minilm_embeddings.json` holds sentence-transformers' embeddings of 8 texts
 //! (made by `fixtures/make_minilm_fixture.py` from the same files `tilt models fetch`
-//! unpacks); ours must agree to cosine ≥ 0.999 each. The model is fetched on first use.
+//! unpacks); ours must agree to cosine ≥ 0.999 each, from the same number of word pieces.
+//! The model is fetched on first use.
 
 use std::sync::{Arc, OnceLock};
 use tilt_rewards::{MiniLmEmbedder, MiniLmRelevance, Reward, RewardError};
@@ -45,6 +46,17 @@ fn embeddings_match_sentence_transformers() {
         .collect();
     let e = embedder();
     assert_eq!(e.max_seq_length(), 256);
+    // The same word pieces as sentence-transformers, truncation included (the last text
+    // is cut at 256).
+    let reference_tokens: Vec<usize> = items
+        .iter()
+        .map(|i| i["tokens"].as_u64().unwrap() as usize)
+        .collect();
+    assert_eq!(
+        reference_tokens[7], 256,
+        "the fixture's long text is truncated"
+    );
+    assert_eq!(e.token_counts(&texts).unwrap(), reference_tokens);
     let ours = e.embed(&texts).unwrap();
     let mut worst = 1.0f64;
     for (i, (a, b)) in ours.iter().zip(&reference).enumerate() {

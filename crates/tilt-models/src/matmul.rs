@@ -1,0 +1,967 @@
+//! The weights of a linear layer, kept in the file's quantised format, and the product
+//! `out = x · Wᵀ` the Llama forward spends its time in.
+//!
+//! # Why these kernels are hand-written
+//!
+//! A 135M-parameter model on a CPU is bound by how many bytes of weights each step reads.
+//! Dequantised to f32, SmolLM2-135M is 540 MB a step; in the file's own formats (Q4_1 for
+//! the layer matrices, Q8_0 for the tied embedding / LM head) it is about 100 MB. The crates
+//! at hand do not do what this needs: the `gemm` crate multiplies f32 (or f16) matrices
+//! only, so it must read the 540 MB copy (measured on 2 AVX2 cores: 19 tok/s for one
+//! sequence, 116 tok/s aggregated for 16, 64-token prompt); candle's quantised matmul has
+//! no SIMD kernel for Q4_1, chooses its AVX2 kernels at compile time (a dependent crate
+//! gets them only with `-C target-cpu=native`), re-reads the weights for every row of a
+//! batch, and first rounds the activations to 8 bits (Q8_1), so its result differs from
+//! the f32 product of the same weights. So the products are written here, small enough
+//! to read: each weight row is dequantised exactly (the same f32 values as candle's and
+//! llama.cpp's `dequantize`), 8 lanes at a time, and multiplied with f32 activations.
+//!
+//! # One result per (row, column), whatever the batch
+//!
+//! Every output element is defined by one fixed sequence of operations, the same
+//! whichever kernel computes it and whatever else is in the batch:
+//!
+//! ```text
+//! chunks k = 0 … ⌈inp/8⌉−1 of 8 inputs (zero-padded at the end);
+//! acc[l] = fma(w[8k+l], x[8k+l], acc[l])   for each lane l = 0 … 7, k in order;
+//! dot    = ((acc0+acc4) + (acc2+acc6)) + ((acc1+acc5) + (acc3+acc7));
+//! out    = dot, or out + dot when accumulating.
+//! ```
+//!
+//! The AVX2/FMA kernels (chosen at run time) compute exactly this, in registers, for
+//! blocks of up to 3 rows × 4 columns; [`dot_reference`] computes it with scalar
+//! `mul_add`, and the tests check that both agree bit for bit. Hence a sequence's
+//! log-probs do not depend on how many other sequences share its batch, on the thread
+//! count, or on whether its tokens came one at a time or in one prefill.
+
+use rayon::prelude::*;
+
+use crate::ModelError;
+
+/// Weights per block of the quantised formats (Q4_1, Q8_0).
+pub(crate) const QK: usize = 32;
+
+/// A Q4_1 block (GGML): 32 weights `w = d·q + m`, `q ∈ 0..16`; byte `j` of `qs` holds
+/// weight `j` in its low nibble and weight `j + 16` in its high nibble. The scales are
+/// kept as f32 (converted exactly from the file's f16).
+#[derive(Debug, Clone, Copy, PartialEq)]
+#[repr(C)]
+pub(crate) struct BlockQ4_1 {
+    d: f32,
+    m: f32,
+    qs: [u8; QK / 2],
+}
+
+/// A Q8_0 block (GGML): 32 weights `w = d·q`, `q ∈ −128..128`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+#[repr(C)]
+pub(crate) struct BlockQ8_0 {
+    d: f32,
+    qs: [i8; QK],
+}
+
+/// A weight matrix `(out, inp)`, row-major by output, in one of the formats the kernels
+/// read. Other GGUF formats are dequantised to f32 at load.
+#[derive(Debug, Clone)]
+pub(crate) enum Weights {
+    /// Plain f32.
+    F32(Vec<f32>),
+    /// GGML Q4_1 blocks, `inp / 32` per output row.
+    Q4_1(Vec<BlockQ4_1>),
+    /// GGML Q8_0 blocks, `inp / 32` per output row.
+    Q8_0(Vec<BlockQ8_0>),
+}
+
+impl Weights {
+    fn format(&self) -> &'static str {
+        match self {
+            Weights::F32(_) => "f32",
+            Weights::Q4_1(_) => "Q4_1",
+            Weights::Q8_0(_) => "Q8_0",
+        }
+    }
+}
+
+/// A linear layer `y = W x` without bias.
+#[derive(Debug, Clone)]
+pub(crate) struct Linear {
+    weights: Weights,
+    out: usize,
+    inp: usize,
+}
+
+fn f16_bits(lo: u8, hi: u8) -> f32 {
+    half::f16::from_bits(u16::from_le_bytes([lo, hi])).to_f32()
+}
+
+impl Linear {
+    /// From f32 weights, row-major `(out, inp)`.
+    pub(crate) fn from_f32(w: Vec<f32>, out: usize, inp: usize) -> Result<Self, ModelError> {
+        if w.len() != out * inp {
+            return Err(ModelError::Internal(format!(
+                "f32 weights: {} values for a {out}×{inp} matrix",
+                w.len()
+            )));
+        }
+        Ok(Self {
+            weights: Weights::F32(w),
+            out,
+            inp,
+        })
+    }
+
+    /// From a GGUF tensor's raw bytes in Q4_1 or Q8_0 (`q8 = true`) layout, `(out, inp)`
+    /// with `inp` a multiple of 32. Every scale and weight must be finite.
+    pub(crate) fn from_ggml_bytes(
+        bytes: &[u8],
+        q8: bool,
+        out: usize,
+        inp: usize,
+    ) -> Result<Self, String> {
+        if inp % QK != 0 {
+            return Err(format!("row length {inp} is not a multiple of {QK}"));
+        }
+        let blocks = out * inp / QK;
+        let size = if q8 { 34 } else { 20 };
+        if bytes.len() != blocks * size {
+            return Err(format!(
+                "{} bytes for {blocks} blocks of {size} bytes",
+                bytes.len()
+            ));
+        }
+        let chunks = bytes.chunks_exact(size);
+        let weights = if q8 {
+            let v: Vec<BlockQ8_0> = chunks
+                .map(|b| {
+                    let mut qs = [0i8; QK];
+                    for (q, &byte) in qs.iter_mut().zip(&b[2..]) {
+                        *q = byte as i8;
+                    }
+                    BlockQ8_0 {
+                        d: f16_bits(b[0], b[1]),
+                        qs,
+                    }
+                })
+                .collect();
+            if let Some(i) = v.iter().position(|b| !b.d.is_finite()) {
+                return Err(format!("block {i} has a non-finite scale {}", v[i].d));
+            }
+            Weights::Q8_0(v)
+        } else {
+            let v: Vec<BlockQ4_1> = chunks
+                .map(|b| {
+                    let mut qs = [0u8; QK / 2];
+                    qs.copy_from_slice(&b[4..]);
+                    BlockQ4_1 {
+                        d: f16_bits(b[0], b[1]),
+                        m: f16_bits(b[2], b[3]),
+                        qs,
+                    }
+                })
+                .collect();
+            if let Some(i) = v.iter().position(|b| {
+                // The largest weight d·15 + m must be finite too.
+                !(b.d.is_finite() && b.m.is_finite() && b.d.mul_add(15.0, b.m).is_finite())
+            }) {
+                return Err(format!(
+                    "block {i} has non-finite scales (d {}, m {})",
+                    v[i].d, v[i].m
+                ));
+            }
+            Weights::Q4_1(v)
+        };
+        Ok(Self { weights, out, inp })
+    }
+
+    /// Several matrices with the same `inp`, stacked by rows (a fused projection). Stays
+    /// in the parts' format when they share one, else becomes f32.
+    pub(crate) fn stack(parts: Vec<Linear>) -> Result<Self, ModelError> {
+        let inp = parts.first().map_or(0, |p| p.inp);
+        if parts.iter().any(|p| p.inp != inp) {
+            return Err(ModelError::Internal(
+                "stacked matrices differ in width".into(),
+            ));
+        }
+        let out = parts.iter().map(|p| p.out).sum();
+        let weights = match parts.first().map(|p| &p.weights) {
+            Some(Weights::Q4_1(_))
+                if parts.iter().all(|p| matches!(p.weights, Weights::Q4_1(_))) =>
+            {
+                Weights::Q4_1(
+                    parts
+                        .iter()
+                        .flat_map(|p| match &p.weights {
+                            Weights::Q4_1(v) => v.as_slice(),
+                            _ => &[],
+                        })
+                        .copied()
+                        .collect(),
+                )
+            }
+            Some(Weights::Q8_0(_))
+                if parts.iter().all(|p| matches!(p.weights, Weights::Q8_0(_))) =>
+            {
+                Weights::Q8_0(
+                    parts
+                        .iter()
+                        .flat_map(|p| match &p.weights {
+                            Weights::Q8_0(v) => v.as_slice(),
+                            _ => &[],
+                        })
+                        .copied()
+                        .collect(),
+                )
+            }
+            _ => {
+                let mut w = Vec::with_capacity(out * inp);
+                for p in &parts {
+                    let start = w.len();
+                    w.resize(start + p.out * inp, 0.0);
+                    for (j, row) in w[start..].chunks_exact_mut(inp).enumerate() {
+                        p.dequantize_row(j, row);
+                    }
+                }
+                Weights::F32(w)
+            }
+        };
+        Ok(Self { weights, out, inp })
+    }
+
+    /// Output size (rows of W).
+    pub(crate) fn out(&self) -> usize {
+        self.out
+    }
+
+    /// The storage format, for logs.
+    pub(crate) fn format(&self) -> &'static str {
+        self.weights.format()
+    }
+
+    /// Bytes of weight data.
+    pub(crate) fn bytes(&self) -> usize {
+        match &self.weights {
+            Weights::F32(v) => v.len() * 4,
+            Weights::Q4_1(v) => v.len() * std::mem::size_of::<BlockQ4_1>(),
+            Weights::Q8_0(v) => v.len() * std::mem::size_of::<BlockQ8_0>(),
+        }
+    }
+
+    /// Row `j` of W (output unit `j`), dequantised into `dst[..inp]`. Values equal those
+    /// of candle's / GGML's `dequantize` (`d·q + m` with an exact product, so one
+    /// rounding, as the FMA below gives).
+    pub(crate) fn dequantize_row(&self, j: usize, dst: &mut [f32]) {
+        let inp = self.inp;
+        let dst = &mut dst[..inp];
+        match &self.weights {
+            Weights::F32(w) => dst.copy_from_slice(&w[j * inp..(j + 1) * inp]),
+            Weights::Q4_1(w) => {
+                let nb = inp / QK;
+                for (b, out) in w[j * nb..(j + 1) * nb].iter().zip(dst.chunks_exact_mut(QK)) {
+                    for (i, &q) in b.qs.iter().enumerate() {
+                        out[i] = ((q & 0x0F) as f32).mul_add(b.d, b.m);
+                        out[i + QK / 2] = ((q >> 4) as f32).mul_add(b.d, b.m);
+                    }
+                }
+            }
+            Weights::Q8_0(w) => {
+                let nb = inp / QK;
+                for (b, out) in w[j * nb..(j + 1) * nb].iter().zip(dst.chunks_exact_mut(QK)) {
+                    for (o, &q) in out.iter_mut().zip(&b.qs) {
+                        *o = q as f32 * b.d;
+                    }
+                }
+            }
+        }
+    }
+
+    /// `out (rows, self.out) = x (rows, self.inp) · Wᵀ`, or `out += …` when `accumulate`,
+    /// split over output columns across the current rayon pool. Each element is the
+    /// fixed computation of the module docs, so the result does not depend on `rows`, the
+    /// batch's other rows or the thread count.
+    pub(crate) fn matmul(
+        &self,
+        x: &[f32],
+        rows: usize,
+        out: &mut [f32],
+        accumulate: bool,
+    ) -> Result<(), ModelError> {
+        if x.len() != rows * self.inp || out.len() != rows * self.out {
+            return Err(ModelError::Internal(format!(
+                "matmul shapes: x {} for {rows}×{}, out {} for {rows}×{}",
+                x.len(),
+                self.inp,
+                out.len(),
+                self.out
+            )));
+        }
+        if rows == 0 || self.out == 0 {
+            return Ok(());
+        }
+        // Rows padded to whole chunks of 8 (only matrices whose width is not a multiple
+        // of 8 need the copy; the Llama's never do).
+        let stride = self.inp.div_ceil(8) * 8;
+        let padded;
+        let x = if stride == self.inp {
+            x
+        } else {
+            let mut p = vec![0f32; rows * stride];
+            for (dst, src) in p.chunks_exact_mut(stride).zip(x.chunks_exact(self.inp)) {
+                dst[..self.inp].copy_from_slice(src);
+            }
+            padded = p;
+            &padded
+        };
+        let threads = rayon::current_num_threads().max(1);
+        // Column blocks: a few per thread (for balance when a core is busy), in whole
+        // groups of 4. The split does not change any result.
+        let block = self.out.div_ceil(4 * threads).div_ceil(4).max(1) * 4;
+        let n_blocks = self.out.div_ceil(block);
+        let dst = SendPtr(out.as_mut_ptr());
+        let simd = simd_available();
+        let run = |b: usize| {
+            let c0 = b * block;
+            let c1 = (c0 + block).min(self.out);
+            let dst = &dst;
+            // SAFETY: this task writes only columns c0..c1 of `out`, (rows, self.out)
+            // row-major, whose length was checked above; no other task writes them.
+            unsafe { self.columns(x, stride, rows, c0, c1, dst.0, accumulate, simd) }
+        };
+        if n_blocks == 1 {
+            run(0);
+        } else {
+            (0..n_blocks).into_par_iter().for_each(run);
+        }
+        Ok(())
+    }
+
+    /// Columns `c0..c1` of the product into `out` (row stride `self.out`).
+    ///
+    /// # Safety
+    /// `x` holds `rows` rows of `stride ≥ inp` values (zero beyond `inp`), `out` points to
+    /// `rows × self.out` writable values, and no one else touches columns `c0..c1`.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn columns(
+        &self,
+        x: &[f32],
+        stride: usize,
+        rows: usize,
+        c0: usize,
+        c1: usize,
+        out: *mut f32,
+        accumulate: bool,
+        simd: bool,
+    ) {
+        #[cfg(target_arch = "x86_64")]
+        if simd && rows == 1 && !matches!(self.weights, Weights::F32(_)) {
+            // One row: dequantise in registers, straight into the dot products.
+            avx2::fused_row(self, x, c0, c1, out, accumulate);
+            return;
+        }
+        if let (Weights::F32(w), true) = (&self.weights, stride == self.inp) {
+            // f32 rows of whole chunks: the kernel reads the matrix itself.
+            let mut r = 0;
+            while r < rows {
+                let n = row_block(rows - r);
+                let xs = &x[r * stride..(r + n) * stride];
+                let mut c = c0;
+                while c < c1 {
+                    let cols = (c1 - c).min(4);
+                    let ws = &w[c * stride..(c + cols) * stride];
+                    let o = out.add(r * self.out + c);
+                    block(xs, ws, stride, n, cols, o, self.out, accumulate, simd);
+                    c += cols;
+                }
+                r += n;
+            }
+            return;
+        }
+        // Dequantised weight rows of one group of ≤ 4 columns, each padded to `stride`.
+        let mut w = vec![0f32; 4 * stride];
+        let mut c = c0;
+        while c < c1 {
+            let cols = (c1 - c).min(4);
+            for i in 0..cols {
+                let row = &mut w[i * stride..(i + 1) * stride];
+                if simd {
+                    #[cfg(target_arch = "x86_64")]
+                    avx2::dequantize_row(self, c + i, row);
+                } else {
+                    self.dequantize_row(c + i, row);
+                }
+            }
+            let mut r = 0;
+            while r < rows {
+                let n = row_block(rows - r);
+                let xs = &x[r * stride..(r + n) * stride];
+                let o = out.add(r * self.out + c);
+                block(xs, &w, stride, n, cols, o, self.out, accumulate, simd);
+                r += n;
+            }
+            c += cols;
+        }
+    }
+}
+
+/// Rows per kernel call when `left` remain: 3 (12 accumulators: with the 3 inputs and a
+/// weight vector, all 16 ymm registers), 2 + 2 for the last 4.
+fn row_block(left: usize) -> usize {
+    match left {
+        4 => 2,
+        left => left.min(3),
+    }
+}
+
+/// `n` rows × `cols` columns of dequantised weights `w` (row stride `stride`), by the
+/// SIMD kernel when `simd`, else the scalar one.
+///
+/// # Safety
+/// As [`scalar_block`].
+#[allow(clippy::too_many_arguments)]
+#[inline]
+unsafe fn block(
+    xs: &[f32],
+    w: &[f32],
+    stride: usize,
+    n: usize,
+    cols: usize,
+    out: *mut f32,
+    out_stride: usize,
+    accumulate: bool,
+    simd: bool,
+) {
+    if simd {
+        #[cfg(target_arch = "x86_64")]
+        avx2::block(xs, w, stride, n, cols, out, out_stride, accumulate);
+    } else {
+        scalar_block(xs, w, stride, n, cols, out, out_stride, accumulate);
+    }
+}
+
+struct SendPtr(*mut f32);
+// SAFETY: used only to write disjoint column blocks of one buffer from several tasks.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+/// Whether the AVX2 + FMA kernels can run here (checked once, at run time).
+pub(crate) fn simd_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static SIMD: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *SIMD.get_or_init(|| {
+            std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// The dot product of the module docs: `w` and `x` of equal length (any), zero-padded to
+/// whole chunks of 8, 8 lane accumulators by `mul_add`, then the fixed reduction tree.
+/// The reference the SIMD kernels are tested against, bit for bit; inlined into AVX2
+/// code (attention) it vectorises to the same instructions.
+#[inline(always)]
+pub(crate) fn dot_reference(w: &[f32], x: &[f32]) -> f32 {
+    let n = w.len().min(x.len());
+    let (w, x) = (&w[..n], &x[..n]);
+    let mut acc = [0f32; 8];
+    let (wc, xc) = (w.chunks_exact(8), x.chunks_exact(8));
+    let (wr, xr) = (wc.remainder(), xc.remainder());
+    for (a, b) in wc.zip(xc) {
+        for l in 0..8 {
+            acc[l] = a[l].mul_add(b[l], acc[l]);
+        }
+    }
+    // The zero-padded last chunk: lanes past the end add fma(0, 0, acc) = acc.
+    for l in 0..wr.len() {
+        acc[l] = wr[l].mul_add(xr[l], acc[l]);
+    }
+    reduce8(&acc)
+}
+
+#[inline(always)]
+fn reduce8(a: &[f32; 8]) -> f32 {
+    ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]))
+}
+
+/// Scalar kernel for `n` rows × `cols` columns (machines without AVX2/FMA).
+///
+/// # Safety
+/// As [`Linear::columns`]: `out` points at element (0, 0) of the block.
+#[allow(clippy::too_many_arguments)]
+unsafe fn scalar_block(
+    xs: &[f32],
+    w: &[f32],
+    stride: usize,
+    n: usize,
+    cols: usize,
+    out: *mut f32,
+    out_stride: usize,
+    accumulate: bool,
+) {
+    for r in 0..n {
+        for c in 0..cols {
+            let dot = dot_reference(
+                &w[c * stride..(c + 1) * stride],
+                &xs[r * stride..(r + 1) * stride],
+            );
+            let o = out.add(r * out_stride + c);
+            *o = if accumulate { *o + dot } else { dot };
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    //! The AVX2 + FMA kernels. Each is `#[target_feature]`, called only after
+    //! [`super::simd_available`] said yes.
+    use std::arch::x86_64::*;
+
+    use super::{Linear, Weights, QK};
+
+    /// Row `j` of W dequantised into `dst` (length ≥ inp, multiple of 8); the tail beyond
+    /// `inp` is zeroed. Same values as [`Linear::dequantize_row`].
+    pub(super) fn dequantize_row(w: &Linear, j: usize, dst: &mut [f32]) {
+        debug_assert!(dst.len() >= w.inp && dst.len() % 8 == 0);
+        // SAFETY: only reached when AVX2 and FMA are present (simd_available).
+        unsafe { dequantize_row_avx2(w, j, dst) }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn dequantize_row_avx2(w: &Linear, j: usize, dst: &mut [f32]) {
+        let inp = w.inp;
+        match &w.weights {
+            Weights::F32(v) => {
+                dst[..inp].copy_from_slice(&v[j * inp..(j + 1) * inp]);
+                dst[inp..].fill(0.0);
+            }
+            Weights::Q4_1(v) => {
+                let nb = inp / QK;
+                let mask = _mm256_set1_epi32(0x0F);
+                let ahead = prefetch_base(v, (j + 4 * PREFETCH_GROUPS) * nb);
+                for (i, (b, out)) in v[j * nb..(j + 1) * nb]
+                    .iter()
+                    .zip(dst.chunks_exact_mut(QK))
+                    .enumerate()
+                {
+                    prefetch_blocks(ahead, i, 1, nb);
+                    let d = _mm256_set1_ps(b.d);
+                    let m = _mm256_set1_ps(b.m);
+                    let p = b.qs.as_ptr() as *const __m128i;
+                    // SAFETY: qs has 16 bytes; each load reads 8 of them.
+                    let lo = _mm256_cvtepu8_epi32(_mm_loadl_epi64(p));
+                    let hi = _mm256_cvtepu8_epi32(_mm_loadl_epi64(
+                        (p as *const u8).add(8) as *const __m128i
+                    ));
+                    let q = [
+                        _mm256_and_si256(lo, mask),
+                        _mm256_and_si256(hi, mask),
+                        _mm256_srli_epi32(lo, 4),
+                        _mm256_srli_epi32(hi, 4),
+                    ];
+                    for (k, q) in q.into_iter().enumerate() {
+                        let wv = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), d, m);
+                        // SAFETY: out has 32 values; chunk k is 8k..8k+8.
+                        _mm256_storeu_ps(out.as_mut_ptr().add(8 * k), wv);
+                    }
+                }
+            }
+            Weights::Q8_0(v) => {
+                let nb = inp / QK;
+                let ahead = prefetch_base(v, (j + 4 * PREFETCH_GROUPS) * nb);
+                for (i, (b, out)) in v[j * nb..(j + 1) * nb]
+                    .iter()
+                    .zip(dst.chunks_exact_mut(QK))
+                    .enumerate()
+                {
+                    prefetch_blocks(ahead, i, 1, nb);
+                    let d = _mm256_set1_ps(b.d);
+                    let p = b.qs.as_ptr();
+                    for k in 0..4 {
+                        // SAFETY: qs has 32 bytes; chunk k reads bytes 8k..8k+8.
+                        let q =
+                            _mm256_cvtepi8_epi32(_mm_loadl_epi64(p.add(8 * k) as *const __m128i));
+                        let wv = _mm256_mul_ps(_mm256_cvtepi32_ps(q), d);
+                        _mm256_storeu_ps(out.as_mut_ptr().add(8 * k), wv);
+                    }
+                }
+            }
+        }
+    }
+
+    /// One row `x` (length inp, a multiple of 32) times columns `c0..c1` of a quantised
+    /// W, dequantising each chunk of 8 weights in registers: the same operations, in the
+    /// same order, as dequantising into a buffer and calling [`block`].
+    ///
+    /// # Safety
+    /// `out` points to the row's `w.out` outputs; no one else writes columns `c0..c1`.
+    pub(super) unsafe fn fused_row(
+        w: &Linear,
+        x: &[f32],
+        c0: usize,
+        c1: usize,
+        out: *mut f32,
+        accumulate: bool,
+    ) {
+        debug_assert!(x.len() >= w.inp && w.inp % QK == 0);
+        let mut c = c0;
+        while c + 4 <= c1 {
+            fused::<4>(w, x, c, out, accumulate);
+            c += 4;
+        }
+        while c < c1 {
+            fused::<1>(w, x, c, out, accumulate);
+            c += 1;
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn fused<const C: usize>(
+        w: &Linear,
+        x: &[f32],
+        c: usize,
+        out: *mut f32,
+        accumulate: bool,
+    ) {
+        let nb = w.inp / QK;
+        let mut acc = [_mm256_setzero_ps(); C];
+        let xp = x.as_ptr();
+        match &w.weights {
+            Weights::Q4_1(v) => {
+                let mask = _mm256_set1_epi32(0x0F);
+                let ahead = prefetch_base(v, (c + C * PREFETCH_GROUPS) * nb);
+                let v = &v[c * nb..(c + C) * nb];
+                for b in 0..nb {
+                    prefetch_blocks(ahead, b, C, nb);
+                    // SAFETY: x has inp = 32·nb values.
+                    let xb = xp.add(b * QK);
+                    let xs = [
+                        _mm256_loadu_ps(xb),
+                        _mm256_loadu_ps(xb.add(8)),
+                        _mm256_loadu_ps(xb.add(16)),
+                        _mm256_loadu_ps(xb.add(24)),
+                    ];
+                    for (j, a) in acc.iter_mut().enumerate() {
+                        let blk = &v[j * nb + b];
+                        let d = _mm256_set1_ps(blk.d);
+                        let m = _mm256_set1_ps(blk.m);
+                        let p = blk.qs.as_ptr();
+                        let lo = _mm256_cvtepu8_epi32(_mm_loadl_epi64(p as *const __m128i));
+                        let hi = _mm256_cvtepu8_epi32(_mm_loadl_epi64(p.add(8) as *const __m128i));
+                        let q = [
+                            _mm256_and_si256(lo, mask),
+                            _mm256_and_si256(hi, mask),
+                            _mm256_srli_epi32(lo, 4),
+                            _mm256_srli_epi32(hi, 4),
+                        ];
+                        for k in 0..4 {
+                            let wv = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q[k]), d, m);
+                            *a = _mm256_fmadd_ps(wv, xs[k], *a);
+                        }
+                    }
+                }
+            }
+            Weights::Q8_0(v) => {
+                let ahead = prefetch_base(v, (c + C * PREFETCH_GROUPS) * nb);
+                let v = &v[c * nb..(c + C) * nb];
+                for b in 0..nb {
+                    prefetch_blocks(ahead, b, C, nb);
+                    let xb = xp.add(b * QK);
+                    let xs = [
+                        _mm256_loadu_ps(xb),
+                        _mm256_loadu_ps(xb.add(8)),
+                        _mm256_loadu_ps(xb.add(16)),
+                        _mm256_loadu_ps(xb.add(24)),
+                    ];
+                    for (j, a) in acc.iter_mut().enumerate() {
+                        let blk = &v[j * nb + b];
+                        let d = _mm256_set1_ps(blk.d);
+                        let p = blk.qs.as_ptr();
+                        for k in 0..4 {
+                            let q = _mm256_cvtepi8_epi32(_mm_loadl_epi64(
+                                p.add(8 * k) as *const __m128i
+                            ));
+                            let wv = _mm256_mul_ps(_mm256_cvtepi32_ps(q), d);
+                            *a = _mm256_fmadd_ps(wv, xs[k], *a);
+                        }
+                    }
+                }
+            }
+            Weights::F32(_) => unreachable!("fused_row is for quantised weights"),
+        }
+        for (j, &a) in acc.iter().enumerate() {
+            let dot = reduce(a);
+            let o = out.add(c + j);
+            *o = if accumulate { *o + dot } else { dot };
+        }
+    }
+
+    /// How many groups of 4 weight rows ahead the kernels prefetch: their arithmetic per
+    /// cache line is heavy enough that the out-of-order window alone keeps too few lines
+    /// in flight to stream at memory speed (measured, one thread, SmolLM2: 29 → 61 tok/s
+    /// for one sequence).
+    const PREFETCH_GROUPS: usize = 2;
+
+    /// The block `start` of `v`, or `None` past the end (nothing to prefetch).
+    #[inline(always)]
+    fn prefetch_base<T>(v: &[T], start: usize) -> Option<*const T> {
+        (start < v.len()).then(|| v[start..].as_ptr())
+    }
+
+    /// Prefetch block `b` of each of the `cols` weight rows (`nb` blocks each) at `base`.
+    #[inline(always)]
+    unsafe fn prefetch_blocks<T>(base: Option<*const T>, b: usize, cols: usize, nb: usize) {
+        if let Some(p) = base {
+            for j in 0..cols {
+                // A prefetch never faults, whatever the address.
+                _mm_prefetch(p.wrapping_add(j * nb + b) as *const i8, _MM_HINT_T0);
+            }
+        }
+    }
+
+    /// `n` (1–3) rows × `cols` (1–4) columns: dispatch to the const-sized kernel.
+    ///
+    /// # Safety
+    /// As `super::scalar_block`.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn block(
+        xs: &[f32],
+        w: &[f32],
+        stride: usize,
+        n: usize,
+        cols: usize,
+        out: *mut f32,
+        out_stride: usize,
+        accumulate: bool,
+    ) {
+        macro_rules! go {
+            ($r:literal, $c:literal) => {
+                kernel::<$r, $c>(xs, w, stride, out, out_stride, accumulate)
+            };
+        }
+        match (n, cols) {
+            (1, 1) => go!(1, 1),
+            (1, 2) => go!(1, 2),
+            (1, 3) => go!(1, 3),
+            (1, 4) => go!(1, 4),
+            (2, 1) => go!(2, 1),
+            (2, 2) => go!(2, 2),
+            (2, 3) => go!(2, 3),
+            (2, 4) => go!(2, 4),
+            (3, 1) => go!(3, 1),
+            (3, 2) => go!(3, 2),
+            (3, 3) => go!(3, 3),
+            _ => go!(3, 4),
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn kernel<const R: usize, const C: usize>(
+        xs: &[f32],
+        w: &[f32],
+        stride: usize,
+        out: *mut f32,
+        out_stride: usize,
+        accumulate: bool,
+    ) {
+        debug_assert!(xs.len() >= R * stride && w.len() >= C * stride && stride % 8 == 0);
+        let mut acc = [[_mm256_setzero_ps(); C]; R];
+        let (xp, wp) = (xs.as_ptr(), w.as_ptr());
+        for k in (0..stride).step_by(8) {
+            let mut xv = [_mm256_setzero_ps(); R];
+            for (r, v) in xv.iter_mut().enumerate() {
+                // SAFETY: row r has `stride` values, k + 8 ≤ stride.
+                *v = _mm256_loadu_ps(xp.add(r * stride + k));
+            }
+            for c in 0..C {
+                let wv = _mm256_loadu_ps(wp.add(c * stride + k));
+                for r in 0..R {
+                    acc[r][c] = _mm256_fmadd_ps(wv, xv[r], acc[r][c]);
+                }
+            }
+        }
+        for (r, row) in acc.iter().enumerate() {
+            for (c, &a) in row.iter().enumerate() {
+                let dot = reduce(a);
+                let o = out.add(r * out_stride + c);
+                *o = if accumulate { *o + dot } else { dot };
+            }
+        }
+    }
+
+    /// ((a0+a4) + (a2+a6)) + ((a1+a5) + (a3+a7)), as `super::reduce8`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn reduce(a: __m256) -> f32 {
+        let s4 = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+        let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+        let s1 = _mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 0b01));
+        _mm_cvtss_f32(s1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    fn random_linear(rng: &mut ChaCha8Rng, format: &str, out: usize, inp: usize) -> Linear {
+        match format {
+            "f32" => {
+                let w = (0..out * inp)
+                    .map(|_| rng.random::<f32>() * 2.0 - 1.0)
+                    .collect();
+                Linear::from_f32(w, out, inp).unwrap()
+            }
+            "q4_1" | "q8_0" => {
+                let q8 = format == "q8_0";
+                let size = if q8 { 34 } else { 20 };
+                let mut bytes = vec![0u8; out * inp / QK * size];
+                for b in bytes.chunks_exact_mut(size) {
+                    rng.fill(&mut b[..]);
+                    let d = half::f16::from_f32(rng.random::<f32>() * 0.1 + 1e-3).to_bits();
+                    b[..2].copy_from_slice(&d.to_le_bytes());
+                    if !q8 {
+                        let m = half::f16::from_f32(-rng.random::<f32>()).to_bits();
+                        b[2..4].copy_from_slice(&m.to_le_bytes());
+                    }
+                }
+                Linear::from_ggml_bytes(&bytes, q8, out, inp).unwrap()
+            }
+            _ => unreachable!(),
+        }
+    }
+
+    fn product(
+        w: &Linear,
+        x: &[f32],
+        rows: usize,
+        init: f32,
+        accumulate: bool,
+        threads: usize,
+    ) -> Vec<f32> {
+        let mut out = vec![init; rows * w.out];
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| w.matmul(x, rows, &mut out, accumulate))
+            .unwrap();
+        out
+    }
+
+    /// The kernels against the scalar definition, bit for bit, for every format, odd
+    /// shapes, 1–7 rows, 1 and 3 threads, with and without accumulation; and against an
+    /// f64 dot product of the dequantised weights.
+    #[test]
+    fn kernels_equal_the_reference_bit_for_bit() {
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        for (format, inps) in [
+            ("f32", vec![5usize, 8, 13, 64]),
+            ("q4_1", vec![32, 96]),
+            ("q8_0", vec![32, 64]),
+        ] {
+            for inp in inps {
+                for out in [1usize, 3, 4, 9, 17] {
+                    let w = random_linear(&mut rng, format, out, inp);
+                    for rows in 1..=7 {
+                        let x: Vec<f32> = (0..rows * inp)
+                            .map(|_| rng.random::<f32>() * 2.0 - 1.0)
+                            .collect();
+                        for accumulate in [false, true] {
+                            let got = product(&w, &x, rows, 0.25, accumulate, 1 + rows % 3);
+                            let mut wrow = vec![0f32; inp];
+                            for r in 0..rows {
+                                for c in 0..out {
+                                    w.dequantize_row(c, &mut wrow);
+                                    let xr = &x[r * inp..(r + 1) * inp];
+                                    let dot = dot_reference(&wrow, xr);
+                                    let want = if accumulate { 0.25 + dot } else { dot };
+                                    let g = got[r * out + c];
+                                    assert_eq!(g.to_bits(), want.to_bits(), "{format} {out}×{inp}, {rows} rows, ({r},{c}): {g} vs {want}");
+                                    let exact: f64 = wrow
+                                        .iter()
+                                        .zip(xr)
+                                        .map(|(a, b)| *a as f64 * *b as f64)
+                                        .sum();
+                                    assert!(
+                                        (dot as f64 - exact).abs() <= 1e-5 * (1.0 + exact.abs()),
+                                        "{dot} vs {exact}"
+                                    );
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The dequantised values are candle's own (GGML's `dequantize_row_q4_1/q8_0`).
+    #[test]
+    fn dequantisation_matches_candle() {
+        use candle_core::quantized::{GgmlDType, QTensor};
+        use candle_core::{Device, Tensor};
+        let mut rng = ChaCha8Rng::seed_from_u64(2);
+        let (out, inp) = (6, 64);
+        let data: Vec<f32> = (0..out * inp)
+            .map(|_| rng.random::<f32>() * 4.0 - 2.0)
+            .collect();
+        let t = Tensor::from_slice(&data, (out, inp), &Device::Cpu).unwrap();
+        for (dtype, q8) in [(GgmlDType::Q4_1, false), (GgmlDType::Q8_0, true)] {
+            let q = QTensor::quantize(&t, dtype).unwrap();
+            let theirs: Vec<f32> = q
+                .dequantize(&Device::Cpu)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let ours = Linear::from_ggml_bytes(&q.data().unwrap(), q8, out, inp).unwrap();
+            let mut row = vec![0f32; inp];
+            let mut simd_row = vec![0f32; inp];
+            for j in 0..out {
+                ours.dequantize_row(j, &mut row);
+                assert_eq!(row, theirs[j * inp..(j + 1) * inp], "{dtype:?} row {j}");
+                if simd_available() {
+                    #[cfg(target_arch = "x86_64")]
+                    avx2::dequantize_row(&ours, j, &mut simd_row);
+                    assert_eq!(simd_row, row, "{dtype:?} row {j} (AVX2)");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn stacking_keeps_a_shared_format_and_falls_back_to_f32() {
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let a = random_linear(&mut rng, "q4_1", 3, 64);
+        let b = random_linear(&mut rng, "q4_1", 2, 64);
+        let c = random_linear(&mut rng, "q8_0", 2, 64);
+        let same = Linear::stack(vec![a.clone(), b.clone()]).unwrap();
+        assert_eq!((same.format(), same.out()), ("Q4_1", 5));
+        let mixed = Linear::stack(vec![a.clone(), c.clone()]).unwrap();
+        assert_eq!((mixed.format(), mixed.out()), ("f32", 5));
+        let (mut r1, mut r2) = (vec![0f32; 64], vec![0f32; 64]);
+        for (j, (part, pj)) in [(&a, 0), (&a, 1), (&a, 2), (&c, 0), (&c, 1)]
+            .into_iter()
+            .enumerate()
+        {
+            mixed.dequantize_row(j, &mut r1);
+            part.dequantize_row(pj, &mut r2);
+            assert_eq!(r1, r2);
+        }
+    }
+
+    #[test]
+    fn bad_bytes_are_errors() {
+        assert!(Linear::from_ggml_bytes(&[0u8; 19], false, 1, 32).is_err());
+        assert!(Linear::from_ggml_bytes(&[0u8; 20], false, 1, 16).is_err());
+        let mut b = [0u8; 34];
+        b[..2].copy_from_slice(&half::f16::INFINITY.to_bits().to_le_bytes());
+        let e = Linear::from_ggml_bytes(&b, true, 1, 32).unwrap_err();
+        assert!(e.contains("non-finite"), "{e}");
+    }
+}
