@@ -1,8 +1,10 @@
 //! `tilt`: inference-time alignment with the exact theory beside every method.
 //!
 //! A thin face: each subcommand parses its flags, calls the libraries, and prints one JSON
-//! object (or JSON lines) on stdout. Exit codes: 0 success, 1 a failure while running,
-//! 2 bad input (clap's usage errors and every input our libraries reject).
+//! object (or JSON lines) on stdout. Exit codes: 0 success (and `--help`, `--version`),
+//! 1 a failure while running, 2 bad input (clap's usage errors and every input our
+//! libraries reject). Every error is one line on stderr, `tilt: error: …`, naming the
+//! input.
 
 mod eval;
 mod generate;
@@ -64,8 +66,7 @@ pub fn usage(e: impl std::fmt::Display) -> anyhow::Error {
     anyhow::Error::new(UsageError(e.to_string()))
 }
 
-fn try_main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+fn try_main(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Theory(cmd) => theory::run(cmd),
         Command::Models(cmd) => models::run(cmd),
@@ -84,7 +85,11 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .init();
-    match try_main() {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return clap_exit(&e),
+    };
+    match try_main(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             // A closed pipe (`tilt … | head`) is not an error.
@@ -93,7 +98,7 @@ fn main() -> ExitCode {
                     return ExitCode::SUCCESS;
                 }
             }
-            eprintln!("error: {}", one_line(&err));
+            eprintln!("tilt: error: {}", one_line(&err));
             if err.downcast_ref::<UsageError>().is_some()
                 || err.downcast_ref::<tilt_core::TiltError>().is_some()
             {
@@ -103,6 +108,38 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// Where clap stops parsing: `--help` and `--version` print as clap prints them (stdout,
+/// exit 0); a usage error becomes one line on stderr naming the input, exit 2 (clap's own
+/// report is several lines: the message, tips, usage).
+fn clap_exit(e: &clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    match e.kind() {
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => match e.print() {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(_) => ExitCode::from(1),
+        },
+        ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            eprintln!("tilt: error: a subcommand is required (add --help to list them)");
+            ExitCode::from(2)
+        }
+        _ => {
+            eprintln!("tilt: error: {}", clap_one_line(e));
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// clap's message without its `error: ` prefix, tips and usage, on one line: the text
+/// before the first blank line, its lines joined by spaces (e.g. the list of missing
+/// arguments).
+fn clap_one_line(e: &clap::Error) -> String {
+    let rendered = e.render().to_string();
+    let text = rendered.trim_start();
+    let text = text.strip_prefix("error:").unwrap_or(text);
+    let message = text.split("\n\n").next().unwrap_or(text);
+    message.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 /// The error chain on one line: `outer: cause: cause`.

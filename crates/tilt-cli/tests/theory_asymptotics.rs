@@ -279,3 +279,95 @@ fn infalign_frontier_rows_and_plot() {
     assert!(rows[0]["ctrl_win_rate"].as_f64().unwrap() >= 0.7393 - 1.5e-4);
     assert!(std::fs::read_to_string(&svg).unwrap().contains("CTRL"));
 }
+
+#[test]
+fn memoryless_rewards_within_rounding_or_overflowing_are_one_line_errors() {
+    let base = |rewards: &'static str| -> Vec<&'static str> {
+        vec![
+            "theory",
+            "memoryless",
+            "--probs",
+            "0.5,0.5",
+            "--rewards",
+            rewards,
+            "--length",
+            "10",
+            "--delta",
+            "0.1",
+        ]
+    };
+    usage_error(&base("1e20,1.00000000000001e20"), "--grid");
+    usage_error(&base("1e20,1.00000000000001e20"), "--rewards");
+    usage_error(&base("-1e308,1e308"), "--rewards");
+    // Tiny rewards on an exact grid are fine (the detection tolerance is relative).
+    let v = json_ok(&base("0,1e-10"));
+    assert!(
+        (v["lattice_step"].as_f64().unwrap() / 1e-10 - 1.0).abs() < 1e-9,
+        "{v}"
+    );
+    // With --grid the near-equal rewards are snapped.
+    let mut a = base("1e20,1.00000000000001e20");
+    a.extend(["--grid", "1e6"]);
+    json_ok(&a);
+}
+
+#[test]
+fn memoryless_reports_the_true_snap_error_of_a_detected_grid() {
+    let v = json_ok(&[
+        "theory",
+        "memoryless",
+        "--probs",
+        "0.2,0.2,0.2,0.2,0.2",
+        "--rewards",
+        "0,0.1,0.7,1.2000000001,2.3",
+        "--length",
+        "10",
+        "--delta",
+        "0.1",
+    ]);
+    let e = v["grid_snap_error_per_token"].as_f64().unwrap();
+    assert!(e > 0.0 && e < 1e-8, "{v}");
+}
+
+#[test]
+fn memoryless_plot_accepts_an_upper_case_svg_extension() {
+    let dir = tempfile::tempdir().unwrap();
+    let svg = dir.path().join("conv.SVG");
+    let mut args = MODEL.to_vec();
+    args.extend([
+        "--lengths",
+        "5,50",
+        "--delta",
+        "0.1",
+        "--plot",
+        svg.to_str().unwrap(),
+    ]);
+    json_ok(&args);
+    assert!(std::fs::read_to_string(&svg).unwrap().contains("<svg"));
+}
+
+#[test]
+fn infalign_n_beyond_the_quadrature_cap_is_refused() {
+    let run = |n: &'static str, procedure: &'static str| {
+        vec![
+            "theory",
+            "infalign",
+            "--n",
+            n,
+            "--procedure",
+            procedure,
+            "--transform",
+            "identity",
+            "--kl",
+            "0.5",
+        ]
+    };
+    usage_error(&run("1000001", "bon"), "--n");
+    usage_error(&run("1e19", "bon"), "--n");
+    usage_error(&run("1e16", "won"), "--n");
+    let v = json_ok(&run("1000000", "bon"));
+    let w = v["best_of_m_policy_inference_win_rate"].as_f64().unwrap();
+    let m = v["best_of_m_policy_m"].as_f64().unwrap();
+    assert!((w - m / (m + 1.0)).abs() < 1e-10, "{v}");
+    json_ok(&run("1e15", "won"));
+}

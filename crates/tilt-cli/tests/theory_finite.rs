@@ -365,3 +365,172 @@ fn bad_inputs_exit_2_with_one_line_naming_the_input() {
     ]);
     assert_eq!(f(&v, "win_rate"), 0.625);
 }
+
+#[test]
+fn clap_usage_errors_are_one_line_exit_2_and_help_passes_through() {
+    let bon = |extra: &[&'static str]| -> Vec<&'static str> {
+        let mut v = vec!["theory", "bon", "--probs", "0.5,0.5", "--rewards", "0,1"];
+        v.extend_from_slice(extra);
+        v
+    };
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (bon(&["--n", "abc"]), "--n"),
+        (bon(&["--n", "-1"]), "--n"),
+        (bon(&["--n", "2.5"]), "--n"),
+        (bon(&[]), "--n"),
+        (bon(&["--n", "2", "--bogus"]), "--bogus"),
+        (
+            vec![
+                "theory",
+                "tilt",
+                "--beta",
+                "1",
+                "--kl",
+                "0.1",
+                "--probs",
+                "0.5,0.5",
+                "--rewards",
+                "0,1",
+            ],
+            "--kl",
+        ),
+        (vec!["theory"], "subcommand"),
+        (vec!["theory", "nonsense"], "nonsense"),
+    ];
+    for (args, needle) in cases {
+        rejects(&args, needle);
+        let err = String::from_utf8(tilt(&args).stderr).unwrap();
+        assert!(err.starts_with("tilt: error: "), "{err:?}");
+        assert!(!err.contains("Usage"), "no usage block: {err:?}");
+    }
+    let both = tilt(&[
+        "theory",
+        "tilt",
+        "--beta",
+        "1",
+        "--kl",
+        "0.1",
+        "--probs",
+        "1",
+        "--rewards",
+        "0",
+    ]);
+    let err = String::from_utf8_lossy(&both.stderr);
+    assert!(err.contains("--beta") && err.contains("--kl"), "{err}");
+    // --help and --version print normally and exit 0.
+    for args in [
+        vec!["--help"],
+        vec!["theory", "bon", "--help"],
+        vec!["--version"],
+    ] {
+        let out = tilt(&args);
+        assert_eq!(out.status.code(), Some(0), "{args:?}");
+        let text = String::from_utf8(out.stdout).unwrap();
+        assert!(!text.is_empty() && out.stderr.is_empty(), "{args:?}");
+        if args[0] != "--version" {
+            assert!(text.contains("Usage"), "{text}");
+        } else {
+            assert!(text.starts_with("tilt "), "{text}");
+        }
+    }
+}
+
+#[test]
+fn extreme_rewards_give_exact_numbers_or_a_clear_error() {
+    // λ(r − max r) underflows to −∞: KL is still exactly −log p(top) = log 2, never null.
+    let v = json_of(&[
+        "theory",
+        "tilt",
+        "--beta",
+        "1e-300",
+        "--probs",
+        "0.5,0.5",
+        "--rewards",
+        "0,1e9",
+    ]);
+    assert!((f(&v, "kl") - 2f64.ln()).abs() < 1e-15, "{v}");
+    assert_eq!(v["pmf"], serde_json::json!([0.0, 1.0]));
+    // A reward range that overflows is bad input, named.
+    for extra in [["--kl", "0"], ["--beta", "1"]] {
+        rejects(
+            &[
+                &["theory", "tilt"][..],
+                &extra,
+                &["--probs", "0.5,0.5", "--rewards", "-1e308,1e308"],
+            ]
+            .concat(),
+            "--rewards",
+        );
+    }
+    rejects(
+        &[
+            "theory",
+            "bon",
+            "--n",
+            "4",
+            "--probs",
+            "0.5,0.5",
+            "--rewards",
+            "-1e308,1e308",
+        ],
+        "overflows",
+    );
+}
+
+#[test]
+fn kl_estimate_of_tied_samples_uses_the_level_mass() {
+    // README's worked example: no ties, D̂(½) at n = 4.
+    let v = json_of(&[&["theory", "bon", "--n", "4"][..], &COIN].concat());
+    assert!((f(&v, "kl_estimate") - 0.4991239194).abs() < 5e-11, "{v}");
+    // The same coin as samples: each sample is an outcome of mass 1/6, its level ½.
+    let dir = tempfile::tempdir().unwrap();
+    let s = dir.path().join("coin.txt");
+    std::fs::write(&s, "0\n1\n1\n0\n0\n1\n").unwrap();
+    let w = json_of(&[
+        "theory",
+        "bon",
+        "--n",
+        "4",
+        "--samples",
+        s.to_str().unwrap(),
+    ]);
+    assert_eq!(f(&w, "kl_estimate"), f(&v, "kl_estimate"));
+    assert_eq!(f(&w, "kl"), f(&v, "kl"));
+}
+
+#[test]
+fn frontier_plot_accepts_an_upper_case_svg_extension() {
+    let dir = tempfile::tempdir().unwrap();
+    let svg = dir.path().join("FRONTIER.SVG");
+    json_of(
+        &[
+            &[
+                "theory",
+                "frontier",
+                "--n-max",
+                "8",
+                "--plot",
+                svg.to_str().unwrap(),
+            ][..],
+            &COIN,
+        ]
+        .concat(),
+    );
+    assert!(std::fs::read_to_string(&svg).unwrap().contains("<svg"));
+    let png = dir.path().join("f.png");
+    rejects(
+        &[
+            &[
+                "theory",
+                "frontier",
+                "--n-max",
+                "8",
+                "--plot",
+                png.to_str().unwrap(),
+            ][..],
+            &COIN,
+        ]
+        .concat(),
+        "--plot",
+    );
+}

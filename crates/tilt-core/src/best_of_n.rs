@@ -26,7 +26,7 @@ use crate::bounds::{bon_kl_bound, bon_win_rate_bound, check_n};
 use crate::distribution::RewardDistribution;
 use crate::error::{Result, TiltError};
 use crate::levels::{chunked_sum, Levels, SUM_CHUNK};
-use crate::numerics::{ln_pow_one_minus, NeumaierSum};
+use crate::numerics::{ln_pow_one_minus, non_negative, NeumaierSum};
 use rayon::prelude::*;
 use serde::Serialize;
 
@@ -64,8 +64,9 @@ pub struct BestOfN {
     pub kl: f64,
     /// `log n − (n−1)/n`, nats (an upper bound on `kl`, arXiv 2401.01879 Thm 3.1).
     pub kl_bound: f64,
-    /// `E_{y~π_n}[D̂(p(y))]`, the estimator of arXiv 2401.01879 §4 averaged exactly over the
-    /// policy's output (see [`kl_estimate_per_draw`]), nats.
+    /// `E_{L~π_n}[D̂(p(L))]`, the estimator of arXiv 2401.01879 §4 averaged exactly over the
+    /// policy's output, with ε the reference mass of the returned reward level (see
+    /// [`kl_estimate_per_draw`] for why the level and not the outcome), nats.
     pub kl_estimate: f64,
     /// E_{π_n}[r].
     pub expected_reward: f64,
@@ -109,7 +110,8 @@ fn level_log_mass(nf: f64, mass: f64, below: f64, above: f64, selection: Selecti
 /// ```
 ///
 /// # Errors
-/// [`TiltError::InvalidInput`] naming `n` when `n = 0`.
+/// [`TiltError::InvalidInput`] naming `n` when `n = 0`; [`TiltError::NumericalFailure`] if
+/// the KL sum is NaN (never clamped to 0).
 pub fn order_statistic_levels(
     levels: &Levels,
     n: u64,
@@ -166,15 +168,14 @@ pub fn order_statistic_levels(
     let [kl, er, w] = total.map(|s| s.value());
     Ok(LevelPolicy {
         level_pmf,
-        kl: kl.max(0.0),
+        kl: non_negative(kl, "KL of best-of-n")?,
         expected_reward: er,
         win_rate: w,
     })
 }
 
 /// The per-draw KL estimator `D̂(ε)` of arXiv 2401.01879 §4, where ε is the reference
-/// probability of the output that best-of-n returned (the generation code passes the
-/// empirical probability of the chosen candidate). Nats.
+/// probability of what best-of-n returned. Nats.
 ///
 /// ```text
 /// D̂(ε) = (1−ε)^n·(log n + (n−1)·log(1−ε) − (n−1)/n) + (1 − (1−ε)^n)·log((1 − (1−ε)^n)/ε)
@@ -183,6 +184,16 @@ pub fn order_statistic_levels(
 /// above a continuous remainder (derivations.md §3.4); `D̂(0) = log n − (n−1)/n` (the limit)
 /// and `D̂(1) = 0`. Followed as summarised in derivations.md §3.4 ([N]); the paper averages
 /// it over draws.
+///
+/// **ε with ties: the mass of the returned reward level.** The paper states the estimator
+/// under its no-ties assumption, where the returned output and its reward level coincide.
+/// With ties, what best-of-n selects is a reward level `T(y)`; which tied outcome comes
+/// back is then a draw from p restricted to the level, and that step costs no KL
+/// (`π_n/p` is constant on a level, derivations.md §3.2). So the atom of §3.4's reading is
+/// the level, and [`best_of_n`] passes `ε = p(T(y))`. This keeps the estimate a function of
+/// the reward law alone: splitting an outcome into several tied ones, or repeating a value
+/// in a list of samples (each sample an outcome of mass 1/m), leaves it unchanged, where
+/// `ε = p(y)` would slide it towards the bound `D̂(0)`.
 ///
 /// # Errors
 /// [`TiltError::InvalidInput`] naming `n` when `n = 0`, or `epsilon` when outside [0, 1].
@@ -228,12 +239,14 @@ fn full(dist: &RewardDistribution, n: u64, selection: Selection) -> Result<BestO
     let lp = order_statistic_levels(&levels, n, selection)?;
     let pmf = levels.spread_to_outcomes(dist.probs(), &lp.level_pmf);
     let nf = n as f64;
-    let probs = dist.probs();
-    let [kl_estimate] = chunked_sum(pmf.len(), |y| {
-        if pmf[y] == 0.0 {
+    // ε = the reference mass of the returned level (see `kl_estimate_per_draw`).
+    let masses = levels.masses();
+    let [kl_estimate] = chunked_sum(levels.len(), |l| {
+        let q = lp.level_pmf[l];
+        if q == 0.0 {
             [0.0]
         } else {
-            [pmf[y] * kl_estimate_unchecked(probs[y], nf)]
+            [q * kl_estimate_unchecked(masses[l], nf)]
         }
     });
     Ok(BestOfN {
@@ -253,7 +266,8 @@ fn full(dist: &RewardDistribution, n: u64, selection: Selection) -> Result<BestO
 }
 
 /// Exact best-of-n on `dist` (arXiv 2401.01879 §2, ties uniform among tied draws), with its
-/// KL, the analytical bound, the §4 estimator, expected reward and win rate.
+/// KL, the analytical bound, the §4 estimator (ε = mass of the returned reward level),
+/// expected reward and win rate.
 ///
 /// # Errors
 /// [`TiltError::InvalidInput`] naming `n` when `n = 0`.

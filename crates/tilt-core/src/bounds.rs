@@ -13,14 +13,16 @@
 //! (its limit at λ → 0 is the variance, so σ²_opt ≥ Var_p r). [`optimal_sub_gaussian_proxy`]
 //! computes it numerically: a log-spaced grid of λ on both sides of 0, scaled by the reward
 //! range, then golden-section refinement around the best grid point. The centred CGF is
-//! evaluated as `log1p(Σ p·(e^{λx} − 1 − λx) + λ·Σ p·x)` so that small λ keeps its digits.
+//! evaluated as `log1p(Σ p·(e^{λx} − 1 − λx) + λ·Σ p·x)` where `|λx| ≤ 1`, so that small λ
+//! keeps its digits, and as a log-sum-exp beyond, so that no grid point overflows (a tiny
+//! top mass q puts the supremum at `λ·range ≈ 2·log(1/q)`, e.g. 921 for q = 1e-200).
 //! For samples, this is the plug-in value of their empirical distribution (an estimate, not
 //! a guarantee for the population).
 
 use crate::distribution::RewardDistribution;
 use crate::error::{Result, TiltError};
 use crate::levels::Levels;
-use crate::numerics::{exp_m1_minus_x, neumaier_sum, NeumaierSum};
+use crate::numerics::{exp_m1_minus_x, log_sum_exp, neumaier_sum, NeumaierSum};
 use serde::Serialize;
 
 /// Check that a best-of-n sample count is at least 1.
@@ -209,14 +211,30 @@ pub fn optimal_sub_gaussian_proxy(dist: &RewardDistribution) -> Result<SubGaussi
         .collect();
     let mean_x = neumaier_sum(xs.iter().map(|(x, m)| x * m));
     let variance_x = neumaier_sum(xs.iter().map(|(x, m)| m * (x - mean_x) * (x - mean_x)));
-    // g(t) = 2·Λ_c(t)/t² in scaled units (σ² = range²·g).
+    // g(t) = 2·Λ_c(t)/t² in scaled units (σ² = range²·g), with the centred CGF
+    // Λ_c(t) = log Σ m·e^{tx} − t·mean_x. For |t|·max|x| ≤ 1 as log1p of the cancellation-free
+    // Σ m·(e^{tx} − 1 − tx) + t·mean_x (small t keeps its digits); beyond, as a
+    // log-sum-exp, which cannot overflow: e^{tx} alone overflows for tx > 709, and a top
+    // mass q far in the tail puts the supremum near t = 2·log((1 − q)/q) (921 at q = 1e-200).
+    let max_abs_x = xs.iter().map(|(x, _)| x.abs()).fold(0.0, f64::max);
+    let log_masses: Vec<f64> = xs.iter().map(|(_, m)| m.ln()).collect();
     let g = |t: f64| -> f64 {
-        let mut s = NeumaierSum::default();
-        for &(x, m) in &xs {
-            s.add(m * exp_m1_minus_x(t * x));
-        }
-        s.add(t * mean_x);
-        2.0 * s.value().ln_1p() / (t * t)
+        let centred_cgf = if (t * max_abs_x).abs() <= 1.0 {
+            let mut s = NeumaierSum::default();
+            for &(x, m) in &xs {
+                s.add(m * exp_m1_minus_x(t * x));
+            }
+            s.add(t * mean_x);
+            s.value().ln_1p()
+        } else {
+            let terms: Vec<f64> = xs
+                .iter()
+                .zip(&log_masses)
+                .map(|(&(x, _), lm)| lm + t * x)
+                .collect();
+            log_sum_exp(&terms) - t * mean_x
+        };
+        2.0 * centred_cgf / (t * t)
     };
     let mut best = (variance_x, 0.0);
     let steps = 400;

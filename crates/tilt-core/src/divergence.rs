@@ -15,7 +15,7 @@
 //! supports are checked: a divergence that is infinite is returned as `f64::INFINITY`.
 
 use crate::error::{Result, TiltError};
-use crate::numerics::{kl_summand, log_sum_exp, neumaier_sum};
+use crate::numerics::{kl_summand, log_sum_exp, neumaier_sum, non_negative};
 use serde::Serialize;
 
 fn check(q: &[f64], p: &[f64]) -> Result<()> {
@@ -46,7 +46,8 @@ fn check(q: &[f64], p: &[f64]) -> Result<()> {
     Ok(())
 }
 
-/// KL(q‖p) in nats; +∞ when q puts mass where p has none.
+/// KL(q‖p) in nats (Kullback & Leibler 1951; the convention of derivations.md §0 and
+/// spec/math.md §1); +∞ when q puts mass where p has none.
 ///
 /// Summed as `Σ_{p>0} p·h(log(q/p)) + Σ_{p>0,q=0} p` with `h(u) = u·e^u − e^u + 1` (equal to
 /// `Σ q log(q/p)` when both sum to 1), term by term non-negative.
@@ -77,7 +78,7 @@ pub fn kl(q: &[f64], p: &[f64]) -> Result<f64> {
             a * (u - 1.0) + b
         }
     }));
-    Ok(v.max(0.0))
+    non_negative(v, "KL")
 }
 
 /// Rényi divergence `D_α(q‖p)` in nats for α ∈ (0, ∞]: α = 1 is KL, α = ∞ is
@@ -132,10 +133,11 @@ pub fn renyi(q: &[f64], p: &[f64], alpha: f64) -> Result<f64> {
         // Disjoint supports with α < 1.
         return Ok(f64::INFINITY);
     }
-    Ok((lse / (alpha - 1.0)).max(0.0))
+    non_negative(lse / (alpha - 1.0), "Rényi divergence")
 }
 
-/// Total variation `½·Σ|q − p|`.
+/// Total variation `½·Σ|q − p|`, the f-divergence with `f(t) = ½|t − 1|` (Csiszár 1967;
+/// derivations.md §4.2, where arXiv 2406.05883's best-of-n bound for it is worked out).
 ///
 /// # Errors
 /// As [`kl`].
@@ -144,7 +146,8 @@ pub fn total_variation(q: &[f64], p: &[f64]) -> Result<f64> {
     Ok(0.5 * neumaier_sum(q.iter().zip(p).map(|(a, b)| (a - b).abs())))
 }
 
-/// Pearson χ²(q‖p) = `Σ (q − p)²/p`; +∞ when q puts mass where p has none.
+/// Pearson χ²(q‖p) = `Σ (q − p)²/p` (Pearson 1900), the f-divergence with `f(t) = (t − 1)²`
+/// (derivations.md §4.2, arXiv 2406.05883); +∞ when q puts mass where p has none.
 ///
 /// # Errors
 /// As [`kl`].
@@ -162,7 +165,8 @@ pub fn chi_squared(q: &[f64], p: &[f64]) -> Result<f64> {
 }
 
 /// Squared Hellinger distance with the ½ convention: `H² = ½·Σ(√q − √p)² = 1 − Σ√(qp)`,
-/// in [0, 1].
+/// in [0, 1] (Hellinger 1909; `1 − BC` with BC the Bhattacharyya coefficient, as in
+/// derivations.md §4.2's best-of-n bound `BC = 2√n/(n + 1)`).
 ///
 /// # Errors
 /// As [`kl`].

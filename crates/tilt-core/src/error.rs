@@ -26,6 +26,15 @@ pub enum TiltError {
         /// The supremum of KL over the tilted family, in nats.
         max: f64,
     },
+    /// A computation produced a value it cannot have (NaN where a divergence or a probability
+    /// is expected): reported instead of being clamped into a plausible-looking number.
+    #[error("{what}: numerical failure: {detail}")]
+    NumericalFailure {
+        /// The quantity being computed.
+        what: String,
+        /// What went wrong.
+        detail: String,
+    },
     /// An iterative solver (root finder, quadrature) failed to reach its tolerance.
     #[error("{what} did not converge: {detail}")]
     NoConvergence {

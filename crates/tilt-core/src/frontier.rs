@@ -97,8 +97,9 @@ pub fn frontier_ns(n_max: u64, points: Option<usize>) -> Result<Vec<u64>> {
 }
 
 /// Best-of-n at each n in `ns`, and the tilt at each one's exact KL (arXiv 2401.01879 §2,
-/// arXiv 2404.01730 §2). When best-of-n's KL rounds to the largest achievable KL, the tilt
-/// is its λ = ∞ limit.
+/// arXiv 2404.01730 §2). When best-of-n's KL reaches the largest achievable KL, or lies
+/// within rounding below it (above every KL a finite λ reaches in floating point; see
+/// [`solve_lambda_for_kl`]), the tilt is its λ = ∞ limit.
 ///
 /// # Errors
 /// [`TiltError::InvalidInput`] for n = 0 in `ns`; [`TiltError::NoConvergence`] if a tilt

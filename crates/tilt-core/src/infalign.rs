@@ -35,6 +35,7 @@
 //! is the cumulative integral on the converged partition.
 
 use crate::error::{Result, TiltError};
+use crate::numerics::non_negative;
 use crate::optimize::{brent_root, maximize_scalar};
 use crate::quadrature::{integrate, CumulativeIntegral};
 use serde::Serialize;
@@ -45,6 +46,18 @@ pub const QUAD_TOL: f64 = 1e-12;
 pub const MAX_KL: f64 = 25.0;
 /// Largest `log(1/β)` searched when solving for a KL budget.
 pub const MAX_LOG_LAMBDA: f64 = 700.0;
+/// Largest N of best-of-N for which [`inference_win_rate`] is accurate (measured: within
+/// 5e-12 of the closed form `m/(m+1)` for the best-of-m policies at N ≤ 10^6). Its
+/// integrand `N·u^{N−1}·G(u)^N` lives within ~1/N of u = 1, where a double carries u
+/// only to ε absolute and `G(u)` near 1 only to ε: `G^N` then has a relative error of
+/// about `N·ε`, and beyond ~10^7 the quadrature loses 1e-10 or fails to converge.
+pub const MAX_BON_N: u64 = 1_000_000;
+/// Largest N of worst-of-N for which [`inference_win_rate`] is accurate. Its integrand
+/// lives within ~1/N of u = 0, where doubles are dense, so precision is no limit; the
+/// initial partition is: its geometric breakpoints stop at 1e-15, the integrand's scale
+/// at N = 10^15. (Measured: within 3e-16 of the closed form `1/(m+1)` for worst-of-m
+/// policies at N = 10^3 … 10^18, so the cap leaves a margin.)
+pub const MAX_WON_N: u64 = 1_000_000_000_000_000;
 
 /// The inference-time procedure applied to both the aligned and the reference policy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -104,7 +117,10 @@ impl Transform {
         }
     }
 
-    /// `Φ̃(u) = (Φ(u) − Φ(0)) / (Φ(1) − Φ(0))`, computed without overflow for any `t`.
+    /// `Φ̃(u) = (Φ(u) − Φ(0)) / (Φ(1) − Φ(0))`, computed without overflow for any `t`: the
+    /// CTRL transforms of arXiv 2412.19792 (`e^{tu}` for best-of-N, `−e^{−tu}` for
+    /// worst-of-N; derivations.md §2.4) normalised to `[0, 1]` as derivations.md §2.4
+    /// advises (an affine change of Φ only reparametrises β).
     ///
     /// ```text
     /// exp:     Φ̃(u) = expm1(tu)/expm1(t)  =  e^{t(u−1)}·(1 − e^{−tu})/(1 − e^{−t})
@@ -125,9 +141,10 @@ impl Transform {
         }
     }
 
-    /// `1 − Φ̃(u)`, computed directly so that it keeps its relative precision where
-    /// `Φ̃(u)` is close to 1 (the density is `∝ e^{−(1 − Φ̃)/β}`, and for neg-exp with
-    /// large `t`, `1 − Φ̃ ≈ e^{−tu}` is far below ε over most of `[0, 1]`).
+    /// `1 − Φ̃(u)` for the normalised transform of [`Transform::normalized`] (arXiv
+    /// 2412.19792; derivations.md §2.4), computed directly so that it keeps its relative
+    /// precision where `Φ̃(u)` is close to 1 (the density is `∝ e^{−(1 − Φ̃)/β}`, and for
+    /// neg-exp with large `t`, `1 − Φ̃ ≈ e^{−tu}` is far below ε over most of `[0, 1]`).
     ///
     /// ```text
     /// exp:     1 − Φ̃(u) = (1 − e^{−t(1−u)}) / (1 − e^{−t})
@@ -367,7 +384,10 @@ impl CalibratedTilt {
             1e-12,
         )?;
         let mean = m.value / self.cumulative.total();
-        Ok((lambda * mean - self.log_z_shifted).max(0.0))
+        non_negative(
+            lambda * mean - self.log_z_shifted,
+            "KL of the calibrated tilt",
+        )
     }
 
     /// The standard win rate over the reference, `E_g[u] = 1 − ∫ G`.
@@ -452,8 +472,9 @@ impl CalibratedPolicy for BestOfMPolicy {
 /// `N = 1` gives the standard win rate. Ties have probability 0 on the calibrated scale.
 ///
 /// # Errors
-/// [`TiltError::InvalidInput`] naming `n` when 0; [`TiltError::NoConvergence`] if
-/// quadrature fails.
+/// [`TiltError::InvalidInput`] naming `n` when 0 or above the accurate range of the
+/// quadrature ([`MAX_BON_N`], [`MAX_WON_N`]); [`TiltError::NoConvergence`] if quadrature
+/// fails.
 ///
 /// ```
 /// use tilt_core::infalign::{inference_win_rate, BestOfMPolicy, Procedure};
@@ -468,6 +489,19 @@ pub fn inference_win_rate(
 ) -> Result<f64> {
     if n == 0 {
         return Err(TiltError::invalid("n", "the number of draws must be ≥ 1"));
+    }
+    let (cap, name) = match procedure {
+        Procedure::Bon => (MAX_BON_N, "best-of-N"),
+        Procedure::Won => (MAX_WON_N, "worst-of-N"),
+    };
+    if n > cap {
+        return Err(TiltError::invalid(
+            "n",
+            format!(
+                "{n} draws: the quadrature of the {name} win rate is accurate (1e-10) only up to \
+                 N = {cap:e}"
+            ),
+        ));
     }
     let nf = n as f64;
     let mut breaks = policy.breakpoints();
@@ -548,6 +582,19 @@ pub struct OptimalT {
     /// True when the optimum sits at `t_max`: the true argmax may be larger (for large N
     /// it runs to hundreds; derivations §2.5).
     pub at_edge: bool,
+    /// The values of t at which the tilt or its win rate could not be computed (a
+    /// [`TiltError::NoConvergence`]), each with the reason; they were treated as
+    /// infeasible and the search went on. Callers should warn about them.
+    pub unconverged: Vec<UnconvergedT>,
+}
+
+/// A value of t that [`optimize_t`] skipped because a computation did not converge.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct UnconvergedT {
+    /// The transform rate.
+    pub t: f64,
+    /// The error, as text.
+    pub reason: String,
 }
 
 /// Maximise the inference-time win rate over `t ∈ [0, t_max]` for the exponential family
@@ -555,11 +602,13 @@ pub struct OptimalT {
 /// then golden-section search around the best (derivations §2.4–2.5 choose t this way,
 /// on a grid). A `t` at which the transform cannot reach the KL budget (neg-exp with a
 /// large `t` needs `1/β ≈ e^{t(1−e^{−KL})}`, beyond [`MAX_LOG_LAMBDA`]) counts as
-/// infeasible.
+/// infeasible, and so does one at which the tilt is too concentrated to integrate
+/// ([`TiltError::NoConvergence`]); those are listed in [`OptimalT::unconverged`].
 ///
 /// # Errors
 /// [`TiltError::InvalidInput`] naming `t-max` unless `t_max > 0.25`; as
-/// [`CalibratedTilt::with_kl`] and [`inference_win_rate`].
+/// [`CalibratedTilt::with_kl`] and [`inference_win_rate`] for the identity (`t = 0`), which
+/// reaches every KL, so that bad input (a KL budget, N) is reported as such.
 pub fn optimize_t(
     make: impl Fn(f64) -> Transform,
     n: u64,
@@ -583,11 +632,22 @@ pub fn optimize_t(
     // every KL) …
     let identity = CalibratedTilt::with_kl(make(0.0), kl)?;
     inference_win_rate(&identity, n, procedure)?;
-    // … so that below, a KL the transform cannot reach at this t only marks t infeasible.
+    // … so that below, a KL the transform cannot reach at this t, or a tilt too
+    // concentrated to integrate, only marks t infeasible.
+    let mut unconverged: Vec<UnconvergedT> = Vec::new();
     let value = |t: f64| -> Result<f64> {
-        match CalibratedTilt::with_kl(make(t), kl) {
-            Ok(tilt) => inference_win_rate(&tilt, n, procedure),
+        let w = CalibratedTilt::with_kl(make(t), kl)
+            .and_then(|tilt| inference_win_rate(&tilt, n, procedure));
+        match w {
+            Ok(w) => Ok(w),
             Err(TiltError::InvalidInput { input, .. }) if input == "kl" => Ok(f64::NEG_INFINITY),
+            Err(e @ TiltError::NoConvergence { .. }) => {
+                unconverged.push(UnconvergedT {
+                    t,
+                    reason: e.to_string(),
+                });
+                Ok(f64::NEG_INFINITY)
+            }
             Err(e) => Err(e),
         }
     };
@@ -598,5 +658,6 @@ pub fn optimize_t(
         t: best.x,
         t_max,
         at_edge: best.at_edge,
+        unconverged,
     })
 }

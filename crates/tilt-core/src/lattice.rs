@@ -33,11 +33,12 @@
 //! Rewards must lie on a grid `a + h·k` with integer `k`. [`LatticeRewards::new`] detects
 //! the grid when none is given (exact grids such as integers or multiples of 0.1, up to
 //! 1e-9 relative rounding), and rejects rewards that are not on any grid of at most
-//! [`MAX_GRID_INDEX`] steps with an error asking for an explicit step `h`; with a step,
-//! each reward is snapped to the nearest grid point, which moves every per-token reward
-//! by at most `h/2` (the exact maximum is reported as [`LatticeRewards::snap_error`]), and
-//! hence every `S_L / L` and every reward per token reported downstream by at most that
-//! much.
+//! [`MAX_GRID_INDEX`] steps, or that differ only within that rounding, with an error
+//! asking for an explicit step `h`; with a step, each reward is snapped to the nearest
+//! grid point, which moves every per-token reward by at most `h/2`. Either way the exact
+//! maximum movement is reported as [`LatticeRewards::snap_error`]; it bounds how much
+//! every `S_L / L` moves. Everything downstream is computed for the snapped rewards
+//! (exactly, for the KL and rate-function quantities of the snapped model).
 
 use crate::error::{Result, TiltError};
 use rustfft::{num_complex::Complex, FftPlanner};
@@ -88,6 +89,15 @@ impl LatticeRewards {
             .map(|(r, _)| *r)
             .fold(f64::NEG_INFINITY, f64::max);
         let range = top - origin;
+        if !range.is_finite() {
+            return Err(TiltError::invalid(
+                "rewards",
+                format!(
+                    "range from {origin:e} to {top:e} overflows (max − min is not a finite number); \
+                     rescale the rewards"
+                ),
+            ));
+        }
         let step = match grid {
             Some(h) => {
                 if !(h.is_finite() && h > 0.0) {
@@ -127,7 +137,7 @@ impl LatticeRewards {
             origin,
             step,
             indices,
-            snap_error: if grid.is_some() { snap_error } else { 0.0 },
+            snap_error,
         })
     }
 
@@ -159,18 +169,26 @@ impl LatticeRewards {
             .collect()
     }
 
-    /// Largest |reward − snapped reward| over outcomes with positive probability: 0 for a
-    /// detected exact grid (up to its 1e-9 relative rounding), at most `step/2` when a
-    /// step was given.
+    /// Largest |reward − snapped reward| over outcomes with positive probability, always
+    /// the true maximum: for a detected grid it is at the level of the 1e-9 relative
+    /// rounding that detection tolerates (the least-squares step moves snapped rewards
+    /// slightly), and at most `step/2` when a step was given.
     pub fn snap_error(&self) -> f64 {
         self.snap_error
     }
 }
 
 /// The common step of `r_i − origin` by a tolerant Euclidean algorithm, refined by least
-/// squares and verified on every reward.
+/// squares and verified on every reward. The tolerance is 1e-9 relative to the magnitude of
+/// the rewards (the rounding of decimal grids such as multiples of 0.1 is relative to it).
+///
+/// # Errors
+/// [`TiltError::InvalidInput`] naming `rewards` when they are not on a grid of at most
+/// [`MAX_GRID_INDEX`] steps, or when they differ (`range > 0`) but by no more than the
+/// tolerance, so that no step can be told from rounding.
 fn detect_step(rewards: &[f64], support: &[bool], origin: f64, range: f64) -> Result<f64> {
-    let tol = 1e-9 * range.max(origin.abs()).max(1.0);
+    let top = origin + range;
+    let tol = 1e-9 * range.max(origin.abs()).max(top.abs());
     let diffs: Vec<f64> = rewards
         .iter()
         .zip(support)
@@ -178,6 +196,16 @@ fn detect_step(rewards: &[f64], support: &[bool], origin: f64, range: f64) -> Re
         .map(|(r, _)| r - origin)
         .filter(|d| *d > tol)
         .collect();
+    if diffs.is_empty() {
+        return Err(TiltError::invalid(
+            "rewards",
+            format!(
+                "differ by at most {range:e}, within the grid-detection tolerance {tol:e} (1e-9 \
+                 of their magnitude), so no grid step can be told from rounding; pass a grid \
+                 step h (--grid H) to snap them (per-token reward error ≤ h/2)"
+            ),
+        ));
+    }
     let fail = || {
         TiltError::invalid(
             "rewards",
@@ -188,7 +216,7 @@ fn detect_step(rewards: &[f64], support: &[bool], origin: f64, range: f64) -> Re
         )
     };
     let mut g = diffs[0];
-    for &d in &diffs[1..] {
+    for &d in diffs.iter().skip(1) {
         let (mut x, mut y) = (g.max(d), g.min(d));
         while y > tol {
             let r = x % y;
@@ -360,6 +388,61 @@ mod tests {
         assert_eq!(lat.indices(), &[0, 1, 4]);
         assert!((lat.snap_error() - 0.01).abs() < 1e-12);
         assert!(LatticeRewards::new(&[0.0, 1.0, std::f64::consts::PI], &[true; 3], None).is_err());
+    }
+
+    #[test]
+    fn near_equal_or_overflowing_rewards_are_clear_errors_not_panics() {
+        let named = |r: Result<LatticeRewards>, needle: &str| match r {
+            Err(TiltError::InvalidInput { input, problem }) => {
+                assert_eq!(input, "rewards");
+                assert!(problem.contains(needle), "{problem}");
+            }
+            other => panic!("{other:?}"),
+        };
+        // Gaps within the 1e-9 relative tolerance: no step can be told from rounding.
+        named(
+            LatticeRewards::new(&[1e20, 1.00000000000001e20], &[true; 2], None),
+            "--grid",
+        );
+        named(
+            LatticeRewards::new(&[1.0, 1.0 + 1e-12, 1.0], &[true; 3], None),
+            "--grid",
+        );
+        named(
+            LatticeRewards::new(&[-1e308, 1e308], &[true; 2], None),
+            "overflows",
+        );
+        // The tolerance is relative to the rewards' magnitude: tiny rewards on a grid are
+        // detected, and truly equal ones are a constant.
+        let tiny = LatticeRewards::new(&[0.0, 1e-10, 3e-10], &[true; 3], None).unwrap();
+        assert_eq!(tiny.indices(), &[0, 1, 3]);
+        assert!((tiny.step() / 1e-10 - 1.0).abs() < 1e-9);
+        let constant = LatticeRewards::new(&[2.5, 2.5], &[true; 2], None).unwrap();
+        assert_eq!(constant.max_index(), 0);
+        // With an explicit step the near-equal rewards are snapped, and the error reported.
+        let snapped =
+            LatticeRewards::new(&[1e20, 1.00000000000001e20], &[true; 2], Some(1e6)).unwrap();
+        assert_eq!(snapped.max_index(), 1);
+        // Exact up to the spacing of doubles near 1e20 (16384) in forming origin + step.
+        let exact: f64 = (1.00000000000001e20 - 1e20) - 1e6;
+        assert!((snapped.snap_error() - exact.abs()).abs() <= 16384.0);
+    }
+
+    #[test]
+    fn snap_error_of_a_detected_grid_is_the_true_maximum() {
+        // A decimal grid whose entries carry rounding: the least-squares step moves the
+        // snapped rewards slightly, and that movement is what is reported.
+        let r = [0.0, 0.1, 0.7, 1.2000000001, 2.3];
+        let lat = LatticeRewards::new(&r, &[true; 5], None).unwrap();
+        let truth = lat
+            .snapped()
+            .iter()
+            .zip(&r)
+            .map(|(s, r)| (s - r).abs())
+            .fold(0.0, f64::max);
+        assert!(truth > 0.0, "the case must move a reward");
+        assert_eq!(lat.snap_error(), truth);
+        assert!(lat.snap_error() < 1e-9 * 2.3 * 10.0);
     }
 
     #[test]

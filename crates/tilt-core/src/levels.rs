@@ -18,8 +18,15 @@
 //! small) or `1 − above` through `log1p` (accurate when F is near 1), never a difference
 //! of two numbers near 1.
 //!
-//! Sorting is the only super-linear step; it runs on rayon over `(sortable reward bits,
-//! outcome index)` pairs, a total order, so the result is the same for any thread count.
+//! Sorting is the only super-linear step. Large inputs use a parallel stable LSD radix sort
+//! of `(sortable reward bits, outcome index)` pairs (13-bit digits, digits on which all keys
+//! agree skipped); the order is a total order, so the result is the same for any thread
+//! count. Grouping then runs in parallel over fixed spans of sorted positions, each span
+//! owning the levels that *start* in it, so every level mass is still one compensated sum
+//! in index order, exactly as a sequential pass gives. The two tails run side by side.
+//! At 10^7 outcomes these steps are dominated by memory: the large buffers are advised to
+//! transparent huge pages (fewer page faults and TLB misses), and the random reads and
+//! writes of the grouping pass are prefetched.
 
 use crate::distribution::RewardDistribution;
 use crate::error::{Result, TiltError};
@@ -131,9 +138,10 @@ impl<T> SharedMut<T> {
 
 /// Sort `(key, index)` pairs by key, then index (the input is in index order).
 ///
-/// Large inputs use a parallel stable LSD radix sort on 11-bit digits that skips every
-/// digit on which all keys agree (tied or narrow-range rewards need few passes). A stable
-/// sort has exactly one result, so neither the thread count nor the chunking changes it.
+/// Large inputs use a parallel stable LSD radix sort on `RADIX_BITS`-bit (13-bit) digits
+/// that skips every digit on which all keys agree (tied or narrow-range rewards need few
+/// passes). A stable sort has exactly one result, so neither the thread count nor the
+/// chunking changes it.
 fn sort_keyed(mut keyed: Vec<(u64, u32)>) -> Vec<(u64, u32)> {
     if keyed.len() < RADIX_THRESHOLD {
         keyed.par_sort_unstable();
@@ -512,6 +520,47 @@ pub(crate) fn chunked_sum<const K: usize>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The parallel grouping (spans of `GROUP_CHUNK` positions, levels crossing spans)
+    /// against a direct construction: a sorted map from reward to outcomes in index order.
+    #[test]
+    fn parallel_grouping_matches_a_sorted_map() {
+        let mut state = 11u64;
+        let mut next = || {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (state >> 11) as f64 / (1u64 << 53) as f64
+        };
+        let n = 3 * GROUP_CHUNK + 123;
+        for distinct in [1.0, 7.0, 5000.0, 0.0] {
+            let rewards: Vec<f64> = (0..n)
+                .map(|i| match distinct {
+                    0.0 => next() - 0.5, // all distinct
+                    1.0 if i % 2 == 0 => -0.0,
+                    d => (next() * d).floor() - d / 2.0,
+                })
+                .collect();
+            let raw: Vec<f64> = (0..n).map(|_| next() + 1e-3).collect();
+            let total: f64 = raw.iter().sum();
+            let probs: Vec<f64> = raw.iter().map(|p| p / total).collect();
+            let lv = Levels::from_slices(&probs, &rewards).unwrap();
+            let mut by_key = std::collections::BTreeMap::<u64, Vec<usize>>::new();
+            for (i, &r) in rewards.iter().enumerate() {
+                by_key.entry(sortable_bits(r)).or_default().push(i);
+            }
+            assert_eq!(lv.len(), by_key.len());
+            for (l, (&key, members)) in by_key.iter().enumerate() {
+                assert_eq!(lv.rewards()[l].to_bits(), from_sortable_bits(key).to_bits());
+                let mut m = NeumaierSum::default();
+                for &i in members {
+                    m.add(probs[i]);
+                    assert_eq!(lv.level_of()[i] as usize, l);
+                }
+                assert_eq!(lv.masses()[l].to_bits(), m.value().to_bits());
+            }
+        }
+    }
 
     #[test]
     fn radix_sort_equals_comparison_sort_with_ties_and_signs() {

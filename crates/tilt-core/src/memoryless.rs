@@ -18,8 +18,10 @@
 //!   of the form `p(y)·h(S_L(y))` (best-of-N breaks ties uniformly among tied draws), so
 //!   their KL equals the KL between the laws of `S_L`.
 //!
-//! The paper proves that as `L → ∞` best-of-N's reward per token converges to `x*` and that
-//! `KL(BoN‖tilt)/L → 0`; [`MemorylessModel::analyze`] computes these quantities exactly at
+//! The paper shows that as `L → ∞` best-of-N's reward per token converges to `x*` and that
+//! `KL(BoN‖tilt)/L → 0` (its abstract: best-of-N and the KL-optimal policy are
+//! "asymptotically equivalent"; derivations.md §1.7); the sources we have state the limits
+//! (`o(1)`), not a rate. [`MemorylessModel::analyze`] computes these quantities exactly at
 //! finite `L` so the convergence can be watched.
 //!
 //! Conventions: multiplier `λ` inside (β = 1/λ at the edges), natural logs, nats.
@@ -36,19 +38,22 @@
 //!  10000    2000     1.2108050780     5.804e-4      3.451e-4        0.199895     fft
 //! 100000   20000     1.2113126319     7.287e-5      4.600e-5        0.199990     fft
 //! ```
-//! The gap to x* shrinks like `log L / (2λL)` (the `1/√L` prefactor of the tail
-//! `P(S_L ≥ Lx) ≈ e^{−L I(x)}/√L` costs best-of-N `log √L` nats), and so does the KL per
-//! token, as the paper proves.
+//! Observed, not proved: the gap to x* follows `log L / (2λL)` closely (6.9/(2λ·1000) =
+//! 4.46e-3 at L = 1000, 7.43e-5 at L = 100000), as a `1/√L` prefactor of the tail
+//! `P(S_L ≥ Lx) ≈ e^{−L I(x)}/√L` would make it (it costs best-of-N about `log √L` nats),
+//! and the KL per token falls at a similar `log L / L` pace. This is a heuristic reading of
+//! the table; the paper (as far as our sources show, derivations.md §1.7) proves only
+//! that both go to 0.
 
 use crate::distribution::RewardDistribution;
 use crate::error::{Result, TiltError};
 use crate::lattice::{self, ConvolutionMethod, LatticeRewards};
-use crate::numerics::{log_sum_exp, NeumaierSum};
+use crate::numerics::{log_sum_exp, non_negative, NeumaierSum};
 use crate::optimize::{bracket_up, brent_root};
 use serde::Serialize;
 
 /// A token pmf with per-token rewards on a lattice: the memoryless model of arXiv
-/// 2404.01730 §5 (memoryless reference, linear reward).
+/// 2404.01730 (memoryless reference, linear reward; derivations.md §1.4).
 #[derive(Debug, Clone)]
 pub struct MemorylessModel {
     /// Probabilities of the outcomes with positive probability.
@@ -174,7 +179,13 @@ impl MemorylessModel {
             .map(|(p, r)| p.ln() + lambda * (r - self.r_max))
             .collect();
         let lse = log_sum_exp(&shifted);
-        (lambda * (c.mean - self.r_max) - lse).max(0.0)
+        let kl = lambda * (c.mean - self.r_max) - lse;
+        // Rounding below 0 becomes 0; a NaN stays NaN (the root finders reject it).
+        if kl < 0.0 {
+            0.0
+        } else {
+            kl
+        }
     }
 
     /// The tilted token pmf `q_λ(y) = q(y) e^{λ r(y) − Λ(λ)}` over the outcomes of positive
@@ -227,23 +238,34 @@ impl MemorylessModel {
     /// I(max r) = −log q(argmax r), I(min r) = −log q(argmin r), +∞ outside
     /// ```
     ///
+    /// `+∞` is the true value only outside `[min r, max r]`; inside, a failure to solve
+    /// `Λ'(λ) = x` is an error, never reported as `+∞`.
+    ///
+    /// # Errors
+    /// [`TiltError::InvalidInput`] naming `x` when it is NaN; [`TiltError::NoConvergence`]
+    /// if `Λ'(λ) = x` cannot be solved for an `x` inside the range.
+    ///
     /// ```
     /// use tilt_core::{RewardDistribution, memoryless::MemorylessModel};
     /// let m = MemorylessModel::new(&RewardDistribution::new(vec![0.5, 0.5], vec![0.0, 1.0]).unwrap(), None).unwrap();
     /// // Bernoulli(1/2): I(x) = KL(Bern(x) ‖ Bern(1/2)).
     /// let x: f64 = 0.8;
     /// let kl = x * (2.0 * x).ln() + (1.0 - x) * (2.0 * (1.0 - x)).ln();
-    /// assert!((m.rate_function(x) - kl).abs() < 1e-13);
+    /// assert!((m.rate_function(x).unwrap() - kl).abs() < 1e-13);
+    /// assert_eq!(m.rate_function(1.5).unwrap(), f64::INFINITY);
     /// ```
-    pub fn rate_function(&self, x: f64) -> f64 {
-        if x > self.r_max || x < self.r_min || !x.is_finite() {
-            return f64::INFINITY;
+    pub fn rate_function(&self, x: f64) -> Result<f64> {
+        if x.is_nan() {
+            return Err(TiltError::invalid("x", "NaN is not a reward per token"));
+        }
+        if x > self.r_max || x < self.r_min {
+            return Ok(f64::INFINITY);
         }
         if self.r_max == self.r_min {
-            return 0.0;
+            return Ok(0.0);
         }
         if x == self.r_max {
-            return self.max_kl_per_token();
+            return Ok(self.max_kl_per_token());
         }
         if x == self.r_min {
             let p: f64 = self
@@ -253,16 +275,12 @@ impl MemorylessModel {
                 .filter(|(_, r)| **r == self.r_min)
                 .map(|(p, _)| *p)
                 .sum();
-            return -p.ln();
+            return Ok(-p.ln());
         }
-        match self.lambda_for_mean(x) {
-            Ok(l) => {
-                // λx − Λ(λ) with the shift at the reward that dominates for this sign.
-                let c = self.cumulants(l);
-                (l * x - c.log_mgf).max(0.0)
-            }
-            Err(_) => f64::INFINITY,
-        }
+        let l = self.lambda_for_mean(x)?;
+        // λx − Λ(λ); `cumulants` forms Λ by a log-sum-exp shifted at its largest term, so
+        // no exponential overflows for any λ.
+        non_negative(l * x - self.cumulants(l).log_mgf, "rate function")
     }
 
     /// The tilt multiplier `λ_Δ > 0` with `KL(q_λ‖q) = Δ` (derivations §1.2; arXiv
@@ -389,13 +407,33 @@ impl MemorylessModel {
     }
 
     /// Everything at one length and budget: the rate function at `x*`, the optimal tilt,
-    /// best-of-N with `log N = LΔ`, and their KL per token (all in nats).
+    /// best-of-N with `log N = LΔ`, and their KL per token (all in nats), with the
+    /// convolution method chosen by [`lattice::choose_method`].
+    ///
+    /// The rewards are those of the lattice ([`LatticeRewards::snapped`]): every field is
+    /// computed for the snapped model, and the KL and rate-function fields are exact for
+    /// it. Snapping moves the reward per token of every sequence by at most
+    /// `grid_snap_error_per_token`.
     ///
     /// # Errors
     /// [`TiltError::InvalidInput`] naming `length` when 0; as
     /// [`MemorylessModel::lambda_for_kl`] for `delta`; as [`lattice::sum_pmf`];
     /// [`TiltError::NoConvergence`] if best-of-N mass is lost outside the computed range.
     pub fn analyze(&self, length: usize, delta: f64) -> Result<MemorylessReport> {
+        self.analyze_with(length, delta, None)
+    }
+
+    /// [`MemorylessModel::analyze`] with the convolution method forced (`None`: chosen
+    /// automatically), e.g. to cross-check the FFT against direct convolution.
+    ///
+    /// # Errors
+    /// As [`MemorylessModel::analyze`].
+    pub fn analyze_with(
+        &self,
+        length: usize,
+        delta: f64,
+        method: Option<ConvolutionMethod>,
+    ) -> Result<MemorylessReport> {
         if length == 0 {
             return Err(TiltError::invalid("length", "must be at least 1 token"));
         }
@@ -403,7 +441,7 @@ impl MemorylessModel {
         let c = self.cumulants(lambda);
         let x_star = c.mean;
         let log_n = length as f64 * delta;
-        let law = self.sum_law(length, lambda, None)?;
+        let law = self.sum_law(length, lambda, method)?;
         let tilt_log = law.tilted_log_pmf(self, lambda);
         let bon = law.best_of_n(log_n)?;
         if bon.lost_mass_bound > 1e-12 {
@@ -416,8 +454,8 @@ impl MemorylessModel {
             });
         }
         let l = length as f64;
-        let kl_bon_tilt = kl_log(&bon.log_pmf, &tilt_log);
-        let kl_bon_ref = kl_log(&bon.log_pmf, &law.log_pmf);
+        let kl_bon_tilt = non_negative(kl_log(&bon.log_pmf, &tilt_log), "KL(best-of-N ‖ tilt)")?;
+        let kl_bon_ref = non_negative(kl_log(&bon.log_pmf, &law.log_pmf), "KL(best-of-N ‖ q)")?;
         let tilt_mean_lattice = law.mean_of(&tilt_log);
         Ok(MemorylessReport {
             length,
@@ -426,7 +464,7 @@ impl MemorylessModel {
             lambda,
             beta: 1.0 / lambda,
             x_star,
-            rate_function_at_x_star: self.rate_function(x_star),
+            rate_function_at_x_star: self.rate_function(x_star)?,
             reference_reward_per_token: self.mean_reward(),
             max_reward_per_token: self.r_max,
             tilt_reward_per_token: x_star,
@@ -493,7 +531,9 @@ impl SumLaw {
         self.origin + self.step * j as f64
     }
 
-    /// `log P_{q_λ^{⊗L}}(S_L = s) = log P_q(S_L = s) + λ s − L Λ(λ)` (exponential family).
+    /// `log P_{q_λ^{⊗L}}(S_L = s) = log P_q(S_L = s) + λ s − L Λ(λ)`: the law of `S_L` under
+    /// the product tilt `q_λ^{⊗L}` (an exponential family in `S_L`, since
+    /// `Λ_L = L·Λ`; derivations.md §1.4, arXiv 2404.01730).
     pub fn tilted_log_pmf(&self, model: &MemorylessModel, lambda: f64) -> Vec<f64> {
         let shift = self.length as f64 * model.cumulants(lambda).log_mgf;
         self.log_pmf
@@ -603,7 +643,13 @@ pub fn kl_log(log_p: &[f64], log_q: &[f64]) -> f64 {
         }
         s.add(lp.exp() * (lp - lq));
     }
-    s.value().max(0.0)
+    // Rounding below 0 becomes 0; a NaN (a NaN input) stays NaN rather than passing for 0.
+    let v = s.value();
+    if v < 0.0 {
+        0.0
+    } else {
+        v
+    }
 }
 
 /// The exact finite-length quantities of the memoryless model at one `(L, Δ)` (all KL in
@@ -646,7 +692,11 @@ pub struct MemorylessReport {
     pub convolution: ConvolutionMethod,
     /// The reward grid step `h`.
     pub lattice_step: f64,
-    /// Largest per-token |reward − snapped reward| (0 on an exact grid).
+    /// Largest per-token |reward − snapped reward| over the support: the true maximum
+    /// whether the grid was detected (then at the level of the 1e-9 relative rounding the
+    /// detection tolerates) or given. Every field is for the snapped model (the KL and
+    /// rate-function fields exactly); snapping moves the reward per token of every
+    /// sequence by at most this much.
     pub grid_snap_error_per_token: f64,
     /// Upper bound on best-of-N mass outside the computed range of `S_L`.
     pub bon_mass_lost_bound: f64,

@@ -8,6 +8,8 @@
 //! compensated sums (Neumaier), log-sum-exp, `(1 − t)^n` through `log1p`, and the
 //! cancellation-free pieces of `e^u − 1 − u` and `u·e^u − e^u + 1` used by KL computations.
 
+use crate::error::{Result, TiltError};
+
 /// A running Neumaier (improved Kahan–Babuška) compensated sum.
 ///
 /// The error of the total is about one rounding of the result, independent of the number
@@ -171,6 +173,30 @@ pub fn kl_summand(u: f64) -> f64 {
     } else {
         u * u.exp() - u.exp_m1()
     }
+}
+
+/// A quantity that is non-negative in exact arithmetic (a KL divergence, a rate function),
+/// computed as a sum that may round a hair below 0: negative values become 0, a NaN is an
+/// error naming `what` (clamping it would turn a failed computation into a plausible 0), and
+/// `+∞` is kept.
+///
+/// # Errors
+/// [`TiltError::NumericalFailure`] naming `what` when `x` is NaN.
+///
+/// ```
+/// use tilt_core::numerics::non_negative;
+/// assert_eq!(non_negative(-1e-18, "KL").unwrap(), 0.0);
+/// assert_eq!(non_negative(0.25, "KL").unwrap(), 0.25);
+/// assert!(non_negative(f64::NAN, "KL").is_err());
+/// ```
+pub fn non_negative(x: f64, what: &str) -> Result<f64> {
+    if x.is_nan() {
+        return Err(TiltError::NumericalFailure {
+            what: what.to_string(),
+            detail: "the computation gave NaN".into(),
+        });
+    }
+    Ok(if x < 0.0 { 0.0 } else { x })
 }
 
 /// `ln k!` for `k = 0..=n`, by cumulative sums of logarithms (exact enough for the small

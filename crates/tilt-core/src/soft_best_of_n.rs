@@ -18,7 +18,7 @@ use crate::best_of_n::{order_statistic_levels, Selection};
 use crate::distribution::RewardDistribution;
 use crate::error::{Result, TiltError};
 use crate::levels::Levels;
-use crate::numerics::{kl_summand, ln_factorials, neumaier_sum, NeumaierSum};
+use crate::numerics::{kl_summand, ln_factorials, neumaier_sum, non_negative, NeumaierSum};
 use crate::win_rate::win_rate_levels;
 use serde::Serialize;
 
@@ -94,8 +94,8 @@ pub fn soft_best_of_n(dist: &RewardDistribution, n: u64, lambda: f64) -> Result<
                     q * (u - 1.0) + m
                 }
             }),
-    )
-    .max(0.0);
+    );
+    let kl = non_negative(kl, "KL of soft best-of-n")?;
     let expected_reward = neumaier_sum(level_pmf.iter().zip(rw).map(|(q, r)| q * r));
     let win_rate = win_rate_levels(&levels, &level_pmf);
     let pmf = levels.spread_to_outcomes(dist.probs(), &level_pmf);

@@ -16,7 +16,7 @@
 use crate::distribution::RewardDistribution;
 use crate::error::{Result, TiltError};
 use crate::levels::{chunked_sum, Levels};
-use crate::numerics::{kl_summand, log_sum_exp};
+use crate::numerics::{kl_summand, log_sum_exp, non_negative};
 use crate::win_rate::win_rate_levels;
 use serde::Serialize;
 
@@ -59,17 +59,20 @@ pub struct Tilt {
     pub pmf: Vec<f64>,
 }
 
-/// The largest KL a tilt (indeed any policy absolutely continuous w.r.t. p) reaches on a
-/// finite support: `−log p(argmax set)`, the λ → ∞ limit (arXiv 2404.01730; derivations §1.2).
+/// The largest KL a tilt reaches on a finite support: `−log p(argmax set)`, the λ → ∞ limit
+/// (arXiv 2404.01730; derivations §1.2). A larger KL budget buys no more reward: the tilt
+/// at λ = ∞ already has the largest reward on the support.
 pub fn max_kl(levels: &Levels) -> f64 {
     let m = levels.masses()[levels.top_level()];
     (-m.ln()).max(0.0)
 }
 
-/// The tilt with multiplier λ ≥ 0 on precomputed levels (λ = +∞ allowed).
+/// The tilt with multiplier λ ≥ 0 on precomputed levels (λ = +∞ allowed), arXiv
+/// 2404.01730 §2 (derivations.md §1.2): `φ_λ ∝ p·e^{λ r}`, `KL = Σ_L p(L)·h(log φ/p)`.
 ///
 /// # Errors
-/// [`TiltError::InvalidInput`] naming `lambda` when negative or NaN.
+/// [`TiltError::InvalidInput`] naming `lambda` when negative or NaN;
+/// [`TiltError::NumericalFailure`] if the KL sum is NaN (never clamped to 0).
 pub fn tilt_levels(levels: &Levels, lambda: f64) -> Result<TiltedLevels> {
     if lambda.is_nan() || lambda < 0.0 {
         return Err(TiltError::invalid(
@@ -87,6 +90,11 @@ pub fn tilt_levels(levels: &Levels, lambda: f64) -> Result<TiltedLevels> {
         level_pmf = v;
         log_partition = f64::INFINITY;
         kl = max_kl(levels);
+    } else if lambda == 0.0 {
+        // β = ∞: the reference itself, exactly.
+        level_pmf = ms.to_vec();
+        log_partition = 0.0;
+        kl = 0.0;
     } else {
         let c = rw[top];
         // x_L = log p(L) + λ(r_L − c) ≤ log p(L); LSE of them is Λ(λ) − λc.
@@ -112,15 +120,20 @@ pub fn tilt_levels(levels: &Levels, lambda: f64) -> Result<TiltedLevels> {
                 return [0.0];
             }
             // log(φ/p), formed without adding log p(L) (which would drown a tiny λ(r − c)).
+            // The term is p(L)·h(u), h(u) = u·e^u − e^u + 1. When λ(r − c) underflows to −∞
+            // the level has no tilted mass, u = −∞ and h(−∞) = 1 (the form q·(u − 1) + m
+            // would give 0·(−∞) = NaN there).
             let u = y[l] - shift;
-            if u.abs() < 0.5 {
+            if u == f64::NEG_INFINITY {
+                [m]
+            } else if u.abs() < 0.5 {
                 [m * kl_summand(u)]
             } else {
                 let q = level_pmf[l];
                 [q * (u - 1.0) + m]
             }
         });
-        kl = k.max(0.0);
+        kl = non_negative(k, "KL of the tilt")?;
     }
     let [er] = chunked_sum(levels.len(), |l| [level_pmf[l] * rw[l]]);
     let win_rate = win_rate_levels(levels, &level_pmf);
@@ -134,16 +147,22 @@ pub fn tilt_levels(levels: &Levels, lambda: f64) -> Result<TiltedLevels> {
     })
 }
 
-/// Solve `KL(φ_λ‖p) = kl` for λ on precomputed levels: bisection on log λ until the
+/// Solve `KL(φ_λ‖p) = kl` for λ on precomputed levels (arXiv 2404.01730 §2; derivations.md
+/// §1.2: `K(λ)` is increasing from 0 to `−log p(argmax set)`): bisection on log λ until the
 /// bracket is [`LAMBDA_RELATIVE_TOLERANCE`]-relative. `kl = 0` gives λ = 0;
-/// `kl = max_kl` gives λ = +∞. Where KL is flat in λ (near saturation,
-/// `dKL/d log λ = λ²·Var_φ(r)` below rounding of KL), λ is determined only as far as the
-/// rounding of KL allows; the KL reached then still equals the budget to rounding.
+/// `kl = max_kl` gives λ = +∞. λ is searched in units of the reward range (`λ·(max r −
+/// min r)` between 1e-300 and 1e300), so that rewards of any scale are solvable.
+///
+/// Near saturation KL is flat in λ (`dKL/d log λ = λ²·Var_φ(r)` falls below the rounding
+/// of KL), and a budget a rounding step below the maximum, such as the exact KL of
+/// best-of-n at large n, may lie above every KL a finite λ reaches in floating point. When
+/// doubling λ no longer increases KL, the tilt has reached its λ → ∞ limit to rounding, and
+/// λ = +∞ is returned (its KL, `−log p(argmax set)`, then equals the budget to rounding).
 ///
 /// # Errors
 /// [`TiltError::InvalidInput`] naming `kl` when negative or not finite;
 /// [`TiltError::KlBudgetTooLarge`] when `kl > −log p(argmax set)`;
-/// [`TiltError::NoConvergence`] if no bracket is found within λ ∈ [1e-300, 1e300].
+/// [`TiltError::NoConvergence`] if no bracket is found within `λ·range ∈ [1e-300, 1e300]`.
 pub fn solve_lambda_for_kl(levels: &Levels, kl: f64) -> Result<f64> {
     if !kl.is_finite() || kl < 0.0 {
         return Err(TiltError::invalid(
@@ -162,43 +181,61 @@ pub fn solve_lambda_for_kl(levels: &Levels, kl: f64) -> Result<f64> {
         return Ok(f64::INFINITY);
     }
     let k = |lambda: f64| tilt_levels(levels, lambda).map(|t| t.kl);
-    // Initial guess from the Gaussian approximation KL ≈ λ²σ²/2.
+    // 0 < kl < max, so at least two levels carry mass and the range is positive (and
+    // finite: `RewardDistribution` rejects overflowing ranges).
     let (rw, ms) = (levels.rewards(), levels.masses());
+    let range = rw[levels.top_level()] - rw[levels.bottom_level()];
+    // Initial guess from the Gaussian approximation KL ≈ λ²σ²/2, in units of the range.
     let mu: f64 = rw.iter().zip(ms).map(|(r, m)| r * m).sum();
-    let var: f64 = rw
+    let var_scaled: f64 = rw
         .iter()
         .zip(ms)
-        .map(|(r, m)| m * (r - mu) * (r - mu))
+        .map(|(r, m)| m * ((r - mu) / range) * ((r - mu) / range))
         .sum();
-    let guess = if var > 0.0 && var.is_finite() {
-        (2.0 * kl / var).sqrt()
+    let guess = if var_scaled > 0.0 && var_scaled.is_finite() {
+        (2.0 * kl / var_scaled).sqrt() / range
     } else {
-        1.0
+        1.0 / range
+    };
+    let no_bracket = |detail: String| TiltError::NoConvergence {
+        what: "tilt multiplier for the KL budget".into(),
+        detail,
     };
     let (mut lo, mut hi) = (guess, guess);
-    while k(hi)? < kl {
+    let mut k_hi = k(hi)?;
+    while k_hi < kl {
+        let next = k(2.0 * hi)?;
+        if next <= k_hi {
+            // KL stopped growing: it is at its λ → ∞ limit to rounding.
+            if max - kl <= 1e-9 * max {
+                return Ok(f64::INFINITY);
+            }
+            return Err(no_bracket(format!(
+                "the KL of the tilt stops growing at {k_hi} nats, below the budget {kl} nats \
+                 (maximum {max})"
+            )));
+        }
         hi *= 2.0;
-        if hi > 1e300 {
-            return Err(TiltError::NoConvergence {
-                what: "tilt multiplier for the KL budget".into(),
-                detail: format!("KL budget {kl} nats is within rounding of the maximum {max}"),
-            });
+        k_hi = next;
+        if hi * range > 1e300 || !hi.is_finite() {
+            return Err(no_bracket(format!(
+                "KL budget {kl} nats is within rounding of the maximum {max}"
+            )));
         }
     }
     while k(lo)? > kl {
         lo /= 2.0;
-        if lo < 1e-300 {
-            return Err(TiltError::NoConvergence {
-                what: "tilt multiplier for the KL budget".into(),
-                detail: format!("KL budget {kl} nats is too small to resolve"),
-            });
+        if lo * range < 1e-300 {
+            return Err(no_bracket(format!(
+                "KL budget {kl} nats is too small to resolve"
+            )));
         }
     }
     for _ in 0..200 {
         if hi / lo - 1.0 <= 0.1 * LAMBDA_RELATIVE_TOLERANCE {
             break;
         }
-        let mid = (lo * hi).sqrt();
+        let mid = lo.sqrt() * hi.sqrt(); // the geometric mean, without overflow
         if mid <= lo || mid >= hi {
             break;
         }
@@ -208,7 +245,7 @@ pub fn solve_lambda_for_kl(levels: &Levels, kl: f64) -> Result<f64> {
             hi = mid;
         }
     }
-    Ok((lo * hi).sqrt())
+    Ok(lo.sqrt() * hi.sqrt())
 }
 
 fn finish(dist: &RewardDistribution, levels: &Levels, t: TiltedLevels) -> Tilt {

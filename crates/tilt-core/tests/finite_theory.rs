@@ -147,11 +147,21 @@ fn best_and_worst_of_n_match_enumeration_of_all_tuples_with_ties() {
                     assert_close(b.win_rate, direct_win_rate(&exact, &d), 1e-13, "win rate");
                     let er: f64 = exact.iter().zip(d.rewards()).map(|(q, r)| q * r).sum();
                     assert_close(b.expected_reward, er, 1e-13, "expected reward");
+                    // §4 estimator averaged over the output, ε = the reference mass of the
+                    // returned reward level (all outcomes tied with it).
+                    let tied_mass = |y: usize| -> f64 {
+                        d.probs()
+                            .iter()
+                            .zip(d.rewards())
+                            .filter(|(_, &r)| r == d.rewards()[y])
+                            .map(|(p, _)| p)
+                            .sum()
+                    };
                     let est: f64 = exact
                         .iter()
-                        .zip(d.probs())
-                        .filter(|(&q, _)| q > 0.0)
-                        .map(|(&q, &p)| q * kl_estimate_per_draw(p, n as u64).unwrap())
+                        .enumerate()
+                        .filter(|(_, &q)| q > 0.0)
+                        .map(|(y, &q)| q * kl_estimate_per_draw(tied_mass(y), n as u64).unwrap())
                         .sum();
                     assert_close(b.kl_estimate, est, 1e-12, "kl estimate");
                     cases += 1;
@@ -290,7 +300,7 @@ fn n_of_ten_to_the_fifteen_matches_series_expansions() {
     assert_close(b.pmf[2], top, 1e-13, "top of three");
     assert_close(b.pmf[1], 1.0 - top, 1e-13, "middle of three");
     assert_eq!(b.pmf[0], 0.0);
-    assert!(b.pmf.iter().sum::<f64>() - 1.0 < 1e-15);
+    assert!((b.pmf.iter().sum::<f64>() - 1.0).abs() < 1e-15);
 }
 
 #[test]
@@ -540,5 +550,187 @@ fn frontier_n_values_and_win_rate_helper() {
     let f = frontier(&d, &ns).unwrap();
     for p in &f.bon {
         assert!(p.kl.is_finite() && p.kl <= 2f64.ln() + 1e-15);
+    }
+}
+
+#[test]
+fn tilt_with_an_underflowing_exponent_is_exact_not_nan() {
+    // λ(r − max r) = 1e300·(−1e9) underflows to −∞: that level has no tilted mass and
+    // contributes p(L)·h(−∞) = p(L) to KL = Σ p·h(log φ/p), so KL = −log p(top) = log 2.
+    let d = RewardDistribution::new(vec![0.5, 0.5], vec![0.0, 1e9]).unwrap();
+    let t = tilt_by_beta(&d, 1e-300).unwrap();
+    assert_eq!(t.pmf, vec![0.0, 1.0]);
+    assert_close(t.kl, 2f64.ln(), 1e-15, "KL at β = 1e-300");
+    assert_eq!(t.win_rate, 0.75);
+    assert_eq!(t.expected_reward, 1e9);
+    // Rewards near ±f64::MAX with a finite range: every tilt is finite and exact.
+    let big = RewardDistribution::new(vec![0.25, 0.75], vec![-8e307, 8e307]).unwrap();
+    let zero = tilt_by_kl(&big, 0.0).unwrap();
+    assert_eq!(zero.pmf, big.probs());
+    assert_eq!(zero.kl, 0.0);
+    let one = tilt_by_beta(&big, 1.0).unwrap();
+    assert_eq!(one.pmf, vec![0.0, 1.0]);
+    assert_close(one.kl, -(0.75f64.ln()), 1e-15, "KL at β = 1, range 1.6e308");
+    // The KL solver works in units of the reward range, whatever their scale: at every
+    // scale s, the tilt of s·r at KL Δ is the tilt of r at λ/s (same pmf, same KL).
+    let unit = RewardDistribution::new(vec![0.2, 0.5, 0.3], vec![-1.0, 0.0, 1.0]).unwrap();
+    let reference = tilt_by_kl(&unit, 0.3).unwrap();
+    for s in [1e-300, 1e-150, 1e150, 5e307] {
+        let scaled = RewardDistribution::new(vec![0.2, 0.5, 0.3], vec![-s, 0.0, s]).unwrap();
+        let t = tilt_by_kl(&scaled, 0.3).unwrap();
+        assert_close(t.kl, 0.3, 1e-13, &format!("KL at scale {s:e}"));
+        for (a, b) in t.pmf.iter().zip(&reference.pmf) {
+            assert_close(*a, *b, 1e-10, &format!("pmf at scale {s:e}"));
+        }
+        assert!(t.pmf.iter().all(|p| p.is_finite()));
+    }
+}
+
+#[test]
+fn kl_estimate_uses_the_mass_of_the_returned_reward_level() {
+    // Splitting a level into several tied outcomes leaves best-of-n's law on rewards, its
+    // KL and the estimate unchanged: ε is the level's mass.
+    let whole = RewardDistribution::new(vec![0.2, 0.3, 0.5], vec![0.0, 1.0, 2.0]).unwrap();
+    let split = RewardDistribution::new(
+        vec![0.05, 0.15, 0.1, 0.2, 0.3, 0.2],
+        vec![0.0, 0.0, 1.0, 1.0, 2.0, 2.0],
+    )
+    .unwrap();
+    for n in [1u64, 2, 4, 17, 1000] {
+        let (a, b) = (best_of_n(&whole, n).unwrap(), best_of_n(&split, n).unwrap());
+        assert_close(b.kl, a.kl, 1e-14, &format!("KL n={n}"));
+        assert_close(b.kl_estimate, a.kl_estimate, 1e-14, &format!("D̂ n={n}"));
+        // Independently: Σ over levels of π_n(L)·D̂(p(L)) from the closed-form pmf.
+        let (f, fm) = ([0.2f64, 0.5, 1.0], [0.0f64, 0.2, 0.5]);
+        let expect: f64 = (0..3)
+            .map(|l| {
+                let q = f[l].powi(n as i32) - fm[l].powi(n as i32);
+                q * kl_estimate_per_draw(whole.probs()[l], n).unwrap()
+            })
+            .sum();
+        assert_close(
+            a.kl_estimate,
+            expect,
+            1e-13,
+            &format!("D̂ closed form n={n}"),
+        );
+        let wa = worst_of_n(&whole, n).unwrap();
+        let wb = worst_of_n(&split, n).unwrap();
+        assert_close(
+            wb.kl_estimate,
+            wa.kl_estimate,
+            1e-14,
+            &format!("worst D̂ n={n}"),
+        );
+    }
+    // Samples of 0/1 rewards: each sample is an outcome of mass 1/m, but the levels have
+    // mass ½, so the estimate is D̂(½) = 0.4991239194 at n = 4 (the README's fair coin),
+    // not D̂(1/m), which would sit at the bound.
+    let samples = RewardDistribution::from_samples(&[0.0, 1.0, 1.0, 0.0, 0.0, 1.0]).unwrap();
+    let coin = RewardDistribution::new(vec![0.5, 0.5], vec![0.0, 1.0]).unwrap();
+    let (s, c) = (
+        best_of_n(&samples, 4).unwrap(),
+        best_of_n(&coin, 4).unwrap(),
+    );
+    assert_close(s.kl_estimate, c.kl_estimate, 1e-15, "samples vs coin");
+    assert!(
+        (c.kl_estimate - 0.4991239194).abs() < 5e-11,
+        "{}",
+        c.kl_estimate
+    );
+    assert!(s.kl_estimate < s.kl_bound - 0.1);
+}
+
+#[test]
+fn sub_gaussian_proxy_with_a_tiny_top_mass() {
+    // A top mass q = 1e-200 puts the supremum of 2(Λ(λ) − λμ)/λ² at λ ≈ 2 log(1/q) ≈ 921,
+    // where e^{λ r} overflows; Kearns–Saul's closed form is the independent value.
+    for (q, scale) in [(1e-200, 1.0), (1e-200, 10.0), (1e-100, 1.0), (1e-300, 0.5)] {
+        let d = RewardDistribution::new(vec![1.0 - q, q], vec![0.0, scale]).unwrap();
+        let s = optimal_sub_gaussian_proxy(&d).unwrap();
+        let ks = scale * scale * (1.0 - 2.0 * q) / (2.0 * ((1.0 - q) / q).ln());
+        assert_close(s.optimal, ks, 1e-9, &format!("σ² q={q:e} scale={scale}"));
+        assert!(
+            s.optimal > 100.0 * s.variance,
+            "far above the variance {s:?}"
+        );
+    }
+    // Three levels, a tiny top far above two close ones (whose own proxy is 2.5e-5, so
+    // the top sets σ²): against a direct evaluation of the same supremum in log-sum-exp
+    // form on a fine grid of λ (an independent, slower computation).
+    let (p, r) = ([0.5, 0.5, 1e-200], [0.0, 0.01, 3.0]);
+    let d = RewardDistribution::new(p.to_vec(), r.to_vec()).unwrap();
+    let s = optimal_sub_gaussian_proxy(&d).unwrap();
+    let mu: f64 = p.iter().zip(&r).map(|(p, r)| p * r).sum();
+    let mut best: f64 = 0.0;
+    for i in 0..=200_000 {
+        let lambda = 10f64.powf(-2.0 + 5.0 * i as f64 / 200_000.0);
+        let terms: Vec<f64> = p
+            .iter()
+            .zip(&r)
+            .map(|(p, r)| p.ln() + lambda * (r - mu))
+            .collect();
+        let m = terms.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let lse = m + terms.iter().map(|t| (t - m).exp()).sum::<f64>().ln();
+        best = best.max(2.0 * lse / (lambda * lambda));
+    }
+    assert!(best > 100.0 * 2.5e-5, "the tiny top dominates: {best}");
+    assert_close(s.optimal, best, 1e-7, "σ², three levels, top mass 1e-200");
+    assert!(
+        s.optimal >= best * (1.0 - 1e-12),
+        "the refinement finds at least the grid"
+    );
+}
+
+#[test]
+fn frontier_tilt_near_saturation_is_the_lambda_infinity_limit() {
+    // Distributions (non-symmetric, heavy top levels) where best-of-n's exact KL at
+    // intermediate n is a rounding step below −log p(argmax set), above every KL a finite
+    // λ reaches in floating point; the tilt there is its λ = ∞ limit.
+    let cases = [
+        (
+            vec![
+                0.46812495259464726,
+                0.8914642232493949,
+                0.0706488959246858,
+                0.5740803657505313,
+            ],
+            vec![-0.26, 1.59, 1.22, 1.22],
+        ),
+        (
+            vec![
+                0.582399528329806,
+                0.3246845773055631,
+                0.33252229254600985,
+                0.42758595550739276,
+                0.4141670664927143,
+                0.038026261268896626,
+            ],
+            vec![2.33, 2.33, 0.48, 2.33, 2.33, -1.0],
+        ),
+        (vec![0.5, 0.3, 0.2], vec![0.0, 1.0, 2.0]),
+        (vec![0.05, 0.15, 0.8], vec![3.0, -2.0, 7.5]),
+    ];
+    for (p, r) in cases {
+        let d = RewardDistribution::new_normalized(p, r).unwrap();
+        let mut ns: Vec<u64> = (1..=400).collect();
+        ns.extend(frontier_ns(1_000_000_000_000_000, Some(60)).unwrap());
+        let f = frontier(&d, &ns).unwrap();
+        let kl_max = max_kl(&Levels::new(&d).unwrap());
+        for (b, t) in f.bon.iter().zip(&f.tilt) {
+            assert_close(t.kl, b.kl, 1e-12, &format!("KL at n={}", b.n));
+            assert!(t.kl <= kl_max && b.kl <= kl_max + 1e-15);
+            assert!(
+                b.expected_reward <= t.expected_reward + 1e-12,
+                "n={}: best-of-n {} above the tilt {}",
+                b.n,
+                b.expected_reward,
+                t.expected_reward
+            );
+        }
+        // And directly: a budget one rounding step below the maximum is solvable.
+        let below = f64::from_bits(kl_max.to_bits() - 1);
+        let t = tilt_by_kl(&d, below).unwrap();
+        assert_close(t.kl, below, 1e-15, "KL one step below the maximum");
     }
 }

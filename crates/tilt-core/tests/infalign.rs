@@ -3,10 +3,10 @@
 //! regression values of derivations §2.5, and bad input.
 
 use proptest::prelude::*;
-use tilt_core::calibration::Calibrator;
+use tilt_core::calibration::{kolmogorov_q, Calibrator};
 use tilt_core::infalign::{
     inference_win_rate, optimize_t, BestOfMPolicy, CalibratedPolicy, CalibratedTilt, Procedure,
-    Transform,
+    Transform, MAX_BON_N, MAX_WON_N,
 };
 use tilt_core::TiltError;
 
@@ -320,6 +320,127 @@ fn calibrated_reward_counts_ties_half_and_is_uniform_under_the_reference() {
     assert!(rep.distinct_reference_values < 20 && rep.tied_reference_samples > 4000);
     assert!(Calibrator::new(&[]).is_err());
     assert!(Calibrator::new(&[1.0, f64::NAN]).is_err());
+}
+
+/// The worst-of-m policy as a calibrated density `m(1−u)^{m−1}`: worst-of-N of it against
+/// worst-of-N of the reference wins with probability `1/(m+1)` for every N (the min of N
+/// draws has CDF `1 − (1−u)^{mN}`, the reference's `1 − (1−u)^N`).
+struct WorstOfM(f64);
+impl CalibratedPolicy for WorstOfM {
+    fn cdf(&self, u: f64) -> f64 {
+        -(self.0 * (-u.clamp(0.0, 1.0)).ln_1p()).exp_m1()
+    }
+    fn breakpoints(&self) -> Vec<f64> {
+        (1..50).map(|k| 0.5f64.powi(k)).collect()
+    }
+}
+
+#[test]
+fn large_n_is_accurate_up_to_the_cap_and_refused_beyond() {
+    // Best-of-N: W(BoN_N of BoM_m ≻ BoN_N of p) = m/(m+1) for every N.
+    for n in [1_000, 10_000, MAX_BON_N] {
+        for m in [1.0, 1.5, 2.0, 4.0, 100.0] {
+            let w = inference_win_rate(&BestOfMPolicy::new(m).unwrap(), n, Procedure::Bon).unwrap();
+            assert!((w - m / (m + 1.0)).abs() < 1e-10, "BoN N={n} m={m}: {w}");
+        }
+        // The reference against itself: ½.
+        let reference = CalibratedTilt::new(Transform::Identity, f64::INFINITY).unwrap();
+        let w = inference_win_rate(&reference, n, Procedure::Bon).unwrap();
+        assert!((w - 0.5).abs() < 1e-10, "BoN N={n}: {w}");
+    }
+    // Worst-of-N: W = 1/(m+1) for the worst-of-m policy, for every N.
+    for n in [1_000, 10_000, 1_000_000, MAX_WON_N] {
+        for m in [1.0, 2.0, 4.0, 100.0] {
+            let w = inference_win_rate(&WorstOfM(m), n, Procedure::Won).unwrap();
+            assert!((w - 1.0 / (m + 1.0)).abs() < 1e-10, "WoN N={n} m={m}: {w}");
+        }
+    }
+    // Beyond the caps: a clear error naming n (not a silently wrong number).
+    let tilt = CalibratedTilt::with_kl(Transform::Identity, 0.5).unwrap();
+    for (n, p) in [
+        (MAX_BON_N + 1, Procedure::Bon),
+        (u64::MAX, Procedure::Bon),
+        (MAX_WON_N + 1, Procedure::Won),
+        (u64::MAX, Procedure::Won),
+    ] {
+        match inference_win_rate(&tilt, n, p) {
+            Err(TiltError::InvalidInput { input, problem }) => {
+                assert_eq!(input, "n");
+                assert!(problem.contains("accurate"), "{problem}");
+            }
+            other => panic!("N = {n}: {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn optimize_t_skips_a_t_that_does_not_converge() {
+    // Neg-exp at t = 200 (the last grid point) and KL 10: the tilt is too concentrated to
+    // integrate. That t is infeasible; the search goes on and reports it.
+    assert!(matches!(
+        CalibratedTilt::with_kl(Transform::NegExp { t: 200.0 }, 10.0),
+        Err(TiltError::NoConvergence { .. })
+    ));
+    let opt = optimize_t(|t| Transform::NegExp { t }, 4, Procedure::Won, 10.0, 200.0).unwrap();
+    assert!(
+        opt.unconverged
+            .iter()
+            .any(|u| u.t == 200.0 && !u.reason.is_empty()),
+        "{:?}",
+        opt.unconverged
+    );
+    assert!((opt.point.kl - 10.0).abs() < 1e-9, "{}", opt.point.kl);
+    assert!(opt.t < 200.0);
+    let identity = CalibratedTilt::with_kl(Transform::Identity, 10.0).unwrap();
+    let w_id = inference_win_rate(&identity, 4, Procedure::Won).unwrap();
+    assert!(opt.point.inference_win_rate >= w_id - 1e-12);
+}
+
+#[test]
+fn exactness_check_uses_the_exact_finite_m_null() {
+    // M = 40 reference samples, n = 16000 ≫ M² fresh ones. Given the reference samples the
+    // calibrated values are not uniform (their law is the reference sample's spacings), so
+    // a test of them against U(0, 1) rejects an exact calibration almost surely here; the
+    // two-sample test of the exact null must not, and must reject a wrong calibration.
+    let (m, n) = (40, 16_000);
+    let mut rng = SplitMix(2024);
+    let draw = |rng: &mut SplitMix| -(1.0 - rng.uniform()).ln(); // Exp(1) rewards
+    let (mut rejected_exact, mut naive_rejected, trials) = (0, 0, 40);
+    for _ in 0..trials {
+        let refs: Vec<f64> = (0..m).map(|_| draw(&mut rng)).collect();
+        let cal = Calibrator::new(&refs).unwrap();
+        let fresh: Vec<f64> = (0..n).map(|_| draw(&mut rng)).collect();
+        let ok = cal.exactness_check(&fresh).unwrap();
+        assert_eq!((ok.samples, ok.reference_samples), (n, m));
+        assert!((ok.effective_samples - (m * n) as f64 / (m + n) as f64).abs() < 1e-9);
+        rejected_exact += (ok.p_value < 0.01) as u32;
+        // The naive one-sample KS of the calibrated values against U(0, 1).
+        let mut c: Vec<f64> = fresh.iter().map(|r| cal.calibrated_reward(*r)).collect();
+        c.sort_by(f64::total_cmp);
+        let nf = n as f64;
+        let d = c
+            .iter()
+            .enumerate()
+            .map(|(i, x)| ((i as f64 + 1.0) / nf - x).max(x - i as f64 / nf))
+            .fold(0.0, f64::max);
+        let p_naive = kolmogorov_q((nf.sqrt() + 0.12 + 0.11 / nf.sqrt()) * d);
+        naive_rejected += (p_naive < 0.01) as u32;
+        // A wrong calibration: the fresh rewards are shifted by +2.
+        let shifted: Vec<f64> = fresh.iter().map(|x| x + 2.0).collect();
+        let bad = cal.exactness_check(&shifted).unwrap();
+        assert!(bad.p_value < 1e-6, "{bad:?}");
+        assert!(bad.mean_calibrated > 0.6, "{bad:?}");
+    }
+    // At the 1% level about 0.4 of 40 exact calibrations are rejected (fewer: with the
+    // asymptotic p-value the test is slightly conservative at n_e ≈ 40).
+    assert!(
+        rejected_exact <= 3,
+        "{rejected_exact} of {trials} exact calibrations rejected"
+    );
+    assert!(
+        naive_rejected >= trials - 3,
+        "the naive test rejects: {naive_rejected}"
+    );
 }
 
 proptest! {

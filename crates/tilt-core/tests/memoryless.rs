@@ -25,12 +25,12 @@ fn bernoulli_rate_function_is_binary_relative_entropy() {
     let q = 0.3;
     let m = model(&[1.0 - q, q], &[0.0, 1.0]);
     for x in [0.01, 0.1, 0.3, 0.5, 0.77, 0.99] {
-        let got = m.rate_function(x);
+        let got = m.rate_function(x).unwrap();
         assert!((got - bern_kl(x, q)).abs() < 1e-12, "x={x}: {got}");
     }
-    assert!((m.rate_function(1.0) + q.ln()).abs() < 1e-15);
-    assert!((m.rate_function(0.0) + (1.0 - q).ln()).abs() < 1e-15);
-    assert_eq!(m.rate_function(1.5), f64::INFINITY);
+    assert!((m.rate_function(1.0).unwrap() + q.ln()).abs() < 1e-15);
+    assert!((m.rate_function(0.0).unwrap() + (1.0 - q).ln()).abs() < 1e-15);
+    assert_eq!(m.rate_function(1.5).unwrap(), f64::INFINITY);
     // Λ(λ) = log(1 − q + q e^λ), KL of the tilt at λ = 1 for q = 1/2: 0.1109441 (derivations §1.8).
     for l in [-3.0f64, 0.5, 4.0] {
         let exact = (1.0 - q + q * l.exp()).ln();
@@ -56,7 +56,7 @@ fn binomial_lattice_has_scaled_binary_rate() {
     let rewards: Vec<f64> = (0..=6).map(|k| k as f64).collect();
     let m = model(&probs, &rewards);
     for x in [0.5, 2.0, 3.0, 4.5, 5.9] {
-        assert!((m.rate_function(x) - 6.0 * bern_kl(x / 6.0, 0.5)).abs() < 1e-12);
+        assert!((m.rate_function(x).unwrap() - 6.0 * bern_kl(x / 6.0, 0.5)).abs() < 1e-12);
     }
     for l in [-2.0f64, 0.7, 3.0] {
         let exact = 6.0 * ((1.0 + l.exp()) / 2.0).ln();
@@ -291,6 +291,105 @@ fn bad_input_is_a_clear_error() {
     assert!(MemorylessModel::new(&d, Some(-1.0)).is_err());
 }
 
+#[test]
+fn fft_and_direct_give_the_same_best_of_n_and_kl_at_one_length() {
+    // Force each method at lengths both can do: every reported quantity agrees to ~1e-10.
+    for (probs, rewards, l, delta) in [
+        (vec![0.5, 0.3, 0.2], vec![0.0, 1.0, 2.0], 200usize, 0.2),
+        (vec![0.2, 0.5, 0.2, 0.1], vec![0.0, 1.0, 2.0, 3.0], 400, 0.1),
+        (vec![0.7, 0.3], vec![0.0, 1.0], 1000, 0.3),
+    ] {
+        let m = model(&probs, &rewards);
+        let d = m
+            .analyze_with(l, delta, Some(ConvolutionMethod::Direct))
+            .unwrap();
+        let f = m
+            .analyze_with(l, delta, Some(ConvolutionMethod::Fft))
+            .unwrap();
+        assert_eq!(d.convolution, ConvolutionMethod::Direct);
+        assert_eq!(f.convolution, ConvolutionMethod::Fft);
+        for (what, a, b) in [
+            ("bon reward", d.bon_reward_per_token, f.bon_reward_per_token),
+            (
+                "KL(BoN‖tilt)/L",
+                d.kl_tilt_bon_per_token,
+                f.kl_tilt_bon_per_token,
+            ),
+            ("KL(BoN‖q)/L", d.bon_kl_per_token, f.bon_kl_per_token),
+            (
+                "tilt reward from the law",
+                d.tilt_reward_per_token_from_law,
+                f.tilt_reward_per_token_from_law,
+            ),
+        ] {
+            assert!(
+                (a - b).abs() <= 1e-10 * a.abs().max(1e-3),
+                "L={l} {what}: direct {a:e}, fft {b:e}"
+            );
+        }
+    }
+}
+
+#[test]
+fn rate_function_is_finite_inside_the_range_and_nan_is_an_error() {
+    let m = model(&[0.5, 0.3, 0.2], &[0.0, 1.0, 2.0]);
+    let (lo, hi) = (-(0.5f64.ln()), -(0.2f64.ln()));
+    // Points within rounding of the ends need extreme λ; the value stays finite and
+    // between the endpoint values' range (I is convex with its minimum 0 at E r = 0.7).
+    for x in [
+        f64::from_bits(1),
+        1e-300,
+        1e-17,
+        0.7,
+        2.0 - 1e-15,
+        2f64.next_down(),
+    ] {
+        let v = m.rate_function(x).unwrap();
+        assert!(
+            v.is_finite() && v >= 0.0 && v <= lo.max(hi) + 1e-12,
+            "I({x:e}) = {v}"
+        );
+    }
+    assert_eq!(m.rate_function(2.5).unwrap(), f64::INFINITY);
+    assert_eq!(m.rate_function(f64::NEG_INFINITY).unwrap(), f64::INFINITY);
+    assert!(matches!(
+        m.rate_function(f64::NAN),
+        Err(TiltError::InvalidInput { input, .. }) if input == "x"
+    ));
+}
+
+#[test]
+fn near_equal_rewards_are_a_clear_error_and_the_snap_error_is_reported() {
+    for rewards in [vec![1e20, 1.00000000000001e20], vec![1.0, 1.0 + 1e-12]] {
+        let d = RewardDistribution::new(vec![0.5, 0.5], rewards).unwrap();
+        match MemorylessModel::new(&d, None) {
+            Err(TiltError::InvalidInput { input, problem }) => {
+                assert_eq!(input, "rewards");
+                assert!(problem.contains("--grid"), "{problem}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    // Tiny rewards on an exact grid are detected (the tolerance is relative).
+    let d = RewardDistribution::new(vec![0.5, 0.5], vec![0.0, 1e-10]).unwrap();
+    let m = MemorylessModel::new(&d, None).unwrap();
+    assert_eq!(m.lattice().max_index(), 1);
+    // A detected grid whose rewards carry rounding reports how far snapping moved them.
+    let rewards = vec![0.0, 0.1, 0.7, 1.2000000001, 2.3];
+    let d = RewardDistribution::new(vec![0.2; 5], rewards.clone()).unwrap();
+    let m = MemorylessModel::new(&d, None).unwrap();
+    let moved = m
+        .lattice()
+        .snapped()
+        .iter()
+        .zip(&rewards)
+        .map(|(s, r)| (s - r).abs())
+        .fold(0.0, f64::max);
+    assert!(moved > 0.0);
+    let r = m.analyze(20, 0.1).unwrap();
+    assert_eq!(r.grid_snap_error_per_token, moved);
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(40))]
     #[test]
@@ -310,10 +409,10 @@ proptest! {
         let m = model(&probs, &rewards);
         let delta = frac * m.max_kl_per_token();
         let xs = m.x_star(delta).unwrap();
-        prop_assert!((m.rate_function(xs) - delta).abs() < 1e-10);
+        prop_assert!((m.rate_function(xs).unwrap() - delta).abs() < 1e-10);
         // I(x) ≥ λx − Λ(λ) for every λ (it is the supremum).
         let x = r_min + (r_max - r_min) * 0.37;
-        prop_assert!(m.rate_function(x) >= probe * x - m.cumulants(probe).log_mgf - 1e-12);
+        prop_assert!(m.rate_function(x).unwrap() >= probe * x - m.cumulants(probe).log_mgf - 1e-12);
         // Best-of-N's KL never exceeds LΔ, so its reward never beats the tilt's.
         let r = m.analyze(12, delta).unwrap();
         prop_assert!(r.bon_reward_per_token <= r.tilt_reward_per_token + 1e-12);

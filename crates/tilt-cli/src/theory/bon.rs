@@ -1,9 +1,12 @@
 //! `tilt theory bon`: exact best-of-n (or worst-of-n) with ties (arXiv 2401.01879).
 
-use super::input::{flag_error, parse_count, DistributionArgs};
+use super::input::{flag_error, parse_count, DistributionArgs, Flags};
 use crate::output::{emit, Format};
 use clap::Args;
 use serde_json::json;
+
+/// The library's input names that are flags of `tilt theory bon`.
+const FLAGS: Flags = Flags(&[("n", "--n")]);
 
 /// Flags of `tilt theory bon`.
 #[derive(Debug, Args)]
@@ -11,7 +14,7 @@ pub struct BonArgs {
     #[command(flatten)]
     dist: DistributionArgs,
     /// Number of draws n ≥ 1 (up to 10^15 and beyond; `1e15` is accepted).
-    #[arg(long, value_parser = parse_count)]
+    #[arg(long, value_parser = parse_count, allow_hyphen_values = true)]
     n: u64,
     /// Worst-of-n instead: keep the lowest reward.
     #[arg(long)]
@@ -29,7 +32,7 @@ pub fn run(args: BonArgs) -> anyhow::Result<()> {
     } else {
         tilt_core::best_of_n::best_of_n(&dist, args.n)
     }
-    .map_err(flag_error)?;
+    .map_err(flag_error(FLAGS))?;
     emit(
         &json!({
             "units": "nats",

@@ -1,11 +1,14 @@
 //! `tilt theory divergence`: KL both ways, Rényi, TV, χ², squared Hellinger between two pmfs.
 
-use super::input::{flag_error, json_number as num, parse_list};
+use super::input::{flag_error, json_number as num, parse_list, Flags};
 use crate::output::{emit, Format};
 use crate::usage;
 use clap::Args;
 use serde_json::json;
 use tilt_core::distribution::PROB_SUM_TOLERANCE;
+
+/// The library's input names that are flags of `tilt theory divergence`.
+const FLAGS: Flags = Flags(&[("q", "--q"), ("p", "--p"), ("alpha", "--alpha")]);
 
 /// Flags of `tilt theory divergence`.
 #[derive(Debug, Args)]
@@ -64,7 +67,7 @@ pub fn run(args: DivergenceArgs) -> anyhow::Result<()> {
             p.len()
         )));
     }
-    let d = tilt_core::divergence::divergences(&q, &p, args.alpha).map_err(flag_error)?;
+    let d = tilt_core::divergence::divergences(&q, &p, args.alpha).map_err(flag_error(FLAGS))?;
     emit(
         &json!({
             "units": "nats",

@@ -1,14 +1,16 @@
 //! `tilt theory frontier`: best-of-n for n = 1…N next to the tilt at the same KL, and an
 //! optional SVG of reward and win rate against KL (nats).
 
-use super::input::{flag_error, json_number, parse_count, DistributionArgs};
+use super::input::{check_svg_path, flag_error, json_number, parse_count, DistributionArgs, Flags};
 use crate::output::{emit, Format};
-use crate::usage;
 use clap::Args;
 use serde_json::json;
 use std::path::PathBuf;
 use tilt_core::frontier::{frontier, frontier_ns, Frontier};
 use tilt_plot::{write_svg, Panel, Series, SeriesStyle};
+
+/// The library's input names that are flags of `tilt theory frontier`.
+const FLAGS: Flags = Flags(&[("n-max", "--n-max"), ("points", "--points")]);
 
 /// Flags of `tilt theory frontier`.
 #[derive(Debug, Args)]
@@ -16,7 +18,7 @@ pub struct FrontierArgs {
     #[command(flatten)]
     dist: DistributionArgs,
     /// Largest n (every n from 1, or --points log-spaced ones).
-    #[arg(long, value_parser = parse_count)]
+    #[arg(long, value_parser = parse_count, allow_hyphen_values = true)]
     n_max: u64,
     /// Number of log-spaced n from 1 to --n-max (default: every n).
     #[arg(long)]
@@ -72,16 +74,11 @@ fn plot(path: &std::path::Path, f: &Frontier) -> anyhow::Result<()> {
 /// Run `tilt theory frontier`.
 pub fn run(args: FrontierArgs) -> anyhow::Result<()> {
     let dist = args.dist.load()?;
-    let ns = frontier_ns(args.n_max, args.points).map_err(flag_error)?;
+    let ns = frontier_ns(args.n_max, args.points).map_err(flag_error(FLAGS))?;
     if let Some(path) = &args.plot {
-        if path.extension().and_then(|e| e.to_str()) != Some("svg") {
-            return Err(usage(format!(
-                "--plot: {} must end in .svg",
-                path.display()
-            )));
-        }
+        check_svg_path(path)?;
     }
-    let f = frontier(&dist, &ns).map_err(flag_error)?;
+    let f = frontier(&dist, &ns).map_err(flag_error(FLAGS))?;
     if let Some(path) = &args.plot {
         plot(path, &f)?;
     }

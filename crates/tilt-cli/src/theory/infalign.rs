@@ -2,7 +2,7 @@
 //! tilts (arXiv 2412.19792) — KL, standard and inference-time win rates by quadrature, the
 //! CTRL transform's `t` optimised per N, and the frontier against identity and best-of-N.
 
-use super::input::{flag_error, json_number, parse_count, parse_list};
+use super::input::{check_svg_path, flag_error, json_number, parse_count, parse_list, Flags};
 use crate::output::{emit, Format};
 use crate::usage;
 use clap::{Args, ValueEnum};
@@ -10,7 +10,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use tilt_core::infalign::{
-    evaluate, inference_win_rate, optimize_t, BestOfMPolicy, CalibratedTilt, Procedure, Transform,
+    evaluate, inference_win_rate, optimize_t, BestOfMPolicy, CalibratedTilt, OptimalT, Procedure,
+    Transform,
 };
 use tilt_plot::{write_svg, Panel, Series, SeriesStyle};
 
@@ -51,11 +52,37 @@ fn make(kind: TransformArg, t: f64) -> Transform {
     }
 }
 
+/// The library's input names that are flags of `tilt theory infalign`.
+const FLAGS: Flags = Flags(&[
+    ("n", "--n"),
+    ("t", "--t"),
+    ("beta", "--beta"),
+    ("kl", "--kl"),
+    ("t-max", "--t-max"),
+]);
+
+/// The library's input names that are flags of `tilt theory infalign-frontier` (its KL
+/// budgets are the entries of `--kls`).
+const FRONTIER_FLAGS: Flags = Flags(&[("n", "--n"), ("kl", "--kls"), ("t-max", "--t-max")]);
+
+/// Warn about the values of t that the search skipped because a computation there did not
+/// converge (they count as infeasible).
+fn warn_unconverged(opt: &OptimalT, kl: f64) {
+    for u in &opt.unconverged {
+        tracing::warn!(
+            t = u.t,
+            kl,
+            reason = %u.reason,
+            "t skipped in the search (treated as infeasible): the tilt did not converge"
+        );
+    }
+}
+
 /// Flags of `tilt theory infalign`.
 #[derive(Debug, Args)]
 pub struct InfalignArgs {
     /// N of the inference-time procedure (draws per query).
-    #[arg(long, value_parser = parse_count)]
+    #[arg(long, value_parser = parse_count, allow_hyphen_values = true)]
     n: u64,
     /// The inference-time procedure applied to both the policy and the reference.
     #[arg(long, value_enum, default_value_t = ProcedureArg::Bon)]
@@ -117,8 +144,9 @@ pub fn run(args: InfalignArgs) -> anyhow::Result<()> {
         }
         let kl = args.kl.expect("clap requires --kl");
         let kind = args.transform;
-        let opt =
-            optimize_t(|t| make(kind, t), args.n, procedure, kl, args.t_max).map_err(flag_error)?;
+        let opt = optimize_t(|t| make(kind, t), args.n, procedure, kl, args.t_max)
+            .map_err(flag_error(FLAGS))?;
+        warn_unconverged(&opt, kl);
         if opt.at_edge {
             tracing::warn!(
                 t_max = opt.t_max,
@@ -128,6 +156,7 @@ pub fn run(args: InfalignArgs) -> anyhow::Result<()> {
         let mut v = point_json(&opt.point);
         v["t_max"] = json!(opt.t_max);
         v["t_at_edge"] = json!(opt.at_edge);
+        v["t_unconverged"] = json!(opt.unconverged.iter().map(|u| u.t).collect::<Vec<_>>());
         v
     } else {
         let t = match (args.transform, args.t) {
@@ -148,19 +177,19 @@ pub fn run(args: InfalignArgs) -> anyhow::Result<()> {
             (None, Some(k)) => CalibratedTilt::with_kl(transform, k),
             _ => unreachable!("clap makes --beta and --kl exclusive"),
         }
-        .map_err(flag_error)?;
-        point_json(&evaluate(&tilt, args.n, procedure).map_err(flag_error)?)
+        .map_err(flag_error(FLAGS))?;
+        point_json(&evaluate(&tilt, args.n, procedure).map_err(flag_error(FLAGS))?)
     };
     // The baselines at the same KL: identity (RLHF on c) and the best-of-m policy.
     let kl = out["kl"].as_f64().unwrap_or(0.0);
     if kl >= 1e-12 {
-        let id = CalibratedTilt::with_kl(Transform::Identity, kl).map_err(flag_error)?;
+        let id = CalibratedTilt::with_kl(Transform::Identity, kl).map_err(flag_error(FLAGS))?;
         out["identity_inference_win_rate"] =
-            json!(inference_win_rate(&id, args.n, procedure).map_err(flag_error)?);
-        let bom = BestOfMPolicy::with_kl(kl).map_err(flag_error)?;
+            json!(inference_win_rate(&id, args.n, procedure).map_err(flag_error(FLAGS))?);
+        let bom = BestOfMPolicy::with_kl(kl).map_err(flag_error(FLAGS))?;
         out["best_of_m_policy_m"] = json!(bom.m());
         out["best_of_m_policy_inference_win_rate"] =
-            json!(inference_win_rate(&bom, args.n, procedure).map_err(flag_error)?);
+            json!(inference_win_rate(&bom, args.n, procedure).map_err(flag_error(FLAGS))?);
     }
     out["n"] = json!(args.n);
     out["procedure"] = json!(format!("{:?}", procedure).to_lowercase());
@@ -172,7 +201,7 @@ pub fn run(args: InfalignArgs) -> anyhow::Result<()> {
 #[derive(Debug, Args)]
 pub struct InfalignFrontierArgs {
     /// N of the inference-time procedure.
-    #[arg(long, value_parser = parse_count)]
+    #[arg(long, value_parser = parse_count, allow_hyphen_values = true)]
     n: u64,
     /// The inference-time procedure.
     #[arg(long, value_enum, default_value_t = ProcedureArg::Bon)]
@@ -230,12 +259,7 @@ pub fn run_frontier(args: InfalignFrontierArgs) -> anyhow::Result<()> {
     let procedure: Procedure = args.procedure.into();
     let kls = parse_list("--kls", &args.kls)?;
     if let Some(path) = &args.plot {
-        if path.extension().and_then(|e| e.to_str()) != Some("svg") {
-            return Err(usage(format!(
-                "--plot: {} must end in .svg",
-                path.display()
-            )));
-        }
+        check_svg_path(path)?;
     }
     let kind = match procedure {
         Procedure::Bon => TransformArg::Exp,
@@ -249,12 +273,16 @@ pub fn run_frontier(args: InfalignFrontierArgs) -> anyhow::Result<()> {
     bar.set_message("optimising t");
     let mut rows = Vec::with_capacity(kls.len());
     for &kl in &kls {
-        let id = CalibratedTilt::with_kl(Transform::Identity, kl).map_err(flag_error)?;
-        let id_w = inference_win_rate(&id, args.n, procedure).map_err(flag_error)?;
-        let opt =
-            optimize_t(|t| make(kind, t), args.n, procedure, kl, args.t_max).map_err(flag_error)?;
-        let bom = BestOfMPolicy::with_kl(kl).map_err(flag_error)?;
-        let bom_w = inference_win_rate(&bom, args.n, procedure).map_err(flag_error)?;
+        let id =
+            CalibratedTilt::with_kl(Transform::Identity, kl).map_err(flag_error(FRONTIER_FLAGS))?;
+        let id_w =
+            inference_win_rate(&id, args.n, procedure).map_err(flag_error(FRONTIER_FLAGS))?;
+        let opt = optimize_t(|t| make(kind, t), args.n, procedure, kl, args.t_max)
+            .map_err(flag_error(FRONTIER_FLAGS))?;
+        warn_unconverged(&opt, kl);
+        let bom = BestOfMPolicy::with_kl(kl).map_err(flag_error(FRONTIER_FLAGS))?;
+        let bom_w =
+            inference_win_rate(&bom, args.n, procedure).map_err(flag_error(FRONTIER_FLAGS))?;
         rows.push(json!({
             "kl": kl,
             "identity_win_rate": id_w,

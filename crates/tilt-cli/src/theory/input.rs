@@ -82,20 +82,55 @@ fn build(
     d.map_err(|e| renamed(e, pn, rn))
 }
 
+/// How the input names of `tilt-core`'s errors map to the flags of one command: pairs
+/// `(library name, flag as typed)`, e.g. `("kl", "--kls")` where one flag lists several
+/// budgets. Only names listed here are reported as flags.
+#[derive(Debug, Clone, Copy)]
+pub struct Flags(pub &'static [(&'static str, &'static str)]);
+
+impl Flags {
+    fn flag(self, input: &str) -> Option<&'static str> {
+        self.0
+            .iter()
+            .find(|(name, _)| *name == input)
+            .map(|(_, flag)| *flag)
+    }
+}
+
 /// Turn an error of `tilt-core` about a parameter (`n`, `kl`, `beta`, …) into a usage error
-/// naming the flag the user typed (`--n`, `--kl`, …).
-pub fn flag_error(e: TiltError) -> anyhow::Error {
-    match e {
-        TiltError::InvalidInput { input, problem } => {
-            let input = if input.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
-                format!("--{input}")
-            } else {
-                input
-            };
-            usage(format!("{input}: {problem}"))
-        }
-        e @ TiltError::KlBudgetTooLarge { .. } => usage(format!("--kl: {e}")),
+/// naming the flag the user typed (`--n`, `--kl`, …), for the names that are flags of the
+/// command (`flags`). Any other input (a derived quantity such as `sigma2` or `epsilon`)
+/// keeps the library's name, without a `--`.
+pub fn flag_error(flags: Flags) -> impl Fn(TiltError) -> anyhow::Error {
+    move |e| match e {
+        TiltError::InvalidInput { input, problem } => match flags.flag(&input) {
+            Some(flag) => usage(format!("{flag}: {problem}")),
+            None => usage(format!("{input}: {problem}")),
+        },
+        e @ TiltError::KlBudgetTooLarge { .. } => match flags.flag("kl") {
+            Some(flag) => usage(format!("{flag}: {e}")),
+            None => usage(e),
+        },
         other => anyhow::Error::new(other),
+    }
+}
+
+/// Check that a `--plot` path names an SVG file (extension `.svg`, any case).
+///
+/// # Errors
+/// A usage error naming `--plot` otherwise.
+pub fn check_svg_path(path: &Path) -> anyhow::Result<()> {
+    let svg = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| e.eq_ignore_ascii_case("svg"));
+    if svg {
+        Ok(())
+    } else {
+        Err(usage(format!(
+            "--plot: {} must end in .svg",
+            path.display()
+        )))
     }
 }
 
@@ -216,6 +251,14 @@ fn read_samples(path: &Path) -> anyhow::Result<Vec<f64>> {
 }
 
 impl DistributionArgs {
+    /// How the user gave the rewards: `--rewards`, or the `--dist`/`--samples` file.
+    pub fn rewards_name(&self) -> String {
+        match (&self.dist, &self.samples) {
+            (Some(path), _) | (None, Some(path)) => path.display().to_string(),
+            (None, None) => "--rewards".to_string(),
+        }
+    }
+
     /// The validated reference distribution.
     ///
     /// # Errors
@@ -269,5 +312,53 @@ pub fn json_number(x: f64) -> serde_json::Value {
         serde_json::json!("-inf")
     } else {
         serde_json::json!("nan")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(e: anyhow::Error) -> String {
+        e.to_string()
+    }
+
+    #[test]
+    fn only_real_flags_are_named_as_flags() {
+        const FLAGS: Flags = Flags(&[("n", "--n"), ("kl", "--kls")]);
+        let f = flag_error(FLAGS);
+        assert_eq!(
+            message(f(TiltError::invalid("n", "must be at least 1"))),
+            "--n: must be at least 1"
+        );
+        assert_eq!(
+            message(f(TiltError::invalid("kl", "too big"))),
+            "--kls: too big"
+        );
+        for name in ["sigma2", "epsilon", "x"] {
+            let m = message(f(TiltError::invalid(name, "bad")));
+            assert_eq!(m, format!("{name}: bad"));
+            assert!(!m.contains("--"), "{m}");
+        }
+        let too_large = f(TiltError::KlBudgetTooLarge {
+            requested: 2.0,
+            max: 1.0,
+        });
+        assert!(message(too_large).starts_with("--kls: KL budget 2"));
+        let none = flag_error(Flags(&[("n", "--n")]));
+        let m = message(none(TiltError::KlBudgetTooLarge {
+            requested: 2.0,
+            max: 1.0,
+        }));
+        assert!(m.starts_with("KL budget 2"), "{m}");
+    }
+
+    #[test]
+    fn svg_extension_in_any_case() {
+        assert!(check_svg_path(Path::new("a.svg")).is_ok());
+        assert!(check_svg_path(Path::new("a.SVG")).is_ok());
+        assert!(check_svg_path(Path::new("dir/a.Svg")).is_ok());
+        assert!(check_svg_path(Path::new("a.png")).is_err());
+        assert!(check_svg_path(Path::new("svg")).is_err());
     }
 }

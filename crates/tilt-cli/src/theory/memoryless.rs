@@ -2,7 +2,7 @@
 //! rate function, the optimal tilt at budget L·Δ, best-of-N with N = e^{LΔ}, and their KL,
 //! exactly at each length, with an optional SVG of the convergence.
 
-use super::input::{flag_error, json_number, parse_list, DistributionArgs};
+use super::input::{check_svg_path, flag_error, json_number, parse_list, DistributionArgs, Flags};
 use crate::output::{emit, Format};
 use crate::usage;
 use clap::Args;
@@ -39,11 +39,22 @@ pub struct MemorylessArgs {
     format: Format,
 }
 
-/// Library errors with the names of this command's flags.
-fn flag(e: TiltError) -> anyhow::Error {
+/// The library's input names that are flags of `tilt theory memoryless`.
+const FLAGS: Flags = Flags(&[
+    ("length", "--length"),
+    ("delta", "--delta"),
+    ("grid", "--grid"),
+]);
+
+/// Library errors with the names of this command's flags; `rewards` (the lattice of the
+/// rewards) is named as the user gave them (`rewards_name`).
+fn named(e: TiltError, rewards_name: &str) -> anyhow::Error {
     match e {
         e @ TiltError::KlBudgetTooLarge { .. } => usage(format!("--delta: {e} per token")),
-        other => flag_error(other),
+        TiltError::InvalidInput { input, problem } if input == "rewards" => {
+            usage(format!("{rewards_name}: {problem}"))
+        }
+        other => flag_error(FLAGS)(other),
     }
 }
 
@@ -140,13 +151,10 @@ pub fn run(args: MemorylessArgs) -> anyhow::Result<()> {
     let dist = args.dist.load()?;
     let lengths = parse_lengths(&args)?;
     if let Some(path) = &args.plot {
-        if path.extension().and_then(|e| e.to_str()) != Some("svg") {
-            return Err(usage(format!(
-                "--plot: {} must end in .svg",
-                path.display()
-            )));
-        }
+        check_svg_path(path)?;
     }
+    let rewards_name = args.dist.rewards_name();
+    let flag = |e: TiltError| named(e, &rewards_name);
     let model = MemorylessModel::new(&dist, args.grid).map_err(flag)?;
     let lambda = model.lambda_for_kl(args.delta).map_err(flag)?;
     let mut reports = Vec::with_capacity(lengths.len());

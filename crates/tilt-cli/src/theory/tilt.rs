@@ -1,9 +1,12 @@
 //! `tilt theory tilt`: the exact KL-regularised optimum φ_β ∝ p·e^{r/β} (arXiv 2404.01730).
 
-use super::input::{flag_error, json_number, DistributionArgs};
+use super::input::{flag_error, json_number, DistributionArgs, Flags};
 use crate::output::{emit, Format};
 use clap::Args;
 use serde_json::json;
+
+/// The library's input names that are flags of `tilt theory tilt`.
+const FLAGS: Flags = Flags(&[("beta", "--beta"), ("kl", "--kl")]);
 
 /// Flags of `tilt theory tilt`.
 #[derive(Debug, Args)]
@@ -34,7 +37,7 @@ pub fn run(args: TiltArgs) -> anyhow::Result<()> {
         (None, Some(kl)) => tilt_core::tilt::tilt_by_kl(&dist, kl),
         (None, None) => unreachable!("clap requires --beta or --kl"),
     }
-    .map_err(flag_error)?;
+    .map_err(flag_error(FLAGS))?;
     emit(
         &json!({
             "units": "nats",
