@@ -2,16 +2,20 @@
 //! beside the exact best-of-n and tilt curves; JSON on stdout, an optional SVG, and always a
 //! manifest. The engine is `tilt_decode::eval`; this file loads models and writes files.
 
-use crate::output::{emit, Format};
-use crate::runtime::{hashed, load_policy, load_reward, policy_path, read_prompts};
+use crate::output::{emit_to, Format};
+use crate::runtime::{
+    check_memory, check_scorer_fits, check_writable, hashed, load_policy, load_reward, load_scorer,
+    policy_path, read_prompts, resolve_threads, GIT_COMMIT, TOOL_VERSION,
+};
 use crate::usage;
+use anyhow::Context;
 use clap::Args;
 use serde_json::json;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
-use tilt_decode::cd::scorer::ScorerFile;
 use tilt_decode::cd::PrefixScorer;
-use tilt_decode::eval::{evaluate, parse_strategies, EvalConfig, EvalReport};
+use tilt_decode::eval::{evaluate, parse_strategies, EvalConfig, EvalReport, EvalStrategy};
 use tilt_decode::manifest::{HostInfo, Manifest, RecordedOutput, MANIFEST_VERSION};
 use tilt_models::Policy;
 use tilt_plot::{write_svg, Panel, Series, SeriesStyle};
@@ -46,13 +50,15 @@ pub struct EvalArgs {
     /// Reward: minilm, minilm:target=TEXT, head:PATH, command:CMD, http:URL.
     #[arg(long, default_value = "minilm")]
     pub reward: String,
-    /// Threads (0: TILT_NUM_THREADS, else all cores).
+    /// Threads (0: TILT_NUM_THREADS, RAYON_NUM_THREADS or the number of cores). The output
+    /// does not depend on it.
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
     /// Do not wrap prompts in the model's chat template.
     #[arg(long)]
     pub no_chat_template: bool,
-    /// Write win rate vs KL and reward vs KL to this SVG file.
+    /// Write win rate vs KL and reward vs KL to this SVG file (its directory must exist; it
+    /// is checked before any work).
     #[arg(long)]
     pub plot: Option<PathBuf>,
     /// Where to write the run manifest.
@@ -64,8 +70,16 @@ pub struct EvalArgs {
 }
 
 /// Run `tilt eval`.
+///
+/// Order, so that nothing is lost: every input and both output paths are checked before the
+/// models load; after the (long) evaluation the report is printed first, then the plot is
+/// written (a failure there is a warning on stderr), then the manifest.
 pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     let t_start = Instant::now();
+    check_writable("--manifest", &args.manifest)?;
+    if let Some(p) = &args.plot {
+        check_writable("--plot", p)?;
+    }
     let prompts = read_prompts(&args.prompts)?;
     let strategies = parse_strategies(&args.strategies).map_err(usage)?;
     let config = EvalConfig {
@@ -76,22 +90,32 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         seed: args.seed,
         chat_template: !args.no_chat_template,
     };
-    let scorer = match &args.scorer {
-        Some(p) => Some(ScorerFile::load(p).map_err(usage)?),
-        None => None,
-    };
-    let model_path = policy_path(&args.model)?;
-    let policy = load_policy(&model_path, args.threads)?;
-    if let Some(s) = &scorer {
-        if s.hidden_size() != policy.hidden_size() {
-            return Err(usage(format!(
-                "--scorer {}: reads hidden states of size {}, but policy {} has hidden size {}",
-                s.path.display(),
-                s.hidden_size(),
-                policy.name(),
-                policy.hidden_size()
-            )));
+    config.validate().map_err(usage)?;
+    let needs_scorer = config.strategies.iter().any(EvalStrategy::needs_scorer);
+    let scorer = match (&args.scorer, needs_scorer) {
+        (Some(p), true) => Some(load_scorer(Some(p))?),
+        (None, false) => None,
+        (None, true) => {
+            return Err(usage(
+                "--scorer: cd-block and cd-token need a prefix scorer file (train one with \
+                 `tilt train-scorer`)",
+            ))
         }
+        (Some(_), false) => {
+            return Err(usage(
+                "--scorer: has no effect, no cd-block or cd-token in --strategies; remove it",
+            ))
+        }
+    };
+    let threads = resolve_threads(args.threads);
+    let model_path = policy_path(&args.model)?;
+    let policy = load_policy(&model_path, threads)?;
+    if let Some(s) = &scorer {
+        check_scorer_fits(s, &policy)?;
+    }
+    // Refuse, before any work, a batch that cannot fit in memory.
+    for b in config.batches(policy.vocab_size()) {
+        check_memory(&policy, &b.input, b.sequences, config.max_new_tokens)?;
     }
     let reward = load_reward(&args.reward)?;
     let t_load = t_start.elapsed().as_secs_f64();
@@ -121,9 +145,6 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     let eval_secs = t_eval.elapsed().as_secs_f64();
     tracing::info!(eval_secs, "tilt eval done");
     let value = serde_json::to_value(&report)?;
-    if let Some(path) = &args.plot {
-        write_plot(path, &report).map_err(|e| anyhow::anyhow!("{e}"))?;
-    }
     let bytes = format!("{}\n", serde_json::to_string(&value)?).into_bytes();
     // The manifest.
     let mut files = vec![
@@ -136,43 +157,36 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     for a in reward.artifacts() {
         files.push(hashed("reward", &a)?);
     }
-    let mut resolved = vec![
-        "eval".to_string(),
-        "--prompts".into(),
-        args.prompts.display().to_string(),
-        "--strategies".into(),
-        args.strategies.clone(),
-        "--reference-samples".into(),
-        args.reference_samples.to_string(),
-        "--samples-per-prompt".into(),
-        args.samples_per_prompt.to_string(),
-        "--max-new-tokens".into(),
-        args.max_new_tokens.to_string(),
-        "--seed".into(),
-        args.seed.to_string(),
-        "--model".into(),
-        model_path.display().to_string(),
-        "--reward".into(),
-        args.reward.clone(),
-        "--threads".into(),
-        args.threads.to_string(),
-    ];
+    let mut resolved = vec!["eval".to_string()];
+    let mut push = |k: &str, v: String| resolved.push(format!("{k}={v}"));
+    push("--prompts", args.prompts.display().to_string());
+    push("--strategies", args.strategies.clone());
+    push("--reference-samples", args.reference_samples.to_string());
+    push("--samples-per-prompt", args.samples_per_prompt.to_string());
+    push("--max-new-tokens", args.max_new_tokens.to_string());
+    push("--seed", args.seed.to_string());
+    push("--model", model_path.display().to_string());
+    push("--reward", args.reward.clone());
+    push("--threads", args.threads.to_string());
     if let Some(p) = &args.scorer {
-        resolved.extend(["--scorer".to_string(), p.display().to_string()]);
+        push("--scorer", p.display().to_string());
+    }
+    if let Some(p) = &args.plot {
+        push("--plot", p.display().to_string());
     }
     if args.no_chat_template {
         resolved.push("--no-chat-template".into());
     }
     let manifest = Manifest {
         manifest_version: MANIFEST_VERSION,
-        tool_version: env!("CARGO_PKG_VERSION").into(),
-        git_commit: crate::generate::GIT_COMMIT.into(),
+        tool_version: TOOL_VERSION.into(),
+        git_commit: GIT_COMMIT.into(),
         command: "eval".into(),
         args: resolved,
         config: serde_json::to_value(&config)?,
         seed: args.seed,
         files,
-        host: HostInfo::current(tilt_models::threads::num_threads()),
+        host: HostInfo::current(threads),
         wall_seconds: json!({
             "load": t_load,
             "eval": eval_secs,
@@ -181,15 +195,64 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         }),
         output: RecordedOutput::from_bytes(&bytes),
     };
-    manifest.write(&args.manifest)?;
-    // Printed last, so that a closed pipe cannot lose the manifest.
-    emit(&value, args.format)?;
+    let plot = args.plot.as_deref().map(|path| {
+        (path, move |p: &Path| {
+            write_plot(p, &report).map_err(|e| e.to_string())
+        })
+    });
+    let mut stdout = std::io::stdout().lock();
+    finish(
+        &value,
+        args.format,
+        &mut stdout,
+        plot,
+        &manifest,
+        &args.manifest,
+    )?;
     eprintln!(
         "tilt eval: {} prompts in {eval_secs:.1} s; manifest {}",
         prompts.len(),
         args.manifest.display()
     );
     Ok(())
+}
+
+/// Write what an evaluation produced, losing as little as possible: print the report to
+/// `out` first, then write the plot (a failure is a warning on stderr: the report and
+/// manifest do not depend on it), then the manifest, and only then return a failure to
+/// print (so that a closed pipe cannot lose the manifest).
+///
+/// # Errors
+/// The manifest cannot be written (the report is printed already); printing failed (the
+/// manifest is written already).
+fn finish<F>(
+    value: &serde_json::Value,
+    format: Format,
+    out: &mut dyn Write,
+    plot: Option<(&Path, F)>,
+    manifest: &Manifest,
+    manifest_path: &Path,
+) -> anyhow::Result<()>
+where
+    F: FnOnce(&Path) -> Result<(), String>,
+{
+    let printed = emit_to(out, value, format);
+    if let Some((path, write)) = plot {
+        if let Err(e) = write(path) {
+            eprintln!(
+                "warning: --plot {}: not written ({e}); the report and the manifest do not \
+                 depend on it",
+                path.display()
+            );
+        }
+    }
+    manifest.write(manifest_path).with_context(|| {
+        format!(
+            "--manifest {}: writing the manifest",
+            manifest_path.display()
+        )
+    })?;
+    printed
 }
 
 /// Win rate vs KL and reward vs KL: measured strategies as points, exact best-of-n (line)
@@ -271,4 +334,67 @@ fn write_plot(path: &Path, report: &EvalReport) -> Result<(), tilt_plot::PlotErr
         &format!("tilt eval: {} prompts", report.prompts),
         &panels,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manifest() -> Manifest {
+        Manifest {
+            manifest_version: MANIFEST_VERSION,
+            tool_version: TOOL_VERSION.into(),
+            git_commit: GIT_COMMIT.into(),
+            command: "eval".into(),
+            args: vec!["eval".into()],
+            config: json!({}),
+            seed: 0,
+            files: vec![],
+            host: HostInfo::current(1),
+            wall_seconds: json!({}),
+            output: RecordedOutput::from_bytes(b"{\"a\":1}\n"),
+        }
+    }
+
+    #[test]
+    fn a_late_plot_failure_keeps_the_report_and_the_manifest() {
+        let dir = tempfile::tempdir().unwrap();
+        let manifest_path = dir.path().join("m.json");
+        let plot = dir.path().join("p.svg");
+        let mut out = Vec::new();
+        let called = std::cell::Cell::new(false);
+        finish(
+            &json!({"a": 1}),
+            Format::Json,
+            &mut out,
+            Some((plot.as_path(), |_: &Path| {
+                called.set(true);
+                Err("disk full".to_string())
+            })),
+            &manifest(),
+            &manifest_path,
+        )
+        .unwrap();
+        assert!(called.get());
+        assert_eq!(out, b"{\"a\":1}\n");
+        assert_eq!(Manifest::read(&manifest_path).unwrap(), manifest());
+    }
+
+    #[test]
+    fn the_report_is_printed_before_the_manifest_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let bad = dir.path().join("gone").join("m.json");
+        let mut out = Vec::new();
+        let e = finish(
+            &json!({"a": 1}),
+            Format::Json,
+            &mut out,
+            None::<(&Path, fn(&Path) -> Result<(), String>)>,
+            &manifest(),
+            &bad,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("--manifest"), "{e}");
+        assert_eq!(out, b"{\"a\":1}\n", "the report is out before the failure");
+    }
 }

@@ -8,15 +8,18 @@
 //! stdout for that line; the other prompts still run, and the exit code is non-zero at the
 //! end.
 
-use crate::runtime::{hashed, load_policy, load_reward, policy_path};
+use crate::runtime::{
+    check_memory, check_scorer_fits, check_writable, hashed, load_policy, load_reward, load_scorer,
+    policy_path, resolve_threads, GIT_COMMIT, TOOL_VERSION,
+};
 use crate::usage;
 use anyhow::Context;
 use clap::{Args, ValueEnum};
 use serde_json::json;
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
-use tilt_decode::generate::{available_memory_bytes, check_batch_memory};
+use tilt_decode::cd::{CdBlockParams, CdStrategy, CdTokenParams};
 use tilt_decode::manifest::{HashedFile, HostInfo, Manifest, RecordedOutput, MANIFEST_VERSION};
 use tilt_decode::{generate, GenerationConfig, Strategy};
 use tilt_models::llama::LlamaPolicy;
@@ -45,10 +48,32 @@ pub enum StrategyArg {
     CdBlock,
 }
 
+/// Default of `--n`.
+pub const DEFAULT_N: usize = 4;
+/// Default of `--temperature`.
+pub const DEFAULT_TEMPERATURE: f64 = 1.0;
+/// Default of `--lambda`.
+pub const DEFAULT_LAMBDA: f64 = 1.0;
+/// Default of `--threshold`.
+pub const DEFAULT_THRESHOLD: f64 = 0.5;
+/// Default of `--max-draws`.
+pub const DEFAULT_MAX_DRAWS: usize = 64;
+/// Default of `--top-k` for cd-token (the other strategies default to no truncation).
+pub const DEFAULT_CD_TOP_K: usize = 10;
+/// Default of `--block-k`.
+pub const DEFAULT_BLOCK_K: usize = 4;
+/// Default of `--block-m`.
+pub const DEFAULT_BLOCK_M: usize = 8;
+
 /// Flags of `tilt generate`.
+///
+/// A flag that does not apply to the chosen strategy (e.g. `--temperature` with cd-block,
+/// `--threshold` with bon) is refused when given a value other than its default, rather than
+/// silently ignored.
 #[derive(Debug, Clone, Args)]
 pub struct GenerateArgs {
-    /// The prompt (a user message; the model's chat template is applied).
+    /// The prompt (a user message; the model's chat template is applied). A prompt that
+    /// starts with `-` is given as `--prompt=-…`.
     #[arg(long, conflicts_with = "prompts", required_unless_present = "prompts")]
     pub prompt: Option<String>,
     /// A JSON-lines file of prompts: each line `{"prompt": "…"}` or a JSON string.
@@ -57,32 +82,37 @@ pub struct GenerateArgs {
     /// The selection strategy.
     #[arg(long, value_enum, default_value_t = StrategyArg::Bon)]
     pub strategy: StrategyArg,
-    /// Number of candidates (for rewind: draws per batch).
-    #[arg(long, default_value_t = 4)]
-    pub n: usize,
+    /// Number of candidates (for rewind: draws per batch) [default: 4]. Not for cd-token and
+    /// cd-block, which return one output per prompt (their batches are --top-k and
+    /// --block-k).
+    #[arg(long)]
+    pub n: Option<usize>,
     /// Seed of every random choice.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Most new tokens per candidate.
     #[arg(long, default_value_t = 64)]
     pub max_new_tokens: usize,
-    /// Sampling temperature (1: the model's own distribution).
-    #[arg(long, default_value_t = 1.0)]
+    /// Sampling temperature (1: the model's own distribution). Not for cd-token and cd-block,
+    /// which sample from the model's own distribution p so that their KL is against p.
+    #[arg(long, default_value_t = DEFAULT_TEMPERATURE)]
     pub temperature: f64,
-    /// Sample only among the k most likely tokens.
+    /// Sample only among the k most likely tokens (cd-token: its candidates per step,
+    /// default 10).
     #[arg(long)]
     pub top_k: Option<usize>,
-    /// Sample only among the most likely tokens holding this much mass.
+    /// Sample only among the most likely tokens holding this much mass (not for cd-token
+    /// and cd-block).
     #[arg(long)]
     pub top_p: Option<f64>,
-    /// Soft best-of-N temperature λ (reward units).
-    #[arg(long, default_value_t = 1.0)]
+    /// Soft best-of-N temperature λ (reward units); cd-token's guidance strength λ.
+    #[arg(long, default_value_t = DEFAULT_LAMBDA)]
     pub lambda: f64,
     /// Rewind acceptance threshold on the reward.
-    #[arg(long, default_value_t = 0.5)]
+    #[arg(long, default_value_t = DEFAULT_THRESHOLD)]
     pub threshold: f64,
     /// Rewind cap on the number of draws.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = DEFAULT_MAX_DRAWS)]
     pub max_draws: usize,
     /// Policy GGUF file (default: SmolLM2-135M-Instruct, fetched on first use).
     #[arg(long)]
@@ -104,19 +134,150 @@ pub struct GenerateArgs {
     #[arg(long)]
     pub scorer: Option<PathBuf>,
     /// cd-block: continuations per block (K).
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = DEFAULT_BLOCK_K)]
     pub block_k: usize,
     /// cd-block: tokens per block (M).
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = DEFAULT_BLOCK_M)]
     pub block_m: usize,
 }
 
+/// The flags that only some strategies use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Flag {
+    N,
+    Temperature,
+    TopK,
+    TopP,
+    Lambda,
+    Threshold,
+    MaxDraws,
+    Scorer,
+    BlockK,
+    BlockM,
+}
+
+impl Flag {
+    const ALL: [Flag; 10] = [
+        Flag::N,
+        Flag::Temperature,
+        Flag::TopK,
+        Flag::TopP,
+        Flag::Lambda,
+        Flag::Threshold,
+        Flag::MaxDraws,
+        Flag::Scorer,
+        Flag::BlockK,
+        Flag::BlockM,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Flag::N => "--n",
+            Flag::Temperature => "--temperature",
+            Flag::TopK => "--top-k",
+            Flag::TopP => "--top-p",
+            Flag::Lambda => "--lambda",
+            Flag::Threshold => "--threshold",
+            Flag::MaxDraws => "--max-draws",
+            Flag::Scorer => "--scorer",
+            Flag::BlockK => "--block-k",
+            Flag::BlockM => "--block-m",
+        }
+    }
+}
+
+impl StrategyArg {
+    /// The name on the command line (`cd-token`, …).
+    pub fn name(self) -> &'static str {
+        match self {
+            StrategyArg::Sample => "sample",
+            StrategyArg::Bon => "bon",
+            StrategyArg::Won => "won",
+            StrategyArg::SoftBon => "soft-bon",
+            StrategyArg::Rewind => "rewind",
+            StrategyArg::CdToken => "cd-token",
+            StrategyArg::CdBlock => "cd-block",
+        }
+    }
+
+    fn is_cd(self) -> bool {
+        matches!(self, StrategyArg::CdToken | StrategyArg::CdBlock)
+    }
+
+    /// Whether the strategy reads `flag`.
+    fn uses(self, flag: Flag) -> bool {
+        use Flag::*;
+        let sampling = matches!(flag, N | Temperature | TopK | TopP);
+        match self {
+            StrategyArg::Sample | StrategyArg::Bon | StrategyArg::Won => sampling,
+            StrategyArg::SoftBon => sampling || flag == Lambda,
+            StrategyArg::Rewind => sampling || matches!(flag, Threshold | MaxDraws),
+            StrategyArg::CdToken => matches!(flag, Lambda | TopK | Scorer),
+            StrategyArg::CdBlock => matches!(flag, BlockK | BlockM | Scorer),
+        }
+    }
+}
+
 impl GenerateArgs {
-    /// The library configuration these flags describe.
+    /// N: `--n` or its default.
+    pub fn n(&self) -> usize {
+        self.n.unwrap_or(DEFAULT_N)
+    }
+
+    /// Whether `flag` was given a value other than its default.
+    fn is_set(&self, flag: Flag) -> bool {
+        match flag {
+            Flag::N => self.n.is_some(),
+            Flag::Temperature => self.temperature != DEFAULT_TEMPERATURE,
+            Flag::TopK => self.top_k.is_some(),
+            Flag::TopP => self.top_p.is_some(),
+            Flag::Lambda => self.lambda != DEFAULT_LAMBDA,
+            Flag::Threshold => self.threshold != DEFAULT_THRESHOLD,
+            Flag::MaxDraws => self.max_draws != DEFAULT_MAX_DRAWS,
+            Flag::Scorer => self.scorer.is_some(),
+            Flag::BlockK => self.block_k != DEFAULT_BLOCK_K,
+            Flag::BlockM => self.block_m != DEFAULT_BLOCK_M,
+        }
+    }
+
+    /// Refuse a flag set for a strategy that does not read it.
+    fn check_flags_apply(&self) -> anyhow::Result<()> {
+        let st = self.strategy;
+        for flag in Flag::ALL {
+            if st.uses(flag) || !self.is_set(flag) {
+                continue;
+            }
+            let why = match flag {
+                Flag::Temperature | Flag::TopP if st.is_cd() => format!(
+                    "{} samples from the model's own distribution p (temperature 1, no top-p), \
+                     so that its KL accounting is against p; remove {}",
+                    st.name(),
+                    flag.name()
+                ),
+                Flag::N if st.is_cd() => format!(
+                    "{} returns one output per prompt; its batch is {} (remove --n)",
+                    st.name(),
+                    if st == StrategyArg::CdToken {
+                        "--top-k"
+                    } else {
+                        "--block-k"
+                    }
+                ),
+                _ => format!("has no effect with --strategy {}; remove it", st.name()),
+            };
+            return Err(usage(format!("{}: {why}", flag.name())));
+        }
+        Ok(())
+    }
+
+    /// The library configuration these flags describe (for cd-token and cd-block: the seed,
+    /// lengths and template, with n = 1, since they run through
+    /// `tilt_decode::cd::generate_controlled`; see [`GenerateArgs::cd_strategy`]).
     ///
     /// # Errors
-    /// A usage error naming the flag.
+    /// A usage error naming the flag: a bad value, or a flag the strategy does not read.
     pub fn config(&self) -> anyhow::Result<GenerationConfig> {
+        self.check_flags_apply()?;
         let strategy = match self.strategy {
             StrategyArg::Sample => Strategy::Sample,
             StrategyArg::Bon => Strategy::Bon,
@@ -128,32 +289,59 @@ impl GenerateArgs {
                 threshold: self.threshold,
                 max_draws: self.max_draws,
             },
-            // Controlled decoding runs through `tilt_decode::cd::generate_controlled`
-            // (see `cd_strategy`); the config still carries seed and lengths.
             StrategyArg::CdToken | StrategyArg::CdBlock => Strategy::Sample,
         };
         let config = GenerationConfig {
             strategy,
-            n: self.n,
+            n: if self.strategy.is_cd() { 1 } else { self.n() },
             seed: self.seed,
             max_new_tokens: self.max_new_tokens,
-            sampling: SamplingParams::new(self.temperature, self.top_k, self.top_p)
-                .map_err(usage)?,
+            sampling: if self.strategy.is_cd() {
+                SamplingParams::default()
+            } else {
+                SamplingParams::new(self.temperature, self.top_k, self.top_p).map_err(usage)?
+            },
             chat_template: !self.no_chat_template,
         };
         config.validate().map_err(usage)?;
+        if let Some(cd) = self.cd_strategy() {
+            match cd {
+                CdStrategy::CdToken { lambda, top_k } => CdTokenParams {
+                    lambda,
+                    top_k,
+                    max_new_tokens: self.max_new_tokens,
+                    seed: self.seed,
+                }
+                .validate(),
+                CdStrategy::CdBlock { k, m } => CdBlockParams {
+                    k,
+                    m,
+                    max_new_tokens: self.max_new_tokens,
+                    seed: self.seed,
+                }
+                .validate(),
+            }
+            .map_err(usage)?;
+            if self.scorer.is_none() {
+                return Err(usage(format!(
+                    "--scorer: --strategy {} needs a prefix scorer file (train one with `tilt \
+                     train-scorer`)",
+                    self.strategy.name()
+                )));
+            }
+        }
         Ok(config)
     }
 
     /// The controlled-decoding strategy these flags describe, if any (`--lambda` is λ and
     /// `--top-k` the candidates per step for cd-token).
-    pub fn cd_strategy(&self) -> Option<tilt_decode::cd::CdStrategy> {
+    pub fn cd_strategy(&self) -> Option<CdStrategy> {
         match self.strategy {
-            StrategyArg::CdToken => Some(tilt_decode::cd::CdStrategy::CdToken {
+            StrategyArg::CdToken => Some(CdStrategy::CdToken {
                 lambda: self.lambda,
-                top_k: self.top_k.unwrap_or(10),
+                top_k: self.top_k.unwrap_or(DEFAULT_CD_TOP_K),
             }),
-            StrategyArg::CdBlock => Some(tilt_decode::cd::CdStrategy::CdBlock {
+            StrategyArg::CdBlock => Some(CdStrategy::CdBlock {
                 k: self.block_k,
                 m: self.block_m,
             }),
@@ -161,50 +349,70 @@ impl GenerateArgs {
         }
     }
 
-    /// Every flag written out (for the manifest; `--manifest` left out), starting with the
-    /// subcommand's name.
-    pub fn resolved_args(&self) -> Vec<String> {
+    /// The sequences stepped at once, and the flag that sets it: N (a rewind batch), cd-token's
+    /// min(k, vocabulary) children, cd-block's K continuations.
+    pub fn batch(&self, vocab: usize) -> (&'static str, usize) {
+        match self.cd_strategy() {
+            Some(CdStrategy::CdToken { top_k, .. }) => ("--top-k", top_k.min(vocab)),
+            Some(CdStrategy::CdBlock { k, .. }) => ("--block-k", k),
+            None => ("--n", self.n()),
+        }
+    }
+
+    /// Every flag the strategy reads, resolved (defaults written out, the default model's
+    /// path included), as `--flag=VALUE` so that a value starting with `-` parses back; for
+    /// the manifest (`--manifest` left out), starting with the subcommand's name.
+    /// `model_path` is the policy file the run used.
+    pub fn resolved_args(&self, model_path: &Path) -> Vec<String> {
         let mut a = vec!["generate".to_string()];
-        let mut push = |k: &str, v: String| {
-            a.push(k.to_string());
-            a.push(v);
-        };
+        let mut push = |k: &str, v: String| a.push(format!("{k}={v}"));
         if let Some(p) = &self.prompt {
             push("--prompt", p.clone());
         }
         if let Some(p) = &self.prompts {
             push("--prompts", p.display().to_string());
         }
-        let strategy = self
-            .strategy
-            .to_possible_value()
-            .map_or_else(String::new, |v| v.get_name().to_string());
-        push("--strategy", strategy);
-        push("--n", self.n.to_string());
+        let st = self.strategy;
+        push("--strategy", st.name().to_string());
         push("--seed", self.seed.to_string());
         push("--max-new-tokens", self.max_new_tokens.to_string());
-        push("--temperature", self.temperature.to_string());
-        if let Some(k) = self.top_k {
-            push("--top-k", k.to_string());
+        if st.uses(Flag::N) {
+            push("--n", self.n().to_string());
         }
-        if let Some(p) = self.top_p {
+        if st.uses(Flag::Temperature) {
+            push("--temperature", self.temperature.to_string());
+        }
+        match (self.cd_strategy(), self.top_k) {
+            (Some(CdStrategy::CdToken { top_k, .. }), _) => push("--top-k", top_k.to_string()),
+            (_, Some(k)) if st.uses(Flag::TopK) => push("--top-k", k.to_string()),
+            _ => {}
+        }
+        if let Some(p) = self.top_p.filter(|_| st.uses(Flag::TopP)) {
             push("--top-p", p.to_string());
         }
-        push("--lambda", self.lambda.to_string());
-        push("--threshold", self.threshold.to_string());
-        push("--max-draws", self.max_draws.to_string());
-        if let Some(m) = &self.model {
-            push("--model", m.display().to_string());
+        if st.uses(Flag::Lambda) {
+            push("--lambda", self.lambda.to_string());
         }
+        if st.uses(Flag::Threshold) {
+            push("--threshold", self.threshold.to_string());
+        }
+        if st.uses(Flag::MaxDraws) {
+            push("--max-draws", self.max_draws.to_string());
+        }
+        if let Some(s) = self.scorer.as_ref().filter(|_| st.uses(Flag::Scorer)) {
+            push("--scorer", s.display().to_string());
+        }
+        if st.uses(Flag::BlockK) {
+            push("--block-k", self.block_k.to_string());
+        }
+        if st.uses(Flag::BlockM) {
+            push("--block-m", self.block_m.to_string());
+        }
+        push("--model", model_path.display().to_string());
         push("--reward", self.reward.clone());
         push("--threads", self.threads.to_string());
         if self.no_chat_template {
             a.push("--no-chat-template".into());
-        }
-        if let Some(s) = &self.scorer {
-            a.extend(["--scorer".to_string(), s.display().to_string()]);
-            a.extend(["--block-k".to_string(), self.block_k.to_string()]);
-            a.extend(["--block-m".to_string(), self.block_m.to_string()]);
         }
         a
     }
@@ -281,6 +489,8 @@ fn read_prompts(args: &GenerateArgs) -> anyhow::Result<(Vec<PromptLine>, Option<
 pub struct RunRecord {
     /// Files that determined it, with hashes.
     pub files: Vec<HashedFile>,
+    /// The policy file used (`--model` or the default's path).
+    pub model_path: PathBuf,
     /// Threads used.
     pub threads: usize,
     /// Wall times by phase, seconds.
@@ -298,33 +508,26 @@ pub struct RunRecord {
 pub fn execute(args: &GenerateArgs, out: &mut dyn Write) -> anyhow::Result<RunRecord> {
     let t0 = Instant::now();
     let config = args.config()?;
+    if let Some(path) = &args.manifest {
+        check_writable("--manifest", path)?;
+    }
     let (prompts, prompts_path) = read_prompts(args)?;
-    let threads = if args.threads == 0 {
-        tilt_models::threads::num_threads()
-    } else {
-        args.threads
+    // The scorer file is read before the (slower) policy, and checked against it after.
+    let cd = match args.cd_strategy() {
+        Some(strategy) => Some((strategy, load_scorer(args.scorer.as_deref())?)),
+        None => None,
     };
+    let threads = resolve_threads(args.threads);
     let model_path = policy_path(&args.model)?;
     let policy: LlamaPolicy = load_policy(&model_path, threads)?;
+    if let Some((_, scorer)) = &cd {
+        check_scorer_fits(scorer, &policy)?;
+    }
     let reward = load_reward(&args.reward)?;
-    let cd = crate::runtime::load_cd(args, &policy)?;
     let load_s = t0.elapsed().as_secs_f64();
     // Refuse a batch that cannot fit in memory before any work.
-    let cfg = policy.model().config();
-    let kv_bytes_per_token =
-        2 * cfg.n_layers as u64 * cfg.n_kv_heads as u64 * cfg.head_dim as u64 * 4;
-    if let Some(avail) = available_memory_bytes() {
-        check_batch_memory(
-            config.n,
-            // The prompt's cache is shared by all N (one copy), small beside N suffixes.
-            0,
-            config.max_new_tokens,
-            kv_bytes_per_token,
-            policy.vocab_size(),
-            avail,
-        )
-        .map_err(usage)?;
-    }
+    let (flag, batch) = args.batch(policy.vocab_size());
+    check_memory(&policy, flag, batch, config.max_new_tokens)?;
     let mut files = vec![hashed("policy", &model_path)?];
     for a in reward.artifacts() {
         files.push(hashed("reward", &a)?);
@@ -332,7 +535,7 @@ pub fn execute(args: &GenerateArgs, out: &mut dyn Write) -> anyhow::Result<RunRe
     if let Some(p) = &prompts_path {
         files.push(hashed("prompts", p)?);
     }
-    if let Some(p) = &args.scorer {
+    if let (Some(p), Some(_)) = (&args.scorer, &cd) {
         files.push(hashed("scorer", p)?);
     }
     let source = prompts_path
@@ -402,6 +605,7 @@ pub fn execute(args: &GenerateArgs, out: &mut dyn Write) -> anyhow::Result<RunRe
     let generate_s = t1.elapsed().as_secs_f64();
     Ok(RunRecord {
         files,
+        model_path,
         threads,
         wall_seconds: json!({
             "load": load_s,
@@ -429,9 +633,6 @@ impl Write for Tee<'_> {
     }
 }
 
-/// The git commit the binary was built from (build.rs), or `unknown`.
-pub const GIT_COMMIT: &str = env!("TILT_GIT_COMMIT");
-
 /// Run `tilt generate`.
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let stdout = std::io::stdout();
@@ -452,10 +653,10 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         }
         let manifest = Manifest {
             manifest_version: MANIFEST_VERSION,
-            tool_version: env!("CARGO_PKG_VERSION").to_string(),
+            tool_version: TOOL_VERSION.to_string(),
             git_commit: GIT_COMMIT.to_string(),
             command: "generate".into(),
-            args: args.resolved_args(),
+            args: args.resolved_args(&record.model_path),
             config,
             seed: args.seed,
             files: record.files,
@@ -475,4 +676,161 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         )));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::reproduce::parse_generate_args;
+
+    fn config_error(args: &[&str]) -> String {
+        let mut owned = vec!["generate".to_string(), "--prompt".into(), "hi".into()];
+        owned.extend(args.iter().map(|s| s.to_string()));
+        let a = parse_generate_args(&owned).unwrap();
+        match a.config() {
+            Ok(_) => String::new(),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn flags_a_strategy_does_not_read_are_refused_not_ignored() {
+        for (args, flag, words) in [
+            (
+                &[
+                    "--strategy",
+                    "cd-block",
+                    "--scorer",
+                    "s",
+                    "--temperature",
+                    "0.7",
+                ][..],
+                "--temperature:",
+                "temperature 1",
+            ),
+            (
+                &["--strategy", "cd-token", "--scorer", "s", "--top-p", "0.9"][..],
+                "--top-p:",
+                "against p",
+            ),
+            (
+                &["--strategy", "cd-token", "--scorer", "s", "--n", "4"][..],
+                "--n:",
+                "--top-k",
+            ),
+            (
+                &["--strategy", "cd-block", "--scorer", "s", "--n", "2"][..],
+                "--n:",
+                "--block-k",
+            ),
+            (
+                &["--strategy", "cd-block", "--scorer", "s", "--top-k", "5"][..],
+                "--top-k:",
+                "cd-block",
+            ),
+            (
+                &["--strategy", "cd-block", "--scorer", "s", "--lambda", "3"][..],
+                "--lambda:",
+                "cd-block",
+            ),
+            (
+                &["--strategy", "cd-token", "--scorer", "s", "--block-k", "2"][..],
+                "--block-k:",
+                "cd-token",
+            ),
+            (
+                &["--strategy", "bon", "--threshold", "0.9"][..],
+                "--threshold:",
+                "bon",
+            ),
+            (
+                &["--strategy", "bon", "--scorer", "s"][..],
+                "--scorer:",
+                "bon",
+            ),
+            (
+                &["--strategy", "cd-token"][..],
+                "--scorer:",
+                "needs a prefix scorer",
+            ),
+            (
+                &["--strategy", "cd-block", "--scorer", "s", "--block-k", "0"][..],
+                "--block-k",
+                "K is 0",
+            ),
+        ] {
+            let e = config_error(args);
+            assert!(
+                e.starts_with(flag) && e.contains(words),
+                "{args:?}: {e:?} should start with {flag:?} and say {words:?}"
+            );
+        }
+        for ok in [
+            &[
+                "--strategy",
+                "cd-token",
+                "--scorer",
+                "s",
+                "--top-k",
+                "5",
+                "--lambda",
+                "3",
+            ][..],
+            &[
+                "--strategy",
+                "cd-block",
+                "--scorer",
+                "s",
+                "--block-k",
+                "2",
+                "--temperature",
+                "1",
+            ][..],
+            &[
+                "--strategy",
+                "rewind",
+                "--threshold",
+                "0.9",
+                "--n",
+                "2",
+                "--top-p",
+                "0.9",
+            ][..],
+            &[
+                "--strategy",
+                "bon",
+                "--n",
+                "8",
+                "--temperature",
+                "0.7",
+                "--top-k",
+                "5",
+            ][..],
+        ] {
+            assert_eq!(config_error(ok), "", "{ok:?}");
+        }
+    }
+
+    #[test]
+    fn the_memory_check_uses_the_batch_that_actually_runs() {
+        let parse = |args: &[&str]| {
+            let mut owned = vec!["generate".to_string(), "--prompt".into(), "hi".into()];
+            owned.extend(args.iter().map(|s| s.to_string()));
+            parse_generate_args(&owned).unwrap()
+        };
+        assert_eq!(parse(&[]).batch(49152), ("--n", 4));
+        assert_eq!(parse(&["--n", "16"]).batch(49152), ("--n", 16));
+        assert_eq!(
+            parse(&["--strategy", "cd-token", "--top-k", "50"]).batch(49152),
+            ("--top-k", 50)
+        );
+        // k beyond the vocabulary is the whole vocabulary.
+        assert_eq!(
+            parse(&["--strategy", "cd-token", "--top-k", "50"]).batch(4),
+            ("--top-k", 4)
+        );
+        assert_eq!(
+            parse(&["--strategy", "cd-block", "--block-k", "6"]).batch(49152),
+            ("--block-k", 6)
+        );
+    }
 }

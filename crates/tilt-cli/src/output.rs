@@ -14,9 +14,13 @@ pub enum Format {
     Table,
 }
 
-/// Print one result object in `format`.
+/// Print one result object in `format` on stdout.
 pub fn emit(value: &Value, format: Format) -> anyhow::Result<()> {
-    let mut out = std::io::stdout().lock();
+    emit_to(&mut std::io::stdout().lock(), value, format)
+}
+
+/// Write one result object in `format` to `out`, and flush it.
+pub fn emit_to(out: &mut dyn Write, value: &Value, format: Format) -> anyhow::Result<()> {
     match format {
         Format::Json => writeln!(out, "{}", serde_json::to_string(value)?)?,
         Format::Table => write!(out, "{}", render_table(value))?,

@@ -37,6 +37,19 @@ enum RecordedCommand {
     Generate(GenerateArgs),
 }
 
+/// Parse recorded `generate` arguments (`args[0]` = `generate`) as the command line they
+/// came from.
+///
+/// # Errors
+/// clap's error when they do not parse.
+pub fn parse_generate_args(args: &[String]) -> Result<GenerateArgs, clap::Error> {
+    let argv = std::iter::once("tilt".to_string()).chain(args.iter().cloned());
+    let Recorded {
+        command: RecordedCommand::Generate(gen),
+    } = Recorded::try_parse_from(argv)?;
+    Ok(gen)
+}
+
 /// At most this many differences are printed (the count is always given).
 const MAX_SHOWN: usize = 200;
 
@@ -50,10 +63,7 @@ pub fn run(args: ReproduceArgs) -> anyhow::Result<()> {
             manifest.command
         )));
     }
-    let argv = std::iter::once("tilt".to_string()).chain(manifest.args.iter().cloned());
-    let Recorded {
-        command: RecordedCommand::Generate(mut gen),
-    } = Recorded::try_parse_from(argv).map_err(|e| {
+    let mut gen = parse_generate_args(&manifest.args).map_err(|e| {
         usage(format!(
             "{}: recorded arguments do not parse: {}",
             args.manifest.display(),
@@ -96,7 +106,7 @@ pub fn run(args: ReproduceArgs) -> anyhow::Result<()> {
         "files_same": files_same,
         "files": files,
         "recorded_git_commit": manifest.git_commit,
-        "git_commit": crate::generate::GIT_COMMIT,
+        "git_commit": crate::runtime::GIT_COMMIT,
         "threads": record.threads,
         "n_differences": cmp.differences.len(),
         "differences": shown,
@@ -132,4 +142,110 @@ pub fn run(args: ReproduceArgs) -> anyhow::Result<()> {
         cmp.differences.len(),
         why.join("; ")
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn parse(args: &[&str]) -> GenerateArgs {
+        let owned: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        parse_generate_args(&owned).unwrap()
+    }
+
+    #[test]
+    fn resolved_args_parse_back_to_the_same_run_even_for_a_dash_prompt() {
+        let model = Path::new("/models/-odd name.gguf");
+        let cases: [&[&str]; 6] = [
+            &[
+                "generate",
+                "--prompt=-x --n 3",
+                "--strategy",
+                "bon",
+                "--n",
+                "3",
+            ],
+            &[
+                "generate",
+                "--prompt=--help",
+                "--strategy",
+                "cd-token",
+                "--scorer",
+                "s.st",
+            ],
+            &[
+                "generate",
+                "--prompts=-p.jsonl",
+                "--strategy",
+                "cd-block",
+                "--scorer=-s.st",
+                "--block-k",
+                "3",
+            ],
+            &[
+                "generate",
+                "--prompt",
+                "hi",
+                "--strategy",
+                "soft-bon",
+                "--lambda",
+                "0.25",
+            ],
+            &[
+                "generate",
+                "--prompt",
+                "hi",
+                "--strategy",
+                "rewind",
+                "--threshold=-0.5",
+                "--top-p",
+                "0.9",
+                "--no-chat-template",
+            ],
+            &["generate", "--prompt", "hi"],
+        ];
+        for argv in cases {
+            let first = parse(argv);
+            let resolved = first.resolved_args(model);
+            assert_eq!(resolved[0], "generate");
+            let again = parse_generate_args(&resolved)
+                .unwrap_or_else(|e| panic!("{argv:?} → {resolved:?} does not parse: {e}"));
+            // The same run: the same prompt, configuration and strategy, and the same
+            // record again (a fixed point).
+            assert_eq!(again.prompt, first.prompt, "{argv:?}");
+            assert_eq!(again.prompts, first.prompts);
+            assert_eq!(again.scorer, first.scorer);
+            assert_eq!(again.no_chat_template, first.no_chat_template);
+            assert_eq!(again.config().unwrap(), first.config().unwrap(), "{argv:?}");
+            assert_eq!(again.cd_strategy(), first.cd_strategy());
+            assert_eq!(again.model.as_deref(), Some(model));
+            assert_eq!(again.resolved_args(model), resolved);
+            // Every value is written `--flag=VALUE`, so none is read as a flag.
+            assert!(resolved[1..]
+                .iter()
+                .all(|a| a == "--no-chat-template" || (a.starts_with("--") && a.contains('='))));
+        }
+        // The defaults are written out: cd-token's top-k, N, the model.
+        let cd = parse(cases[1]).resolved_args(model);
+        assert!(cd.contains(&"--top-k=10".to_string()), "{cd:?}");
+        assert!(cd.contains(&"--prompt=--help".to_string()));
+        assert!(!cd.iter().any(|a| a.starts_with("--n=")), "cd takes no --n");
+        let plain = parse(cases[5]).resolved_args(model);
+        for want in [
+            "--n=4",
+            "--temperature=1",
+            "--seed=0",
+            "--max-new-tokens=64",
+        ] {
+            assert!(plain.contains(&want.to_string()), "{want} in {plain:?}");
+        }
+        assert!(plain.contains(&format!("--model={}", model.display())));
+        // What the old form recorded does not parse: clap reads `-x` as a flag.
+        let old: Vec<String> = ["generate", "--prompt", "-x"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        assert!(parse_generate_args(&old).is_err());
+    }
 }

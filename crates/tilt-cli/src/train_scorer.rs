@@ -5,14 +5,18 @@
 //! `tilt_decode::cd::train`; this file loads models and writes files.
 
 use crate::output::{emit, Format};
-use crate::runtime::{cd_to_anyhow, hashed, load_policy, load_reward, policy_path, read_prompts};
+use crate::runtime::{
+    cd_to_anyhow, check_memory, check_writable, hashed, load_policy, load_reward, policy_path,
+    read_prompts, resolve_threads, GIT_COMMIT, TOOL_VERSION,
+};
 use crate::usage;
 use anyhow::Context;
 use clap::{Args, ValueEnum};
 use serde_json::json;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 use tilt_decode::cd::{collect_rollouts, fit_head, HeadKind, RolloutConfig, TrainConfig};
+use tilt_decode::generate::MAX_N;
 use tilt_models::Policy;
 
 /// The kind of head to fit.
@@ -36,7 +40,7 @@ pub struct TrainScorerArgs {
     /// Most new tokens per rollout.
     #[arg(long, default_value_t = 48)]
     pub max_new_tokens: usize,
-    /// The scorer file to write (safetensors); the card goes beside it as `.json`.
+    /// The scorer file to write, NAME.safetensors; its JSON card goes beside it as NAME.json.
     #[arg(long)]
     pub out: PathBuf,
     /// Head kind.
@@ -66,7 +70,7 @@ pub struct TrainScorerArgs {
     /// Reward: minilm, minilm:target=TEXT, head:PATH, command:CMD, http:URL.
     #[arg(long, default_value = "minilm")]
     pub reward: String,
-    /// Threads (0: TILT_NUM_THREADS, else all cores).
+    /// Threads (0: TILT_NUM_THREADS, RAYON_NUM_THREADS or the number of cores).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
     /// Output format.
@@ -74,9 +78,39 @@ pub struct TrainScorerArgs {
     pub format: Format,
 }
 
+/// The card's path for a scorer file `out`: `<stem>.json` beside it.
+///
+/// # Errors
+/// A usage error naming `--out` when it does not end in `.safetensors` (so that the card can
+/// never be the scorer file itself).
+pub fn card_path(out: &Path) -> anyhow::Result<PathBuf> {
+    if out.extension().and_then(|e| e.to_str()) != Some("safetensors")
+        || out.file_stem().is_none_or(|s| s.is_empty())
+    {
+        return Err(usage(format!(
+            "--out {}: the scorer file must be named NAME.safetensors (its JSON card is \
+             written beside it as NAME.json)",
+            out.display()
+        )));
+    }
+    Ok(out.with_extension("json"))
+}
+
+/// `path` relative to `dir` when it lies in it (here: a file beside the card), else as is.
+fn relative_to(path: &Path, dir: &Path) -> PathBuf {
+    path.strip_prefix(dir)
+        .map_or_else(|_| path.to_path_buf(), Path::to_path_buf)
+}
+
 /// Run `tilt train-scorer`.
+///
+/// Every input and both output paths are checked before the models load, so that a bad
+/// flag never costs the rollouts.
 pub fn run(args: TrainScorerArgs) -> anyhow::Result<()> {
     let t_start = Instant::now();
+    let card_path = card_path(&args.out)?;
+    check_writable("--out", &args.out)?;
+    check_writable("--out (its card)", &card_path)?;
     let prompts = read_prompts(&args.prompts)?;
     if prompts.len() < 2 {
         return Err(usage(format!(
@@ -87,6 +121,16 @@ pub fn run(args: TrainScorerArgs) -> anyhow::Result<()> {
     }
     if args.rollouts == 0 {
         return Err(usage("--rollouts: is 0; at least 1 rollout per prompt"));
+    }
+    if args.rollouts > MAX_N {
+        return Err(usage(format!(
+            "--rollouts: {} is above the cap of {MAX_N} (a prompt's rollouts are stepped as \
+             one batch, each with its own KV cache)",
+            args.rollouts
+        )));
+    }
+    if args.max_new_tokens == 0 {
+        return Err(usage("--max-new-tokens: is 0; at least 1"));
     }
     let head = match args.head {
         HeadArg::Linear => HeadKind::Linear,
@@ -102,8 +146,11 @@ pub fn run(args: TrainScorerArgs) -> anyhow::Result<()> {
         heldout_fraction: args.heldout_fraction,
         seed: args.seed,
     };
+    train.validate().map_err(cd_to_anyhow)?;
+    let threads = resolve_threads(args.threads);
     let model_path = policy_path(&args.model)?;
-    let policy = load_policy(&model_path, args.threads)?;
+    let policy = load_policy(&model_path, threads)?;
+    check_memory(&policy, "--rollouts", args.rollouts, args.max_new_tokens)?;
     let reward = load_reward(&args.reward)?;
     let rollouts = RolloutConfig {
         rollouts_per_prompt: args.rollouts,
@@ -125,7 +172,6 @@ pub fn run(args: TrainScorerArgs) -> anyhow::Result<()> {
     let (scorer, card) = fit_head(&data, &train).map_err(cd_to_anyhow)?;
     let fit_secs = t_fit.elapsed().as_secs_f64();
     scorer.save(&args.out).map_err(cd_to_anyhow)?;
-    let card_path = args.out.with_extension("json");
     let mean_reward = data.rollout_rewards.iter().flatten().sum::<f64>()
         / data
             .rollout_rewards
@@ -133,9 +179,16 @@ pub fn run(args: TrainScorerArgs) -> anyhow::Result<()> {
             .map(Vec::len)
             .sum::<usize>()
             .max(1) as f64;
+    // The scorer and its card are written side by side: record them relative to the card's
+    // directory, so that the pair can be moved together, and as the user gave them.
+    let card_dir = card_path.parent().unwrap_or(Path::new(""));
     let value = json!({
-        "scorer_file": args.out,
-        "card_file": card_path,
+        "scorer_file": relative_to(&args.out, card_dir),
+        "card_file": relative_to(&card_path, card_dir),
+        "paths": "scorer_file and card_file are relative to the card's directory; written_as is the --out given",
+        "written_as": { "out": args.out, "card": card_path },
+        "tool_version": TOOL_VERSION,
+        "git_commit": GIT_COMMIT,
         "head": scorer.kind(),
         "hidden_size": policy.hidden_size(),
         "policy": { "name": policy.name(), "file": hashed("policy", &model_path)? },
@@ -147,8 +200,11 @@ pub fn run(args: TrainScorerArgs) -> anyhow::Result<()> {
             "max_new_tokens": args.max_new_tokens,
             "prefixes": data.features.len(),
             "mean_rollout_reward": mean_reward,
+            "rollout_rewards": data.rollout_rewards,
+            "rollout_prefixes": data.rollout_prefixes,
         },
         "seed": args.seed,
+        "threads": threads,
         "training": card,
         "verdict": if card.heldout_mse_scorer < card.heldout_mse_constant {
             "the scorer beats the constant predictor on held-out prompts"
@@ -159,7 +215,7 @@ pub fn run(args: TrainScorerArgs) -> anyhow::Result<()> {
     });
     let text = serde_json::to_string_pretty(&value)?;
     std::fs::write(&card_path, text + "\n")
-        .with_context(|| format!("writing {}", card_path.display()))?;
+        .with_context(|| format!("writing the card {}", card_path.display()))?;
     eprintln!(
         "tilt train-scorer: {} prefixes from {} prompts; rollouts {rollout_secs:.1} s, fit {fit_secs:.1} s, total {:.1} s",
         data.features.len(),
@@ -167,4 +223,33 @@ pub fn run(args: TrainScorerArgs) -> anyhow::Result<()> {
         t_start.elapsed().as_secs_f64()
     );
     emit(&value, args.format)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_card_can_never_overwrite_the_scorer() {
+        assert_eq!(
+            card_path(Path::new("out/s.safetensors")).unwrap(),
+            Path::new("out/s.json")
+        );
+        for bad in ["x.json", "x", "x.safetensors.bak", ".safetensors", "dir/"] {
+            let e = card_path(Path::new(bad)).unwrap_err();
+            assert!(e.downcast_ref::<crate::UsageError>().is_some());
+            assert!(
+                e.to_string().starts_with("--out") && e.to_string().contains(".safetensors"),
+                "{bad}: {e}"
+            );
+        }
+        assert_eq!(
+            relative_to(Path::new("/tmp/run/s.safetensors"), Path::new("/tmp/run")),
+            Path::new("s.safetensors")
+        );
+        assert_eq!(
+            relative_to(Path::new("s.safetensors"), Path::new("")),
+            Path::new("s.safetensors")
+        );
+    }
 }

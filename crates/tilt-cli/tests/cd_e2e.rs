@@ -87,6 +87,111 @@ fn bad_inputs_exit_2_before_loading_models() {
         out.to_str().unwrap(),
     ]);
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("--prompts")
+            && stderr(&o).contains("1 prompt")
+            && stderr(&o).contains("at least 2"),
+        "{}",
+        stderr(&o)
+    );
+    // Every bad input below is refused before the models load (so quickly, and with no
+    // output), each with a message naming it.
+    let missing_dir = dir.path().join("no-such-dir");
+    let in_missing = |name: &str| missing_dir.join(name).display().to_string();
+    let cases: Vec<(Vec<String>, Vec<String>)> = vec![
+        (
+            vec!["train-scorer".into(), "--out".into(), "x.json".into()],
+            vec!["--out x.json".into(), "NAME.safetensors".into()],
+        ),
+        (
+            vec![
+                "train-scorer".into(),
+                "--out".into(),
+                in_missing("s.safetensors"),
+            ],
+            vec!["--out".into(), "does not exist".into()],
+        ),
+        (
+            vec![
+                "train-scorer".into(),
+                "--out".into(),
+                out.display().to_string(),
+                "--epochs".into(),
+                "0".into(),
+            ],
+            vec!["--epochs".into()],
+        ),
+        (
+            vec![
+                "train-scorer".into(),
+                "--out".into(),
+                out.display().to_string(),
+                "--rollouts".into(),
+                "100000".into(),
+            ],
+            vec!["--rollouts".into(), "cap".into()],
+        ),
+        (
+            vec!["eval".into(), "--plot".into(), in_missing("p.svg")],
+            vec![
+                "--plot".into(),
+                "no-such-dir".into(),
+                "does not exist".into(),
+            ],
+        ),
+        (
+            vec!["eval".into(), "--manifest".into(), in_missing("m.json")],
+            vec!["--manifest".into(), "does not exist".into()],
+        ),
+        (
+            vec![
+                "eval".into(),
+                "--strategies".into(),
+                "sample,bon:100000".into(),
+            ],
+            vec!["--strategies".into(), "bon:100000".into(), "cap".into()],
+        ),
+        (
+            vec![
+                "eval".into(),
+                "--reference-samples".into(),
+                "1000000000".into(),
+            ],
+            vec!["--reference-samples".into(), "cap".into()],
+        ),
+        (
+            vec![
+                "eval".into(),
+                "--strategies".into(),
+                "sample,bon:2".into(),
+                "--scorer".into(),
+                garbage.display().to_string(),
+            ],
+            vec!["--scorer".into(), "no effect".into()],
+        ),
+    ];
+    for (args, needles) in cases {
+        let mut argv: Vec<String> = vec![args[0].clone(), "--prompts".into(), p.into()];
+        argv.extend(args[1..].iter().cloned());
+        let refs: Vec<&str> = argv.iter().map(String::as_str).collect();
+        let t0 = std::time::Instant::now();
+        let o = tilt(&refs);
+        assert_eq!(o.status.code(), Some(2), "{argv:?}: {}", stderr(&o));
+        for n in &needles {
+            assert!(
+                stderr(&o).contains(n.as_str()),
+                "{argv:?}: {n:?} in {}",
+                stderr(&o)
+            );
+        }
+        assert!(o.stdout.is_empty(), "{argv:?}");
+        assert!(
+            t0.elapsed().as_secs_f64() < 20.0,
+            "{argv:?} took {:?}: it should fail before loading the models",
+            t0.elapsed()
+        );
+    }
+    assert!(!missing_dir.exists());
 }
 
 #[test]
@@ -129,12 +234,79 @@ fn train_scorer_then_eval_with_controlled_decoding() {
             .len(),
         1
     );
-    assert!(card["training"]["heldout_mse_constant"].as_f64().unwrap() >= 0.0);
-    assert!(!card["training"]["loss_curve"]
+    // The constant predictor's numbers, recomputed from the card's own data: each rollout
+    // contributes (its length + 1) prefixes, all with its final reward as the target.
+    let t = &card["training"];
+    let rewards = card["data"]["rollout_rewards"].as_array().unwrap();
+    let prefixes = card["data"]["rollout_prefixes"].as_array().unwrap();
+    assert_eq!((rewards.len(), prefixes.len()), (4, 4));
+    let held: Vec<usize> = t["heldout_prompts"]
         .as_array()
         .unwrap()
-        .is_empty());
-    assert!(scorer.with_extension("json").is_file());
+        .iter()
+        .map(|v| v.as_u64().unwrap() as usize)
+        .collect();
+    let rows = |prompt: usize| -> Vec<(f64, f64)> {
+        let rs = rewards[prompt].as_array().unwrap();
+        let ns = prefixes[prompt].as_array().unwrap();
+        assert_eq!((rs.len(), ns.len()), (2, 2), "2 rollouts per prompt");
+        rs.iter()
+            .zip(ns)
+            .map(|(r, n)| (r.as_f64().unwrap(), n.as_f64().unwrap()))
+            .collect()
+    };
+    let (mut train_sum, mut train_n, mut held_n) = (0.0, 0.0, 0.0);
+    for p in 0..4 {
+        for (r, n) in rows(p) {
+            assert!(
+                (2.0..=7.0).contains(&n),
+                "1..=6 tokens give 2..=7 prefixes, got {n}"
+            );
+            if held.contains(&p) {
+                held_n += n;
+            } else {
+                train_sum += r * n;
+                train_n += n;
+            }
+        }
+    }
+    let c = train_sum / train_n;
+    let close = |a: f64, b: f64| (a - b).abs() <= 1e-9 * (1.0 + b.abs());
+    assert!(close(t["constant_prediction"].as_f64().unwrap(), c), "{t}");
+    let mse_constant: f64 = held
+        .iter()
+        .flat_map(|&p| rows(p))
+        .map(|(r, n)| n * (r - c).powi(2))
+        .sum::<f64>()
+        / held_n;
+    assert!(
+        close(t["heldout_mse_constant"].as_f64().unwrap(), mse_constant),
+        "{} vs {mse_constant}",
+        t["heldout_mse_constant"]
+    );
+    assert_eq!(t["heldout_rows"].as_f64().unwrap(), held_n);
+    assert_eq!(t["train_rows"].as_f64().unwrap(), train_n);
+    assert_eq!(card["data"]["prefixes"].as_f64().unwrap(), held_n + train_n);
+    let mse_scorer = t["heldout_mse_scorer"].as_f64().unwrap();
+    assert!(mse_scorer.is_finite() && mse_scorer >= 0.0);
+    if mse_constant > 0.0 {
+        assert!(close(
+            t["heldout_r2_vs_constant"].as_f64().unwrap(),
+            1.0 - mse_scorer / mse_constant
+        ));
+    }
+    assert!(!t["loss_curve"].as_array().unwrap().is_empty());
+    // The card sits beside the scorer and names both relative to its own directory, with
+    // the tool's version and commit.
+    let card_file = scorer.with_extension("json");
+    let on_disk: Value =
+        serde_json::from_str(&std::fs::read_to_string(&card_file).unwrap()).unwrap();
+    assert_eq!(on_disk, card);
+    assert_eq!(card["scorer_file"], "scorer.safetensors");
+    assert_eq!(card["card_file"], "scorer.json");
+    assert_eq!(card["written_as"]["out"], scorer.display().to_string());
+    assert_eq!(card["tool_version"], env!("CARGO_PKG_VERSION"));
+    assert!(card["git_commit"].as_str().is_some_and(|s| !s.is_empty()));
 
     let eval_prompts = dir.path().join("eval.jsonl");
     write_prompts(&eval_prompts, &["Say goodbye.", "Name an animal."]);
@@ -164,6 +336,8 @@ fn train_scorer_then_eval_with_controlled_decoding() {
         assert!(plot.is_file() && manifest.is_file());
         let m: Value = serde_json::from_str(&std::fs::read_to_string(&manifest).unwrap()).unwrap();
         assert_eq!(m["command"], "eval");
+        // The thread count the run used, as given (not the machine's default).
+        assert_eq!(m["host"]["threads"], threads.parse::<u64>().unwrap());
         assert!(m["files"]
             .as_array()
             .unwrap()

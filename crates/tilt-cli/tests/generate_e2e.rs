@@ -232,6 +232,57 @@ fn bad_inputs_are_clear_usage_errors() {
             "--lambda",
         ),
     ];
+    let scorer = example_scorer();
+    let cd = |strategy: &str, extra: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = [
+            "--prompt",
+            "hi",
+            "--strategy",
+            strategy,
+            "--scorer",
+            &scorer,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    let mut cases = cases;
+    cases.extend([
+        (
+            cd("cd-token", &["--temperature", "0.7"]),
+            "--temperature: cd-token samples",
+        ),
+        (
+            cd("cd-block", &["--top-p", "0.9"]),
+            "--top-p: cd-block samples",
+        ),
+        (
+            cd("cd-block", &["--n", "8"]),
+            "--n: cd-block returns one output",
+        ),
+        (cd("cd-block", &["--block-k", "0"]), "--block-k: K is 0"),
+        (cd("cd-token", &["--lambda=-1"]), "--lambda"),
+        (
+            vec![
+                "--prompt".into(),
+                "hi".into(),
+                "--strategy".into(),
+                "cd-token".into(),
+            ],
+            "--scorer: --strategy cd-token needs a prefix scorer file",
+        ),
+        (
+            vec![
+                "--prompt".into(),
+                "hi".into(),
+                "--manifest".into(),
+                "/nonexistent-dir/m.json".into(),
+            ],
+            "--manifest /nonexistent-dir/m.json: directory /nonexistent-dir does not exist",
+        ),
+    ]);
     for (extra, expect) in cases {
         let mut args = vec!["generate".to_string()];
         args.extend(extra);
@@ -245,4 +296,171 @@ fn bad_inputs_are_clear_usage_errors() {
         );
         assert!(out.stdout.is_empty(), "{expect}: no output expected");
     }
+}
+
+/// The trained scorer committed in `examples/cd/` (hidden size 576, SmolLM2-135M).
+fn example_scorer() -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../examples/cd/scorer.safetensors")
+        .display()
+        .to_string()
+}
+
+/// A valid linear scorer file for hidden size `d`, written by hand in the safetensors
+/// format (8-byte little-endian header length, JSON header, little-endian f32 data).
+fn write_linear_scorer(path: &Path, d: usize) {
+    let tensors: [(&str, Vec<f32>); 4] = [
+        ("feature_mean", vec![0.0; d]),
+        ("feature_std", vec![1.0; d]),
+        ("linear.weight", vec![0.5; d]),
+        ("linear.bias", vec![0.25]),
+    ];
+    let mut header = serde_json::Map::new();
+    let mut data = Vec::new();
+    for (name, values) in &tensors {
+        let start = data.len();
+        for v in values {
+            data.extend_from_slice(&v.to_le_bytes());
+        }
+        header.insert(
+            name.to_string(),
+            serde_json::json!({"dtype": "F32", "shape": [values.len()], "data_offsets": [start, data.len()]}),
+        );
+    }
+    let mut h = serde_json::to_string(&header).unwrap().into_bytes();
+    while h.len() % 8 != 0 {
+        h.push(b' ');
+    }
+    let mut bytes = (h.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(&h);
+    bytes.extend_from_slice(&data);
+    std::fs::write(path, bytes).unwrap();
+}
+
+#[test]
+fn controlled_decoding_in_generate_and_a_dash_prompt_reproduce() {
+    let dir = tempfile::tempdir().unwrap();
+    let scorer = example_scorer();
+    let manifest = dir.path().join("cd-token.json");
+    let manifest = manifest.to_str().unwrap();
+    // cd-token, a prompt starting with '-', the default top-k left to the manifest.
+    let out = tilt(&[
+        "generate",
+        "--prompt=-Name a colour.",
+        "--strategy",
+        "cd-token",
+        "--scorer",
+        &scorer,
+        "--lambda",
+        "4",
+        "--max-new-tokens",
+        "4",
+        "--seed",
+        "2",
+        "--threads",
+        "1",
+        "--manifest",
+        manifest,
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let ls = lines(&out);
+    assert_eq!(ls.len(), 1);
+    let l = &ls[0];
+    assert_eq!(l["prompt"], "-Name a colour.");
+    assert_eq!(l["strategy"], "cd-token");
+    assert_eq!(l["n"], 10, "the default top-k");
+    assert_eq!(l["units"], "nats");
+    assert!(l["kl_bound"].is_null());
+    assert!(l["kl_estimate"].as_f64().unwrap().is_finite());
+    assert!(l["kl_note"].as_str().unwrap().contains("log π(y)/p(y)"));
+    let c = &l["candidates"].as_array().unwrap()[0];
+    assert_eq!(c["reward"], l["reward"]);
+    assert!((1..=4).contains(&c["new_tokens"].as_u64().unwrap()));
+    let m: Value = serde_json::from_str(&std::fs::read_to_string(manifest).unwrap()).unwrap();
+    let args: Vec<&str> = m["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    for want in [
+        "--prompt=-Name a colour.",
+        "--top-k=10",
+        "--lambda=4",
+        "--strategy=cd-token",
+    ] {
+        assert!(args.contains(&want), "{want} in {args:?}");
+    }
+    assert!(args
+        .iter()
+        .any(|a| a.starts_with("--model=") && a.ends_with(".gguf")));
+    assert!(m["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|f| f["role"] == "scorer"));
+    assert_eq!(m["config"]["strategy"]["name"], "cd-token");
+    let rep = tilt(&["reproduce", manifest, "--threads", "2"]);
+    assert!(rep.status.success(), "{}", stderr(&rep));
+    let verdict: Value = serde_json::from_slice(&rep.stdout).unwrap();
+    assert_eq!(verdict["identical"], true);
+
+    // cd-block: the bound of this output's blocks.
+    let out = tilt(&[
+        "generate",
+        "--prompt",
+        "Say hello.",
+        "--strategy",
+        "cd-block",
+        "--scorer",
+        &scorer,
+        "--block-k",
+        "2",
+        "--block-m",
+        "2",
+        "--max-new-tokens",
+        "3",
+        "--threads",
+        "1",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let l = &lines(&out)[0];
+    assert_eq!(l["strategy"], "cd-block");
+    assert_eq!(l["n"], 2);
+    let tokens = l["candidates"][0]["new_tokens"].as_u64().unwrap();
+    let blocks = tokens.div_ceil(2) as f64;
+    let bound = l["kl_bound"].as_f64().unwrap();
+    assert!(
+        (bound - blocks * (2f64.ln() - 0.5)).abs() < 1e-12,
+        "{bound}"
+    );
+    assert_eq!(l["draws"].as_f64().unwrap(), blocks * 2.0);
+    assert!(l["kl_note"].as_str().unwrap().contains("expected KL"));
+
+    // A valid scorer file for another model: refused, naming the file and both sizes.
+    let wide = dir.path().join("wide.safetensors");
+    write_linear_scorer(&wide, 7);
+    let out = tilt(&[
+        "generate",
+        "--prompt",
+        "hi",
+        "--strategy",
+        "cd-token",
+        "--scorer",
+        wide.to_str().unwrap(),
+        "--max-new-tokens",
+        "2",
+        "--threads",
+        "1",
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let e = stderr(&out);
+    assert!(
+        e.contains("--scorer")
+            && e.contains("wide.safetensors")
+            && e.contains("size 7")
+            && e.contains("576"),
+        "{e}"
+    );
+    assert!(out.stdout.is_empty());
 }

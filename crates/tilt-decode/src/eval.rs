@@ -14,9 +14,11 @@
 //! ```
 //!
 //! **KL, and which**: `sample` costs 0 exactly; `bon:n` reports the bound
-//! log n − (n−1)/n (arXiv 2401.01879 Thm 3.1); `cd-block` the chain-rule bound
-//! B·(log K − (K−1)/K) averaged over outputs; `cd-token` the Monte-Carlo estimate, the mean of
-//! log π(y)/p(y) over its outputs (with its standard error). All in nats.
+//! log n − (n−1)/n (arXiv 2401.01879 Thm 3.1); `cd-block` the mean over outputs of
+//! B·(log K − (K−1)/K), an unbiased estimate of its chain-rule bound
+//! E_π[B]·(log K − (K−1)/K) ≥ KL(π‖p) on the expected KL (B the number of blocks; see
+//! [`crate::cd::block`]), with its standard error; `cd-token` the Monte-Carlo estimate, the
+//! mean of log π(y)/p(y) over its outputs (with its standard error). All in nats.
 //!
 //! **Exact curves**: per prompt, the empirical distribution of the M reference rewards
 //! (mass 1/M each) gives, through tilt-core, best-of-n's exact KL, win rate and expected
@@ -27,24 +29,29 @@
 //! can be read against them directly.
 //!
 //! **Sharing draws**: `sample` and every `bon:n` of a prompt's repetition s come from the
-//! same max-n candidates (sample = the first, bon:n = the best of the first n, ties uniform
-//! with the prompt's selection stream). Each strategy's marginal law is exact; only the
+//! same candidates (sample = the first, bon:n = the best of the first n, ties uniform with
+//! that strategy's own selection stream). Each strategy's marginal law is exact; only the
 //! strategies' errors are correlated, which costs nothing in bias and makes their
 //! differences sharper.
 //!
-//! **Seeds**: candidates of `sample`/`bon` use `seed` with streams `draw_stream(prompt, s·max_n + d)`;
-//! the reference samples use `seed ^ REFERENCE_SEED_MIX`; the j-th cd strategy uses
-//! `seed + (j+1)·0x9E3779B97F4A7C15` with streams `draw_stream(prompt, s)`. The report holds
-//! no timings, so the same seed and configuration give the same bytes.
+//! **Seeds**: a strategy's outputs depend on the run's seed and its own label, never on what
+//! else is listed or in which order. Candidate d of repetition s of `sample`/`bon` is drawn
+//! with `seed` from stream `draw_stream(prompt, s·MAX_N + d)` (a fixed stride, so it does not
+//! depend on the largest n listed); `bon:n` breaks ties with stream `selection_stream(prompt)`
+//! of [`strategy_seed`]`(seed, "bon:n")`; a cd strategy draws its S outputs with
+//! [`strategy_seed`]`(seed, label)` from streams `draw_stream(prompt, 0..S)`; the reference
+//! samples use `seed ^ REFERENCE_SEED_MIX`. The report holds no timings, so the same seed
+//! and configuration give the same bytes, whatever the thread count.
 
 use crate::cd::{cd_block_generate, cd_token_generate, CdBlockParams, CdTokenParams, PrefixScorer};
 use crate::generate::{
     draw_stream, encode_prompt, prefill_prompt, sample_continuations, score_sequences,
-    selection_stream,
+    selection_stream, MAX_N,
 };
 use crate::select::select_best;
 use crate::DecodeError;
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 use tilt_core::best_of_n::best_of_n;
 use tilt_core::bounds::bon_kl_bound;
 use tilt_core::tilt::tilt_by_kl;
@@ -56,6 +63,17 @@ use tilt_rewards::Reward;
 /// XOR-ed into the seed for the reference samples, so that they are independent of every
 /// strategy's draws.
 pub const REFERENCE_SEED_MIX: u64 = 0xD1B5_4A32_D192_ED03;
+
+/// The seed of the strategy labelled `label` (see [`EvalStrategy::label`]) in a run with
+/// seed `seed`: `seed` XOR the first 8 bytes (little-endian) of sha256(`label`). A stable
+/// hash of the label, so that a strategy's outputs do not depend on the other strategies
+/// listed, nor on their order, nor on the platform or the Rust version.
+pub fn strategy_seed(seed: u64, label: &str) -> u64 {
+    let digest = Sha256::digest(label.as_bytes());
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    seed ^ u64::from_le_bytes(first)
+}
 
 /// One strategy of an evaluation.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -254,6 +272,129 @@ pub struct EvalConfig {
     pub chat_template: bool,
 }
 
+/// A batch of sequences that an evaluation steps at once, and the input that sets its size.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Batch {
+    /// The flag (and item) to lower: `--reference-samples`, `--strategies bon:16`, …
+    pub input: String,
+    /// Sequences stepped together.
+    pub sequences: usize,
+}
+
+impl EvalConfig {
+    /// Check everything that can be checked without the models: M, S ≥ 1 and at most
+    /// [`MAX_N`], at least one new token, at least one strategy, n ≤ [`MAX_N`] for every
+    /// `bon:n`, and the cd parameters (K ≤ [`MAX_N`]).
+    ///
+    /// # Errors
+    /// [`DecodeError::InvalidInput`] naming the flag (`--reference-samples`,
+    /// `--samples-per-prompt`, `--max-new-tokens`, `--strategies` with the item).
+    pub fn validate(&self) -> Result<(), DecodeError> {
+        for (flag, v) in [
+            ("--reference-samples", self.reference_samples),
+            ("--samples-per-prompt", self.samples_per_prompt),
+        ] {
+            if v == 0 {
+                return Err(DecodeError::invalid(flag, "is 0; at least 1"));
+            }
+            if v > MAX_N {
+                return Err(DecodeError::invalid(
+                    flag,
+                    format!(
+                        "{v} is above the cap of {MAX_N} (they are stepped as one batch, each \
+                         with its own KV cache; split the work into several runs)"
+                    ),
+                ));
+            }
+        }
+        if self.max_new_tokens == 0 {
+            return Err(DecodeError::invalid("--max-new-tokens", "is 0; at least 1"));
+        }
+        if self.strategies.is_empty() {
+            return Err(bad_spec("no strategies given"));
+        }
+        for s in &self.strategies {
+            match *s {
+                EvalStrategy::Bon { n } if n > MAX_N => {
+                    return Err(bad_spec(format!(
+                        "{}: n = {n} is above the cap of {MAX_N} candidates (each needs its \
+                         own KV cache)",
+                        s.label()
+                    )))
+                }
+                EvalStrategy::CdBlock { k, m } => CdBlockParams {
+                    k,
+                    m,
+                    max_new_tokens: self.max_new_tokens,
+                    seed: 0,
+                }
+                .validate()
+                .map_err(|e| bad_spec(format!("{}: {e}", s.label())))?,
+                EvalStrategy::CdToken { lambda, top_k } => CdTokenParams {
+                    lambda,
+                    top_k,
+                    max_new_tokens: self.max_new_tokens,
+                    seed: 0,
+                }
+                .validate()
+                .map_err(|e| bad_spec(format!("{}: {e}", s.label())))?,
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// The largest n of `sample` (1) and the `bon:n` listed; 0 when there are none.
+    fn max_n(&self) -> usize {
+        self.strategies
+            .iter()
+            .map(|s| match s {
+                EvalStrategy::Bon { n } => *n,
+                EvalStrategy::Sample => 1,
+                _ => 0,
+            })
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Every batch the evaluation steps at once, for a policy with `vocab` tokens: the M
+    /// reference samples, the max-n candidates of sample/bon, the K continuations of each
+    /// cd-block, and the S·min(k, vocab) children of each cd-token step. Batches run one
+    /// after another, so memory must hold the largest (check each with
+    /// [`crate::generate::check_batch_memory`]).
+    pub fn batches(&self, vocab: usize) -> Vec<Batch> {
+        let mut out = vec![Batch {
+            input: "--reference-samples".into(),
+            sequences: self.reference_samples,
+        }];
+        let max_n = self.max_n();
+        if max_n > 0 {
+            out.push(Batch {
+                input: if max_n == 1 {
+                    "--strategies sample".into()
+                } else {
+                    format!("--strategies bon:{max_n}")
+                },
+                sequences: max_n,
+            });
+        }
+        for s in &self.strategies {
+            match *s {
+                EvalStrategy::CdBlock { k, .. } => out.push(Batch {
+                    input: format!("--strategies {}", s.label()),
+                    sequences: k,
+                }),
+                EvalStrategy::CdToken { top_k, .. } => out.push(Batch {
+                    input: format!("--strategies {} (with --samples-per-prompt)", s.label()),
+                    sequences: self.samples_per_prompt.saturating_mul(top_k.min(vocab)),
+                }),
+                _ => {}
+            }
+        }
+        out
+    }
+}
+
 /// One strategy's results.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StrategyResult {
@@ -273,7 +414,8 @@ pub struct StrategyResult {
     pub kl: f64,
     /// `exact`, `bound` or `estimate`.
     pub kl_kind: String,
-    /// Standard error of `kl` when it is an estimate.
+    /// Standard error of `kl` when it is a mean over outputs (cd-token's estimate, cd-block's
+    /// estimated bound).
     pub kl_stderr: Option<f64>,
     /// Mean number of generated tokens.
     pub mean_new_tokens: f64,
@@ -379,7 +521,7 @@ impl Acc {
 /// [`DecodeError::InvalidInput`] for M = 0, S = 0, no prompts, a cd strategy without a
 /// scorer, bad cd parameters, a scorer of the wrong hidden size; the policy's and reward's
 /// errors.
-pub fn evaluate<P: Policy>(
+pub fn evaluate<P>(
     policy: &P,
     reward: &dyn Reward,
     scorer: Option<&dyn PrefixScorer>,
@@ -387,27 +529,13 @@ pub fn evaluate<P: Policy>(
     config: &EvalConfig,
     mut progress: impl FnMut(usize),
     mut timing: impl FnMut(&str, f64),
-) -> Result<EvalReport, DecodeError> {
+) -> Result<EvalReport, DecodeError>
+where
+    P: Policy,
+{
+    config.validate()?;
     if prompts.is_empty() {
         return Err(DecodeError::invalid("--prompts", "no prompts given"));
-    }
-    if config.reference_samples == 0 {
-        return Err(DecodeError::invalid(
-            "--reference-samples",
-            "is 0; at least 1",
-        ));
-    }
-    if config.samples_per_prompt == 0 {
-        return Err(DecodeError::invalid(
-            "--samples-per-prompt",
-            "is 0; at least 1",
-        ));
-    }
-    if config.max_new_tokens == 0 {
-        return Err(DecodeError::invalid("--max-new-tokens", "is 0; at least 1"));
-    }
-    if config.strategies.is_empty() {
-        return Err(bad_spec("no strategies given"));
     }
     if prompts.len() >= 1 << 31 {
         return Err(DecodeError::invalid("--prompts", "too many prompts"));
@@ -418,39 +546,8 @@ pub fn evaluate<P: Policy>(
             "cd-block and cd-token need a prefix scorer file (train one with `tilt train-scorer`)",
         ));
     }
-    // Validate cd parameters before any work.
-    for s in &config.strategies {
-        match *s {
-            EvalStrategy::CdBlock { k, m } => CdBlockParams {
-                k,
-                m,
-                max_new_tokens: config.max_new_tokens,
-                seed: 0,
-            }
-            .validate()
-            .map_err(cd_err)?,
-            EvalStrategy::CdToken { lambda, top_k } => CdTokenParams {
-                lambda,
-                top_k,
-                max_new_tokens: config.max_new_tokens,
-                seed: 0,
-            }
-            .validate()
-            .map_err(cd_err)?,
-            _ => {}
-        }
-    }
     let reference = SamplingParams::new(1.0, None, None)?;
-    let max_n = config
-        .strategies
-        .iter()
-        .map(|s| match s {
-            EvalStrategy::Bon { n } => *n,
-            EvalStrategy::Sample => 1,
-            _ => 0,
-        })
-        .max()
-        .unwrap_or(0);
+    let max_n = config.max_n();
     let s_count = config.samples_per_prompt;
     let mut accs: Vec<Acc> = vec![Acc::default(); config.strategies.len()];
     let mut ref_rewards_all: Vec<Vec<f64>> = Vec::with_capacity(prompts.len());
@@ -477,13 +574,23 @@ pub fn evaluate<P: Policy>(
             .map(|c| c.reward)
             .collect();
         timing("reference", t0.elapsed().as_secs_f64());
-        // sample / bon: shared candidates, max_n per repetition.
+        // sample / bon: shared candidates, max_n per repetition (stride MAX_N, so that a
+        // candidate's stream does not depend on max_n); each bon:n its own selector.
         if max_n > 0 {
             let t0 = std::time::Instant::now();
-            let mut selector = SequenceSampler::new(config.seed, selection_stream(index));
+            let mut selectors: Vec<SequenceSampler> = config
+                .strategies
+                .iter()
+                .map(|st| {
+                    SequenceSampler::new(
+                        strategy_seed(config.seed, &st.label()),
+                        selection_stream(index),
+                    )
+                })
+                .collect();
             for s in 0..s_count {
                 let streams: Vec<u64> = (0..max_n as u64)
-                    .map(|d| draw_stream(index, (s * max_n) as u64 + d))
+                    .map(|d| draw_stream(index, (s * MAX_N) as u64 + d))
                     .collect();
                 let seqs = sample_continuations(
                     policy,
@@ -499,7 +606,7 @@ pub fn evaluate<P: Policy>(
                     let (chosen, kl) = match *strat {
                         EvalStrategy::Sample => (0, 0.0),
                         EvalStrategy::Bon { n } => (
-                            select_best(&rewards[..n], &mut selector)?,
+                            select_best(&rewards[..n], &mut selectors[j])?,
                             bon_kl_bound(n as u64)?,
                         ),
                         _ => continue,
@@ -512,9 +619,7 @@ pub fn evaluate<P: Policy>(
         // Controlled decoding.
         for (j, strat) in config.strategies.iter().enumerate() {
             let Some(scorer) = scorer else { continue };
-            let cd_seed = config
-                .seed
-                .wrapping_add((j as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            let cd_seed = strategy_seed(config.seed, &strat.label());
             let t0 = std::time::Instant::now();
             let outs: Vec<(Vec<TokenId>, f64)> = match *strat {
                 EvalStrategy::CdBlock { k, m } => {
@@ -585,8 +690,10 @@ pub fn evaluate<P: Policy>(
         let (win_rate, win_se) = mean_se(&per(1));
         let (kl, kl_kind, kl_stderr) = match strat {
             EvalStrategy::Sample => (0.0, "exact", None),
-            EvalStrategy::Bon { .. } | EvalStrategy::CdBlock { .. } => {
-                (mean_se(&acc.kl_values).0, "bound", None)
+            EvalStrategy::Bon { .. } => (mean_se(&acc.kl_values).0, "bound", None),
+            EvalStrategy::CdBlock { .. } => {
+                let (m, se) = mean_se(&acc.kl_values);
+                (m, "bound", se)
             }
             EvalStrategy::CdToken { .. } => {
                 let (m, se) = mean_se(&acc.kl_values);
@@ -621,7 +728,8 @@ pub fn evaluate<P: Policy>(
         exact_tilt,
         notes: vec![
             "win_rate: share of the prompt's reference samples beaten, ties 1/2, averaged over outputs then prompts; win_rate_ci95: normal interval (±1.96 standard errors) over per-prompt means, conditional on the reference samples".into(),
-            "kl_kind: exact (sample: 0), bound (bon:n: log n - (n-1)/n, arXiv 2401.01879 Thm 3.1; cd-block: B·(log K - (K-1)/K) over its B blocks), estimate (cd-token: mean of log pi(y)/p(y) over outputs, with its standard error)".into(),
+            "kl_kind: exact (sample: 0), bound (bon:n: log n - (n-1)/n, arXiv 2401.01879 Thm 3.1; cd-block: the mean over outputs of B·(log K - (K-1)/K), B an output's number of blocks, which estimates (with kl_stderr) the chain-rule bound E[B]·(log K - (K-1)/K) on the expected KL), estimate (cd-token: mean of the exact log pi(y)/p(y) over outputs, an unbiased Monte-Carlo estimate of KL, with its standard error)".into(),
+            "seeds: each strategy's outputs depend only on the run's seed and its own label (not on the other strategies listed or their order); sample and bon:n share candidates".into(),
             "exact_best_of_n / exact_tilt: tilt-core's exact values for the empirical distribution of each prompt's reference rewards, averaged over prompts at equal n / equal KL budget (capped per prompt at -log p(argmax set))".into(),
         ],
         units: "nats".into(),

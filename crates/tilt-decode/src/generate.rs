@@ -510,11 +510,14 @@ pub fn batch_memory_bytes(
         .saturating_add(n as u64 * vocab as u64 * 8)
 }
 
-/// Refuse a batch whose [`batch_memory_bytes`] exceeds `available_bytes`.
+/// Refuse a batch whose [`batch_memory_bytes`] exceeds `available_bytes`. `input` names the
+/// flag that sets the batch size (`--n`, `--block-k`, `--reference-samples`, …), so that the
+/// error says what to lower.
 ///
 /// # Errors
-/// [`DecodeError::InvalidInput`] naming `--n`, with the estimate and what is available.
+/// [`DecodeError::InvalidInput`] naming `input`, with the estimate and what is available.
 pub fn check_batch_memory(
+    input: &str,
     n: usize,
     prompt_len: usize,
     max_new_tokens: usize,
@@ -526,11 +529,11 @@ pub fn check_batch_memory(
     if need > available_bytes {
         let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
         return Err(DecodeError::invalid(
-            "--n",
+            input,
             format!(
-                "{n} candidates of up to {max_new_tokens} new tokens need about {:.2} GiB of \
-                 KV cache, more than the {:.2} GiB of memory available; lower --n or \
-                 --max-new-tokens",
+                "a batch of {n} sequences of up to {max_new_tokens} new tokens needs about \
+                 {:.2} GiB of KV cache and log-probabilities, more than the {:.2} GiB of memory \
+                 available; lower {input} or --max-new-tokens",
                 gib(need),
                 gib(available_bytes)
             ),

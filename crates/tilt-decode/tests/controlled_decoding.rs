@@ -101,7 +101,8 @@ fn sequence_law_by_hand(
 }
 
 /// Pearson chi-square statistic of observed counts against expected probabilities, merging
-/// cells with expected count < 5 into one; returns (statistic, degrees of freedom).
+/// cells with expected count < 5 into one; returns (statistic, degrees of freedom). A count
+/// in a cell of probability 0 makes the statistic infinite (the law is rejected).
 fn chi_square(
     counts: &HashMap<Vec<TokenId>, usize>,
     law: &[(Vec<TokenId>, f64)],
@@ -109,12 +110,9 @@ fn chi_square(
 ) -> (f64, usize) {
     let total_law: f64 = law.iter().map(|(_, q)| q).sum();
     assert!((total_law - 1.0).abs() < 1e-9, "law sums to {total_law}");
-    for seq in counts.keys() {
-        assert!(
-            law.iter().any(|(s, q)| s == seq && *q > 0.0),
-            "sampled {seq:?}, which has probability 0"
-        );
-    }
+    let impossible = counts
+        .keys()
+        .any(|seq| !law.iter().any(|(s, q)| s == seq && *q > 0.0));
     let (mut stat, mut cells) = (0.0, 0usize);
     let (mut small_obs, mut small_exp) = (0.0, 0.0);
     for (seq, q) in law {
@@ -132,14 +130,44 @@ fn chi_square(
         stat += (small_obs - small_exp).powi(2) / small_exp.max(1e-12);
         cells += 1;
     }
+    if impossible {
+        stat = f64::INFINITY;
+    }
     (stat, cells.saturating_sub(1))
 }
 
-/// The 0.999 quantile of chi-square(df) by the Wilson–Hilferty approximation.
-fn chi_square_critical(df: usize) -> f64 {
+/// The upper quantile of chi-square(df) at the standard normal quantile `z`, by the
+/// Wilson–Hilferty approximation.
+fn chi_square_quantile(df: usize, z: f64) -> f64 {
     let d = df.max(1) as f64;
-    let z = 3.090_232; // standard normal 0.999 quantile
     d * (1.0 - 2.0 / (9.0 * d) + z * (2.0 / (9.0 * d)).sqrt()).powi(3)
+}
+
+/// The 0.999 quantile of chi-square(df).
+fn chi_square_critical(df: usize) -> f64 {
+    chi_square_quantile(df, 3.090_232) // standard normal 0.999 quantile
+}
+
+/// Accept `law` for `counts` at level 0.001 (the seeds are fixed: not flaky), and reject
+/// `wrong` at level 1e-6, so that the test has the power to fail.
+fn check_law(
+    what: &str,
+    counts: &HashMap<Vec<TokenId>, usize>,
+    law: &[(Vec<TokenId>, f64)],
+    wrong: &[(Vec<TokenId>, f64)],
+    n: usize,
+) {
+    let (stat, df) = chi_square(counts, law, n);
+    assert!(
+        stat < chi_square_critical(df),
+        "{what}: chi-square {stat} on {df} df against the exact law"
+    );
+    let (wstat, wdf) = chi_square(counts, wrong, n);
+    assert!(
+        wstat > chi_square_quantile(wdf, 4.753_424), // standard normal 1 − 1e-6 quantile
+        "{what}: a wrong law was not rejected (chi-square {wstat} on {wdf} df)"
+    );
+    eprintln!("{what}: chi2 {stat:.1} on {df} df; wrong law {wstat:.1} on {wdf} df");
 }
 
 #[test]
@@ -208,11 +236,12 @@ fn cd_token_sequences_follow_the_exact_law_and_report_log_ratios() {
         kl_mean += s.kl_estimate / n as f64;
     }
     let law2: Vec<(Vec<TokenId>, f64)> = law.iter().map(|(s, pi, _)| (s.clone(), *pi)).collect();
-    let (stat, df) = chi_square(&counts, &law2, n);
-    assert!(
-        stat < chi_square_critical(df),
-        "chi-square {stat} on {df} df"
-    );
+    // A nearby wrong law: the same decoder at another λ.
+    let wrong: Vec<(Vec<TokenId>, f64)> = sequence_law_by_hand(&toy, &prompt, max_new, 0.6, k)
+        .into_iter()
+        .map(|(s, pi, _)| (s, pi))
+        .collect();
+    check_law("cd-token λ=1.3", &counts, &law2, &wrong, n);
     // The Monte-Carlo KL estimate is near the exact KL(π‖p) of the sequence law.
     let kl_exact: f64 = law.iter().map(|(_, pi, p)| pi * (pi / p).ln()).sum();
     let var: f64 = law
@@ -254,11 +283,13 @@ fn constant_scorer_makes_cd_token_sample_p_with_log_ratio_exactly_zero() {
         *counts.entry(s.tokens.clone()).or_default() += 1;
     }
     let law = toy.enumerate_sequences(&prompt, max_new).unwrap();
-    let (stat, df) = chi_square(&counts, &law, n);
-    assert!(
-        stat < chi_square_critical(df),
-        "chi-square {stat} on {df} df"
-    );
+    // Wrong: the law the same decoder has under a guiding (non-constant) scorer.
+    let wrong: Vec<(Vec<TokenId>, f64)> =
+        sequence_law_by_hand(&toy, &prompt, max_new, 1.0, ToyPolicy::VOCAB)
+            .into_iter()
+            .map(|(s, pi, _)| (s, pi))
+            .collect();
+    check_law("cd-token, constant scorer", &counts, &law, &wrong, n);
 }
 
 #[test]
@@ -282,11 +313,19 @@ fn constant_scorer_makes_cd_block_sample_p() {
         *counts.entry(s.tokens.clone()).or_default() += 1;
     }
     let law = toy.enumerate_sequences(&prompt, 3).unwrap();
-    let (stat, df) = chi_square(&counts, &law, n);
-    assert!(
-        stat < chi_square_critical(df),
-        "chi-square {stat} on {df} df"
-    );
+    // Wrong: best-of-3 of whole sequences under the toy scorer's V (what a guiding scorer
+    // with M = the whole length would give).
+    let rewards: Vec<f64> = law
+        .iter()
+        .map(|(s, _)| v_by_hand(*s.last().unwrap(), prompt.len() + s.len() - 1))
+        .collect();
+    let dist = RewardDistribution::new(law.iter().map(|(_, p)| *p).collect(), rewards).unwrap();
+    let wrong: Vec<(Vec<TokenId>, f64)> = law
+        .iter()
+        .zip(best_of_n(&dist, 3).unwrap().pmf)
+        .map(|((s, _), q)| (s.clone(), q))
+        .collect();
+    check_law("cd-block, constant scorer", &counts, &law, &wrong, n);
 }
 
 #[test]
@@ -324,10 +363,18 @@ fn cd_block_with_m_the_whole_length_is_best_of_k() {
             assert!((s.kl_bound - want).abs() < 1e-12);
             *counts.entry(s.tokens.clone()).or_default() += 1;
         }
-        let (stat, df) = chi_square(&counts, &law, n);
-        assert!(
-            stat < chi_square_critical(df),
-            "K={k}: chi-square {stat} on {df} df"
+        // Wrong: best-of-(K + 1), the nearest other best-of law.
+        let wrong: Vec<(Vec<TokenId>, f64)> = seqs
+            .iter()
+            .zip(best_of_n(&dist, k as u64 + 1).unwrap().pmf)
+            .map(|((s, _), q)| (s.clone(), q))
+            .collect();
+        check_law(
+            &format!("cd-block K={k}, M = whole"),
+            &counts,
+            &law,
+            &wrong,
+            n,
         );
         // The exact bound holds for the exact law.
         assert!(bon.kl <= bon.kl_bound + 1e-12);
@@ -442,6 +489,30 @@ fn cd_fudge_training_beats_the_constant_predictor_on_heldout_prompts() {
     .unwrap();
     assert_eq!(data.rollout_rewards.len(), prompts.len());
     assert!(data.features.len() > prompts.len() * 16);
+    // Every row is accounted for by its rollout: (reward, prefix count) per rollout.
+    assert_eq!(data.rollout_prefixes.len(), prompts.len());
+    assert!(data.rollout_prefixes.iter().all(|r| r.len() == 16));
+    assert_eq!(
+        data.rollout_prefixes.iter().flatten().sum::<usize>(),
+        data.features.len()
+    );
+    let mut row = 0;
+    for (pi, (rs, ns)) in data
+        .rollout_rewards
+        .iter()
+        .zip(&data.rollout_prefixes)
+        .enumerate()
+    {
+        for (&r, &len) in rs.iter().zip(ns) {
+            assert!(
+                (2..=9).contains(&len),
+                "a rollout of ≤ 8 tokens has 2..=9 prefixes"
+            );
+            assert!(data.targets[row..row + len].iter().all(|&t| t == r));
+            assert!(data.groups[row..row + len].iter().all(|&g| g == pi));
+            row += len;
+        }
+    }
     for head in [HeadKind::Linear, HeadKind::Mlp { hidden: 8 }] {
         let config = TrainConfig {
             head,
@@ -735,4 +806,31 @@ fn bad_parameters_are_clear_errors() {
         seed: 0,
     };
     assert!(msg(fit_head(&data, &cfg).unwrap_err()).contains("at least 2"));
+    // The settings can be checked on their own, before any rollout is drawn.
+    assert!(cfg.validate().is_ok());
+    for (bad, flag) in [
+        (
+            TrainConfig {
+                epochs: 0,
+                ..cfg.clone()
+            },
+            "--epochs",
+        ),
+        (
+            TrainConfig {
+                heldout_fraction: 1.0,
+                ..cfg.clone()
+            },
+            "--heldout-fraction",
+        ),
+        (
+            TrainConfig {
+                head: HeadKind::Mlp { hidden: 0 },
+                ..cfg.clone()
+            },
+            "--mlp-hidden",
+        ),
+    ] {
+        assert!(msg(bad.validate().unwrap_err()).contains(flag), "{flag}");
+    }
 }

@@ -289,3 +289,87 @@ fn rewind_follows_the_reference_conditioned_on_acceptance() {
         &wrong,
     );
 }
+
+/// E[log(draws/accepted)] under the runner's stopping rule, exactly: batches of `n` draws,
+/// each in A with probability `q`, until a batch holds one (at most `cap` draws, a multiple of
+/// `n`); conditional on acceptance. The batch holding the first acceptance is the b-th with
+/// probability (1−q)^{n(b−1)}·(1−(1−q)^n), and its count a of draws in A is
+/// Binomial(n, q) conditioned on a ≥ 1.
+fn rewind_estimate_mean(q: f64, n: usize, cap: usize) -> f64 {
+    assert_eq!(cap % n, 0);
+    let mut binom = vec![0.0; n + 1];
+    for (a, b) in binom.iter_mut().enumerate() {
+        let ln_choose =
+            ln_gamma(n as f64 + 1.0) - ln_gamma(a as f64 + 1.0) - ln_gamma((n - a) as f64 + 1.0);
+        *b = (ln_choose + a as f64 * q.ln() + (n - a) as f64 * (1.0 - q).ln()).exp();
+    }
+    let mut e = 0.0;
+    for b in 1..=cap / n {
+        let reach = (1.0 - q).powi((n * (b - 1)) as i32);
+        for (a, pa) in binom.iter().enumerate().skip(1) {
+            e += reach * pa * ((n * b) as f64 / a as f64).ln();
+        }
+    }
+    e / (1.0 - (1.0 - q).powi(cap as i32))
+}
+
+#[test]
+fn rewind_kl_estimate_has_the_stated_law() {
+    // What the kl_note says of log(draws/accepted): the maximum-likelihood estimate of
+    // log 1/p(A), biased downwards for a batch of 1 (geometric draws) and with a law that
+    // depends on the batch size N. Checked on the runner's own outputs: their mean matches
+    // the exact expectation under the stopping rule, for N = 1 and N = 16.
+    let (_, dist) = reference();
+    let threshold = 2.0;
+    let q: f64 = dist
+        .probs()
+        .iter()
+        .zip(dist.rewards())
+        .filter(|(_, &r)| r >= threshold)
+        .map(|(p, _)| p)
+        .sum();
+    assert!(q > 0.02 && q < 0.3, "p(A) = {q}");
+    let cap = 1024;
+    let toy = ToyPolicy::new();
+    let runs = 3000u64;
+    let mut means = Vec::new();
+    for n in [1usize, 16] {
+        let (mut sum, mut sum2, mut count) = (0.0, 0.0, 0.0);
+        for seed in 0..runs {
+            let config = GenerationConfig {
+                strategy: Strategy::Rewind {
+                    threshold,
+                    max_draws: cap,
+                },
+                n,
+                seed: 7_000_003 * seed + 1,
+                max_new_tokens: MAX_NEW,
+                sampling: SamplingParams::default(),
+                chat_template: true,
+            };
+            let out = generate(&toy, &LetterReward, PROMPT, 0, &config).unwrap();
+            let est = out.kl_estimate.expect("accepted within the cap");
+            assert!(out.kl_note.contains("not unbiased") && out.kl_note.contains(&n.to_string()));
+            sum += est;
+            sum2 += est * est;
+            count += 1.0;
+        }
+        let mean = sum / count;
+        let se = ((sum2 / count - mean * mean) / count).sqrt();
+        let exact = rewind_estimate_mean(q, n, cap);
+        eprintln!(
+            "rewind N={n}: mean estimate {mean:.4} ± {se:.4}, exact {exact:.4}, log 1/p(A) = {:.4}",
+            (1.0 / q).ln()
+        );
+        assert!(
+            (mean - exact).abs() < 4.0 * se,
+            "N={n}: mean {mean} vs exact expectation {exact} (se {se})"
+        );
+        means.push((exact, se));
+    }
+    let target = (1.0 / q).ln();
+    // N = 1: biased downwards, by more than the noise; N = 16 (N·p(A) > 1): much closer.
+    assert!(means[0].0 < target - 0.2, "{} vs {target}", means[0].0);
+    assert!((means[1].0 - target).abs() < (means[0].0 - target).abs() / 2.0);
+    assert!((means[0].0 - means[1].0).abs() > 4.0 * (means[0].1 + means[1].1));
+}

@@ -300,11 +300,17 @@ fn bad_inputs_are_clear_errors() {
 fn too_large_a_batch_for_memory_is_refused() {
     // SmolLM2-135M: 30 layers × 3 KV heads × 64 dims × 2 × 4 bytes = 46080 bytes per token.
     let per_token = 30 * 3 * 64 * 2 * 4;
-    assert!(check_batch_memory(16, 64, 64, per_token, 49152, 8 << 30).is_ok());
-    let e = check_batch_memory(4096, 64, 8192, per_token, 49152, 8 << 30).unwrap_err();
+    assert!(check_batch_memory("--n", 16, 64, 64, per_token, 49152, 8 << 30).is_ok());
+    let e = check_batch_memory("--n", 4096, 64, 8192, per_token, 49152, 8 << 30).unwrap_err();
     assert!(e.is_input_error());
     assert!(
         e.to_string().contains("--n") && e.to_string().contains("GiB"),
+        "{e}"
+    );
+    // The error names the flag that sets the batch, whichever it is.
+    let e = check_batch_memory("--block-k", 4096, 0, 8192, per_token, 49152, 8 << 30).unwrap_err();
+    assert!(
+        e.to_string().starts_with("--block-k:") && e.to_string().contains("lower --block-k"),
         "{e}"
     );
 }

@@ -220,8 +220,9 @@ impl LlamaCache {
     }
 
     /// Move every position into the shared prefix, so that later forks copy nothing.
-    /// Costs one copy of the cache when the prefix was already non-empty. Call it before
-    /// forking a sequence many times (e.g. after extending it by a block).
+    /// When no other cache shares the prefix the suffix is appended to it in place;
+    /// otherwise this costs one copy of the prefix. Call it before forking a sequence many
+    /// times (e.g. after extending it by a block).
     pub fn share(&mut self) {
         if self.suffix.len == 0 {
             return;
@@ -232,13 +233,12 @@ impl LlamaCache {
             self.prefix = Arc::new(suffix);
             return;
         }
-        let mut merged = (*self.prefix).clone();
+        let merged = Arc::make_mut(&mut self.prefix);
         for l in 0..n_layers {
             merged.k[l].extend_from_slice(&suffix.k[l]);
             merged.v[l].extend_from_slice(&suffix.v[l]);
         }
         merged.len += suffix.len;
-        self.prefix = Arc::new(merged);
     }
 
     /// Key and value rows of layer `layer` for positions `0..n` (n ≤ len), as two
@@ -660,17 +660,30 @@ fn attend_body(
     let group = cfg.n_heads / cfg.n_kv_heads;
     let scale = 1.0 / (hd as f32).sqrt();
     let segments = cache.kv_segments(layer, pos + 1, kvd);
-    let keys = || segments.iter().flat_map(|(k, _)| k.chunks_exact(kvd));
     let values = || segments.iter().flat_map(|(_, v)| v.chunks_exact(kvd));
     let mut scores = vec![0f32; pos + 1];
     for head in 0..cfg.n_heads {
         let kvh = head / group;
         let qh = &q[head * hd..(head + 1) * hd];
-        let mut max = f32::NEG_INFINITY;
-        for (s, k) in scores.iter_mut().zip(keys()) {
-            *s = crate::matmul::dot_reference(qh, &k[kvh * hd..(kvh + 1) * hd]) * scale;
-            max = max.max(*s);
+        // Scores four keys at a time (independent chains), each exactly dot_reference.
+        let mut s0 = 0;
+        for (keys, _) in &segments {
+            let key = |r: usize| &keys[r * kvd + kvh * hd..r * kvd + (kvh + 1) * hd];
+            let rows = keys.len() / kvd;
+            let mut r = 0;
+            while r + 4 <= rows {
+                let d = crate::matmul::dot4([key(r), key(r + 1), key(r + 2), key(r + 3)], qh);
+                for (s, d) in scores[s0 + r..s0 + r + 4].iter_mut().zip(d) {
+                    *s = d * scale;
+                }
+                r += 4;
+            }
+            for r in r..rows {
+                scores[s0 + r] = crate::matmul::dot_reference(key(r), qh) * scale;
+            }
+            s0 += rows;
         }
+        let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let mut sum = 0f32;
         for s in scores.iter_mut() {
             *s = (*s - max).exp();
@@ -891,6 +904,20 @@ impl Policy for LlamaPolicy {
 
     fn cache_len(&self, cache: &LlamaCache) -> usize {
         cache.len()
+    }
+
+    /// Share the suffix when the forks would copy more than sharing does: always when the
+    /// shared prefix is empty (sharing is then a move), else when (forks − 1)·suffix
+    /// exceeds the positions [`LlamaCache::share`] may copy. Each fork then starts with
+    /// an empty suffix, so a fork never copies more than one block's positions.
+    fn prepare_fork(&self, cache: &mut LlamaCache, forks: usize) {
+        let suffix = cache.len() - cache.shared_len();
+        if suffix > 0
+            && forks > 1
+            && (cache.shared_len() == 0 || (forks - 1) * suffix > cache.len())
+        {
+            cache.share();
+        }
     }
 
     /// One forward over the whole response (all positions at once), rather than the

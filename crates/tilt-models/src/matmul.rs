@@ -480,6 +480,20 @@ pub(crate) fn dot_reference(w: &[f32], x: &[f32]) -> f32 {
     reduce8(&acc)
 }
 
+/// [`dot_reference`] of `x` with four vectors at once (four independent chains of fused
+/// multiply-adds, which a CPU overlaps); each result is bit-identical to
+/// `dot_reference(w[i], x)`.
+#[inline]
+pub(crate) fn dot4(w: [&[f32]; 4], x: &[f32]) -> [f32; 4] {
+    #[cfg(target_arch = "x86_64")]
+    if simd_available() && x.len() % 8 == 0 && w.iter().all(|wi| wi.len() == x.len()) {
+        // SAFETY: AVX2 and FMA are present; all five slices have the same length, a
+        // multiple of 8.
+        return unsafe { avx2::dot4(w, x) };
+    }
+    w.map(|wi| dot_reference(wi, x))
+}
+
 #[inline(always)]
 fn reduce8(a: &[f32; 8]) -> f32 {
     ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]))
@@ -790,6 +804,23 @@ mod avx2 {
         }
     }
 
+    /// Four dot products with `x`, as `super::dot_reference` each.
+    ///
+    /// # Safety
+    /// All slices have `x.len()` values, a multiple of 8.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dot4(w: [&[f32]; 4], x: &[f32]) -> [f32; 4] {
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let p = w.map(|wi| wi.as_ptr());
+        for k in (0..x.len()).step_by(8) {
+            let xv = _mm256_loadu_ps(x.as_ptr().add(k));
+            for i in 0..4 {
+                acc[i] = _mm256_fmadd_ps(_mm256_loadu_ps(p[i].add(k)), xv, acc[i]);
+            }
+        }
+        acc.map(|a| reduce(a))
+    }
+
     /// ((a0+a4) + (a2+a6)) + ((a1+a5) + (a3+a7)), as `super::reduce8`.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
@@ -930,6 +961,24 @@ mod tests {
                     avx2::dequantize_row(&ours, j, &mut simd_row);
                     assert_eq!(simd_row, row, "{dtype:?} row {j} (AVX2)");
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn four_dot_products_at_once_equal_four_single_ones() {
+        let mut rng = ChaCha8Rng::seed_from_u64(4);
+        for n in [1usize, 7, 8, 13, 64, 67] {
+            let v: Vec<Vec<f32>> = (0..5)
+                .map(|_| (0..n).map(|_| rng.random::<f32>() * 2.0 - 1.0).collect())
+                .collect();
+            let got = dot4([&v[0], &v[1], &v[2], &v[3]], &v[4]);
+            for i in 0..4 {
+                assert_eq!(
+                    got[i].to_bits(),
+                    dot_reference(&v[i], &v[4]).to_bits(),
+                    "n {n}, {i}"
+                );
             }
         }
     }

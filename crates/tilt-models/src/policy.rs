@@ -82,6 +82,14 @@ pub trait Policy: Send + Sync {
     /// Number of tokens in a cache.
     fn cache_len(&self, cache: &Self::Cache) -> usize;
 
+    /// Get `cache` ready to be cloned `forks` times (blockwise decoding forks a sequence
+    /// that already has a private suffix). A policy whose forks copy the private part of
+    /// a cache can move it into the shared part here when that copies less; the default
+    /// does nothing, which is always correct.
+    fn prepare_fork(&self, cache: &mut Self::Cache, forks: usize) {
+        let _ = (cache, forks);
+    }
+
     /// log p(response | context) token by token: element i is log p(response[i] | context,
     /// response[..i]). Their sum is the full-sequence log-probability.
     ///

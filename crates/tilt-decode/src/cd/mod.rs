@@ -15,7 +15,8 @@
 //! - **cd-block** ([`block`]): from one forked cache draw K continuations of M tokens from p,
 //!   keep the one V scores best, repeat to the end. With M ≥ the whole length it is
 //!   best-of-K under the reward V(final prefix); its KL obeys the chain-rule bound
-//!   B·(log K − (K−1)/K) over B blocks.
+//!   KL(π‖p) ≤ E_π[B]·(log K − (K−1)/K), B the (random) number of blocks: a bound on the
+//!   expected KL, not on one sequence's log-ratio.
 //!
 //! The scorer is a small head over the policy's last hidden state ([`scorer`]), trained by
 //! CD-FUDGE ([`train`]): regress the final reward of reference rollouts on every prefix. The

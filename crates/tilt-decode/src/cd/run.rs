@@ -58,13 +58,16 @@ pub fn to_decode_error(e: CdError) -> DecodeError {
 /// Generate one output for `prompt` (the prompt with index `index` of the input, which picks
 /// its random stream `draw_stream(index, 0)`) with a controlled-decoding strategy, and score
 /// it. cd-token reports `kl_estimate` = log π(y)/p(y) of this output (its mean over outputs
-/// is a Monte-Carlo KL); cd-block reports `kl_bound` = B·(log K − (K−1)/K).
+/// is a Monte-Carlo KL); cd-block reports `kl_bound` = B·(log K − (K−1)/K) for this output's
+/// B blocks, whose mean over outputs estimates the chain-rule bound E_π[B]·(log K − (K−1)/K)
+/// on the expected KL (see [`super::block`]). Both decoders sample from the model's own
+/// distribution p (temperature 1, no top-p): KL is against that p.
 ///
 /// # Errors
 /// Invalid parameters, a scorer of the wrong hidden size, a bad prompt; the policy's,
 /// scorer's and reward's errors.
 #[allow(clippy::too_many_arguments)]
-pub fn generate_controlled<P: Policy>(
+pub fn generate_controlled<P>(
     policy: &P,
     reward: &dyn Reward,
     scorer: &dyn PrefixScorer,
@@ -74,7 +77,10 @@ pub fn generate_controlled<P: Policy>(
     seed: u64,
     max_new_tokens: usize,
     chat_template: bool,
-) -> Result<GenerationOutput, DecodeError> {
+) -> Result<GenerationOutput, DecodeError>
+where
+    P: Policy,
+{
     let tokens = encode_prompt(policy, prompt, chat_template, max_new_tokens)?;
     let stream = draw_stream(index, 0);
     let (toks, eos, log_prob, kl_bound, kl_estimate, kl_note, n, draws) = match *strategy {
@@ -96,7 +102,7 @@ pub fn generate_controlled<P: Policy>(
                 None,
                 Some(s.kl_estimate),
                 format!(
-                    "kl_estimate = log π(y)/p(y) of this output under cd-token (λ = {lambda}, top-{top_k}); its mean over outputs estimates KL(π‖p) (arXiv 2310.17022)"
+                    "nats. kl_estimate = log π(y)/p(y) of this output, summed exactly over its steps, under cd-token (λ = {lambda}, top-{top_k}; p is the model at temperature 1 without truncation, so the top-k truncation is included): a single-sample estimate whose mean over outputs is an unbiased Monte-Carlo estimate of KL(π‖p) (arXiv 2310.17022). kl_bound: none"
                 ),
                 top_k,
                 1,
@@ -121,7 +127,7 @@ pub fn generate_controlled<P: Policy>(
                 Some(s.kl_bound),
                 None,
                 format!(
-                    "kl_bound = B·(log K − (K−1)/K) with B = {blocks} blocks of best-of-{k} (M = {m}): the chain rule over per-block best-of-K bounds (arXiv 2310.17022, 2401.01879)"
+                    "nats. kl_bound = B·(log K − (K−1)/K) for this output's B = {blocks} blocks of best-of-{k} (M = {m}). Each block is best-of-K of p's continuations under the scorer, so its KL given the prefix is at most log K − (K−1)/K (arXiv 2401.01879 Thm 3.1); by the chain rule KL(π‖p) ≤ E_π[B]·(log K − (K−1)/K). The bound is on the expected KL: this value's mean over outputs estimates it (it equals it when every output has the same B); it does not bound this output's own log π(y)/p(y). kl_estimate: none"
                 ),
                 k,
                 blocks * k,

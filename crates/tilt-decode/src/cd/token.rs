@@ -197,7 +197,8 @@ pub fn cd_token_step_law(
 }
 
 struct Running<C> {
-    cache: C,
+    /// The sequence's cache; `None` only while it is forked into the step's children.
+    cache: Option<C>,
     last: StepOutput,
     sample: CdTokenSample,
     sampler: SequenceSampler,
@@ -207,19 +208,25 @@ struct Running<C> {
 /// Draw `n` sequences with cd-token from one prompt (arXiv 2310.17022 §3, token-level CD).
 ///
 /// Sequence i uses random stream `first_stream + i` of `params.seed`. At each step the k
-/// children of every running sequence are scored in one batched [`Policy::step`].
+/// children of every running sequence are scored in one batched [`Policy::step`]: the
+/// sequence's cache is forked k ways (k − 1 clones, after [`Policy::prepare_fork`], and the original
+/// moved into the last child), and the chosen child's cache is moved back as the sequence's.
 ///
 /// # Errors
 /// Invalid parameters; a scorer whose hidden size differs from the policy's; no room in the
 /// context; the policy or scorer failing.
-pub fn cd_token_generate<P: Policy, S: PrefixScorer + ?Sized>(
+pub fn cd_token_generate<P, S>(
     policy: &P,
     scorer: &S,
     prompt: &[TokenId],
     n: usize,
     params: &CdTokenParams,
     first_stream: u64,
-) -> Result<Vec<CdTokenSample>> {
+) -> Result<Vec<CdTokenSample>>
+where
+    P: Policy,
+    S: PrefixScorer + ?Sized,
+{
     params.validate()?;
     check_scorer_fits(policy, scorer)?;
     check_room(policy, prompt.len(), params.max_new_tokens)?;
@@ -227,7 +234,7 @@ pub fn cd_token_generate<P: Policy, S: PrefixScorer + ?Sized>(
     let (cache0, out0) = policy.prefill(prompt)?;
     let mut seqs: Vec<Running<P::Cache>> = (0..n)
         .map(|i| Running {
-            cache: cache0.clone(),
+            cache: Some(cache0.clone()),
             last: out0.clone(),
             sample: CdTokenSample {
                 tokens: Vec::new(),
@@ -251,12 +258,16 @@ pub fn cd_token_generate<P: Policy, S: PrefixScorer + ?Sized>(
         let mut child_tokens = Vec::new();
         let mut spans = Vec::with_capacity(active.len());
         for &i in &active {
-            let cands = top_k_candidates(&seqs[i].last.log_probs, params.top_k);
+            let seq = &mut seqs[i];
+            let cands = top_k_candidates(&seq.last.log_probs, params.top_k);
+            let mut cache = seq.cache.take().ok_or_else(internal)?;
+            policy.prepare_fork(&mut cache, cands.len());
             let start = child_tokens.len();
-            for &c in &cands {
-                child_caches.push(seqs[i].cache.clone());
-                child_tokens.push(c);
+            for _ in 1..cands.len() {
+                child_caches.push(cache.clone());
             }
+            child_caches.push(cache);
+            child_tokens.extend_from_slice(&cands);
             spans.push((start, child_tokens.len()));
         }
         let outs = policy.step(&mut child_caches, &child_tokens)?;
@@ -286,7 +297,7 @@ pub fn cd_token_generate<P: Policy, S: PrefixScorer + ?Sized>(
             seq.sample.step_log_ratios.push(law.log_ratios[j]);
             seq.sample.step_values.push(values[lo + j]);
             seq.sample.log_prob += f64::from(seq.last.log_probs[tok as usize]);
-            seq.cache = child_caches[lo + j].take().ok_or_else(internal)?;
+            seq.cache = Some(child_caches[lo + j].take().ok_or_else(internal)?);
             seq.last = outs[lo + j].take().ok_or_else(internal)?;
             if eos.contains(&tok) {
                 seq.sample.finished_by_eos = true;

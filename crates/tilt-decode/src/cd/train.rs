@@ -77,7 +77,9 @@ pub fn reference_rollouts<P: Policy>(
     check_room(policy, prompt.len(), max_new_tokens)?;
     let eos = policy.eos_token_ids().to_vec();
     let (cache0, out0) = policy.prefill(prompt)?;
-    let mut caches = vec![cache0; n];
+    // The prompt part is shared by the forks (the policy's prefill shares it); each step
+    // moves the live caches into the batch and back, never copying them.
+    let mut caches: Vec<Option<P::Cache>> = vec![Some(cache0); n];
     let mut lasts = vec![out0; n];
     let mut rngs: Vec<_> = (0..n)
         .map(|i| SequenceSampler::new(seed, first_stream + i as u64))
@@ -107,15 +109,35 @@ pub fn reference_rollouts<P: Policy>(
             rolls[i].tokens.push(tok);
             toks.push(tok);
         }
-        let mut live_caches: Vec<P::Cache> = live.iter().map(|&i| caches[i].clone()).collect();
+        let mut live_caches: Vec<P::Cache> = live
+            .iter()
+            .map(|&i| {
+                caches[i].take().ok_or_else(|| {
+                    CdError::Model(tilt_models::ModelError::Internal(format!(
+                        "rollout {i}: its cache was missing"
+                    )))
+                })
+            })
+            .collect::<Result<_>>()?;
         let outs = policy.step(&mut live_caches, &toks)?;
+        if outs.len() != live.len() {
+            return Err(CdError::Model(tilt_models::ModelError::Internal(format!(
+                "step returned {} outputs for {} sequences",
+                outs.len(),
+                live.len()
+            ))));
+        }
         for (((&i, c), o), tok) in live.iter().zip(live_caches).zip(outs).zip(&toks) {
-            caches[i] = c;
             if keep_hidden {
                 rolls[i].prefix_hidden.push(o.hidden.clone());
             }
             lasts[i] = o;
-            rolls[i].finished_by_eos = eos.contains(tok);
+            if eos.contains(tok) {
+                // Finished: its cache is dropped here, not kept to the end.
+                rolls[i].finished_by_eos = true;
+            } else {
+                caches[i] = Some(c);
+            }
         }
     }
     Ok(rolls)
@@ -136,6 +158,9 @@ pub struct PrefixDataset {
     pub n_prompts: usize,
     /// The final reward of every rollout, per prompt.
     pub rollout_rewards: Vec<Vec<f64>>,
+    /// The number of prefixes (rows) of every rollout, per prompt: its length + 1 (t = 0 is
+    /// the prompt's last position). With `rollout_rewards` this is the whole target column.
+    pub rollout_prefixes: Vec<Vec<usize>>,
 }
 
 /// Draw K reference rollouts per prompt, score their final reward, and record every prefix
@@ -187,8 +212,10 @@ pub fn collect_rollouts<P: Policy, R: Reward + ?Sized>(
             .collect();
         let rewards = tilt_rewards::check_scores(&reward.name(), k, reward.score(&pairs)?)?;
         let mut per_prompt = Vec::with_capacity(k);
+        let mut prefixes = Vec::with_capacity(k);
         for (roll, &r) in rolls.into_iter().zip(&rewards) {
             per_prompt.push(r as f64);
+            prefixes.push(roll.prefix_hidden.len());
             for h in roll.prefix_hidden {
                 data.features.push(h);
                 data.targets.push(r as f64);
@@ -196,6 +223,7 @@ pub fn collect_rollouts<P: Policy, R: Reward + ?Sized>(
             }
         }
         data.rollout_rewards.push(per_prompt);
+        data.rollout_prefixes.push(prefixes);
         progress(pi + 1);
     }
     Ok(data)
@@ -232,7 +260,14 @@ pub struct TrainConfig {
 }
 
 impl TrainConfig {
-    fn validate(&self) -> Result<()> {
+    /// Check the settings (call it before drawing rollouts: [`fit_head`] checks them again,
+    /// but only after the rollouts are paid for).
+    ///
+    /// # Errors
+    /// [`CdError::InvalidParameter`] naming `--epochs` (0), `--learning-rate` (not finite
+    /// and > 0), `--weight-decay` (not finite and ≥ 0), `--heldout-fraction` (not in (0, 1))
+    /// or `--mlp-hidden` (0).
+    pub fn validate(&self) -> Result<()> {
         if self.epochs == 0 {
             return Err(CdError::invalid("--epochs", "is 0; at least 1"));
         }
