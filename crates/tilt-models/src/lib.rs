@@ -13,6 +13,7 @@ pub mod sampling;
 pub mod threads;
 pub mod tokenizer;
 pub mod toy;
+mod vecmath;
 
 pub use chat_template::{ChatMessage, ChatTemplate};
 pub use gguf::GgufFile;

@@ -522,13 +522,12 @@ impl Llama {
             // Gated MLP (SwiGLU, arXiv:2002.05202): h += W_down (silu(W_gate x) ⊙ W_up x).
             rms_norm(&h, &blk.ffn_norm, eps, &mut xn);
             blk.w_gate_up.matmul(&xn, n, &mut gate_up, false)?; // (n, 2f)
-            for r in 0..n {
-                let gu = &gate_up[r * 2 * f..(r + 1) * 2 * f];
-                let (g, u) = gu.split_at(f);
-                for ((a, &g), &u) in act[r * f..(r + 1) * f].iter_mut().zip(g).zip(u) {
-                    *a = g / (1.0 + (-g).exp()) * u;
-                }
-            }
+            act.par_chunks_mut(f)
+                .zip(gate_up.par_chunks(2 * f))
+                .for_each(|(a, gu)| {
+                    let (g, u) = gu.split_at(f);
+                    crate::vecmath::silu_mul(g, u, a);
+                });
             blk.w_down.matmul(&act, n, &mut h, true)?;
         }
         for (cache, toks) in caches.iter_mut().zip(tokens) {
@@ -559,7 +558,7 @@ impl Llama {
             .par_chunks(vocab)
             .zip(normed.par_chunks(d))
             .map(|(lg, hn)| StepOutput {
-                log_probs: log_softmax(lg),
+                log_probs: crate::vecmath::log_softmax(lg),
                 hidden: hn.to_vec(),
             })
             .collect();
@@ -684,11 +683,11 @@ fn attend_body(
             s0 += rows;
         }
         let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0f32;
         for s in scores.iter_mut() {
-            *s = (*s - max).exp();
-            sum += *s;
+            *s -= max;
         }
+        crate::vecmath::exp_in_place(&mut scores);
+        let sum: f32 = scores.iter().sum();
         let o = &mut out[head * hd..(head + 1) * hd];
         o.fill(0.0);
         for (&p, v) in scores.iter().zip(values()) {
@@ -699,15 +698,6 @@ fn attend_body(
             }
         }
     }
-}
-
-/// Normalised natural-log probabilities: `x − log Σ exp x` (terms in f32, each ≤ 1, summed
-/// in f64).
-fn log_softmax(logits: &[f32]) -> Vec<f32> {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let sum: f64 = logits.iter().map(|&x| (x - max).exp() as f64).sum();
-    let lse = max as f64 + sum.ln();
-    logits.iter().map(|&x| (x as f64 - lse) as f32).collect()
 }
 
 /// A Llama GGUF model with its tokenizer and chat template: tilt's real [`Policy`].
