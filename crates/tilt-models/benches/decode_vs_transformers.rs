@@ -11,10 +11,18 @@
 //! ```text
 //! cargo bench -p tilt-models --bench decode_vs_transformers
 //! ```
+//! Each tilt setting runs 3 times; the table shows the medians. For one sequence it also
+//! runs llama.cpp on the same file (the prebuilt CPU engine of the npm package
+//! `node-llama-cpp`, token by token through its sequence API: the engine, not a
+//! high-level sampling loop), at the same thread count and at 1 thread (llama.cpp's best
+//! here), and prints the ratio.
+//!
 //! Environment: `TILT_BENCH_MODEL` (a GGUF path; default: the embedded SmolLM2),
-//! `TILT_BENCH_THREADS` (default 2), `TILT_BENCH_SKIP_HF=1` (tilt only),
-//! `TILT_BENCH_VENV` (default `target/tilt-bench-venv`: created with `python3 -m venv` and
-//! filled from PyPI on first use, then reused).
+//! `TILT_BENCH_THREADS` (default 2), `TILT_BENCH_BATCHES` (default `1,4,16`),
+//! `TILT_BENCH_SKIP_HF=1`, `TILT_BENCH_SKIP_LLAMACPP=1`, `TILT_BENCH_VENV` (default
+//! `target/tilt-bench-venv`: created with `python3 -m venv` and filled from PyPI on first
+//! use, then reused), `TILT_BENCH_NODE_DIR` (default `target/llamacpp-bench`: `npm install`
+//! there on first use).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -33,6 +41,8 @@ fn batches() -> Vec<usize> {
         .and_then(|s| s.split(',').map(|n| n.trim().parse().ok()).collect())
         .unwrap_or_else(|| BATCHES.to_vec())
 }
+const LLAMA_CPP_PACKAGE: &str = "node-llama-cpp@3.22.1";
+const REPEATS: usize = 3;
 const HF_REQUIREMENTS: &[&str] = &[
     "torch==2.15.0",
     "transformers==5.23.0",
@@ -182,6 +192,76 @@ fn bench_transformers(
     Ok(rows)
 }
 
+/// Median of a non-empty list.
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// llama.cpp on `gguf`, one sequence: (median prefill s of all but the last prompt token,
+/// median decode tok/s) over the script's 3 runs.
+fn bench_llama_cpp(
+    gguf: &Path,
+    prompt: &[TokenId],
+    threads: usize,
+) -> Result<(f64, f64), Box<dyn std::error::Error>> {
+    let dir = std::env::var_os("TILT_BENCH_NODE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/llamacpp-bench")
+        });
+    std::fs::create_dir_all(&dir)?;
+    if !dir.join("node_modules/node-llama-cpp").exists() {
+        eprintln!(
+            "installing {LLAMA_CPP_PACKAGE} into {} (once)…",
+            dir.display()
+        );
+        let ok = Command::new("npm")
+            .args(["install", "--no-audit", "--no-fund", LLAMA_CPP_PACKAGE])
+            .current_dir(&dir)
+            .status()?;
+        if !ok.success() {
+            return Err(format!("npm install {LLAMA_CPP_PACKAGE} failed").into());
+        }
+    }
+    // ES modules resolve packages from the script's own folder.
+    let script = dir.join("llamacpp_eval.mjs");
+    std::fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/llamacpp_eval.mjs"),
+        &script,
+    )?;
+    let ids: Vec<String> = prompt.iter().map(|t| t.to_string()).collect();
+    let out = Command::new("node")
+        .arg(&script)
+        .arg(gguf)
+        .arg(threads.to_string())
+        .arg(ids.join(","))
+        .arg(NEW_TOKENS.to_string())
+        .current_dir(&dir)
+        .output()?;
+    if !out.status.success() {
+        return Err(format!(
+            "llamacpp_eval.mjs failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+        .into());
+    }
+    let (mut prefill, mut decode) = (Vec::new(), Vec::new());
+    for line in String::from_utf8(out.stdout)?
+        .lines()
+        .filter(|l| l.starts_with('{'))
+    {
+        let v: serde_json::Value = serde_json::from_str(line)?;
+        let get = |k: &str| v[k].as_f64().ok_or(format!("missing {k} in {line}"));
+        prefill.push(get("prefill_s")?);
+        decode.push(get("decode_tok_s")?);
+    }
+    if decode.is_empty() {
+        return Err("llamacpp_eval.mjs printed no result".into());
+    }
+    Ok((median(prefill), median(decode)))
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let path = match std::env::var_os("TILT_BENCH_MODEL") {
         Some(p) => PathBuf::from(p),
@@ -204,16 +284,44 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     bench_tilt(&policy, &prompt[..8], 2, 4)?;
     let mut tilt = Vec::new();
     for n in batches() {
-        let r = bench_tilt(&policy, &prompt, n, NEW_TOKENS)?;
-        let cpu = r.decode_cpu_s.map_or("?".into(), |c| format!("{c:.2}"));
-        eprintln!(
-            "tilt N={n}: prefill {:.3} s, decode {:.1} tok/s ({:.2} s wall, {cpu} s CPU)",
-            r.prefill_s,
-            r.decode_tok_s,
-            (n * (NEW_TOKENS - 1)) as f64 / r.decode_tok_s,
-        );
-        tilt.push(r);
+        let mut runs = Vec::new();
+        for _ in 0..REPEATS {
+            let r = bench_tilt(&policy, &prompt, n, NEW_TOKENS)?;
+            let cpu = r.decode_cpu_s.map_or("?".into(), |c| format!("{c:.2}"));
+            eprintln!(
+                "tilt N={n}: prefill {:.3} s, decode {:.1} tok/s ({:.2} s wall, {cpu} s CPU)",
+                r.prefill_s,
+                r.decode_tok_s,
+                (n * (NEW_TOKENS - 1)) as f64 / r.decode_tok_s,
+            );
+            runs.push(r);
+        }
+        tilt.push(Row {
+            n,
+            prefill_s: median(runs.iter().map(|r| r.prefill_s).collect()),
+            decode_tok_s: median(runs.iter().map(|r| r.decode_tok_s).collect()),
+            total_tok_s: median(runs.iter().map(|r| r.total_tok_s).collect()),
+            decode_cpu_s: None,
+        });
     }
+    let llama_cpp = if std::env::var_os("TILT_BENCH_SKIP_LLAMACPP").is_some() {
+        Vec::new()
+    } else {
+        let mut rows = Vec::new();
+        for t in [threads, 1]
+            .into_iter()
+            .take(if threads == 1 { 1 } else { 2 })
+        {
+            match bench_llama_cpp(&path, &prompt, t) {
+                Ok(r) => rows.push((t, r)),
+                Err(e) => {
+                    eprintln!("llama.cpp baseline unavailable: {e}");
+                    break;
+                }
+            }
+        }
+        rows
+    };
     let hf = if std::env::var_os("TILT_BENCH_SKIP_HF").is_some() {
         Vec::new()
     } else {
@@ -254,6 +362,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "{:>3} | {:>14.3} {:>16.1} {:>16.1} | {:>14} {:>16} {:>16} | {:>9}",
             r.n, r.prefill_s, r.decode_tok_s, r.total_tok_s, hp, hd, ht, ratio
         );
+    }
+    if let Some(one) = tilt.iter().find(|r| r.n == 1) {
+        for (t, (prefill, decode)) in &llama_cpp {
+            println!(
+                "one sequence: llama.cpp ({LLAMA_CPP_PACKAGE}, {t} thread{}) prefill {prefill:.3} s \
+                 ({} tokens), decode {decode:.1} tok/s; tilt ({threads} threads) decodes {:.2}x that",
+                if *t == 1 { "" } else { "s" },
+                PROMPT_TOKENS - 1,
+                one.decode_tok_s / decode
+            );
+        }
     }
     Ok(())
 }

@@ -659,7 +659,6 @@ fn attend_body(
     let group = cfg.n_heads / cfg.n_kv_heads;
     let scale = 1.0 / (hd as f32).sqrt();
     let segments = cache.kv_segments(layer, pos + 1, kvd);
-    let values = || segments.iter().flat_map(|(_, v)| v.chunks_exact(kvd));
     let mut scores = vec![0f32; pos + 1];
     for head in 0..cfg.n_heads {
         let kvh = head / group;
@@ -688,15 +687,14 @@ fn attend_body(
         }
         crate::vecmath::exp_in_place(&mut scores);
         let sum: f32 = scores.iter().sum();
-        let o = &mut out[head * hd..(head + 1) * hd];
-        o.fill(0.0);
-        for (&p, v) in scores.iter().zip(values()) {
-            let v = &v[kvh * hd..(kvh + 1) * hd];
-            let p = p / sum;
-            for (a, &b) in o.iter_mut().zip(v) {
-                *a = p.mul_add(b, *a);
-            }
-        }
+        crate::matmul::weighted_rows(
+            &scores,
+            sum,
+            &[segments[0].1, segments[1].1],
+            kvd,
+            kvh * hd,
+            &mut out[head * hd..(head + 1) * hd],
+        );
     }
 }
 

@@ -577,6 +577,36 @@ pub(crate) fn dot4(w: [&[f32]; 4], x: &[f32]) -> [f32; 4] {
     w.map(|wi| dot_reference(wi, x))
 }
 
+/// `out = Σ_s (p[s] / div) · row_s[offset .. offset + out.len()]` over the rows of the
+/// segments in order (each segment rows of `stride` values), every output element one
+/// chain of fused multiply-adds in row order from 0: attention's weighted sum of values.
+/// With AVX2 the outputs stay in registers, 64 at a time (the same bits).
+pub(crate) fn weighted_rows(
+    p: &[f32],
+    div: f32,
+    segments: &[&[f32]],
+    stride: usize,
+    offset: usize,
+    out: &mut [f32],
+) {
+    let n = out.len();
+    debug_assert!(offset + n <= stride);
+    #[cfg(target_arch = "x86_64")]
+    if simd_available() && n % 8 == 0 {
+        // SAFETY: AVX2 and FMA are present; every row read has `stride` ≥ offset + n values.
+        unsafe { avx2::weighted_rows(p, div, segments, stride, offset, out) };
+        return;
+    }
+    out.fill(0.0);
+    let rows = segments.iter().flat_map(|s| s.chunks_exact(stride));
+    for (&ps, row) in p.iter().zip(rows) {
+        let c = ps / div;
+        for (o, &v) in out.iter_mut().zip(&row[offset..offset + n]) {
+            *o = c.mul_add(v, *o);
+        }
+    }
+}
+
 #[inline(always)]
 fn reduce8(a: &[f32; 8]) -> f32 {
     ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]))
@@ -908,6 +938,41 @@ mod avx2 {
             }
         }
         acc.map(|a| reduce(a))
+    }
+
+    /// As `super::weighted_rows`, for `out.len()` a multiple of 8: 64 outputs (8 ymm
+    /// accumulators) at a time, each over all rows.
+    ///
+    /// # Safety
+    /// AVX2 and FMA are present; each row has `stride ≥ offset + out.len()` values.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn weighted_rows(
+        p: &[f32],
+        div: f32,
+        segments: &[&[f32]],
+        stride: usize,
+        offset: usize,
+        out: &mut [f32],
+    ) {
+        let coeffs: Vec<__m256> = p.iter().map(|&ps| _mm256_set1_ps(ps / div)).collect();
+        for d0 in (0..out.len()).step_by(64) {
+            let w = (out.len() - d0).min(64) / 8;
+            let mut acc = [_mm256_setzero_ps(); 8];
+            let mut s = 0;
+            for seg in segments {
+                for row in seg.chunks_exact(stride) {
+                    let Some(&c) = coeffs.get(s) else { break };
+                    let v = row.as_ptr().add(offset + d0);
+                    for (i, a) in acc.iter_mut().enumerate().take(w) {
+                        *a = _mm256_fmadd_ps(c, _mm256_loadu_ps(v.add(8 * i)), *a);
+                    }
+                    s += 1;
+                }
+            }
+            for (i, a) in acc.iter().enumerate().take(w) {
+                _mm256_storeu_ps(out.as_mut_ptr().add(d0 + 8 * i), *a);
+            }
+        }
     }
 
     /// ((a0+a4) + (a2+a6)) + ((a1+a5) + (a3+a7)), as `super::reduce8`.
@@ -1343,6 +1408,30 @@ mod tests {
                     dot_reference(&v[i], &v[4]).to_bits(),
                     "n {n}, {i}"
                 );
+            }
+        }
+    }
+
+    #[test]
+    fn weighted_rows_equal_the_scalar_chain() {
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        let stride = 200;
+        let a: Vec<f32> = (0..7 * stride).map(|_| rng.random::<f32>() - 0.5).collect();
+        let b: Vec<f32> = (0..5 * stride).map(|_| rng.random::<f32>() - 0.5).collect();
+        let p: Vec<f32> = (0..12).map(|_| rng.random::<f32>()).collect();
+        for (offset, n) in [(0usize, 64usize), (8, 136), (64, 8), (3, 5)] {
+            let mut got = vec![7f32; n];
+            weighted_rows(&p, 2.5, &[&a, &b], stride, offset, &mut got);
+            let rows: Vec<&[f32]> = a
+                .chunks_exact(stride)
+                .chain(b.chunks_exact(stride))
+                .collect();
+            for (i, g) in got.iter().enumerate() {
+                let mut want = 0f32;
+                for (&ps, row) in p.iter().zip(&rows) {
+                    want = (ps / 2.5).mul_add(row[offset + i], want);
+                }
+                assert_eq!(g.to_bits(), want.to_bits(), "offset {offset}, n {n}, {i}");
             }
         }
     }
