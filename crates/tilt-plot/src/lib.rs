@@ -136,7 +136,63 @@ fn backend_err(path: &Path) -> impl Fn(String) -> PlotError + '_ {
     }
 }
 
-/// Draw `panels` side by side into the SVG file `path`, under an overall `title`.
+/// Height of one row of the legend strip, in pixels.
+const LEGEND_ROW: u32 = 22;
+
+/// The legend: every series name once, in order of first appearance, with the colour and
+/// style it has there (series are coloured by their index in their panel).
+fn legend_entries(panels: &[Panel]) -> Vec<(String, RGBColor, SeriesStyle)> {
+    let mut out: Vec<(String, RGBColor, SeriesStyle)> = Vec::new();
+    for panel in panels {
+        for (k, s) in panel.series.iter().enumerate() {
+            if !out.iter().any(|(n, _, _)| *n == s.name) {
+                out.push((s.name.clone(), PALETTE[k % PALETTE.len()], s.style));
+            }
+        }
+    }
+    out
+}
+
+fn draw_legend<DB: DrawingBackend>(
+    area: &DrawingArea<DB, plotters::coord::Shift>,
+    entries: &[(String, RGBColor, SeriesStyle)],
+    columns: usize,
+) -> Result<(), DrawingAreaErrorKind<DB::ErrorType>> {
+    let (w, _) = area.dim_in_pixel();
+    let col_w = (w as i32 - 40) / columns as i32;
+    for (i, (name, color, style)) in entries.iter().enumerate() {
+        let x = 20 + (i % columns) as i32 * col_w;
+        let y = 8 + (i / columns) as i32 * LEGEND_ROW as i32 + LEGEND_ROW as i32 / 2;
+        match style {
+            SeriesStyle::Points => {
+                area.draw(&Circle::new((x + 10, y), 4, color.filled()))?;
+            }
+            SeriesStyle::Line => {
+                area.draw(&PathElement::new(
+                    vec![(x, y), (x + 22, y)],
+                    color.stroke_width(2),
+                ))?;
+            }
+            SeriesStyle::Dashed => {
+                for d in [0, 9, 18] {
+                    area.draw(&PathElement::new(
+                        vec![(x + d, y), (x + d + 5, y)],
+                        color.stroke_width(2),
+                    ))?;
+                }
+            }
+        }
+        area.draw(&Text::new(
+            name.clone(),
+            (x + 30, y - 7),
+            ("sans-serif", 14).into_font().color(&BLACK),
+        ))?;
+    }
+    Ok(())
+}
+
+/// Draw `panels` side by side into the SVG file `path`, under an overall `title`, with
+/// one legend for all of them in a strip below.
 ///
 /// # Errors
 /// [`PlotError::Empty`] when a panel has no finite point; [`PlotError::Backend`] when the
@@ -147,12 +203,18 @@ pub fn write_svg(path: &Path, title: &str, panels: &[Panel]) -> Result<(), PlotE
     }
     let err = backend_err(path);
     let width = 640 * panels.len() as u32;
-    let root = SVGBackend::new(path, (width, 520)).into_drawing_area();
+    let legend = legend_entries(panels);
+    let columns = (2 * panels.len()).max(1);
+    let legend_height = LEGEND_ROW * legend.len().div_ceil(columns) as u32 + 16;
+    let root = SVGBackend::new(path, (width, 520 + legend_height)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| err(e.to_string()))?;
     let root = root
         .titled(title, ("sans-serif", 22))
         .map_err(|e| err(e.to_string()))?;
-    let areas = root.split_evenly((1, panels.len()));
+    // The legend gets a strip of its own below the charts, so it never hides a point.
+    let (charts, legend_area) = root.split_vertically(root.dim_in_pixel().1 - legend_height);
+    draw_legend(&legend_area, &legend, columns).map_err(|e| err(e.to_string()))?;
+    let areas = charts.split_evenly((1, panels.len()));
     for (panel, area) in panels.iter().zip(areas.iter()) {
         let Some(((x0, x1), (y0, y1))) = range(panel) else {
             return Err(PlotError::Empty(format!(
@@ -179,7 +241,7 @@ pub fn write_svg(path: &Path, title: &str, panels: &[Panel]) -> Result<(), PlotE
                 for (k, s) in panel.series.iter().enumerate() {
                     let color = PALETTE[k % PALETTE.len()];
                     let pts: Vec<(f64, f64)> = finite(&s.points, panel.log_x).collect();
-                    let anno = match s.style {
+                    match s.style {
                         SeriesStyle::Line => chart
                             .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
                             .map_err(|e| err(e.to_string()))?,
@@ -218,17 +280,7 @@ pub fn write_svg(path: &Path, title: &str, panels: &[Panel]) -> Result<(), PlotE
                                 .map_err(|e| err(e.to_string()))?
                         }
                     };
-                    anno.label(s.name.clone()).legend(move |(x, y)| {
-                        PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
-                    });
                 }
-                chart
-                    .configure_series_labels()
-                    .position(SeriesLabelPosition::LowerRight)
-                    .background_style(WHITE.mix(0.85))
-                    .border_style(BLACK)
-                    .draw()
-                    .map_err(|e| err(e.to_string()))?;
             }};
         }
         if panel.log_x {
