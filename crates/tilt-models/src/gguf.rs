@@ -737,7 +737,7 @@ fn prescan<R: BufRead>(reader: &mut R, size: u64) -> Result<(), ScanError> {
         };
         let offset = s.u64(&format_args!("tensor {name}'s data offset"))?;
         let block = dtype.block_size() as u64;
-        if block == 0 || elems % block != 0 {
+        if block == 0 || !elems.is_multiple_of(block) {
             return bad(
                 dims_at,
                 format!(

@@ -574,7 +574,7 @@ impl Llama {
 fn linear(gguf: &mut GgufFile, name: &str, out: usize, inp: usize) -> Result<Linear, ModelError> {
     use candle_core::quantized::GgmlDType;
     match gguf.tensor_dtype(name)? {
-        dtype @ (GgmlDType::Q4_1 | GgmlDType::Q8_0) if inp % crate::matmul::QK == 0 => {
+        dtype @ (GgmlDType::Q4_1 | GgmlDType::Q8_0) if inp.is_multiple_of(crate::matmul::QK) => {
             let bytes = gguf.tensor_bytes(name, &[out, inp])?;
             Linear::from_ggml_bytes(&bytes, dtype == GgmlDType::Q8_0, out, inp).map_err(|problem| {
                 ModelError::BadFile {

@@ -132,7 +132,7 @@ impl Linear {
         out: usize,
         inp: usize,
     ) -> Result<Self, String> {
-        if inp % QK != 0 {
+        if !inp.is_multiple_of(QK) {
             return Err(format!("row length {inp} is not a multiple of {QK}"));
         }
         let blocks = out * inp / QK;
@@ -569,7 +569,7 @@ pub(crate) fn dot_reference(w: &[f32], x: &[f32]) -> f32 {
 #[inline]
 pub(crate) fn dot4(w: [&[f32]; 4], x: &[f32]) -> [f32; 4] {
     #[cfg(target_arch = "x86_64")]
-    if simd_available() && x.len() % 8 == 0 && w.iter().all(|wi| wi.len() == x.len()) {
+    if simd_available() && x.len().is_multiple_of(8) && w.iter().all(|wi| wi.len() == x.len()) {
         // SAFETY: AVX2 and FMA are present; all five slices have the same length, a
         // multiple of 8.
         return unsafe { avx2::dot4(w, x) };
@@ -592,7 +592,7 @@ pub(crate) fn weighted_rows(
     let n = out.len();
     debug_assert!(offset + n <= stride);
     #[cfg(target_arch = "x86_64")]
-    if simd_available() && n % 8 == 0 {
+    if simd_available() && n.is_multiple_of(8) {
         // SAFETY: AVX2 and FMA are present; every row read has `stride` ≥ offset + n values.
         unsafe { avx2::weighted_rows(p, div, segments, stride, offset, out) };
         return;
@@ -650,7 +650,7 @@ mod avx2 {
     /// Row `j` of W dequantised into `dst` (length ≥ inp, multiple of 8); the tail beyond
     /// `inp` is zeroed. Same values as [`Linear::dequantize_row`].
     pub(super) fn dequantize_row(w: &Linear, j: usize, dst: &mut [f32]) {
-        debug_assert!(dst.len() >= w.inp && dst.len() % 8 == 0);
+        debug_assert!(dst.len() >= w.inp && dst.len().is_multiple_of(8));
         // SAFETY: only reached when AVX2 and FMA are present (simd_available); chunk k
         // lands at 8k..8k+8 < dst.len().
         unsafe { dequantize_chunks(w, j, dst.as_mut_ptr(), 8) }
@@ -737,7 +737,7 @@ mod avx2 {
         out: *mut f32,
         accumulate: bool,
     ) {
-        debug_assert!(x.len() >= w.inp && w.inp % QK == 0);
+        debug_assert!(x.len() >= w.inp && w.inp.is_multiple_of(QK));
         let mut c = c0;
         while c + 4 <= c1 {
             fused::<4>(w, x, c, out, accumulate);
@@ -838,13 +838,18 @@ mod avx2 {
 
     /// The block `start` of `v`, or `None` past the end (nothing to prefetch).
     #[inline(always)]
-    fn prefetch_base<T>(v: &[T], start: usize) -> Option<*const T> {
+    pub(super) fn prefetch_base<T>(v: &[T], start: usize) -> Option<*const T> {
         (start < v.len()).then(|| v[start..].as_ptr())
     }
 
     /// Prefetch block `b` of each of the `cols` weight rows (`nb` blocks each) at `base`.
     #[inline(always)]
-    unsafe fn prefetch_blocks<T>(base: Option<*const T>, b: usize, cols: usize, nb: usize) {
+    pub(super) unsafe fn prefetch_blocks<T>(
+        base: Option<*const T>,
+        b: usize,
+        cols: usize,
+        nb: usize,
+    ) {
         if let Some(p) = base {
             for j in 0..cols {
                 // A prefetch never faults, whatever the address.
@@ -898,7 +903,7 @@ mod avx2 {
         out_stride: usize,
         accumulate: bool,
     ) {
-        debug_assert!(xs.len() >= R * stride && w.len() >= C * stride && stride % 8 == 0);
+        debug_assert!(xs.len() >= R * stride && w.len() >= C * stride && stride.is_multiple_of(8));
         let mut acc = [[_mm256_setzero_ps(); C]; R];
         let (xp, wp) = (xs.as_ptr(), w.as_ptr());
         for k in (0..stride).step_by(8) {
@@ -995,6 +1000,7 @@ mod avx512 {
     //! (6 rows × 8 columns of accumulators) double the arithmetic per cycle.
     use std::arch::x86_64::*;
 
+    use super::avx2::{prefetch_base, prefetch_blocks};
     use super::{Linear, Weights, QK};
 
     /// Rows per kernel call: 6 (24 accumulators, 4 weight registers, 1 input), or what
@@ -1147,23 +1153,6 @@ mod avx512 {
                 }
             }
             Weights::F32(_) => unreachable!("dequantize_pair is for quantised weights"),
-        }
-    }
-
-    /// The block `start` of `v`, or `None` past the end (nothing to prefetch).
-    #[inline(always)]
-    fn prefetch_base<T>(v: &[T], start: usize) -> Option<*const T> {
-        (start < v.len()).then(|| v[start..].as_ptr())
-    }
-
-    /// Prefetch block `b` of each of the `rows` weight rows (`nb` blocks each) at `base`.
-    #[inline(always)]
-    unsafe fn prefetch_blocks<T>(base: Option<*const T>, b: usize, rows: usize, nb: usize) {
-        if let Some(p) = base {
-            for j in 0..rows {
-                // A prefetch never faults, whatever the address.
-                _mm_prefetch(p.wrapping_add(j * nb + b) as *const i8, _MM_HINT_T0);
-            }
         }
     }
 

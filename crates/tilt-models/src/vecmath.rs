@@ -27,7 +27,7 @@ pub(crate) fn exp_f32(x: f32) -> f32 {
         .mul_add(r, 8.333_452e-3)
         .mul_add(r, 4.166_579_6e-2)
         .mul_add(r, 1.666_666_5e-1)
-        .mul_add(r, 5.000_000_1e-1);
+        .mul_add(r, 5e-1);
     let er = (p * r).mul_add(r, r) + 1.0;
     let n = n as i32;
     let half = n >> 1;
@@ -136,7 +136,7 @@ mod avx2 {
             8.333_452e-3,
             4.166_579_6e-2,
             1.666_666_5e-1,
-            5.000_000_1e-1,
+            5e-1,
         ] {
             p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
         }

@@ -61,7 +61,7 @@ struct Weights {
 
 impl Weights {
     fn dtype(&self, name: &str, shape: &[usize]) -> GgmlDType {
-        let blocks = shape.len() == 2 && shape[1] % 32 == 0;
+        let blocks = shape.len() == 2 && shape[1].is_multiple_of(32);
         match (self.quantized && blocks, name) {
             (true, "token_embd.weight") => GgmlDType::Q8_0,
             (true, _) => GgmlDType::Q4_1,
