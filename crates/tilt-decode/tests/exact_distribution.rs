@@ -259,17 +259,21 @@ fn sample_follows_the_reference() {
     check(Strategy::Sample, 4, dist.probs(), &wrong);
 }
 
-#[test]
-fn rewind_follows_the_reference_conditioned_on_acceptance() {
-    let (_, dist) = reference();
-    let threshold = 1.0;
-    let p_accept: f64 = dist
-        .probs()
+/// p(A) for A = {reward ≥ threshold}.
+fn acceptance_mass(dist: &RewardDistribution, threshold: f64) -> f64 {
+    dist.probs()
         .iter()
         .zip(dist.rewards())
         .filter(|(_, &r)| r >= threshold)
         .map(|(p, _)| p)
-        .sum();
+        .sum()
+}
+
+#[test]
+fn rewind_follows_the_reference_conditioned_on_acceptance() {
+    let (_, dist) = reference();
+    let threshold = 1.0;
+    let p_accept = acceptance_mass(&dist, threshold);
     // With a cap of 200 draws, P(no acceptance) = (1 − p(A))^200 is negligible.
     assert!((1.0 - p_accept).powi(200) < 1e-12, "p(A) = {p_accept}");
     let exact: Vec<f64> = dist
@@ -321,13 +325,7 @@ fn rewind_kl_estimate_has_the_stated_law() {
     // the exact expectation under the stopping rule, for N = 1 and N = 16.
     let (_, dist) = reference();
     let threshold = 2.0;
-    let q: f64 = dist
-        .probs()
-        .iter()
-        .zip(dist.rewards())
-        .filter(|(_, &r)| r >= threshold)
-        .map(|(p, _)| p)
-        .sum();
+    let q = acceptance_mass(&dist, threshold);
     assert!(q > 0.02 && q < 0.3, "p(A) = {q}");
     let cap = 1024;
     let toy = ToyPolicy::new();

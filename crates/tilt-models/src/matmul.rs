@@ -768,13 +768,7 @@ mod avx2 {
                 for b in 0..nb {
                     prefetch_blocks(ahead, b, C, nb);
                     // SAFETY: x has inp = 32·nb values.
-                    let xb = xp.add(b * QK);
-                    let xs = [
-                        _mm256_loadu_ps(xb),
-                        _mm256_loadu_ps(xb.add(8)),
-                        _mm256_loadu_ps(xb.add(16)),
-                        _mm256_loadu_ps(xb.add(24)),
-                    ];
+                    let xs = load_block(xp.add(b * QK));
                     for (j, a) in acc.iter_mut().enumerate() {
                         let blk = &v[j * nb + b];
                         let d = _mm256_set1_ps(blk.d);
@@ -800,13 +794,7 @@ mod avx2 {
                 let v = &v[c * nb..(c + C) * nb];
                 for b in 0..nb {
                     prefetch_blocks(ahead, b, C, nb);
-                    let xb = xp.add(b * QK);
-                    let xs = [
-                        _mm256_loadu_ps(xb),
-                        _mm256_loadu_ps(xb.add(8)),
-                        _mm256_loadu_ps(xb.add(16)),
-                        _mm256_loadu_ps(xb.add(24)),
-                    ];
+                    let xs = load_block(xp.add(b * QK));
                     for (j, a) in acc.iter_mut().enumerate() {
                         let blk = &v[j * nb + b];
                         let d = _mm256_set1_ps(blk.d);
@@ -856,6 +844,13 @@ mod avx2 {
                 _mm_prefetch(p.wrapping_add(j * nb + b) as *const i8, _MM_HINT_T0);
             }
         }
+    }
+
+    /// The 32 values at `p` as its 4 chunks of 8.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn load_block(p: *const f32) -> [__m256; 4] {
+        [0, 8, 16, 24].map(|k| _mm256_loadu_ps(p.add(k)))
     }
 
     /// `n` (1–3) rows × `cols` (1–4) columns: dispatch to the const-sized kernel.
