@@ -261,11 +261,31 @@ impl GgufFile {
     /// # Errors
     /// No such tensor.
     pub fn tensor_shape(&self, name: &str) -> Result<Vec<usize>, ModelError> {
+        Ok(self.tensor_info(name)?.shape.dims().to_vec())
+    }
+
+    fn tensor_info(&self, name: &str) -> Result<&gguf_file::TensorInfo, ModelError> {
         self.content
             .tensor_infos
             .get(name)
-            .map(|i| i.shape.dims().to_vec())
             .ok_or_else(|| self.bad(format!("tensor {name} is missing")))
+    }
+
+    /// Read tensor `name` as candle holds it, after checking its shape.
+    fn read_tensor(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+    ) -> Result<candle_core::quantized::QTensor, ModelError> {
+        let found = self.tensor_shape(name)?;
+        if found != shape {
+            return Err(self.bad(format!(
+                "tensor {name} has shape {found:?}, expected {shape:?}"
+            )));
+        }
+        self.content
+            .tensor(&mut self.reader, name, &Device::Cpu)
+            .map_err(|e| self.bad(format!("tensor {name}: {e}")))
     }
 
     /// Read tensor `name`, dequantised to f32, row-major, checking its shape.
@@ -273,17 +293,11 @@ impl GgufFile {
     /// # Errors
     /// Missing tensor, wrong shape, unreadable data or an unsupported quantisation.
     pub fn tensor_f32(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>, ModelError> {
-        let found = self.tensor_shape(name)?;
-        if found != shape {
-            return Err(self.bad(format!(
-                "tensor {name} has shape {found:?}, expected {shape:?}"
-            )));
-        }
-        let read = |this: &mut Self| -> candle_core::Result<Vec<f32>> {
-            let q = this.content.tensor(&mut this.reader, name, &Device::Cpu)?;
-            q.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()
-        };
-        let data = read(self).map_err(|e| self.bad(format!("tensor {name}: {e}")))?;
+        let q = self.read_tensor(name, shape)?;
+        let data = q
+            .dequantize(&Device::Cpu)
+            .and_then(|t| t.flatten_all()?.to_vec1::<f32>())
+            .map_err(|e| self.bad(format!("tensor {name}: {e}")))?;
         if let Some(i) = data.iter().position(|x| !x.is_finite()) {
             return Err(self.bad(format!(
                 "tensor {name}: element {i} is {} (weights must be finite)",
@@ -301,11 +315,7 @@ impl GgufFile {
         &self,
         name: &str,
     ) -> Result<candle_core::quantized::GgmlDType, ModelError> {
-        self.content
-            .tensor_infos
-            .get(name)
-            .map(|i| i.ggml_dtype)
-            .ok_or_else(|| self.bad(format!("tensor {name} is missing")))
+        Ok(self.tensor_info(name)?.ggml_dtype)
     }
 
     /// The raw bytes of tensor `name` as stored (GGML blocks), checking its shape.
@@ -313,17 +323,10 @@ impl GgufFile {
     /// # Errors
     /// Missing tensor, wrong shape or unreadable data.
     pub fn tensor_bytes(&mut self, name: &str, shape: &[usize]) -> Result<Vec<u8>, ModelError> {
-        let found = self.tensor_shape(name)?;
-        if found != shape {
-            return Err(self.bad(format!(
-                "tensor {name} has shape {found:?}, expected {shape:?}"
-            )));
-        }
-        let read = |this: &mut Self| -> candle_core::Result<Vec<u8>> {
-            let q = this.content.tensor(&mut this.reader, name, &Device::Cpu)?;
-            Ok(q.data()?.into_owned())
-        };
-        read(self).map_err(|e| self.bad(format!("tensor {name}: {e}")))
+        let q = self.read_tensor(name, shape)?;
+        q.data()
+            .map(|d| d.into_owned())
+            .map_err(|e| self.bad(format!("tensor {name}: {e}")))
     }
 }
 
