@@ -546,7 +546,7 @@ where
             "cd-block and cd-token need a prefix scorer file (train one with `tilt train-scorer`)",
         ));
     }
-    let reference = SamplingParams::new(1.0, None, None)?;
+    let reference = SamplingParams::default();
     let max_n = config.max_n();
     let s_count = config.samples_per_prompt;
     let mut accs: Vec<Acc> = vec![Acc::default(); config.strategies.len()];

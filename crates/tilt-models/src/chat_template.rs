@@ -13,22 +13,82 @@ use serde::Serialize;
 
 use crate::ModelError;
 
-/// One chat message.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+/// Who speaks a chat message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Instructions for the assistant.
+    System,
+    /// The user's turn.
+    User,
+    /// The assistant's turn (an earlier answer, or a prefix to continue).
+    Assistant,
+}
+
+impl Role {
+    /// `system`, `user` or `assistant`: the string a chat template sees.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::System => "system",
+            Role::User => "user",
+            Role::Assistant => "assistant",
+        }
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One chat message. As JSON: `{"role": "user", "content": "…"}`; any other field, or a
+/// role other than `system`, `user` and `assistant`, is refused when it is read.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ChatMessage {
-    /// `system`, `user` or `assistant`.
-    pub role: String,
+    /// Who speaks.
+    pub role: Role,
     /// The text.
     pub content: String,
 }
 
 impl ChatMessage {
     /// A message with `role` and `content`.
-    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
+    pub fn new(role: Role, content: impl Into<String>) -> Self {
         Self {
-            role: role.into(),
+            role,
             content: content.into(),
         }
+    }
+
+    /// A user message.
+    pub fn user(content: impl Into<String>) -> Self {
+        Self::new(Role::User, content)
+    }
+}
+
+/// How a model without a chat template renders a chat: a single user message is its own
+/// text; anything else is refused, since there is no template to say how turns are joined.
+///
+/// # Errors
+/// [`ModelError::ChatTemplate`] naming `model` for anything but one user message.
+pub fn render_without_template(
+    model: &str,
+    messages: &[ChatMessage],
+) -> Result<String, ModelError> {
+    match messages {
+        [m] if m.role == Role::User => Ok(m.content.clone()),
+        _ => Err(ModelError::ChatTemplate(format!(
+            "{model} has no chat template, so only a single user message can be rendered \
+             (got {} messages: {}); give the text as a raw prompt instead",
+            messages.len(),
+            messages
+                .iter()
+                .map(|m| m.role.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))),
     }
 }
 
@@ -106,7 +166,7 @@ mod tests {
     #[test]
     fn renders_chatml_with_and_without_generation_prompt() {
         let t = ChatTemplate::new(CHATML, "<s>", "</s>").unwrap();
-        let m = [ChatMessage::new("user", "Hi")];
+        let m = [ChatMessage::user("Hi")];
         assert_eq!(
             t.render(&m, true).unwrap(),
             "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
@@ -126,14 +186,27 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            t.render(&[ChatMessage::new("user", "  x ")], false)
-                .unwrap(),
+            t.render(&[ChatMessage::user("  x ")], false).unwrap(),
             "x</s>"
         );
         let err = t
-            .render(&[ChatMessage::new("system", "x")], false)
+            .render(&[ChatMessage::new(Role::System, "x")], false)
             .unwrap_err();
         assert!(err.to_string().contains("first must be user"), "{err}");
+    }
+
+    #[test]
+    fn roles_are_checked_when_read() {
+        let m: ChatMessage = serde_json::from_str(r#"{"role":"assistant","content":"x"}"#).unwrap();
+        assert_eq!(m, ChatMessage::new(Role::Assistant, "x"));
+        assert!(serde_json::from_str::<ChatMessage>(r#"{"role":"bot","content":"x"}"#).is_err());
+        assert!(
+            serde_json::from_str::<ChatMessage>(r#"{"role":"user","content":"x","name":"a"}"#)
+                .is_err()
+        );
+        // The template sees the role as its string.
+        let t = ChatTemplate::new("{{ messages[0]['role'] }}", "", "").unwrap();
+        assert_eq!(t.render(&[m], false).unwrap(), "assistant");
     }
 
     #[test]

@@ -15,9 +15,9 @@ pub mod tokenizer;
 pub mod toy;
 mod vecmath;
 
-pub use chat_template::{ChatMessage, ChatTemplate};
+pub use chat_template::{ChatMessage, ChatTemplate, Role};
 pub use gguf::GgufFile;
-pub use llama::{Llama, LlamaCache, LlamaConfig, LlamaPolicy, Outputs};
+pub use llama::{Llama, LlamaCache, LlamaConfig, LlamaPolicy, LoadOptions, Outputs};
 pub use policy::{Policy, StepOutput, TokenId};
 pub use threads::set_num_threads;
 pub use tokenizer::GgufTokenizer;

@@ -716,29 +716,68 @@ impl std::fmt::Debug for LlamaPolicy {
     }
 }
 
+/// How [`LlamaPolicy::load_with`] loads a model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoadOptions {
+    /// CPU threads of the model's pool (0: [`crate::threads::num_threads`]).
+    pub threads: usize,
+    /// Compile the chat template the file ships (`tokenizer.chat_template`). Without it the
+    /// template is not even parsed, so a file with a broken template still loads for raw
+    /// prompts, and [`Policy::render_chat`] takes only one user message.
+    pub chat_template: bool,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            threads: 0,
+            chat_template: true,
+        }
+    }
+}
+
 impl LlamaPolicy {
     /// Load a Llama-architecture GGUF file (weights, tokenizer, chat template), with
     /// `threads` threads (0: [`crate::threads::num_threads`]).
     ///
     /// # Errors
-    /// [`ModelError::BadFile`] (missing, malformed or truncated file),
-    /// [`ModelError::UnsupportedArchitecture`], tokenizer or chat-template errors.
+    /// As [`LlamaPolicy::load_with`].
     pub fn load(path: &std::path::Path, threads: usize) -> Result<Self, ModelError> {
+        Self::load_with(
+            path,
+            LoadOptions {
+                threads,
+                ..LoadOptions::default()
+            },
+        )
+    }
+
+    /// Load a Llama-architecture GGUF file as `options` say.
+    ///
+    /// # Errors
+    /// [`ModelError::BadFile`] naming the file: missing, malformed or truncated, a tokenizer
+    /// it cannot build, or a chat template that does not parse;
+    /// [`ModelError::UnsupportedArchitecture`].
+    pub fn load_with(path: &std::path::Path, options: LoadOptions) -> Result<Self, ModelError> {
+        let bad = |problem: String| ModelError::BadFile {
+            path: path.display().to_string(),
+            problem,
+        };
         let mut gguf = GgufFile::open(path)?;
         gguf.require_llama()?;
-        let tokenizer = GgufTokenizer::from_gguf(&gguf)?;
-        let model = Llama::load(&mut gguf, threads)?;
+        let tokenizer = GgufTokenizer::from_gguf(&gguf).map_err(|e| match e {
+            ModelError::Tokenizer(m) => bad(format!("tokenizer: {m}")),
+            other => other,
+        })?;
+        let model = Llama::load(&mut gguf, options.threads)?;
         if tokenizer.vocab_size() > model.config().vocab_size {
-            return Err(ModelError::BadFile {
-                path: path.display().to_string(),
-                problem: format!(
-                    "the tokenizer has {} tokens but the embedding only {} rows",
-                    tokenizer.vocab_size(),
-                    model.config().vocab_size
-                ),
-            });
+            return Err(bad(format!(
+                "the tokenizer has {} tokens but the embedding only {} rows",
+                tokenizer.vocab_size(),
+                model.config().vocab_size
+            )));
         }
-        let chat = if gguf.has("tokenizer.chat_template") {
+        let chat = if options.chat_template && gguf.has("tokenizer.chat_template") {
             let token = |id: Option<TokenId>| {
                 id.and_then(|i| tokenizer.token(i))
                     .unwrap_or_default()
@@ -746,11 +785,13 @@ impl LlamaPolicy {
             };
             let bos = token(tokenizer.bos_id());
             let eos = token(tokenizer.eos_ids().first().copied());
-            Some(ChatTemplate::new(
-                gguf.string("tokenizer.chat_template")?,
-                &bos,
-                &eos,
-            )?)
+            let source = gguf.string("tokenizer.chat_template")?;
+            Some(ChatTemplate::new(source, &bos, &eos).map_err(|e| {
+                bad(format!(
+                    "its chat template (tokenizer.chat_template) {e}; load it without the \
+                     chat template to use raw prompts"
+                ))
+            })?)
         } else {
             None
         };
@@ -767,6 +808,11 @@ impl LlamaPolicy {
         })
     }
 
+    /// Whether a chat template was loaded.
+    pub fn has_chat_template(&self) -> bool {
+        self.chat.is_some()
+    }
+
     /// The network.
     pub fn model(&self) -> &Llama {
         &self.model
@@ -775,22 +821,6 @@ impl LlamaPolicy {
     /// The tokenizer.
     pub fn tokenizer(&self) -> &GgufTokenizer {
         &self.tokenizer
-    }
-
-    /// Render a whole chat with the model's template (`add_generation_prompt` opens the
-    /// assistant's turn).
-    ///
-    /// # Errors
-    /// The model has no chat template, or rendering failed.
-    pub fn render_chat(
-        &self,
-        messages: &[ChatMessage],
-        add_generation_prompt: bool,
-    ) -> Result<String, ModelError> {
-        self.chat
-            .as_ref()
-            .ok_or_else(|| ModelError::ChatTemplate(format!("{} has no chat template", self.name)))?
-            .render(messages, add_generation_prompt)
     }
 
     fn single(mut v: Vec<Vec<StepOutput>>) -> Result<Vec<StepOutput>, ModelError> {
@@ -830,11 +860,17 @@ impl Policy for LlamaPolicy {
         self.tokenizer.decode(tokens, true)
     }
 
-    fn chat_prompt(&self, user_message: &str) -> Result<String, ModelError> {
+    fn render_chat(&self, messages: &[ChatMessage]) -> Result<String, ModelError> {
         match &self.chat {
-            Some(t) => t.render(&[ChatMessage::new("user", user_message)], true),
-            None => Ok(user_message.to_string()),
+            Some(t) => t.render(messages, true),
+            None => crate::chat_template::render_without_template(&self.name, messages),
         }
+    }
+
+    /// K and V, f32, per layer and KV head: 2 · layers · kv_heads · head_dim · 4 bytes.
+    fn kv_bytes_per_token(&self) -> u64 {
+        let c = &self.model.cfg;
+        2 * c.n_layers as u64 * c.n_kv_heads as u64 * c.head_dim as u64 * 4
     }
 
     fn artifacts(&self) -> Vec<std::path::PathBuf> {

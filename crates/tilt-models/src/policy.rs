@@ -6,8 +6,11 @@
 //! clone the cache N times, and step the N sequences together in one batched
 //! [`Policy::step`]. Implementations should make the prompt part of a forked cache shared
 //! (e.g. behind an `Arc`) so that forking costs only the generated suffix.
+//!
+//! Chat is part of the trait ([`Policy::render_chat`]): a request may be a whole
+//! conversation (system, user and assistant turns), and only the policy knows its template.
 
-use crate::ModelError;
+use crate::{ChatMessage, ModelError};
 
 /// A token id in the policy's vocabulary.
 pub type TokenId = u32;
@@ -43,9 +46,27 @@ pub trait Policy: Send + Sync {
     fn encode(&self, text: &str) -> Result<Vec<TokenId>, ModelError>;
     /// Detokenise, skipping special tokens.
     fn decode(&self, tokens: &[TokenId]) -> Result<String, ModelError>;
-    /// The text of a chat with one user message, ready for generation (the model's chat
-    /// template with its generation prompt). Models without a template return the message.
-    fn chat_prompt(&self, user_message: &str) -> Result<String, ModelError>;
+    /// The text of a chat, ready for generation: the model's chat template applied to
+    /// `messages`, followed by the opening of the assistant's turn (the template's generation
+    /// prompt). A model without a template renders one user message as its text and
+    /// refuses anything else.
+    ///
+    /// # Errors
+    /// [`ModelError::ChatTemplate`] when the template fails on these messages (e.g. a role
+    /// order it does not accept) or the model has no template for them.
+    fn render_chat(&self, messages: &[ChatMessage]) -> Result<String, ModelError>;
+    /// The text of a chat with one user message: [`Policy::render_chat`] of that message.
+    ///
+    /// # Errors
+    /// As [`Policy::render_chat`].
+    fn chat_prompt(&self, user_message: &str) -> Result<String, ModelError> {
+        self.render_chat(&[ChatMessage::user(user_message)])
+    }
+    /// Bytes of KV cache one more token of one sequence takes (for memory estimates before
+    /// a batch is run); 0 for a policy that keeps no per-token state worth counting.
+    fn kv_bytes_per_token(&self) -> u64 {
+        0
+    }
     /// Files whose bytes determine this policy (for manifests: they are hashed).
     fn artifacts(&self) -> Vec<std::path::PathBuf> {
         Vec::new()

@@ -33,10 +33,62 @@ use rand_chacha::ChaCha20Rng;
 /// assert!(SamplingParams::default().is_reference());
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "RawSampling", into = "RawSampling")]
 pub struct SamplingParams {
     temperature: f64,
     top_k: Option<usize>,
     top_p: Option<f64>,
+}
+
+/// What [`SamplingParams::new`] rejects: the parameter (`temperature`, `top_k`, `top_p`)
+/// and why.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{param}: {problem}")]
+pub struct SamplingError {
+    /// The parameter's name.
+    pub param: &'static str,
+    /// What is wrong with its value.
+    pub problem: String,
+}
+
+impl From<SamplingError> for ModelError {
+    fn from(e: SamplingError) -> Self {
+        ModelError::InvalidInput(e.to_string())
+    }
+}
+
+/// The serialised form of [`SamplingParams`]: every field optional (temperature 1, no
+/// truncation), unknown fields refused, and the values validated when read.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSampling {
+    #[serde(default = "one")]
+    temperature: f64,
+    #[serde(default)]
+    top_k: Option<usize>,
+    #[serde(default)]
+    top_p: Option<f64>,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+impl TryFrom<RawSampling> for SamplingParams {
+    type Error = SamplingError;
+    fn try_from(r: RawSampling) -> Result<Self, SamplingError> {
+        SamplingParams::new(r.temperature, r.top_k, r.top_p)
+    }
+}
+
+impl From<SamplingParams> for RawSampling {
+    fn from(p: SamplingParams) -> Self {
+        RawSampling {
+            temperature: p.temperature,
+            top_k: p.top_k,
+            top_p: p.top_p,
+        }
+    }
 }
 
 impl Default for SamplingParams {
@@ -54,28 +106,31 @@ impl SamplingParams {
     /// Validate and build.
     ///
     /// # Errors
-    /// [`ModelError::InvalidInput`] naming the flag: `temperature` not finite or ≤ 0,
-    /// `top_k` = 0, `top_p` outside (0, 1].
+    /// [`SamplingError`] naming the parameter: `temperature` not finite or ≤ 0, `top_k` = 0,
+    /// `top_p` outside (0, 1].
     pub fn new(
         temperature: f64,
         top_k: Option<usize>,
         top_p: Option<f64>,
-    ) -> Result<Self, ModelError> {
+    ) -> Result<Self, SamplingError> {
         if !(temperature.is_finite() && temperature > 0.0) {
-            return Err(ModelError::InvalidInput(format!(
-                "--temperature: {temperature} is not a finite number > 0"
-            )));
+            return Err(SamplingError {
+                param: "temperature",
+                problem: format!("{temperature} is not a finite number > 0"),
+            });
         }
         if top_k == Some(0) {
-            return Err(ModelError::InvalidInput(
-                "--top-k: 0 keeps no token; use a value >= 1 (or leave it out)".into(),
-            ));
+            return Err(SamplingError {
+                param: "top_k",
+                problem: "0 keeps no token; use a value >= 1 (or leave it out)".into(),
+            });
         }
         if let Some(p) = top_p {
             if !(p > 0.0 && p <= 1.0) {
-                return Err(ModelError::InvalidInput(format!(
-                    "--top-p: {p} is not in (0, 1]"
-                )));
+                return Err(SamplingError {
+                    param: "top_p",
+                    problem: format!("{p} is not in (0, 1]"),
+                });
             }
         }
         Ok(SamplingParams {
@@ -281,6 +336,28 @@ mod tests {
         assert!(SamplingParams::new(1.0, None, Some(0.0)).is_err());
         assert!(SamplingParams::new(1.0, None, Some(1.5)).is_err());
         assert!(SamplingParams::new(1.0, Some(1), Some(1.0)).is_ok());
+    }
+
+    #[test]
+    fn params_are_validated_when_read_and_name_the_parameter() {
+        let p: SamplingParams = serde_json::from_str(r#"{"temperature":0.5}"#).unwrap();
+        assert_eq!(p, SamplingParams::new(0.5, None, None).unwrap());
+        let d: SamplingParams = serde_json::from_str("{}").unwrap();
+        assert!(d.is_reference());
+        for (bad, param) in [
+            (r#"{"temperature":-1}"#, "temperature"),
+            (r#"{"top_k":0}"#, "top_k"),
+            (r#"{"top_p":1.5}"#, "top_p"),
+        ] {
+            let e = serde_json::from_str::<SamplingParams>(bad)
+                .unwrap_err()
+                .to_string();
+            assert!(e.starts_with(&format!("{param}: ")), "{bad}: {e}");
+        }
+        assert!(serde_json::from_str::<SamplingParams>(r#"{"temprature":1}"#).is_err());
+        let back =
+            serde_json::to_string(&SamplingParams::new(0.7, Some(3), None).unwrap()).unwrap();
+        assert_eq!(back, r#"{"temperature":0.7,"top_k":3,"top_p":null}"#);
     }
 
     #[test]

@@ -241,8 +241,9 @@ impl Policy for ToyPolicy {
             .collect()
     }
 
-    fn chat_prompt(&self, user_message: &str) -> Result<String, ModelError> {
-        Ok(user_message.to_string())
+    /// The toy has no chat template: one user message renders as its text.
+    fn render_chat(&self, messages: &[crate::ChatMessage]) -> Result<String, ModelError> {
+        crate::chat_template::render_without_template(self.name(), messages)
     }
 
     fn prefill(&self, tokens: &[TokenId]) -> Result<(Self::Cache, StepOutput), ModelError> {
