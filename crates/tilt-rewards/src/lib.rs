@@ -68,6 +68,13 @@ pub trait Reward: Send + Sync {
     fn artifacts(&self) -> Vec<PathBuf> {
         Vec::new()
     }
+    /// Whether a pair's score is the same bits whatever else is in the batch, so that a
+    /// caller may pool pairs of several requests into one call without changing any
+    /// result. False unless an implementation knows it (a neural reward that pads its
+    /// batches usually does not).
+    fn batch_invariant(&self) -> bool {
+        false
+    }
 }
 
 /// Check that a batch of scores is complete and finite; the helper every implementation

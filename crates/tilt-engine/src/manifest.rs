@@ -1,37 +1,40 @@
 //! Run manifests: what ran, with what, where, and what it printed, so that anyone can
 //! re-run it and check (Sandve et al., "Ten simple rules for reproducible computational
-//! research", and arXiv 1412.5557's call to record every run).
+//! research", PLoS Comput. Biol. 2013).
 //!
-//! A [`Manifest`] records the tool version and git commit, the command's fully resolved
-//! arguments (every default written out, so a later version with other defaults re-runs the
-//! same thing), the seed, every model and reward file with its sha256, the input file's
-//! sha256, the host (CPU model, threads, OS), wall times, and the output itself: its lines
-//! and their sha256. Keeping the output lines (not only a hash) is what lets
-//! [`compare_outputs`] say *exactly* what differs after a re-run — which line, which field,
-//! the recorded and the new value — instead of only "the hashes differ".
+//! One [`Manifest`] type for every command that runs models (`generate`, `eval`,
+//! `train-scorer`), written by one function ([`Manifest::new`] then [`Manifest::write`]):
+//! the tool version and git commit, the engine's configuration and the typed [`Run`] (the
+//! very request parameters or configs that ran, serde types of this crate, not a command
+//! line), every file read (model, rewards, scorers, prompts) and written, with its sha256,
+//! the host, wall times, and the canonical output itself: its JSON lines and their sha256.
+//! Keeping the lines (not only a hash) is what lets [`compare_outputs`] say *exactly* what
+//! differs after a re-run — which line, which field, the recorded and the new value.
 //!
-//! The output is deterministic by seed, so a faithful re-run gives the same bytes; wall
-//! times and host are recorded but never compared.
+//! [`crate::run::replay`] re-runs a manifest of any of the three commands. The output is
+//! deterministic by seed, so a faithful re-run gives the same bytes; wall times and the host
+//! are recorded but never compared, and a file is matched to its counterpart by role and
+//! name, so that the same files under another `$TILT_HOME` compare equal.
 
-use crate::DecodeError;
+use crate::engine::{EngineConfig, HashedFile};
+use crate::error::{EngineError, Result};
+use crate::run::Run;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
-use std::path::{Path, PathBuf};
+use std::collections::BTreeMap;
+use std::path::Path;
 
-/// The manifest format version written by this crate.
-pub const MANIFEST_VERSION: u32 = 1;
+/// The manifest format version written by this crate (version 1, written by tilt before
+/// its engine library, recorded a command line and is refused with a clear error).
+pub const MANIFEST_VERSION: u32 = 2;
 
-/// A file that determines the run, with its hash.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct HashedFile {
-    /// What the file is (`policy`, `reward`, `prompts`, …).
-    pub role: String,
-    /// Its path when the run was made.
-    pub path: PathBuf,
-    /// Lowercase hex sha256 of its bytes.
-    pub sha256: String,
-}
+/// The tool's version, as recorded in manifests.
+pub const TOOL_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// The git commit the library was built from (`git rev-parse HEAD`, `-dirty` when the tree
+/// had changes), or `unknown`.
+pub const GIT_COMMIT: &str = env!("TILT_GIT_COMMIT");
 
 /// The machine a run was made on (recorded, never compared).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -110,73 +113,150 @@ impl RecordedOutput {
 
 /// Everything needed to re-run a command and check its output.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Manifest {
     /// [`MANIFEST_VERSION`].
     pub manifest_version: u32,
-    /// The tool's version (`CARGO_PKG_VERSION` of the binary).
+    /// The tool's version.
     pub tool_version: String,
-    /// `git rev-parse HEAD` at build time (with `-dirty` if the tree had changes), or
-    /// `unknown`.
+    /// The git commit it was built from.
     pub git_commit: String,
-    /// The subcommand (`generate`).
-    pub command: String,
-    /// Its fully resolved arguments, ready to parse again (no `--manifest`).
-    pub args: Vec<String>,
-    /// The resolved configuration as data (for people and tools; `args` is what re-runs).
-    pub config: Value,
-    /// The seed.
-    pub seed: u64,
-    /// Model, reward and input files with their sha256.
-    pub files: Vec<HashedFile>,
-    /// Where it ran.
+    /// What the engine loaded, as given (the default model as `null`, so that a re-run
+    /// elsewhere finds it in its own `$TILT_HOME`).
+    pub engine: EngineConfig,
+    /// What ran.
+    pub run: Run,
+    /// Every file read, with its role and sha256 (the default model's resolved path
+    /// included).
+    pub inputs: Vec<HashedFile>,
+    /// Every file written besides the output (a trained scorer), with its sha256.
+    pub outputs: Vec<HashedFile>,
+    /// Where it ran (never compared).
     pub host: HostInfo,
-    /// Wall times in seconds by phase (`load`, `generate`, `total`).
-    pub wall_seconds: Value,
-    /// What it printed.
+    /// Wall times in seconds by phase (never compared).
+    pub wall_seconds: BTreeMap<String, f64>,
+    /// The canonical output (JSON lines).
     pub output: RecordedOutput,
 }
 
 impl Manifest {
+    /// A manifest of `run` on an engine loaded from `engine`, with what it read and wrote.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        engine: EngineConfig,
+        run: Run,
+        inputs: Vec<HashedFile>,
+        outputs: Vec<HashedFile>,
+        threads: usize,
+        wall_seconds: BTreeMap<String, f64>,
+        output: &[u8],
+    ) -> Self {
+        Manifest {
+            manifest_version: MANIFEST_VERSION,
+            tool_version: TOOL_VERSION.into(),
+            git_commit: GIT_COMMIT.into(),
+            engine,
+            run,
+            inputs,
+            outputs,
+            host: HostInfo::current(threads),
+            wall_seconds,
+            output: RecordedOutput::from_bytes(output),
+        }
+    }
+
     /// Write as pretty JSON.
     ///
     /// # Errors
-    /// [`DecodeError::Io`] naming the path.
-    pub fn write(&self, path: &Path) -> Result<(), DecodeError> {
-        let text = serde_json::to_string_pretty(self).map_err(|e| DecodeError::Manifest {
-            path: path.display().to_string(),
-            problem: e.to_string(),
-        })?;
-        std::fs::write(path, text + "\n").map_err(|source| DecodeError::Io {
-            path: path.display().to_string(),
-            source,
-        })
+    /// [`EngineError::Io`] naming the path.
+    pub fn write(&self, path: &Path) -> Result<()> {
+        let text = serde_json::to_string_pretty(self)
+            .map_err(|e| EngineError::Internal(format!("manifest: {e}")))?;
+        std::fs::write(path, text + "\n").map_err(|e| EngineError::io(path.display(), e))
     }
 
     /// Read and check a manifest.
     ///
     /// # Errors
-    /// [`DecodeError::Io`] when unreadable; [`DecodeError::Manifest`] when it is not a
-    /// manifest of a version this crate reads.
-    pub fn read(path: &Path) -> Result<Self, DecodeError> {
-        let text = std::fs::read_to_string(path).map_err(|source| DecodeError::Io {
-            path: path.display().to_string(),
-            source,
-        })?;
-        let m: Manifest = serde_json::from_str(&text).map_err(|e| DecodeError::Manifest {
-            path: path.display().to_string(),
-            problem: format!("not a tilt manifest: {e}"),
-        })?;
-        if m.manifest_version != MANIFEST_VERSION {
-            return Err(DecodeError::Manifest {
-                path: path.display().to_string(),
-                problem: format!(
-                    "manifest version {} (this tilt reads version {MANIFEST_VERSION})",
-                    m.manifest_version
-                ),
-            });
+    /// [`EngineError::Io`] when unreadable; [`EngineError::BadFile`] when it is not a
+    /// manifest of the version this crate reads.
+    pub fn read(path: &Path) -> Result<Self> {
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| EngineError::io(&shown, e))?;
+        let value: Value = serde_json::from_str(&text)
+            .map_err(|e| EngineError::bad_file(&shown, format!("not a tilt manifest: {e}")))?;
+        match value.get("manifest_version").and_then(Value::as_u64) {
+            Some(v) if v == u64::from(MANIFEST_VERSION) => {}
+            Some(v) => {
+                return Err(EngineError::bad_file(
+                    &shown,
+                    format!(
+                        "manifest version {v}; this tilt reads version {MANIFEST_VERSION} \
+                         (re-run the command with this tilt to record a new manifest)"
+                    ),
+                ))
+            }
+            None => {
+                return Err(EngineError::bad_file(
+                    &shown,
+                    "not a tilt manifest: no manifest_version",
+                ))
+            }
         }
-        Ok(m)
+        serde_json::from_value(value)
+            .map_err(|e| EngineError::bad_file(&shown, format!("not a tilt manifest: {e}")))
     }
+}
+
+/// How a recorded file compares with the file a re-run read (or wrote).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileCheck {
+    /// Its role.
+    pub role: String,
+    /// The recorded path.
+    pub path: std::path::PathBuf,
+    /// The path the re-run used (None: it used no such file).
+    pub current_path: Option<std::path::PathBuf>,
+    /// The recorded sha256.
+    pub recorded_sha256: String,
+    /// The re-run's sha256 (None: no such file).
+    pub current_sha256: Option<String>,
+    /// Whether the two hashes agree.
+    pub same: bool,
+}
+
+/// Match each recorded file with the current file of the same role and file name (the
+/// default model under another `$TILT_HOME` has another directory but the same name), in
+/// order, and compare their hashes. A current file matches at most one recorded file.
+pub fn check_files(recorded: &[HashedFile], current: &[HashedFile]) -> Vec<FileCheck> {
+    let mut used = vec![false; current.len()];
+    recorded
+        .iter()
+        .map(|r| {
+            let exact = current
+                .iter()
+                .enumerate()
+                .position(|(i, c)| !used[i] && c.role == r.role && c.path == r.path);
+            let by_name = || {
+                current.iter().enumerate().position(|(i, c)| {
+                    !used[i] && c.role == r.role && c.path.file_name() == r.path.file_name()
+                })
+            };
+            let found = exact.or_else(by_name);
+            if let Some(i) = found {
+                used[i] = true;
+            }
+            let c = found.map(|i| &current[i]);
+            FileCheck {
+                role: r.role.clone(),
+                path: r.path.clone(),
+                current_path: c.map(|c| c.path.clone()),
+                recorded_sha256: r.sha256.clone(),
+                current_sha256: c.map(|c| c.sha256.clone()),
+                same: c.is_some_and(|c| c.sha256 == r.sha256),
+            }
+        })
+        .collect()
 }
 
 /// Lowercase hex sha256 of `bytes`.
@@ -319,7 +399,6 @@ mod tests {
         assert_eq!(c.differences[0].field, "b[1]");
         assert_eq!(c.differences[0].expected, serde_json::json!(2));
         assert_eq!(c.differences[0].actual, serde_json::json!(3));
-        // An extra line: the whole line differs (recorded: absent).
         assert_eq!(
             (c.differences[1].line, c.differences[1].field.as_str()),
             (3, "")
@@ -336,25 +415,51 @@ mod tests {
         assert_eq!(c.differences[0].field, "a");
     }
 
+    fn file(role: &str, path: &str, sha: &str) -> HashedFile {
+        HashedFile {
+            role: role.into(),
+            path: path.into(),
+            sha256: sha.into(),
+        }
+    }
+
     #[test]
-    fn manifest_round_trips_and_bad_files_are_errors() {
+    fn files_match_by_role_and_name_wherever_they_live() {
+        // The same MiniLM files under another home: every file pairs with its own twin,
+        // never with another file of the same role.
+        let recorded = [
+            file("policy", "/a/m/model.gguf", "p"),
+            file("reward:minilm", "/a/r/model.safetensors", "w"),
+            file("reward:minilm", "/a/r/tokenizer.json", "t"),
+        ];
+        let current = [
+            file("reward:minilm", "/b/r/tokenizer.json", "t"),
+            file("reward:minilm", "/b/r/model.safetensors", "w"),
+            file("policy", "/b/m/model.gguf", "p"),
+        ];
+        let checks = check_files(&recorded, &current);
+        assert!(checks.iter().all(|c| c.same), "{checks:?}");
+        assert_eq!(
+            checks[2].current_path.as_deref(),
+            Some(Path::new("/b/r/tokenizer.json"))
+        );
+        // An edited file, and one the re-run did not read.
+        let current = [file("policy", "/b/m/model.gguf", "X")];
+        let checks = check_files(&recorded, &current);
+        assert!(!checks[0].same && checks[0].current_sha256.as_deref() == Some("X"));
+        assert!(!checks[1].same && checks[1].current_sha256.is_none());
+    }
+
+    #[test]
+    fn old_and_foreign_manifests_are_refused_clearly() {
         let dir = tempfile::tempdir().unwrap();
-        let m = Manifest {
-            manifest_version: MANIFEST_VERSION,
-            tool_version: "0.1.0".into(),
-            git_commit: "abc".into(),
-            command: "generate".into(),
-            args: vec!["--prompt".into(), "hi".into()],
-            config: serde_json::json!({"n": 4}),
-            seed: 3,
-            files: vec![],
-            host: HostInfo::current(2),
-            wall_seconds: serde_json::json!({"total": 1.5}),
-            output: RecordedOutput::from_bytes(b"{}\n"),
-        };
         let p = dir.path().join("m.json");
-        m.write(&p).unwrap();
-        assert_eq!(Manifest::read(&p).unwrap(), m);
+        std::fs::write(&p, r#"{"manifest_version": 1, "command": "generate"}"#).unwrap();
+        let e = Manifest::read(&p).unwrap_err().to_string();
+        assert!(
+            e.contains("manifest version 1") && e.contains("re-run"),
+            "{e}"
+        );
         std::fs::write(&p, "{").unwrap();
         assert!(Manifest::read(&p)
             .unwrap_err()

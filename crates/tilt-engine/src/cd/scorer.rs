@@ -1,5 +1,5 @@
 //! Prefix scorers: V(x, y_{<t}) from the policy's last hidden state at the prefix's last
-//! position (arXiv 2310.17022 §3, "prefix scorer"; `math.md` §6).
+//! position (arXiv 2310.17022 §3, "prefix scorer"; docs/theory.md).
 //!
 //! A scorer file is a safetensors file of `f32` tensors:
 //!
@@ -13,7 +13,7 @@
 //! dtypes, shapes, finiteness, std > 0), so a loaded head cannot produce NaN from its own
 //! weights; the hidden size is checked against the policy before decoding starts.
 
-use super::{CdError, Result};
+use crate::error::{EngineError, Result};
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
 use std::path::Path;
@@ -37,7 +37,7 @@ pub trait PrefixScorer: Send + Sync {
 fn check_hidden(name: &str, expected: usize, hidden: &[&[f32]]) -> Result<()> {
     for (i, h) in hidden.iter().enumerate() {
         if h.len() != expected {
-            return Err(CdError::invalid(
+            return Err(EngineError::invalid(
                 format!("scorer {name}"),
                 format!(
                     "hidden state {i} has length {}, the scorer reads {expected}",
@@ -46,7 +46,7 @@ fn check_hidden(name: &str, expected: usize, hidden: &[&[f32]]) -> Result<()> {
             ));
         }
         if let Some(j) = h.iter().position(|v| !v.is_finite()) {
-            return Err(CdError::invalid(
+            return Err(EngineError::invalid(
                 format!("scorer {name}"),
                 format!("hidden state {i} has a non-finite entry at {j}"),
             ));
@@ -180,11 +180,8 @@ struct TensorFile<'a> {
 }
 
 impl TensorFile<'_> {
-    fn bad(&self, problem: impl Into<String>) -> CdError {
-        CdError::ScorerFile {
-            path: self.path.to_string(),
-            problem: problem.into(),
-        }
+    fn bad(&self, problem: impl Into<String>) -> EngineError {
+        EngineError::bad_file(format!("scorer file {}", self.path), problem)
     }
 
     fn get(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
@@ -226,22 +223,16 @@ impl ScorerHead {
     /// Load and validate a scorer file (format in the module docs).
     ///
     /// # Errors
-    /// [`CdError::ScorerFile`] naming the file and the missing tensor, wrong dtype, wrong
+    /// [`EngineError::BadFile`] naming the file and the missing tensor, wrong dtype, wrong
     /// shape, non-finite entry or non-positive standard deviation.
     pub fn load(path: &Path) -> Result<Self> {
         let shown = path.display().to_string();
+        let bad = |problem: String| EngineError::bad_file(format!("scorer file {shown}"), problem);
         if !path.is_file() {
-            return Err(CdError::ScorerFile {
-                path: shown,
-                problem: "no such file".into(),
-            });
+            return Err(bad("no such file".into()));
         }
-        let tensors = candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| {
-            CdError::ScorerFile {
-                path: shown.clone(),
-                problem: format!("not a readable safetensors file: {e}"),
-            }
-        })?;
+        let tensors = candle_core::safetensors::load(path, &Device::Cpu)
+            .map_err(|e| bad(format!("not a readable safetensors file: {e}")))?;
         let file = TensorFile {
             path: &shown,
             tensors,
@@ -316,39 +307,71 @@ impl ScorerHead {
         }
     }
 
-    /// Save in the format [`ScorerHead::load`] reads.
+    /// The bytes of the safetensors file [`ScorerHead::load`] reads (deterministic: the same
+    /// head gives the same bytes).
     ///
     /// # Errors
-    /// [`CdError::Candle`] when the file cannot be written.
-    pub fn save(&self, path: &Path) -> Result<()> {
-        let dev = Device::Cpu;
-        let mut map: HashMap<String, Tensor> = HashMap::new();
-        let vec = |v: &[f32]| Tensor::from_slice(v, v.len(), &dev);
+    /// [`EngineError::Internal`] naming the first non-finite parameter: a head that diverged
+    /// in training is never written.
+    pub fn to_bytes(&self) -> Result<Vec<u8>> {
         let st = self.standardizer();
-        map.insert(names::FEATURE_MEAN.into(), vec(&st.mean)?);
-        map.insert(names::FEATURE_STD.into(), vec(&st.std)?);
+        let d = st.mean.len();
+        let mut tensors: Vec<(&str, Vec<usize>, Vec<f32>)> = vec![
+            (names::FEATURE_MEAN, vec![d], st.mean.clone()),
+            (names::FEATURE_STD, vec![d], st.std.clone()),
+        ];
         match self {
             ScorerHead::Linear(l) => {
-                map.insert(names::LINEAR_WEIGHT.into(), vec(&l.weight)?);
-                map.insert(names::LINEAR_BIAS.into(), vec(&[l.bias])?);
+                tensors.push((names::LINEAR_WEIGHT, vec![d], l.weight.clone()));
+                tensors.push((names::LINEAR_BIAS, vec![1], vec![l.bias]));
             }
             ScorerHead::Mlp(m) => {
                 let h = m.w1.len();
-                let d = st.mean.len();
-                let flat: Vec<f32> = m.w1.iter().flatten().copied().collect();
-                map.insert(
-                    names::MLP_W1.into(),
-                    Tensor::from_slice(&flat, (h, d), &dev)?,
-                );
-                map.insert(names::MLP_B1.into(), vec(&m.b1)?);
-                map.insert(names::MLP_W2.into(), vec(&m.w2)?);
-                map.insert(names::MLP_B2.into(), vec(&[m.b2])?);
+                tensors.push((
+                    names::MLP_W1,
+                    vec![h, d],
+                    m.w1.iter().flatten().copied().collect(),
+                ));
+                tensors.push((names::MLP_B1, vec![h], m.b1.clone()));
+                tensors.push((names::MLP_W2, vec![h], m.w2.clone()));
+                tensors.push((names::MLP_B2, vec![1], vec![m.b2]));
             }
         }
-        candle_core::safetensors::save(&map, path).map_err(|e| CdError::ScorerFile {
-            path: path.display().to_string(),
-            problem: format!("cannot write: {e}"),
-        })
+        if let Some((name, i, v)) = tensors.iter().find_map(|(name, _, v)| {
+            v.iter()
+                .position(|x| !x.is_finite())
+                .map(|i| (name, i, v[i]))
+        }) {
+            return Err(EngineError::Internal(format!(
+                "scorer tensor {name:?} entry {i} is {v}: the head is not finite and is not written"
+            )));
+        }
+        let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+            .into_iter()
+            .map(|(name, shape, v)| {
+                let b = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+                (name.to_string(), shape, b)
+            })
+            .collect();
+        let views = bytes
+            .iter()
+            .map(|(name, shape, b)| {
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), b)
+                    .map(|v| (name.clone(), v))
+            })
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|e| EngineError::Internal(format!("scorer tensors: {e}")))?;
+        safetensors::serialize(views, None)
+            .map_err(|e| EngineError::Internal(format!("scorer file: {e}")))
+    }
+
+    /// Save in the format [`ScorerHead::load`] reads (with the process's usual file mode).
+    ///
+    /// # Errors
+    /// As [`ScorerHead::to_bytes`]; [`EngineError::Io`] when the file cannot be written.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let bytes = self.to_bytes()?;
+        std::fs::write(path, bytes).map_err(|e| EngineError::io(path.display(), e))
     }
 
     /// The head's standardisation.

@@ -1,5 +1,5 @@
 //! CD-FUDGE: fitting a prefix scorer by Monte-Carlo regression (arXiv 2310.17022 §2.2;
-//! `derivations.md` §5.2).
+//! docs/theory.md).
 //!
 //! ```text
 //! draw y ~ p(· | x) to EOS, label it with r([x, y]);
@@ -7,9 +7,9 @@
 //! ```
 //!
 //! Because y is drawn from p, E[r | prefix y^t] = V*([x, y^t]): the population minimiser is
-//! the base policy's value function. [`collect_rollouts`] draws the rollouts and records the
-//! hidden state at every prefix (t = 0 is the prompt's last position); [`fit_head`] fits a
-//! linear or tanh-MLP head on them with candle's autodiff and AdamW.
+//! the base policy's value function. The engine's scorer training draws the rollouts and
+//! records the hidden state at every prefix (t = 0 is the prompt's last position);
+//! [`fit_head`] fits a linear or tanh-MLP head on them with candle's autodiff and AdamW.
 //!
 //! Design choices, and why:
 //! - The held-out split is **by prompt** (all prefixes of a prompt's rollouts go to the same
@@ -25,122 +25,19 @@
 //!   `randn`, so the same seed gives the same scorer file.
 
 use super::scorer::{LinearHead, MlpHead, ScorerHead, Standardizer};
-use super::{check_room, sample_reference, sequence_rng, CdError, Result};
+use crate::error::{EngineError, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use rand::seq::SliceRandom;
-use rand::Rng;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha20Rng;
 use serde::{Deserialize, Serialize};
-use tilt_models::sampling::SequenceSampler;
-use tilt_models::{Policy, TokenId};
-use tilt_rewards::Reward;
 
-/// How reference rollouts are drawn.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct RolloutConfig {
-    /// Rollouts per prompt (K ≥ 1).
-    pub rollouts_per_prompt: usize,
-    /// Most tokens per rollout.
-    pub max_new_tokens: usize,
-    /// Seed of the rollouts' random streams (rollout j of prompt i uses stream i·K + j).
-    pub seed: u64,
-}
-
-/// One sequence drawn from the reference policy p (temperature 1, no truncation).
-#[derive(Debug, Clone, PartialEq)]
-pub struct ReferenceRollout {
-    /// Generated tokens (EOS included when drawn).
-    pub tokens: Vec<TokenId>,
-    /// Whether it ended with EOS.
-    pub finished_by_eos: bool,
-    /// log p(y | x), nats.
-    pub log_prob: f64,
-    /// Hidden state at every prefix: entry t is at the last position of [x, y^t]
-    /// (t = 0..=len); empty unless asked for.
-    pub prefix_hidden: Vec<Vec<f32>>,
-}
-
-/// Draw `n` sequences from p for one prompt, stepping them in one batch per token.
-/// Sequence i uses stream `first_stream + i` of `seed`.
-///
-/// # Errors
-/// No room in the context; the policy failing.
-pub fn reference_rollouts<P: Policy>(
-    policy: &P,
-    prompt: &[TokenId],
-    n: usize,
-    max_new_tokens: usize,
-    seed: u64,
-    first_stream: u64,
-    keep_hidden: bool,
-) -> Result<Vec<ReferenceRollout>> {
-    check_room(policy, prompt.len(), max_new_tokens)?;
-    let eos = policy.eos_token_ids().to_vec();
-    let (cache0, out0) = policy.prefill(prompt)?;
-    // The prompt part is shared by the forks (the policy's prefill shares it); each step
-    // moves the live caches into the batch and back, never copying them.
-    let mut caches: Vec<Option<P::Cache>> = vec![Some(cache0); n];
-    let mut lasts = vec![out0; n];
-    let mut rngs: Vec<_> = (0..n)
-        .map(|i| SequenceSampler::new(seed, first_stream + i as u64))
-        .collect();
-    let mut rolls: Vec<ReferenceRollout> = lasts
-        .iter()
-        .map(|o| ReferenceRollout {
-            tokens: Vec::new(),
-            finished_by_eos: false,
-            log_prob: 0.0,
-            prefix_hidden: if keep_hidden {
-                vec![o.hidden.clone()]
-            } else {
-                Vec::new()
-            },
-        })
-        .collect();
-    for _ in 0..max_new_tokens {
-        let live: Vec<usize> = (0..n).filter(|&i| !rolls[i].finished_by_eos).collect();
-        if live.is_empty() {
-            break;
-        }
-        let mut toks = Vec::with_capacity(live.len());
-        for &i in &live {
-            let tok = sample_reference(&lasts[i].log_probs, &mut rngs[i])?;
-            rolls[i].log_prob += lasts[i].log_probs[tok as usize] as f64;
-            rolls[i].tokens.push(tok);
-            toks.push(tok);
-        }
-        let mut live_caches: Vec<P::Cache> = live
-            .iter()
-            .map(|&i| {
-                caches[i].take().ok_or_else(|| {
-                    CdError::Model(tilt_models::ModelError::Internal(format!(
-                        "rollout {i}: its cache was missing"
-                    )))
-                })
-            })
-            .collect::<Result<_>>()?;
-        let outs = policy.step(&mut live_caches, &toks)?;
-        if outs.len() != live.len() {
-            return Err(CdError::Model(tilt_models::ModelError::Internal(format!(
-                "step returned {} outputs for {} sequences",
-                outs.len(),
-                live.len()
-            ))));
-        }
-        for (((&i, c), o), tok) in live.iter().zip(live_caches).zip(outs).zip(&toks) {
-            if keep_hidden {
-                rolls[i].prefix_hidden.push(o.hidden.clone());
-            }
-            lasts[i] = o;
-            if eos.contains(tok) {
-                // Finished: its cache is dropped here, not kept to the end.
-                rolls[i].finished_by_eos = true;
-            } else {
-                caches[i] = Some(c);
-            }
-        }
-    }
-    Ok(rolls)
+/// A ChaCha20 stream for the training split and initialisation (`seed`, `stream`).
+fn sequence_rng(seed: u64, stream: u64) -> ChaCha20Rng {
+    let mut rng = ChaCha20Rng::seed_from_u64(seed);
+    rng.set_stream(stream);
+    rng
 }
 
 /// Prefix features and their regression targets, grouped by prompt.
@@ -161,72 +58,6 @@ pub struct PrefixDataset {
     /// The number of prefixes (rows) of every rollout, per prompt: its length + 1 (t = 0 is
     /// the prompt's last position). With `rollout_rewards` this is the whole target column.
     pub rollout_prefixes: Vec<Vec<usize>>,
-}
-
-/// Draw K reference rollouts per prompt, score their final reward, and record every prefix
-/// (CD-FUDGE data, arXiv 2310.17022 §2.2). `prompts` are user messages; the policy's chat
-/// template is applied. `progress` is called after each prompt.
-///
-/// # Errors
-/// K = 0 or no prompts; the policy or reward failing.
-pub fn collect_rollouts<P: Policy, R: Reward + ?Sized>(
-    policy: &P,
-    reward: &R,
-    prompts: &[String],
-    config: &RolloutConfig,
-    mut progress: impl FnMut(usize),
-) -> Result<PrefixDataset> {
-    if config.rollouts_per_prompt == 0 {
-        return Err(CdError::invalid(
-            "--rollouts",
-            "is 0; at least 1 rollout per prompt",
-        ));
-    }
-    if prompts.is_empty() {
-        return Err(CdError::invalid("--prompts", "no prompts given"));
-    }
-    let k = config.rollouts_per_prompt;
-    let mut data = PrefixDataset {
-        hidden_size: policy.hidden_size(),
-        n_prompts: prompts.len(),
-        ..Default::default()
-    };
-    for (pi, prompt) in prompts.iter().enumerate() {
-        let tokens = super::encode_user_prompt(policy, prompt)?;
-        let rolls = reference_rollouts(
-            policy,
-            &tokens,
-            k,
-            config.max_new_tokens,
-            config.seed,
-            (pi * k) as u64,
-            true,
-        )?;
-        let texts = rolls
-            .iter()
-            .map(|r| policy.decode(&r.tokens))
-            .collect::<std::result::Result<Vec<_>, _>>()?;
-        let pairs: Vec<(&str, &str)> = texts
-            .iter()
-            .map(|t| (prompt.as_str(), t.as_str()))
-            .collect();
-        let rewards = tilt_rewards::check_scores(&reward.name(), k, reward.score(&pairs)?)?;
-        let mut per_prompt = Vec::with_capacity(k);
-        let mut prefixes = Vec::with_capacity(k);
-        for (roll, &r) in rolls.into_iter().zip(&rewards) {
-            per_prompt.push(r as f64);
-            prefixes.push(roll.prefix_hidden.len());
-            for h in roll.prefix_hidden {
-                data.features.push(h);
-                data.targets.push(r as f64);
-                data.groups.push(pi);
-            }
-        }
-        data.rollout_rewards.push(per_prompt);
-        data.rollout_prefixes.push(prefixes);
-        progress(pi + 1);
-    }
-    Ok(data)
 }
 
 /// The head to fit.
@@ -264,33 +95,33 @@ impl TrainConfig {
     /// but only after the rollouts are paid for).
     ///
     /// # Errors
-    /// [`CdError::InvalidParameter`] naming `--epochs` (0), `--learning-rate` (not finite
-    /// and > 0), `--weight-decay` (not finite and ≥ 0), `--heldout-fraction` (not in (0, 1))
-    /// or `--mlp-hidden` (0).
+    /// [`EngineError::Invalid`] naming `epochs` (0), `learning_rate` (not finite and > 0),
+    /// `weight_decay` (not finite and ≥ 0), `heldout_fraction` (not in (0, 1)) or
+    /// `mlp_hidden` (0).
     pub fn validate(&self) -> Result<()> {
         if self.epochs == 0 {
-            return Err(CdError::invalid("--epochs", "is 0; at least 1"));
+            return Err(EngineError::invalid("epochs", "is 0; at least 1"));
         }
         if !(self.learning_rate.is_finite() && self.learning_rate > 0.0) {
-            return Err(CdError::invalid(
-                "--learning-rate",
+            return Err(EngineError::invalid(
+                "learning_rate",
                 format!("is {}; must be a finite number > 0", self.learning_rate),
             ));
         }
         if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
-            return Err(CdError::invalid(
-                "--weight-decay",
+            return Err(EngineError::invalid(
+                "weight_decay",
                 format!("is {}; must be a finite number ≥ 0", self.weight_decay),
             ));
         }
         if !(self.heldout_fraction > 0.0 && self.heldout_fraction < 1.0) {
-            return Err(CdError::invalid(
-                "--heldout-fraction",
+            return Err(EngineError::invalid(
+                "heldout_fraction",
                 format!("is {}; must be in (0, 1)", self.heldout_fraction),
             ));
         }
         if let HeadKind::Mlp { hidden: 0 } = self.head {
-            return Err(CdError::invalid("--mlp-hidden", "is 0; at least 1 unit"));
+            return Err(EngineError::invalid("mlp_hidden", "is 0; at least 1 unit"));
         }
         Ok(())
     }
@@ -337,6 +168,18 @@ pub struct TrainCard {
     pub train_mse: f64,
 }
 
+/// The error of a fit that diverged.
+fn diverged(epoch: usize, train_mse: f64, config: &TrainConfig) -> EngineError {
+    EngineError::invalid(
+        "learning_rate",
+        format!(
+            "training diverged at epoch {epoch} (training MSE {train_mse:e}, worse than where it \
+             started) with learning rate {}; lower it (nothing was written)",
+            config.learning_rate
+        ),
+    )
+}
+
 fn mean_std(xs: impl Iterator<Item = f64> + Clone) -> (f64, f64) {
     let n = xs.clone().count().max(1) as f64;
     let mean = xs.clone().sum::<f64>() / n;
@@ -349,14 +192,15 @@ fn mean_std(xs: impl Iterator<Item = f64> + Clone) -> (f64, f64) {
 /// holding out a fraction of the prompts.
 ///
 /// # Errors
-/// Invalid settings; fewer than 2 prompts; rows of the wrong length or non-finite; candle
-/// failing.
+/// Invalid settings; fewer than 2 prompts; rows of the wrong length or non-finite; a fit
+/// that diverges (a non-finite loss, or a final training error above where it started),
+/// named as a `learning_rate` error; candle failing.
 pub fn fit_head(data: &PrefixDataset, config: &TrainConfig) -> Result<(ScorerHead, TrainCard)> {
     config.validate()?;
     let d = data.hidden_size;
     if data.n_prompts < 2 {
-        return Err(CdError::invalid(
-            "--prompts",
+        return Err(EngineError::invalid(
+            "prompts",
             format!(
                 "{} prompt(s); training needs at least 2 (one is held out)",
                 data.n_prompts
@@ -364,7 +208,7 @@ pub fn fit_head(data: &PrefixDataset, config: &TrainConfig) -> Result<(ScorerHea
         ));
     }
     if data.features.len() != data.targets.len() || data.features.len() != data.groups.len() {
-        return Err(CdError::invalid(
+        return Err(EngineError::invalid(
             "dataset",
             "features, targets and groups differ in length",
         ));
@@ -374,13 +218,13 @@ pub fn fit_head(data: &PrefixDataset, config: &TrainConfig) -> Result<(ScorerHea
         .iter()
         .position(|f| f.len() != d || f.iter().any(|x| !x.is_finite()))
     {
-        return Err(CdError::invalid(
+        return Err(EngineError::invalid(
             "dataset",
             format!("row {i} has the wrong length or a non-finite entry (hidden size {d})"),
         ));
     }
     if let Some(i) = data.targets.iter().position(|t| !t.is_finite()) {
-        return Err(CdError::invalid(
+        return Err(EngineError::invalid(
             "dataset",
             format!("target {i} is not finite"),
         ));
@@ -402,7 +246,7 @@ pub fn fit_head(data: &PrefixDataset, config: &TrainConfig) -> Result<(ScorerHea
     let (train_idx, held_idx): (Vec<usize>, Vec<usize>) =
         (0..data.targets.len()).partition(|&i| !is_held[data.groups[i]]);
     if train_idx.is_empty() || held_idx.is_empty() {
-        return Err(CdError::invalid(
+        return Err(EngineError::invalid(
             "dataset",
             "the training or held-out side has no prefixes",
         ));
@@ -491,8 +335,14 @@ pub fn fit_head(data: &PrefixDataset, config: &TrainConfig) -> Result<(ScorerHea
     )?;
     let mut curve = Vec::new();
     let every = (config.epochs / 50).max(1);
+    let mut start_loss = None;
     for epoch in 0..config.epochs {
         let loss = mse(&x_train, &y_train)?;
+        let value = f64::from(loss.to_scalar::<f32>()?);
+        if !value.is_finite() {
+            return Err(diverged(epoch, value * scale2, config));
+        }
+        start_loss.get_or_insert(value);
         opt.backward_step(&loss)?;
         if (epoch + 1) % every == 0 || epoch + 1 == config.epochs {
             curve.push(LossPoint {
@@ -501,6 +351,13 @@ pub fn fit_head(data: &PrefixDataset, config: &TrainConfig) -> Result<(ScorerHea
                 heldout_mse: mse(&x_held, &y_held)?.to_scalar::<f32>()? as f64 * scale2,
             });
         }
+    }
+    // A fit that ends worse than it started (and worse than the constant predictor, MSE 1
+    // in standardised units) diverged: full-batch AdamW with a sane rate does not do that.
+    let final_loss = f64::from(mse(&x_train, &y_train)?.to_scalar::<f32>()?);
+    let start = start_loss.unwrap_or(1.0).max(1.0);
+    if !final_loss.is_finite() || final_loss > start * (1.0 + 1e-6) {
+        return Err(diverged(config.epochs, final_loss * scale2, config));
     }
     // Fold the target standardisation back: V = ȳ + s_y·f(u).
     let ys = y_std as f32;

@@ -5,24 +5,25 @@
 //! function of (rewards, seed): easy to test exactly and independent of how the candidates
 //! were produced. Ties are compared exactly (`==` on the reward values), and broken
 //! uniformly, which is the tie rule under which tilt-core's best-of-n law
-//! `π_n(y) = p(y)/p(T(y))·(F^n − F⁻^n)` holds (arXiv 2401.01879 §2, derivations.md §3.2).
+//! `π_n(y) = p(y)/p(T(y))·(F^n − F⁻^n)` holds (arXiv 2401.01879 §2, docs/theory.md).
 
-use crate::{DecodeError, Strategy};
+use crate::cost::Rule;
+use crate::error::{EngineError, Result as EResult};
 use tilt_models::sampling::SequenceSampler;
 
 /// The index of the highest reward, ties broken uniformly with one draw from `sampler`
 /// (best-of-N, arXiv 2401.01879 §2).
 ///
 /// # Errors
-/// [`DecodeError::InvalidInput`] on no rewards or a non-finite reward.
+/// [`EngineError::Invalid`] on no rewards or a non-finite reward.
 ///
 /// ```
-/// use tilt_decode::select::select_best;
+/// use tilt_engine::select::select_best;
 /// use tilt_models::sampling::SequenceSampler;
 /// let mut s = SequenceSampler::new(0, 0);
 /// assert_eq!(select_best(&[0.1, 0.7, 0.3], &mut s).unwrap(), 1);
 /// ```
-pub fn select_best(rewards: &[f64], sampler: &mut SequenceSampler) -> Result<usize, DecodeError> {
+pub fn select_best(rewards: &[f64], sampler: &mut SequenceSampler) -> Result<usize, EngineError> {
     select_extreme(rewards, sampler, |a, b| a > b)
 }
 
@@ -30,7 +31,7 @@ pub fn select_best(rewards: &[f64], sampler: &mut SequenceSampler) -> Result<usi
 ///
 /// # Errors
 /// As [`select_best`].
-pub fn select_worst(rewards: &[f64], sampler: &mut SequenceSampler) -> Result<usize, DecodeError> {
+pub fn select_worst(rewards: &[f64], sampler: &mut SequenceSampler) -> Result<usize, EngineError> {
     select_extreme(rewards, sampler, |a, b| a < b)
 }
 
@@ -38,7 +39,7 @@ fn select_extreme(
     rewards: &[f64],
     sampler: &mut SequenceSampler,
     better: impl Fn(f64, f64) -> bool,
-) -> Result<usize, DecodeError> {
+) -> Result<usize, EngineError> {
     check_rewards(rewards)?;
     let mut best = rewards[0];
     for &r in &rewards[1..] {
@@ -53,19 +54,24 @@ fn select_extreme(
     Ok(tied[k])
 }
 
-/// Soft best-of-N (arXiv 2505.03156; derivations.md §6.1): index i with probability
+/// Soft best-of-N (arXiv 2505.03156): index i with probability
 /// `e^{r_i/λ} / Σ_j e^{r_j/λ}`, drawn from `sampler` (computed from `r_i/λ` in log space,
 /// so large rewards or small λ do not overflow).
 ///
 /// # Errors
-/// [`DecodeError::InvalidInput`] on no rewards, a non-finite reward, or λ not finite > 0.
+/// [`EngineError::Invalid`] on no rewards, a non-finite reward, or λ not finite > 0.
 pub fn select_soft(
     rewards: &[f64],
     lambda: f64,
     sampler: &mut SequenceSampler,
-) -> Result<usize, DecodeError> {
+) -> Result<usize, EngineError> {
     check_rewards(rewards)?;
-    Strategy::SoftBon { lambda }.validate()?;
+    if !(lambda.is_finite() && lambda > 0.0) {
+        return Err(EngineError::invalid(
+            "lambda",
+            format!("{lambda} is not a finite temperature > 0 (use bon for λ → 0)"),
+        ));
+    }
     let log_w: Vec<f64> = rewards.iter().map(|r| r / lambda).collect();
     Ok(sampler.sample_index(&log_w)?)
 }
@@ -76,26 +82,26 @@ pub fn first_accepted(rewards: &[f64], threshold: f64) -> Option<usize> {
     rewards.iter().position(|&r| r >= threshold)
 }
 
-/// Apply `strategy` to one batch of scored candidates. For [`Strategy::Rewind`] this is
-/// the first accepted candidate, or the best one when none is accepted (the runner handles
-/// repeated batches).
+/// Apply `rule` to one batch of scored candidates. For a rewind this is the first accepted
+/// candidate, or the best one when none is accepted (the runner handles repeated batches).
 ///
 /// # Errors
 /// As the rules it calls.
 pub fn select(
-    strategy: &Strategy,
+    rule: Rule,
+    threshold: Option<f64>,
     rewards: &[f64],
     sampler: &mut SequenceSampler,
-) -> Result<usize, DecodeError> {
-    match *strategy {
-        Strategy::Sample => {
+) -> EResult<usize> {
+    match rule {
+        Rule::Sample => {
             check_rewards(rewards)?;
             Ok(0)
         }
-        Strategy::Bon => select_best(rewards, sampler),
-        Strategy::Won => select_worst(rewards, sampler),
-        Strategy::SoftBon { lambda } => select_soft(rewards, lambda, sampler),
-        Strategy::Rewind { threshold, .. } => match first_accepted(rewards, threshold) {
+        Rule::Best => select_best(rewards, sampler),
+        Rule::Worst => select_worst(rewards, sampler),
+        Rule::Soft { lambda } => select_soft(rewards, lambda, sampler),
+        Rule::Rewind { .. } => match threshold.and_then(|t| first_accepted(rewards, t)) {
             Some(i) => {
                 check_rewards(rewards)?;
                 Ok(i)
@@ -105,15 +111,15 @@ pub fn select(
     }
 }
 
-fn check_rewards(rewards: &[f64]) -> Result<(), DecodeError> {
+fn check_rewards(rewards: &[f64]) -> Result<(), EngineError> {
     if rewards.is_empty() {
-        return Err(DecodeError::invalid(
+        return Err(EngineError::invalid(
             "rewards",
             "no candidates to select from",
         ));
     }
     if let Some((i, r)) = rewards.iter().enumerate().find(|(_, r)| !r.is_finite()) {
-        return Err(DecodeError::invalid(
+        return Err(EngineError::invalid(
             "rewards",
             format!("candidate {i} has reward {r}, not finite"),
         ));
@@ -166,12 +172,12 @@ mod tests {
     #[test]
     fn rewind_takes_the_first_accepted_or_the_best() {
         let mut s = SequenceSampler::new(0, 0);
-        let st = Strategy::Rewind {
-            threshold: 0.5,
-            max_draws: 10,
+        let st = Rule::Rewind {
+            draws: 3,
+            accepted: 0,
         };
-        assert_eq!(select(&st, &[0.1, 0.6, 0.9], &mut s).unwrap(), 1);
-        assert_eq!(select(&st, &[0.1, 0.4, 0.2], &mut s).unwrap(), 1);
+        assert_eq!(select(st, Some(0.5), &[0.1, 0.6, 0.9], &mut s).unwrap(), 1);
+        assert_eq!(select(st, Some(0.5), &[0.1, 0.4, 0.2], &mut s).unwrap(), 1);
         assert_eq!(first_accepted(&[0.1, 0.2], 0.5), None);
     }
 
@@ -180,6 +186,6 @@ mod tests {
         let mut s = SequenceSampler::new(0, 0);
         assert!(select_best(&[], &mut s).is_err());
         assert!(select_best(&[0.0, f64::NAN], &mut s).is_err());
-        assert!(select(&Strategy::Sample, &[f64::INFINITY], &mut s).is_err());
+        assert!(select(Rule::Sample, None, &[f64::INFINITY], &mut s).is_err());
     }
 }

@@ -1,0 +1,944 @@
+//! The `tilt eval` engine: several strategies on the same prompts, judged against reference
+//! samples, beside the exact theory for the reference samples' reward distribution.
+//!
+//! For every prompt, M reference samples are drawn from p and scored; they are the
+//! yardstick. Each strategy then produces S outputs per prompt, and each output's
+//! **win rate** is its share of reference samples it beats, ties counting ½
+//! (arXiv 2401.01879 §5; tie convention of arXiv 2412.19792):
+//!
+//! ```text
+//! w(y) = (1/M)·Σ_j ( 1[r(y) > r(y'_j)] + ½·1[r(y) = r(y'_j)] )
+//! W = (1/P)·Σ_prompts  mean_s w(y_{prompt,s})
+//! 95% CI: the percentile bootstrap over prompts (2000 resamples of the P per-prompt means,
+//!         seeded by the run's seed): it stays inside [0, 1], as a win rate does, where a
+//!         normal interval on two prompts gave [−0.48, 1.48]; conditional on the reference
+//!         samples; null with fewer than 2 prompts)
+//! ```
+//!
+//! **KL, and which**: `sample` costs 0 exactly; `bon:n` and `won:n` report the bound
+//! log n − (n−1)/n (arXiv 2401.01879 Thm 3.1), `soft-bon` the bound log n; `cd-block` the
+//! mean over outputs of
+//! B·(log K − (K−1)/K), an unbiased estimate of its chain-rule bound
+//! E_π[B]·(log K − (K−1)/K) ≥ KL(π‖p) on the expected KL (B the number of blocks; see
+//! [`crate::cd::block`]), with its standard error; `cd-token` the Monte-Carlo estimate, the
+//! mean of log π(y)/p(y) over its outputs (with its standard error). All in nats.
+//!
+//! **Exact curves**: per prompt, the empirical distribution of the M reference rewards
+//! (mass 1/M each) gives, through tilt-core, best-of-n's exact KL, win rate and expected
+//! reward for each n, and the KL-optimal tilt's at each KL budget (capped per prompt at its
+//! largest reachable KL, −log p(argmax set)). The curves are the averages over prompts at
+//! equal n (best-of-n) and at equal KL budget (tilt). They are what an ideal best-of-n or
+//! tilt would score *against these same reference samples*, so a strategy's measured point
+//! can be read against them directly.
+//!
+//! **Sharing draws**: `sample` and every `bon:n`, `won:n` and `soft-bon` of a prompt's
+//! repetition s come from the same candidates (sample = the first, bon:n = the best of the
+//! first n, ties uniform with that strategy's own selection stream). Each strategy's marginal law is exact; only the
+//! strategies' errors are correlated, which costs nothing in bias and makes their
+//! differences sharper.
+//!
+//! **Seeds**: a strategy's outputs depend on the run's seed and its own label, never on what
+//! else is listed or in which order. Candidate d of repetition s of the selection strategies is drawn
+//! with `seed` from stream `draw_stream(prompt, s·MAX_N + d)` (a fixed stride, so it does not
+//! depend on the largest n listed); `bon:n` breaks ties with stream `selection_stream(prompt,
+//! 0)` of [`strategy_seed`]`(seed, "bon:n")`; a cd strategy draws its S outputs with
+//! [`strategy_seed`]`(seed, label)` from streams `draw_stream(prompt, 0..S)`; the reference
+//! samples use `seed ^ REFERENCE_SEED_MIX`. The report holds no timings, so the same seed
+//! and configuration give the same bytes, whatever the thread count.
+//!
+//! **Batching**: every job of a prompt — the reference samples, each repetition's shared
+//! candidates, each cd output — runs on one stepper ([`crate::stepper`]), their rows in one
+//! batch per step (up to the engine's `max_batch`); each reward call is as it would be alone
+//! (one per job, the cd outputs of a strategy together), so the numbers do not depend on
+//! the batching.
+
+use crate::cd::PrefixScorer;
+use crate::cost::Rule;
+use crate::engine::{make_job, Engine};
+use crate::error::{EngineError, Result};
+use crate::progress::Progress;
+use crate::request::Input;
+use crate::select::select;
+use crate::stepper::{
+    draw_stream, run_jobs, score_pairs, selection_stream, Finished, Group, GroupSpec, Job,
+    JobOutput, OutputSpec, Prefilled, SampleJob,
+};
+use crate::strategy::{Strategy, MAX_N};
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::sync::Arc;
+use tilt_core::best_of_n::best_of_n;
+use tilt_core::bounds::bon_kl_bound;
+use tilt_core::tilt::tilt_by_kl;
+use tilt_core::RewardDistribution;
+use tilt_models::sampling::{SamplingParams, SequenceSampler};
+use tilt_models::Policy;
+
+/// XOR-ed into the seed for the reference samples, so that they are independent of every
+/// strategy's draws.
+pub const REFERENCE_SEED_MIX: u64 = 0xD1B5_4A32_D192_ED03;
+
+/// Resamples of the percentile bootstrap of the win rate's interval.
+pub const BOOTSTRAP_RESAMPLES: usize = 2000;
+
+/// The seed of the strategy labelled `label` (see [`Strategy::label`]) in a run with seed
+/// `seed`: `seed` XOR the first 8 bytes (little-endian) of sha256(`label`). A stable hash of
+/// the label, so that a strategy's outputs do not depend on the other strategies listed, nor
+/// on their order, nor on the platform or the Rust version.
+pub fn strategy_seed(seed: u64, label: &str) -> u64 {
+    let digest = Sha256::digest(label.as_bytes());
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    seed ^ u64::from_le_bytes(first)
+}
+
+fn bad_spec(problem: impl Into<String>) -> EngineError {
+    EngineError::invalid("strategies", problem)
+}
+
+fn parse_count(what: &str, v: &str) -> Result<usize> {
+    let n: usize = v
+        .trim()
+        .parse()
+        .map_err(|_| bad_spec(format!("{what} = {v:?} is not a whole number")))?;
+    if n == 0 {
+        return Err(bad_spec(format!("{what} is 0; it must be at least 1")));
+    }
+    Ok(n)
+}
+
+fn parse_number(what: &str, v: &str) -> Result<f64> {
+    v.trim()
+        .parse()
+        .map_err(|_| bad_spec(format!("{what} = {v:?} is not a number")))
+}
+
+/// Parse a strategies list such as
+/// `sample; bon:1,2,4,8,16; cd-block:K=4,M=8; cd-token:lambda=2,k=10`.
+///
+/// Strategies are separated by `;`; after a strategy's name and `:` come its arguments,
+/// separated by `,`: `bon:N,N,…` and `won:N,N,…` (one strategy per n),
+/// `soft-bon:n=N,lambda=L`, `cd-block:K=…,M=…`, `cd-token:lambda=…[,k=…]` (k default 10).
+/// (An earlier syntax separated strategies by commas too, which made `sample,bogus` read as
+/// an argument of `sample`; a list in that form is refused with a hint.)
+///
+/// # Errors
+/// [`EngineError::Invalid`] naming `strategies` and the offending item: an unknown name, a
+/// missing or zero K/M/n, λ < 0, a duplicate, an empty list.
+pub fn parse_strategies(spec: &str) -> Result<Vec<Strategy>> {
+    let mut out = Vec::new();
+    if spec.trim().is_empty() {
+        return Err(bad_spec("no strategies given"));
+    }
+    for raw in spec.split(';') {
+        let item = raw.trim();
+        if item.is_empty() {
+            return Err(bad_spec(format!("an empty item in {spec:?}")));
+        }
+        let (name, args) = match item.split_once(':') {
+            Some((n, a)) => (n.trim(), Some(a)),
+            None => (item, None),
+        };
+        if name.contains(',') {
+            return Err(bad_spec(format!(
+                "{name:?} is not a strategy; separate strategies with ';' (e.g. \"sample; \
+                 bon:2,4\")"
+            )));
+        }
+        let args: Vec<&str> = args
+            .map(|a| a.split(',').map(str::trim).collect())
+            .unwrap_or_default();
+        if args.iter().any(|a| a.is_empty()) {
+            return Err(bad_spec(format!("{item:?}: an empty argument")));
+        }
+        let keyed = |allowed: &[&str]| -> Result<Vec<(String, String)>> {
+            args.iter()
+                .map(|a| match a.split_once('=') {
+                    Some((k, v)) if allowed.contains(&k.trim()) => {
+                        Ok((k.trim().to_string(), v.trim().to_string()))
+                    }
+                    _ => Err(bad_spec(format!(
+                        "{name} argument {a:?}: expected {}",
+                        allowed
+                            .iter()
+                            .map(|k| format!("{k}=…"))
+                            .collect::<Vec<_>>()
+                            .join(" or ")
+                    ))),
+                })
+                .collect()
+        };
+        let sampling = SamplingParams::default();
+        match name {
+            "sample" => {
+                if !args.is_empty() {
+                    return Err(bad_spec(format!("sample takes no arguments, got {args:?}")));
+                }
+                out.push(Strategy::Sample { sampling });
+            }
+            "bon" | "won" => {
+                if args.is_empty() {
+                    return Err(bad_spec(format!(
+                        "{name} needs at least one n ({name}:1,2,4)"
+                    )));
+                }
+                for a in &args {
+                    let n = parse_count(&format!("{name} n"), a)?;
+                    out.push(if name == "bon" {
+                        Strategy::Bon { n, sampling }
+                    } else {
+                        Strategy::Won { n, sampling }
+                    });
+                }
+            }
+            "soft-bon" => {
+                let (mut n, mut lambda) = (None, None);
+                for (k, v) in keyed(&["n", "lambda"])? {
+                    match k.as_str() {
+                        "n" => n = Some(parse_count("soft-bon n", &v)?),
+                        _ => lambda = Some(parse_number("soft-bon lambda", &v)?),
+                    }
+                }
+                let (Some(n), Some(lambda)) = (n, lambda) else {
+                    return Err(bad_spec(
+                        "soft-bon needs n=… and lambda=… (soft-bon:n=4,lambda=0.5)",
+                    ));
+                };
+                out.push(Strategy::SoftBon {
+                    n,
+                    lambda,
+                    sampling,
+                });
+            }
+            "cd-block" => {
+                let (mut k, mut m) = (None, None);
+                for (key, v) in keyed(&["K", "k", "M", "m"])? {
+                    if key.eq_ignore_ascii_case("k") {
+                        k = Some(parse_count("cd-block K", &v)?);
+                    } else {
+                        m = Some(parse_count("cd-block M", &v)?);
+                    }
+                }
+                let (Some(k), Some(m)) = (k, m) else {
+                    return Err(bad_spec(
+                        "cd-block needs both K=… and M=… (cd-block:K=4,M=8)",
+                    ));
+                };
+                out.push(Strategy::CdBlock { k, m, scorer: None });
+            }
+            "cd-token" => {
+                let (mut lambda, mut top_k) = (None, crate::strategy::DEFAULT_CD_TOP_K);
+                for (key, v) in keyed(&["lambda", "λ", "k"])? {
+                    if key == "k" {
+                        top_k = parse_count("cd-token k", &v)?;
+                    } else {
+                        lambda = Some(parse_number("cd-token lambda", &v)?);
+                    }
+                }
+                let Some(lambda) = lambda else {
+                    return Err(bad_spec("cd-token needs lambda=… (cd-token:lambda=2,k=10)"));
+                };
+                out.push(Strategy::CdToken {
+                    lambda,
+                    top_k,
+                    scorer: None,
+                });
+            }
+            "rewind" => {
+                return Err(bad_spec(
+                    "rewind is not evaluated by tilt eval (its KL is known only from its own \
+                     draws); evaluate sample, bon, won, soft-bon, cd-block or cd-token",
+                ))
+            }
+            other => {
+                return Err(bad_spec(format!(
+                    "unknown strategy {other:?} (sample, bon:N, won:N, soft-bon:n=…,lambda=…, \
+                     cd-block:K=…,M=…, cd-token:lambda=…,k=…)"
+                )))
+            }
+        }
+    }
+    for (i, s) in out.iter().enumerate() {
+        s.validate()
+            .map_err(|e| bad_spec(format!("{}: {e}", s.label())))?;
+        if out[..i].iter().any(|o| o.label() == s.label()) {
+            return Err(bad_spec(format!("{} is listed twice", s.label())));
+        }
+    }
+    Ok(out)
+}
+
+/// Settings of an evaluation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvalConfig {
+    /// The strategies.
+    pub strategies: Vec<Strategy>,
+    /// Reference samples per prompt (M ≥ 1).
+    pub reference_samples: usize,
+    /// Outputs per strategy and prompt (S ≥ 1).
+    pub samples_per_prompt: usize,
+    /// Most new tokens per output.
+    pub max_new_tokens: usize,
+    /// The seed.
+    pub seed: u64,
+    /// Wrap prompts in the model's chat template.
+    pub chat_template: bool,
+    /// The reward's name in the engine (None: its default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reward: Option<String>,
+}
+
+impl EvalConfig {
+    /// The selection strategies that share candidates (sample, bon, won, soft-bon).
+    fn is_selection(s: &Strategy) -> bool {
+        matches!(
+            s,
+            Strategy::Sample { .. }
+                | Strategy::Bon { .. }
+                | Strategy::Won { .. }
+                | Strategy::SoftBon { .. }
+        )
+    }
+
+    /// Check everything that can be checked without the models: M, S in [1, [`MAX_N`]], at
+    /// least one new token and one strategy, each strategy valid, evaluable (not rewind) and
+    /// drawn from p itself (temperature 1, no truncation: the win rate is against p).
+    ///
+    /// # Errors
+    /// [`EngineError::Invalid`] naming the parameter (`reference_samples`,
+    /// `samples_per_prompt`, `max_new_tokens`, `strategies` with the item).
+    pub fn validate(&self) -> Result<()> {
+        for (param, v) in [
+            ("reference_samples", self.reference_samples),
+            ("samples_per_prompt", self.samples_per_prompt),
+        ] {
+            if v == 0 {
+                return Err(EngineError::invalid(param, "is 0; at least 1"));
+            }
+            if v > MAX_N {
+                return Err(EngineError::invalid(
+                    param,
+                    format!(
+                        "{v} is above the cap of {MAX_N} (they are stepped as one batch, each \
+                         with its own KV cache; split the work into several runs)"
+                    ),
+                ));
+            }
+        }
+        if self.max_new_tokens == 0 {
+            return Err(EngineError::invalid("max_new_tokens", "is 0; at least 1"));
+        }
+        if self.strategies.is_empty() {
+            return Err(bad_spec("no strategies given"));
+        }
+        for s in &self.strategies {
+            s.validate()
+                .map_err(|e| bad_spec(format!("{}: {e}", s.label())))?;
+            if matches!(s, Strategy::Rewind { .. }) {
+                return Err(bad_spec(format!("{}: rewind is not evaluated", s.label())));
+            }
+            if s.sampling()
+                .is_some_and(|p| *p != SamplingParams::default())
+            {
+                return Err(bad_spec(format!(
+                    "{}: tilt eval draws every strategy from p itself (temperature 1, no \
+                     truncation), since win rates are against p's samples; remove its sampling \
+                     parameters",
+                    s.label()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The largest n of the selection strategies (sample counts 1); 0 when there are none.
+    fn max_n(&self) -> usize {
+        self.strategies
+            .iter()
+            .filter(|s| Self::is_selection(s))
+            .map(|s| s.rows(usize::MAX))
+            .max()
+            .unwrap_or(0)
+    }
+}
+
+/// One strategy's results.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StrategyResult {
+    /// Its label (`bon:4`, …).
+    pub strategy: String,
+    /// Outputs scored (P·S).
+    pub outputs: usize,
+    /// Mean reward of its outputs.
+    pub mean_reward: f64,
+    /// Standard error of the mean reward over prompts (null with one prompt).
+    pub mean_reward_stderr: Option<f64>,
+    /// Win rate against the reference samples, ties ½.
+    pub win_rate: f64,
+    /// Standard error of the win rate over prompts (null with one prompt).
+    pub win_rate_stderr: Option<f64>,
+    /// 95% percentile-bootstrap interval over prompts, within [0, 1] (null with one prompt).
+    pub win_rate_ci95: Option<[f64; 2]>,
+    /// KL(π‖p) in nats: see `kl_kind`.
+    pub kl: f64,
+    /// `exact`, `bound` or `estimate`.
+    pub kl_kind: String,
+    /// Standard error of `kl` when it is a mean over outputs (cd-token's estimate, cd-block's
+    /// estimated bound).
+    pub kl_stderr: Option<f64>,
+    /// Mean number of generated tokens.
+    pub mean_new_tokens: f64,
+}
+
+/// A point of an exact curve, averaged over prompts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CurvePoint {
+    /// n for best-of-n, null for the tilt.
+    pub n: Option<u64>,
+    /// KL(π‖p), nats.
+    pub kl: f64,
+    /// Win rate over the reference samples, ties ½.
+    pub win_rate: f64,
+    /// Expected reward.
+    pub expected_reward: f64,
+}
+
+/// The evaluation report (printed as JSON).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvalReport {
+    /// Per strategy, in the order given.
+    pub strategies: Vec<StrategyResult>,
+    /// The settings.
+    pub config: EvalConfig,
+    /// Number of prompts.
+    pub prompts: usize,
+    /// The reward's name.
+    pub reward: String,
+    /// The policy's name.
+    pub policy: String,
+    /// The scorers' names, when cd strategies used them.
+    pub scorers: Vec<String>,
+    /// Mean reward of the reference samples.
+    pub reference_mean_reward: f64,
+    /// Exact best-of-n on the reference samples' empirical distributions.
+    pub exact_best_of_n: Vec<CurvePoint>,
+    /// Exact KL-optimal tilt on the same.
+    pub exact_tilt: Vec<CurvePoint>,
+    /// What the numbers are.
+    pub notes: Vec<String>,
+    /// Units of every divergence: `nats`.
+    pub units: String,
+}
+
+/// Win rate of reward `r` against `refs`, ties ½.
+fn win_against(r: f64, refs: &[f64]) -> f64 {
+    let s: f64 = refs
+        .iter()
+        .map(|&x| {
+            if r > x {
+                1.0
+            } else if r == x {
+                0.5
+            } else {
+                0.0
+            }
+        })
+        .sum();
+    s / refs.len() as f64
+}
+
+/// Mean and standard error of per-prompt values.
+fn mean_se(xs: &[f64]) -> (f64, Option<f64>) {
+    let n = xs.len() as f64;
+    let mean = xs.iter().sum::<f64>() / n;
+    if xs.len() < 2 {
+        return (mean, None);
+    }
+    let var = xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0);
+    (mean, Some((var / n).sqrt()))
+}
+
+/// The 95% percentile-bootstrap interval of the mean of `xs` (resampling the values with
+/// replacement `resamples` times from a ChaCha20 stream of `seed`): the 2.5% and 97.5%
+/// quantiles of the resampled means (Efron & Tibshirani, *An Introduction to the
+/// Bootstrap*, §13.3). Every resampled mean lies within [min xs, max xs], so the interval
+/// respects the range of the values. None for fewer than 2 values.
+pub fn bootstrap_ci95(xs: &[f64], resamples: usize, seed: u64) -> Option<[f64; 2]> {
+    if xs.len() < 2 || resamples == 0 {
+        return None;
+    }
+    let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(seed);
+    let n = xs.len();
+    let mut means: Vec<f64> = (0..resamples)
+        .map(|_| (0..n).map(|_| xs[rng.random_range(0..n)]).sum::<f64>() / n as f64)
+        .collect();
+    means.sort_by(f64::total_cmp);
+    let q = |p: f64| means[((p * (resamples - 1) as f64).round() as usize).min(resamples - 1)];
+    Some([q(0.025), q(0.975)])
+}
+
+#[derive(Default, Clone)]
+struct Acc {
+    /// Per prompt: (sum reward, sum win, sum kl, sum tokens, count).
+    per_prompt: Vec<[f64; 5]>,
+    kl_values: Vec<f64>,
+}
+
+impl Acc {
+    fn add(&mut self, prompt: usize, reward: f64, refs: &[f64], kl: f64, tokens: usize) {
+        if self.per_prompt.len() <= prompt {
+            self.per_prompt.resize(prompt + 1, [0.0; 5]);
+        }
+        let e = &mut self.per_prompt[prompt];
+        e[0] += reward;
+        e[1] += win_against(reward, refs);
+        e[2] += kl;
+        e[3] += tokens as f64;
+        e[4] += 1.0;
+        self.kl_values.push(kl);
+    }
+}
+
+fn sampled(f: Finished) -> Result<Vec<crate::stepper::SampledSequence>> {
+    match f.output {
+        JobOutput::Sampled(s) => Ok(s),
+        JobOutput::Output(_) => Err(EngineError::Internal("expected sampled sequences".into())),
+    }
+}
+
+/// Run an evaluation on `engine` (see the module docs); `progress` counts prompts.
+///
+/// # Errors
+/// [`EngineError::Invalid`] for a bad config, no prompts, a cd strategy without a scorer or
+/// with one of the wrong size; the policy's and reward's errors.
+pub fn evaluate<P: Policy>(
+    engine: &Engine<P>,
+    prompts: &[Input],
+    config: &EvalConfig,
+    progress: &dyn Progress,
+) -> Result<EvalReport> {
+    config.validate()?;
+    if prompts.is_empty() {
+        return Err(EngineError::invalid("prompts", "no prompts given"));
+    }
+    if prompts.len() >= 1 << 31 {
+        return Err(EngineError::invalid("prompts", "too many prompts"));
+    }
+    let policy = engine.policy();
+    let reward = Arc::clone(engine.reward(config.reward.as_deref())?);
+    // Every cd strategy's scorer, resolved before any work.
+    let mut scorers: Vec<Option<Arc<dyn PrefixScorer>>> = Vec::new();
+    for s in &config.strategies {
+        scorers.push(match s.scorer() {
+            Some(name) => Some(Arc::clone(engine.scorer(name)?)),
+            None => None,
+        });
+    }
+    let max_n = config.max_n();
+    let s_count = config.samples_per_prompt;
+    let vocab = policy.vocab_size();
+    // Refuse, before any work, what cannot fit in memory: the jobs of a prompt run up to
+    // max_batch rows at once, and a job bigger than that alone.
+    let job_rows: Vec<usize> = std::iter::once(config.reference_samples)
+        .chain((0..if max_n > 0 { s_count } else { 0 }).map(|_| max_n))
+        .chain(
+            config
+                .strategies
+                .iter()
+                .filter(|s| !EvalConfig::is_selection(s))
+                .flat_map(|s| std::iter::repeat_n(s.rows(vocab), s_count)),
+        )
+        .collect();
+    let largest = job_rows.iter().copied().max().unwrap_or(1);
+    let at_once = largest.max(engine.max_batch().min(job_rows.iter().sum()));
+    engine.check_memory(
+        if largest == config.reference_samples {
+            "reference_samples"
+        } else {
+            "strategies"
+        },
+        at_once,
+        0,
+        config.max_new_tokens,
+    )?;
+    let spec = |seed: u64| GroupSpec {
+        seed,
+        sampling: SamplingParams::default(),
+        max_new_tokens: config.max_new_tokens,
+        stops: Arc::from(Vec::<String>::new()),
+        keep_hidden: false,
+    };
+    let no_stops: Arc<[String]> = Arc::from(Vec::<String>::new());
+    let mut accs: Vec<Acc> = vec![Acc::default(); config.strategies.len()];
+    let mut ref_rewards_all: Vec<Vec<f64>> = Vec::with_capacity(prompts.len());
+    progress.begin("prompts", prompts.len() as u64);
+    for (pi, input) in prompts.iter().enumerate() {
+        let index = pi as u64;
+        let input = match (input, config.chat_template) {
+            (Input::Prompt(p), false) => Input::Raw(p.clone()),
+            (other, _) => other.clone(),
+        };
+        let tokens = engine.encode(&input, config.max_new_tokens)?;
+        let prefill = Arc::new(Prefilled::new(policy, tokens)?);
+        let prompt: Arc<str> = Arc::from(input.reward_prompt());
+        let mut jobs: Vec<(usize, Box<dyn Job<P> + '_>)> = Vec::new();
+        // The reference samples, then the shared candidates of each repetition.
+        let streams: Vec<u64> = (0..config.reference_samples as u64)
+            .map(|d| draw_stream(index, d))
+            .collect();
+        let g = Group::new(
+            Arc::clone(&prefill),
+            spec(config.seed ^ REFERENCE_SEED_MIX),
+            &streams,
+            0,
+        );
+        jobs.push((
+            streams.len(),
+            Box::new(SampleJob::new(
+                g,
+                Some((Arc::clone(&reward), Arc::clone(&prompt))),
+            )),
+        ));
+        if max_n > 0 {
+            for s in 0..s_count {
+                let streams: Vec<u64> = (0..max_n as u64)
+                    .map(|d| draw_stream(index, (s * MAX_N) as u64 + d))
+                    .collect();
+                let g = Group::new(Arc::clone(&prefill), spec(config.seed), &streams, 0);
+                jobs.push((
+                    max_n,
+                    Box::new(SampleJob::new(
+                        g,
+                        Some((Arc::clone(&reward), Arc::clone(&prompt))),
+                    )),
+                ));
+            }
+        }
+        // Each cd strategy's S outputs: output s is choice s of a request with the
+        // strategy's own seed (stream draw_stream(index, s)); scored below, together.
+        let mut cd_slots: Vec<(usize, usize)> = Vec::new(); // (strategy, first job)
+        for (j, st) in config.strategies.iter().enumerate() {
+            if EvalConfig::is_selection(st) {
+                continue;
+            }
+            cd_slots.push((j, jobs.len()));
+            let seed = strategy_seed(config.seed, &st.label());
+            for s in 0..s_count {
+                let out = OutputSpec {
+                    choice: s,
+                    seed,
+                    reward: Arc::clone(&reward),
+                    prompt: Arc::clone(&prompt),
+                };
+                let job = make_job(
+                    &prefill,
+                    st,
+                    index,
+                    seed,
+                    config.max_new_tokens,
+                    &no_stops,
+                    out,
+                    scorers[j].as_ref(),
+                    false,
+                )?;
+                jobs.push((st.rows(vocab), job));
+            }
+        }
+        let mut results = run_jobs(policy, jobs, engine.max_batch(), |_| {})?.into_iter();
+        let refs: Vec<f64> = sampled(results.next().ok_or_else(lost)?)?
+            .iter()
+            .map(|s| s.reward.ok_or_else(lost))
+            .collect::<Result<_>>()?;
+        if max_n > 0 {
+            let mut selectors: Vec<SequenceSampler> = config
+                .strategies
+                .iter()
+                .map(|st| {
+                    SequenceSampler::new(
+                        strategy_seed(config.seed, &st.label()),
+                        selection_stream(index, 0),
+                    )
+                })
+                .collect();
+            for _ in 0..s_count {
+                let cands = sampled(results.next().ok_or_else(lost)?)?;
+                let rewards: Vec<f64> = cands
+                    .iter()
+                    .map(|s| s.reward.ok_or_else(lost))
+                    .collect::<Result<_>>()?;
+                for (j, st) in config.strategies.iter().enumerate() {
+                    let (rule, n, kl) = match *st {
+                        Strategy::Sample { .. } => (Rule::Sample, 1, 0.0),
+                        Strategy::Bon { n, .. } => (Rule::Best, n, bon_kl_bound(n as u64)?),
+                        Strategy::Won { n, .. } => (Rule::Worst, n, bon_kl_bound(n as u64)?),
+                        Strategy::SoftBon { n, lambda, .. } => {
+                            (Rule::Soft { lambda }, n, (n as f64).ln())
+                        }
+                        _ => continue,
+                    };
+                    let chosen = select(rule, None, &rewards[..n], &mut selectors[j])?;
+                    accs[j].add(pi, rewards[chosen], &refs, kl, cands[chosen].tokens.len());
+                }
+            }
+        }
+        let cd_results: Vec<Finished> = results.collect();
+        for (j, first) in cd_slots {
+            let base = first - (1 + if max_n > 0 { s_count } else { 0 });
+            let outs: Vec<crate::request::Output> = cd_results[base..base + s_count]
+                .iter()
+                .map(|f| match &f.output {
+                    JobOutput::Output(o) => Ok((**o).clone()),
+                    JobOutput::Sampled(_) => Err(lost()),
+                })
+                .collect::<Result<_>>()?;
+            let scores = score_pairs(
+                reward.as_ref(),
+                outs.iter().map(|o| (&*prompt, o.text.as_str())),
+            )?;
+            for (o, r) in outs.iter().zip(scores) {
+                let kl = o.kl_estimate.or(o.kl_bound).unwrap_or(0.0);
+                accs[j].add(pi, r, &refs, kl, o.tokens.len());
+            }
+        }
+        ref_rewards_all.push(refs);
+        progress.advance("prompts", pi as u64 + 1);
+    }
+    progress.end("prompts");
+    let mut results = Vec::with_capacity(config.strategies.len());
+    for (strat, acc) in config.strategies.iter().zip(&accs) {
+        let per = |k: usize| -> Vec<f64> { acc.per_prompt.iter().map(|e| e[k] / e[4]).collect() };
+        let (mean_reward, mean_reward_stderr) = mean_se(&per(0));
+        let wins = per(1);
+        let (win_rate, win_rate_stderr) = mean_se(&wins);
+        let (kl, kl_kind, kl_stderr) = match strat {
+            Strategy::Sample { .. } => (0.0, "exact", None),
+            Strategy::Bon { .. } | Strategy::Won { .. } | Strategy::SoftBon { .. } => {
+                (mean_se(&acc.kl_values).0, "bound", None)
+            }
+            Strategy::CdBlock { .. } => {
+                let (m, se) = mean_se(&acc.kl_values);
+                (m, "bound", se)
+            }
+            _ => {
+                let (m, se) = mean_se(&acc.kl_values);
+                (m, "estimate", se)
+            }
+        };
+        results.push(StrategyResult {
+            strategy: strat.label(),
+            outputs: acc.kl_values.len(),
+            mean_reward,
+            mean_reward_stderr,
+            win_rate,
+            win_rate_stderr,
+            win_rate_ci95: bootstrap_ci95(
+                &wins,
+                BOOTSTRAP_RESAMPLES,
+                strategy_seed(config.seed, &format!("bootstrap {}", strat.label())),
+            ),
+            kl,
+            kl_kind: kl_kind.into(),
+            kl_stderr,
+            mean_new_tokens: mean_se(&per(3)).0,
+        });
+    }
+    let p = prompts.len();
+    let (exact_best_of_n, exact_tilt) = exact_curves(&ref_rewards_all, max_n.max(16))?;
+    let reference_mean_reward =
+        ref_rewards_all.iter().flatten().sum::<f64>() / (p * config.reference_samples) as f64;
+    let mut scorer_names: Vec<String> = scorers.iter().flatten().map(|s| s.name()).collect();
+    scorer_names.dedup();
+    Ok(EvalReport {
+        strategies: results,
+        config: config.clone(),
+        prompts: p,
+        reward: reward.name(),
+        policy: policy.name().to_string(),
+        scorers: scorer_names,
+        reference_mean_reward,
+        exact_best_of_n,
+        exact_tilt,
+        notes: vec![
+            "win_rate: share of the prompt's reference samples beaten, ties 1/2, averaged over outputs then prompts; win_rate_stderr: its standard error over per-prompt means; win_rate_ci95: 95% percentile bootstrap over prompts (2000 resamples), within [0, 1], conditional on the reference samples".into(),
+            "kl_kind: exact (sample: 0), bound (bon:n and won:n: log n - (n-1)/n, arXiv 2401.01879 Thm 3.1; soft-bon: log n; cd-block: the mean over outputs of B·(log K - (K-1)/K), B an output's number of blocks, which estimates (with kl_stderr) the chain-rule bound E[B]·(log K - (K-1)/K) on the expected KL), estimate (cd-token: mean of the exact log pi(y)/p(y) over outputs, an unbiased Monte-Carlo estimate of KL, with its standard error)".into(),
+            "seeds: each strategy's outputs depend only on the run's seed and its own label (not on the other strategies listed or their order); sample, bon, won and soft-bon share candidates".into(),
+            "exact_best_of_n / exact_tilt: tilt-core's exact values for the empirical distribution of each prompt's reference rewards, averaged over prompts at equal n / equal KL budget (capped per prompt at -log p(argmax set))".into(),
+        ],
+        units: "nats".into(),
+    })
+}
+
+fn lost() -> EngineError {
+    EngineError::Internal("an evaluation job's result was missing".into())
+}
+
+/// The exact best-of-n (n = 1, 2, 4, … ≤ `n_max`) and tilt (25 KL budgets) curves,
+/// averaged over prompts, for the empirical distributions of `refs` (see the module docs).
+///
+/// # Errors
+/// An empty or non-finite set of reference rewards.
+pub fn exact_curves(refs: &[Vec<f64>], n_max: usize) -> Result<(Vec<CurvePoint>, Vec<CurvePoint>)> {
+    let dists: Vec<RewardDistribution> = refs
+        .iter()
+        .map(|r| RewardDistribution::from_samples(r))
+        .collect::<std::result::Result<_, _>>()?;
+    let p = dists.len() as f64;
+    let mut bon = Vec::new();
+    let mut n = 1u64;
+    while n as usize <= n_max {
+        let mut pt = CurvePoint {
+            n: Some(n),
+            kl: 0.0,
+            win_rate: 0.0,
+            expected_reward: 0.0,
+        };
+        for d in &dists {
+            let b = best_of_n(d, n)?;
+            pt.kl += b.kl / p;
+            pt.win_rate += b.win_rate / p;
+            pt.expected_reward += b.expected_reward / p;
+        }
+        bon.push(pt);
+        n *= 2;
+    }
+    // Largest reachable KL per prompt: −log p(argmax set).
+    let max_kls: Vec<f64> = refs
+        .iter()
+        .map(|r| {
+            let top = r.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let count = r.iter().filter(|&&x| x == top).count();
+            -((count as f64) / r.len() as f64).ln()
+        })
+        .collect();
+    let kl_top = max_kls.iter().copied().fold(0.0, f64::max);
+    let mut tilt = Vec::new();
+    let steps = 24;
+    for i in 0..=steps {
+        let budget = kl_top * i as f64 / steps as f64;
+        let mut pt = CurvePoint {
+            n: None,
+            kl: 0.0,
+            win_rate: 0.0,
+            expected_reward: 0.0,
+        };
+        for (d, &mk) in dists.iter().zip(&max_kls) {
+            // Just inside the reachable range (the endpoint itself is the λ → ∞ limit).
+            let t = tilt_by_kl(d, budget.min(mk * (1.0 - 1e-9)))?;
+            pt.kl += t.kl / p;
+            pt.win_rate += t.win_rate / p;
+            pt.expected_reward += t.expected_reward / p;
+        }
+        tilt.push(pt);
+    }
+    Ok((bon, tilt))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_strategy_list_and_rejects_bad_specs() {
+        let s = parse_strategies(
+            "sample; bon:1,2,4,8,16; won:2; soft-bon:n=4,lambda=0.5; cd-block:K=4,M=8; cd-token:lambda=2.5,k=5",
+        )
+        .unwrap();
+        let labels: Vec<String> = s.iter().map(Strategy::label).collect();
+        assert_eq!(
+            labels,
+            [
+                "sample",
+                "bon:1",
+                "bon:2",
+                "bon:4",
+                "bon:8",
+                "bon:16",
+                "won:2",
+                "soft-bon:n=4,lambda=0.5",
+                "cd-block:K=4,M=8",
+                "cd-token:lambda=2.5,k=5"
+            ]
+        );
+        for (bad, needle) in [
+            ("", "no strategies"),
+            ("sample;;bon:2", "empty item"),
+            ("bon:0", "at least 1"),
+            ("bon:x", "whole number"),
+            ("cd-block:K=4", "both K"),
+            ("cd-block:K=0,M=8", "at least 1"),
+            ("cd-token:lambda=-1", "≥ 0"),
+            ("cd-token:k=3", "needs lambda"),
+            ("best:3", "unknown strategy"),
+            ("foo", "unknown strategy"),
+            ("bon:2;bon:2", "twice"),
+            ("sample:3", "no arguments"),
+            ("sample,bogus", "separate strategies with ';'"),
+            ("sample,bon:2", "separate strategies with ';'"),
+            ("rewind:n=2", "not evaluated"),
+            ("soft-bon:n=2", "needs n=… and lambda"),
+        ] {
+            let e = parse_strategies(bad).unwrap_err();
+            assert_eq!(e.param(), Some("strategies"), "{bad}: {e}");
+            assert!(e.to_string().contains(needle), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn the_bootstrap_interval_stays_in_the_range_of_the_values() {
+        // Two prompts, one won everything and one nothing: a normal interval is [-0.48,
+        // 1.48]; the bootstrap's is inside [0, 1].
+        let ci = bootstrap_ci95(&[0.0, 1.0], 2000, 7).unwrap();
+        assert!(
+            ci[0] >= 0.0 && ci[1] <= 1.0 && ci[0] < 0.5 && ci[1] > 0.5,
+            "{ci:?}"
+        );
+        assert_eq!(bootstrap_ci95(&[0.3], 2000, 7), None);
+        // Seeded: the same values and seed, the same interval.
+        let xs = [0.2, 0.4, 0.9, 0.5, 0.55];
+        assert_eq!(bootstrap_ci95(&xs, 500, 1), bootstrap_ci95(&xs, 500, 1));
+        // Its centre is near the mean for a spread sample, and it narrows with more data.
+        let many: Vec<f64> = (0..200).map(|i| ((i * 37) % 100) as f64 / 100.0).collect();
+        let w = bootstrap_ci95(&many, 2000, 3).unwrap();
+        let m = many.iter().sum::<f64>() / 200.0;
+        assert!(
+            w[0] < m && m < w[1] && w[1] - w[0] < 0.1,
+            "{w:?} around {m}"
+        );
+    }
+
+    #[test]
+    fn win_rate_counts_ties_as_half() {
+        assert_eq!(win_against(1.0, &[0.0, 1.0, 2.0, 1.0]), 0.5);
+        assert_eq!(win_against(3.0, &[0.0, 1.0]), 1.0);
+    }
+
+    #[test]
+    fn exact_curves_start_at_the_reference_and_grow() {
+        let refs = vec![vec![0.0, 1.0, 2.0, 3.0], vec![1.0, 1.0, 5.0, 2.0]];
+        let (bon, tilt) = exact_curves(&refs, 4).unwrap();
+        assert_eq!(bon.len(), 3);
+        // n = 1 is the reference itself: KL 0, win rate 1/2, mean reward.
+        assert!(bon[0].kl.abs() < 1e-12);
+        assert!((bon[0].win_rate - 0.5).abs() < 1e-12);
+        assert!((bon[0].expected_reward - (1.5 + 2.25) / 2.0).abs() < 1e-12);
+        assert!(bon[2].win_rate > bon[1].win_rate && bon[1].win_rate > 0.5);
+        assert!(tilt[0].kl.abs() < 1e-9 && (tilt[0].win_rate - 0.5).abs() < 1e-9);
+        for w in tilt.windows(2) {
+            assert!(
+                w[1].kl >= w[0].kl - 1e-12 && w[1].expected_reward >= w[0].expected_reward - 1e-9
+            );
+        }
+        // At equal KL the tilt has at least best-of-n's expected reward (it is KL-optimal),
+        // checked per prompt where both are exact.
+        for r in &refs {
+            let d = RewardDistribution::from_samples(r).unwrap();
+            for n in [2u64, 4] {
+                let b = best_of_n(&d, n).unwrap();
+                let t = tilt_by_kl(&d, b.kl).unwrap();
+                assert!(t.expected_reward >= b.expected_reward - 1e-9);
+            }
+        }
+    }
+}
