@@ -1,33 +1,32 @@
 //! `tilt eval`: several strategies on a prompts file, judged against reference samples,
 //! beside the exact best-of-n and tilt curves; JSON on stdout, an optional SVG, and always a
-//! manifest. The engine is `tilt_decode::eval`; this file loads models and writes files.
+//! manifest. The engine is `tilt_engine::eval`; this file parses flags and writes files.
 
+use crate::args::{check_plot, check_writable, cli_error, parse_seed, EngineArgs};
 use crate::output::{emit_to, Format};
-use crate::runtime::{
-    check_memory, check_scorer_fits, check_writable, hashed, load_policy, load_reward, load_scorer,
-    policy_path, read_prompts, resolve_threads, GIT_COMMIT, TOOL_VERSION,
-};
-use crate::usage;
+use crate::progress::CliProgress;
 use anyhow::Context;
 use clap::Args;
-use serde_json::json;
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
-use tilt_decode::cd::PrefixScorer;
-use tilt_decode::eval::{evaluate, parse_strategies, EvalConfig, EvalReport, EvalStrategy};
-use tilt_decode::manifest::{HostInfo, Manifest, RecordedOutput, MANIFEST_VERSION};
-use tilt_models::Policy;
+use tilt_engine::eval::{parse_strategies, EvalConfig, EvalReport};
+use tilt_engine::manifest::Manifest;
+use tilt_engine::run::{input_files, json_line, run_eval, Run};
+use tilt_engine::Engine;
 use tilt_plot::{write_svg, Panel, Series, SeriesStyle};
 
 /// Flags of `tilt eval`.
 #[derive(Debug, Args)]
 pub struct EvalArgs {
-    /// Prompts: a JSONL file with one `{"prompt": "..."}` per line.
+    /// Prompts: a JSONL file with one `{"prompt": "..."}` (or `{"messages": [...]}`) per line.
     #[arg(long)]
     pub prompts: PathBuf,
-    /// Strategies, e.g. `sample,bon:1,2,4,8,16,cd-block:K=4,M=8,cd-token:lambda=2,k=10`.
-    #[arg(long, default_value = "sample,bon:1,2,4,8,16")]
+    /// Strategies separated by `;`, each with its arguments after `:`, e.g.
+    /// `sample; bon:1,2,4,8,16; won:4; soft-bon:n=4,lambda=0.5; cd-block:K=4,M=8;
+    /// cd-token:lambda=2,k=10`.
+    #[arg(long, default_value = "sample; bon:1,2,4,8,16")]
     pub strategies: String,
     /// Reference samples from p per prompt (the yardstick of win rates).
     #[arg(long, default_value_t = 16)]
@@ -38,33 +37,21 @@ pub struct EvalArgs {
     /// Most new tokens per output.
     #[arg(long, default_value_t = 48)]
     pub max_new_tokens: usize,
-    /// Seed.
-    #[arg(long, default_value_t = 0)]
+    /// Seed (a whole number from 0 to 2^64 − 1).
+    #[arg(long, default_value_t = 0, value_parser = parse_seed)]
     pub seed: u64,
     /// Prefix scorer file (`tilt train-scorer`), needed by cd-block and cd-token.
     #[arg(long)]
     pub scorer: Option<PathBuf>,
-    /// Policy GGUF file (default: SmolLM2-135M-Instruct, fetched on first use).
-    #[arg(long)]
-    pub model: Option<PathBuf>,
-    /// Reward: minilm, minilm:target=TEXT, head:PATH, command:CMD, http:URL.
-    #[arg(long, default_value = "minilm")]
-    pub reward: String,
-    /// Threads (0: TILT_NUM_THREADS, RAYON_NUM_THREADS or the number of cores). The output
-    /// does not depend on it.
-    #[arg(long, default_value_t = 0)]
-    pub threads: usize,
-    /// Do not wrap prompts in the model's chat template.
-    #[arg(long)]
-    pub no_chat_template: bool,
-    /// Write win rate vs KL and reward vs KL to this SVG file (its directory must exist; it
-    /// is checked before any work).
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    /// Write win rate vs KL and reward vs KL to this SVG file (checked before any work).
     #[arg(long)]
     pub plot: Option<PathBuf>,
     /// Where to write the run manifest.
     #[arg(long, default_value = "tilt-eval.manifest.json")]
     pub manifest: PathBuf,
-    /// Output format.
+    /// Output format (the manifest always records the JSON).
     #[arg(long, value_enum, default_value_t = Format::Json)]
     pub format: Format,
 }
@@ -78,141 +65,70 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     let t_start = Instant::now();
     check_writable("--manifest", &args.manifest)?;
     if let Some(p) = &args.plot {
-        check_writable("--plot", p)?;
+        check_plot(p)?;
     }
-    let prompts = read_prompts(&args.prompts)?;
-    let strategies = parse_strategies(&args.strategies).map_err(usage)?;
+    let strategies = parse_strategies(&args.strategies).map_err(|e| cli_error(e, &[]))?;
     let config = EvalConfig {
         strategies,
         reference_samples: args.reference_samples,
         samples_per_prompt: args.samples_per_prompt,
         max_new_tokens: args.max_new_tokens,
         seed: args.seed,
-        chat_template: !args.no_chat_template,
+        chat_template: !args.engine.no_chat_template,
+        reward: None,
     };
-    config.validate().map_err(usage)?;
-    let needs_scorer = config.strategies.iter().any(EvalStrategy::needs_scorer);
-    let scorer = match (&args.scorer, needs_scorer) {
-        (Some(p), true) => Some(load_scorer(Some(p))?),
-        (None, false) => None,
+    config.validate().map_err(|e| cli_error(e, &[]))?;
+    let needs_scorer = config.strategies.iter().any(|s| s.scorer().is_some());
+    match (&args.scorer, needs_scorer) {
         (None, true) => {
-            return Err(usage(
+            return Err(crate::usage(
                 "--scorer: cd-block and cd-token need a prefix scorer file (train one with \
                  `tilt train-scorer`)",
             ))
         }
         (Some(_), false) => {
-            return Err(usage(
+            return Err(crate::usage(
                 "--scorer: has no effect, no cd-block or cd-token in --strategies; remove it",
             ))
         }
-    };
-    let threads = resolve_threads(args.threads);
-    let model_path = policy_path(&args.model)?;
-    let policy = load_policy(&model_path, threads)?;
-    if let Some(s) = &scorer {
-        check_scorer_fits(s, &policy)?;
+        _ => {}
     }
-    // Refuse, before any work, a batch that cannot fit in memory.
-    for b in config.batches(policy.vocab_size()) {
-        check_memory(&policy, &b.input, b.sequences, config.max_new_tokens)?;
-    }
-    let reward = load_reward(&args.reward)?;
+    // The prompts file is read before the models load, so that a bad line costs nothing.
+    tilt_engine::prompts::read_prompts(&args.prompts).map_err(|e| cli_error(e, &[]))?;
+    let engine_config = args.engine.config(args.scorer.as_deref());
+    let progress = CliProgress::new();
+    let engine = Engine::load(&engine_config, &progress).map_err(|e| cli_error(e, &[]))?;
     let t_load = t_start.elapsed().as_secs_f64();
-    let bar = indicatif::ProgressBar::new(prompts.len() as u64).with_style(
-        indicatif::ProgressStyle::with_template("eval {bar:30} {pos}/{len} prompts {elapsed}")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
-    let mut timings: std::collections::BTreeMap<String, f64> = Default::default();
     let t_eval = Instant::now();
-    let report: EvalReport = evaluate(
-        &policy,
-        reward.as_ref(),
-        scorer.as_ref().map(|s| s as &dyn PrefixScorer),
-        &prompts,
-        &config,
-        |done| bar.set_position(done as u64),
-        |label, secs| *timings.entry(label.to_string()).or_default() += secs,
-    )
-    .map_err(|e| {
-        if e.is_input_error() {
-            usage(e)
-        } else {
-            anyhow::Error::new(e)
-        }
-    })?;
-    bar.finish_and_clear();
+    let report = run_eval(&engine, &args.prompts, &config, &progress).map_err(|e| cli_error(e, &[]))?;
     let eval_secs = t_eval.elapsed().as_secs_f64();
-    tracing::info!(eval_secs, "tilt eval done");
     let value = serde_json::to_value(&report)?;
-    let bytes = format!("{}\n", serde_json::to_string(&value)?).into_bytes();
-    // The manifest.
-    let mut files = vec![
-        hashed("policy", &model_path)?,
-        hashed("prompts", &args.prompts)?,
-    ];
-    if let Some(p) = &args.scorer {
-        files.push(hashed("scorer", p)?);
-    }
-    for a in reward.artifacts() {
-        files.push(hashed("reward", &a)?);
-    }
-    let mut resolved = vec!["eval".to_string()];
-    let mut push = |k: &str, v: String| resolved.push(format!("{k}={v}"));
-    push("--prompts", args.prompts.display().to_string());
-    push("--strategies", args.strategies.clone());
-    push("--reference-samples", args.reference_samples.to_string());
-    push("--samples-per-prompt", args.samples_per_prompt.to_string());
-    push("--max-new-tokens", args.max_new_tokens.to_string());
-    push("--seed", args.seed.to_string());
-    push("--model", model_path.display().to_string());
-    push("--reward", args.reward.clone());
-    push("--threads", args.threads.to_string());
-    if let Some(p) = &args.scorer {
-        push("--scorer", p.display().to_string());
-    }
-    if let Some(p) = &args.plot {
-        push("--plot", p.display().to_string());
-    }
-    if args.no_chat_template {
-        resolved.push("--no-chat-template".into());
-    }
-    let manifest = Manifest {
-        manifest_version: MANIFEST_VERSION,
-        tool_version: TOOL_VERSION.into(),
-        git_commit: GIT_COMMIT.into(),
-        command: "eval".into(),
-        args: resolved,
-        config: serde_json::to_value(&config)?,
-        seed: args.seed,
-        files,
-        host: HostInfo::current(threads),
-        wall_seconds: json!({
-            "load": t_load,
-            "eval": eval_secs,
-            "by_strategy": timings,
-            "total": t_start.elapsed().as_secs_f64(),
-        }),
-        output: RecordedOutput::from_bytes(&bytes),
+    let bytes = json_line(&value).map_err(|e| cli_error(e, &[]))?;
+    let run = Run::Eval {
+        prompts: args.prompts.clone(),
+        config,
     };
-    let plot = args.plot.as_deref().map(|path| {
-        (path, move |p: &Path| {
-            write_plot(p, &report).map_err(|e| e.to_string())
-        })
-    });
+    let files = input_files(&engine, &run).map_err(|e| cli_error(e, &[]))?;
+    let wall: BTreeMap<String, f64> = [
+        ("load".to_string(), t_load),
+        ("eval".to_string(), eval_secs),
+        ("total".to_string(), t_start.elapsed().as_secs_f64()),
+    ]
+    .into();
+    let manifest = Manifest::new(engine_config, run, files, Vec::new(), engine.threads(), wall, &bytes);
+    let plot = args
+        .plot
+        .as_deref()
+        .map(|path| (path, |p: &Path| write_plot(p, &report).map_err(|e| e.to_string())));
     let mut stdout = std::io::stdout().lock();
-    finish(
-        &value,
-        args.format,
-        &mut stdout,
-        plot,
-        &manifest,
-        &args.manifest,
-    )?;
-    eprintln!(
-        "tilt eval: {} prompts in {eval_secs:.1} s; manifest {}",
-        prompts.len(),
-        args.manifest.display()
+    finish(&value, args.format, &mut stdout, plot, &manifest, &args.manifest)?;
+    tilt_engine::Progress::note(
+        &progress,
+        &format!(
+            "eval: {} prompts in {eval_secs:.1} s; manifest {}",
+            report.prompts,
+            args.manifest.display()
+        ),
     );
     Ok(())
 }
@@ -240,78 +156,60 @@ where
     if let Some((path, write)) = plot {
         if let Err(e) = write(path) {
             eprintln!(
-                "warning: --plot {}: not written ({e}); the report and the manifest do not \
-                 depend on it",
+                "tilt: warning: --plot {}: not written ({e}); the report and the manifest do \
+                 not depend on it",
                 path.display()
             );
         }
     }
-    manifest.write(manifest_path).with_context(|| {
-        format!(
-            "--manifest {}: writing the manifest",
-            manifest_path.display()
-        )
-    })?;
+    manifest
+        .write(manifest_path)
+        .with_context(|| format!("--manifest {}: writing the manifest", manifest_path.display()))?;
     printed
 }
 
-/// Win rate vs KL and reward vs KL: measured strategies as points, exact best-of-n (line)
-/// and tilt (dashed) for the reference samples' empirical distributions.
+/// Win rate vs KL and reward vs KL: measured strategies as points with error bars (the
+/// win rate's bootstrap interval, the reward's ±1.96 standard errors), exact best-of-n
+/// (line) and tilt (dashed) for the reference samples' empirical distributions.
 fn write_plot(path: &Path, report: &EvalReport) -> Result<(), tilt_plot::PlotError> {
-    let mut win = Vec::new();
-    let mut rew = Vec::new();
-    let bon_w: Vec<(f64, f64)> = report
-        .exact_best_of_n
-        .iter()
-        .map(|c| (c.kl, c.win_rate))
-        .collect();
-    let bon_r: Vec<(f64, f64)> = report
-        .exact_best_of_n
-        .iter()
-        .map(|c| (c.kl, c.expected_reward))
-        .collect();
-    let tilt_w: Vec<(f64, f64)> = report
-        .exact_tilt
-        .iter()
-        .map(|c| (c.kl, c.win_rate))
-        .collect();
-    let tilt_r: Vec<(f64, f64)> = report
-        .exact_tilt
-        .iter()
-        .map(|c| (c.kl, c.expected_reward))
-        .collect();
-    win.push(Series::new(
-        "best-of-n, exact (reference samples)",
-        bon_w,
-        SeriesStyle::Line,
-    ));
-    win.push(Series::new(
-        "tilt, exact (reference samples)",
-        tilt_w,
-        SeriesStyle::Dashed,
-    ));
-    rew.push(Series::new(
-        "best-of-n, exact (reference samples)",
-        bon_r,
-        SeriesStyle::Line,
-    ));
-    rew.push(Series::new(
-        "tilt, exact (reference samples)",
-        tilt_r,
-        SeriesStyle::Dashed,
-    ));
+    let curve = |f: &dyn Fn(&tilt_engine::eval::CurvePoint) -> f64,
+                 c: &[tilt_engine::eval::CurvePoint]| {
+        c.iter().map(|p| (p.kl, f(p))).collect::<Vec<_>>()
+    };
+    let mut win = vec![
+        Series::new(
+            "best-of-n, exact (reference samples)",
+            curve(&|p| p.win_rate, &report.exact_best_of_n),
+            SeriesStyle::Line,
+        ),
+        Series::new(
+            "tilt, exact (reference samples)",
+            curve(&|p| p.win_rate, &report.exact_tilt),
+            SeriesStyle::Dashed,
+        ),
+    ];
+    let mut rew = vec![
+        Series::new(
+            "best-of-n, exact (reference samples)",
+            curve(&|p| p.expected_reward, &report.exact_best_of_n),
+            SeriesStyle::Line,
+        ),
+        Series::new(
+            "tilt, exact (reference samples)",
+            curve(&|p| p.expected_reward, &report.exact_tilt),
+            SeriesStyle::Dashed,
+        ),
+    ];
     for s in &report.strategies {
         let name = format!("{} (KL {})", s.strategy, s.kl_kind);
         let mut w = Series::new(name.clone(), vec![(s.kl, s.win_rate)], SeriesStyle::Points);
-        if let Some([lo, hi]) = s.win_rate_ci95 {
-            w.error_bars = Some(vec![(lo, hi)]);
-        }
+        w.error_bars = s.win_rate_ci95.map(|[lo, hi]| vec![(lo, hi)]);
         win.push(w);
-        rew.push(Series::new(
-            name,
-            vec![(s.kl, s.mean_reward)],
-            SeriesStyle::Points,
-        ));
+        let mut r = Series::new(name, vec![(s.kl, s.mean_reward)], SeriesStyle::Points);
+        r.error_bars = s.mean_reward_stderr.map(|se| {
+            vec![(s.mean_reward - 1.96 * se, s.mean_reward + 1.96 * se)]
+        });
+        rew.push(r);
     }
     let panels = [
         Panel {
@@ -329,31 +227,31 @@ fn write_plot(path: &Path, report: &EvalReport) -> Result<(), tilt_plot::PlotErr
             series: rew,
         },
     ];
-    write_svg(
-        path,
-        &format!("tilt eval: {} prompts", report.prompts),
-        &panels,
-    )
+    write_svg(path, &format!("tilt eval: {} prompts", report.prompts), &panels)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tilt_engine::run::PromptSource;
+    use tilt_engine::{EngineConfig, Input, Params, Strategy};
 
     fn manifest() -> Manifest {
-        Manifest {
-            manifest_version: MANIFEST_VERSION,
-            tool_version: TOOL_VERSION.into(),
-            git_commit: GIT_COMMIT.into(),
-            command: "eval".into(),
-            args: vec!["eval".into()],
-            config: json!({}),
-            seed: 0,
-            files: vec![],
-            host: HostInfo::current(1),
-            wall_seconds: json!({}),
-            output: RecordedOutput::from_bytes(b"{\"a\":1}\n"),
-        }
+        Manifest::new(
+            EngineConfig::default(),
+            Run::Generate {
+                prompts: PromptSource::Input(Input::Prompt("x".into())),
+                chat_template: true,
+                params: Params::new(Strategy::Sample {
+                    sampling: Default::default(),
+                }),
+            },
+            vec![],
+            vec![],
+            1,
+            BTreeMap::new(),
+            b"{\"a\":1}\n",
+        )
     }
 
     #[test]
@@ -364,7 +262,7 @@ mod tests {
         let mut out = Vec::new();
         let called = std::cell::Cell::new(false);
         finish(
-            &json!({"a": 1}),
+            &serde_json::json!({"a": 1}),
             Format::Json,
             &mut out,
             Some((plot.as_path(), |_: &Path| {
@@ -386,7 +284,7 @@ mod tests {
         let bad = dir.path().join("gone").join("m.json");
         let mut out = Vec::new();
         let e = finish(
-            &json!({"a": 1}),
+            &serde_json::json!({"a": 1}),
             Format::Json,
             &mut out,
             None::<(&Path, fn(&Path) -> Result<(), String>)>,

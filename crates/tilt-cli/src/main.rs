@@ -1,21 +1,25 @@
 //! `tilt`: inference-time alignment with the exact theory beside every method.
 //!
-//! A thin face: each subcommand parses its flags, calls the libraries, and prints one JSON
-//! object (or JSON lines) on stdout. Exit codes: 0 success (and `--help`, `--version`),
-//! 1 a failure while running, 2 bad input (clap's usage errors and every input our
-//! libraries reject). Every error is one line on stderr, `tilt: error: …`, naming the
-//! input.
+//! A thin face: each subcommand parses its flags into the engine's types (tilt-engine) or
+//! the theory's (tilt-core), calls them, and prints one JSON object (or JSON lines) on
+//! stdout, or a table with `--format table`. Exit codes: 0 success (and `--help`,
+//! `--version`), 1 a failure while running, 2 bad input (clap's usage errors and every input
+//! the libraries reject, by their error kinds). Every error is one line on stderr,
+//! `tilt: error: …`, naming the flag.
 
+mod args;
 mod eval;
+mod explain;
 mod generate;
 mod models;
 mod output;
+mod progress;
 mod reproduce;
-mod runtime;
 mod theory;
 mod train_scorer;
 
 use clap::{Parser, Subcommand};
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 /// Inference-time alignment of language models, with the exact theory beside every method.
@@ -38,32 +42,67 @@ enum Command {
     Models(models::ModelsCommand),
     /// Fit a prefix scorer V(x, y_{<t}) by CD-FUDGE on reference rollouts (arXiv 2310.17022).
     TrainScorer(train_scorer::TrainScorerArgs),
-    /// Evaluate strategies (sample, bon:n, cd-block, cd-token) on prompts: reward, win rate
-    /// against reference samples, KL, beside the exact best-of-n and tilt curves.
+    /// Evaluate strategies (sample, bon, won, soft-bon, cd-block, cd-token) on prompts:
+    /// reward, win rate against reference samples, KL, beside the exact best-of-n and tilt
+    /// curves.
     Eval(eval::EvalArgs),
-    /// Generate with sample, best-of-N, worst-of-N, soft best-of-N or rewind-and-repeat: one
-    /// JSON line per prompt with every candidate, its reward and the KL spent (nats).
+    /// Generate with sample, bon, won, soft-bon, rewind, cd-token or cd-block: one JSON line
+    /// per prompt (and choice) with every candidate, its reward and the KL spent (nats).
     Generate(generate::GenerateArgs),
-    /// Re-run a manifest written by `--manifest` and say whether the output is identical, or
-    /// exactly what differs.
+    /// Re-run a manifest (of generate, eval or train-scorer) and say whether the output is
+    /// identical and the input files the same, or exactly what differs.
     Reproduce(reproduce::ReproduceArgs),
+    /// What each output's `kl_note` means (every code, or one).
+    Explain(explain::ExplainArgs),
 }
 
-/// An error that should exit with code 2 (the user's input was wrong).
+/// An error with the exit code it ends the process with (2: bad input; 1: a failure
+/// while running).
 #[derive(Debug)]
-pub struct UsageError(pub String);
+pub struct Exit {
+    /// The exit code.
+    pub code: u8,
+    /// The message (one line).
+    pub message: String,
+}
 
-impl std::fmt::Display for UsageError {
+impl std::fmt::Display for Exit {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(&self.message)
     }
 }
 
-impl std::error::Error for UsageError {}
+impl std::error::Error for Exit {}
 
-/// Wrap a library's input-validation error so that `main` exits with code 2.
+/// A usage error (exit code 2: the user's input was wrong).
 pub fn usage(e: impl std::fmt::Display) -> anyhow::Error {
-    anyhow::Error::new(UsageError(e.to_string()))
+    anyhow::Error::new(Exit {
+        code: 2,
+        message: e.to_string(),
+    })
+}
+
+/// A failure while running (exit code 1).
+pub fn failure(e: impl std::fmt::Display) -> anyhow::Error {
+    anyhow::Error::new(Exit {
+        code: 1,
+        message: e.to_string(),
+    })
+}
+
+/// An engine error for a person at the command line: exit 2 for invalid input and 1
+/// otherwise (the engine's [`tilt_engine::ErrorKind`]), and the parameter it names written
+/// as the flag that sets it, when `flag` knows one (`n` → `--n`).
+pub fn engine_error(e: tilt_engine::EngineError, flag: impl Fn(&str) -> Option<String>) -> anyhow::Error {
+    let code = match e.kind() {
+        tilt_engine::ErrorKind::InvalidInput => 2,
+        _ => 1,
+    };
+    let message = match (&e, e.param().and_then(&flag)) {
+        (tilt_engine::EngineError::Invalid { problem, .. }, Some(f)) => format!("{f}: {problem}"),
+        _ => e.to_string(),
+    };
+    anyhow::Error::new(Exit { code, message })
 }
 
 fn try_main(cli: Cli) -> anyhow::Result<()> {
@@ -74,12 +113,14 @@ fn try_main(cli: Cli) -> anyhow::Result<()> {
         Command::Eval(args) => eval::run(args),
         Command::Generate(args) => generate::run(args),
         Command::Reproduce(args) => reproduce::run(args),
+        Command::Explain(args) => explain::run(args),
     }
 }
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("TILT_LOG")
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
@@ -99,10 +140,15 @@ fn main() -> ExitCode {
                 }
             }
             eprintln!("tilt: error: {}", one_line(&err));
-            if err.downcast_ref::<UsageError>().is_some()
-                || err.downcast_ref::<tilt_core::TiltError>().is_some()
-            {
-                ExitCode::from(2)
+            if let Some(exit) = err.downcast_ref::<Exit>() {
+                ExitCode::from(exit.code)
+            } else if let Some(t) = err.downcast_ref::<tilt_core::TiltError>() {
+                // Bad input exits 2; a solver that did not converge is not bad input.
+                match t {
+                    tilt_core::TiltError::InvalidInput { .. }
+                    | tilt_core::TiltError::KlBudgetTooLarge { .. } => ExitCode::from(2),
+                    _ => ExitCode::from(1),
+                }
             } else {
                 ExitCode::from(1)
             }

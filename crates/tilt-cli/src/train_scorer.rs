@@ -2,22 +2,20 @@
 //! prompt, score their final reward, fit a small head on the policy's hidden state at every
 //! prefix, hold out a share of the prompts, and save the head (safetensors) with a JSON card
 //! (data, seed, loss curve, held-out MSE against the constant predictor). The engine is
-//! `tilt_decode::cd::train`; this file loads models and writes files.
+//! `tilt_engine::scorer_training`; this file parses flags and writes the files.
 
+use crate::args::{check_writable, cli_error, parse_seed, EngineArgs};
 use crate::output::{emit, Format};
-use crate::runtime::{
-    cd_to_anyhow, check_memory, check_writable, hashed, load_policy, load_reward, policy_path,
-    read_prompts, resolve_threads, GIT_COMMIT, TOOL_VERSION,
-};
-use crate::usage;
-use anyhow::Context;
+use crate::progress::CliProgress;
 use clap::{Args, ValueEnum};
-use serde_json::json;
-use std::path::{Path, PathBuf};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::time::Instant;
-use tilt_decode::cd::{collect_rollouts, fit_head, HeadKind, RolloutConfig, TrainConfig};
-use tilt_decode::generate::MAX_N;
-use tilt_models::Policy;
+use tilt_engine::cd::TrainConfig;
+use tilt_engine::manifest::{Manifest, GIT_COMMIT, TOOL_VERSION};
+use tilt_engine::run::{execute, input_files, output_files, Run};
+use tilt_engine::scorer_training::{head_kind, TrainOutputs, TrainScorerConfig};
+use tilt_engine::Engine;
 
 /// The kind of head to fit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -53,203 +51,124 @@ pub struct TrainScorerArgs {
     #[arg(long, default_value_t = 300)]
     pub epochs: usize,
     /// AdamW learning rate.
-    #[arg(long, default_value_t = 0.01)]
+    #[arg(long, default_value_t = 0.01, allow_hyphen_values = true)]
     pub learning_rate: f64,
     /// AdamW decoupled weight decay.
-    #[arg(long, default_value_t = 0.05)]
+    #[arg(long, default_value_t = 0.05, allow_hyphen_values = true)]
     pub weight_decay: f64,
     /// Share of prompts held out.
-    #[arg(long, default_value_t = 0.25)]
+    #[arg(long, default_value_t = 0.25, allow_hyphen_values = true)]
     pub heldout_fraction: f64,
     /// Seed (rollouts, split, initialisation).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, value_parser = parse_seed)]
     pub seed: u64,
-    /// Policy GGUF file (default: SmolLM2-135M-Instruct, fetched on first use).
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    /// Also write a manifest of the run here (to re-run and verify with `tilt reproduce`).
     #[arg(long)]
-    pub model: Option<PathBuf>,
-    /// Reward: minilm, minilm:target=TEXT, head:PATH, command:CMD, http:URL.
-    #[arg(long, default_value = "minilm")]
-    pub reward: String,
-    /// Threads (0: TILT_NUM_THREADS, RAYON_NUM_THREADS or the number of cores).
-    #[arg(long, default_value_t = 0)]
-    pub threads: usize,
+    pub manifest: Option<PathBuf>,
     /// Output format.
     #[arg(long, value_enum, default_value_t = Format::Json)]
     pub format: Format,
 }
 
-/// The card's path for a scorer file `out`: `<stem>.json` beside it.
-///
-/// # Errors
-/// A usage error naming `--out` when it does not end in `.safetensors` (so that the card can
-/// never be the scorer file itself).
-pub fn card_path(out: &Path) -> anyhow::Result<PathBuf> {
-    if out.extension().and_then(|e| e.to_str()) != Some("safetensors")
-        || out.file_stem().is_none_or(|s| s.is_empty())
-    {
-        return Err(usage(format!(
-            "--out {}: the scorer file must be named NAME.safetensors (its JSON card is \
-             written beside it as NAME.json)",
-            out.display()
-        )));
-    }
-    Ok(out.with_extension("json"))
-}
-
-/// `path` relative to `dir` when it lies in it (here: a file beside the card), else as is.
-fn relative_to(path: &Path, dir: &Path) -> PathBuf {
-    path.strip_prefix(dir)
-        .map_or_else(|_| path.to_path_buf(), Path::to_path_buf)
-}
+/// How this command spells the engine's parameters.
+const RENAMES: &[(&str, &str)] = &[("rollouts_per_prompt", "--rollouts"), ("prompts", "--prompts")];
 
 /// Run `tilt train-scorer`.
 ///
 /// Every input and both output paths are checked before the models load, so that a bad
-/// flag never costs the rollouts.
+/// flag never costs the rollouts; a fit that diverges writes nothing.
 pub fn run(args: TrainScorerArgs) -> anyhow::Result<()> {
     let t_start = Instant::now();
-    let card_path = card_path(&args.out)?;
-    check_writable("--out", &args.out)?;
-    check_writable("--out (its card)", &card_path)?;
-    let prompts = read_prompts(&args.prompts)?;
+    let outputs = TrainOutputs::for_scorer(args.out.clone()).map_err(|e| cli_error(e, RENAMES))?;
+    check_writable("--out", &outputs.scorer)?;
+    check_writable("--out (its card)", &outputs.card)?;
+    if let Some(m) = &args.manifest {
+        check_writable("--manifest", m)?;
+    }
+    let head = match args.head {
+        HeadArg::Linear => head_kind("linear", args.mlp_hidden),
+        HeadArg::Mlp => head_kind("mlp", args.mlp_hidden),
+    }
+    .map_err(|e| cli_error(e, RENAMES))?;
+    let config = TrainScorerConfig {
+        rollouts_per_prompt: args.rollouts,
+        max_new_tokens: args.max_new_tokens,
+        fit: TrainConfig {
+            head,
+            epochs: args.epochs,
+            learning_rate: args.learning_rate,
+            weight_decay: args.weight_decay,
+            heldout_fraction: args.heldout_fraction,
+            seed: args.seed,
+        },
+        reward: None,
+    };
+    config.validate().map_err(|e| cli_error(e, RENAMES))?;
+    let prompts = tilt_engine::prompts::read_prompts(&args.prompts).map_err(|e| cli_error(e, RENAMES))?;
     if prompts.len() < 2 {
-        return Err(usage(format!(
+        return Err(crate::usage(format!(
             "--prompts {}: {} prompt; training needs at least 2 (some are held out)",
             args.prompts.display(),
             prompts.len()
         )));
     }
-    if args.rollouts == 0 {
-        return Err(usage("--rollouts: is 0; at least 1 rollout per prompt"));
-    }
-    if args.rollouts > MAX_N {
-        return Err(usage(format!(
-            "--rollouts: {} is above the cap of {MAX_N} (a prompt's rollouts are stepped as \
-             one batch, each with its own KV cache)",
-            args.rollouts
-        )));
-    }
-    if args.max_new_tokens == 0 {
-        return Err(usage("--max-new-tokens: is 0; at least 1"));
-    }
-    let head = match args.head {
-        HeadArg::Linear => HeadKind::Linear,
-        HeadArg::Mlp => HeadKind::Mlp {
-            hidden: args.mlp_hidden,
-        },
+    let engine_config = args.engine.config(None);
+    let progress = CliProgress::new();
+    let engine = Engine::load(&engine_config, &progress).map_err(|e| cli_error(e, RENAMES))?;
+    let t_load = t_start.elapsed().as_secs_f64();
+    let run = Run::TrainScorer {
+        prompts: args.prompts.clone(),
+        config,
+        outputs: outputs.clone(),
     };
-    let train = TrainConfig {
-        head,
-        epochs: args.epochs,
-        learning_rate: args.learning_rate,
-        weight_decay: args.weight_decay,
-        heldout_fraction: args.heldout_fraction,
-        seed: args.seed,
-    };
-    train.validate().map_err(cd_to_anyhow)?;
-    let threads = resolve_threads(args.threads);
-    let model_path = policy_path(&args.model)?;
-    let policy = load_policy(&model_path, threads)?;
-    check_memory(&policy, "--rollouts", args.rollouts, args.max_new_tokens)?;
-    let reward = load_reward(&args.reward)?;
-    let rollouts = RolloutConfig {
-        rollouts_per_prompt: args.rollouts,
-        max_new_tokens: args.max_new_tokens,
-        seed: args.seed,
-    };
-    let bar = indicatif::ProgressBar::new(prompts.len() as u64).with_style(
-        indicatif::ProgressStyle::with_template("rollouts {bar:30} {pos}/{len} prompts {elapsed}")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
-    let t_roll = Instant::now();
-    let data = collect_rollouts(&policy, reward.as_ref(), &prompts, &rollouts, |d| {
-        bar.set_position(d as u64)
-    })
-    .map_err(cd_to_anyhow)?;
-    bar.finish_and_clear();
-    let rollout_secs = t_roll.elapsed().as_secs_f64();
-    let t_fit = Instant::now();
-    let (scorer, card) = fit_head(&data, &train).map_err(cd_to_anyhow)?;
-    let fit_secs = t_fit.elapsed().as_secs_f64();
-    scorer.save(&args.out).map_err(cd_to_anyhow)?;
-    let mean_reward = data.rollout_rewards.iter().flatten().sum::<f64>()
-        / data
-            .rollout_rewards
-            .iter()
-            .map(Vec::len)
-            .sum::<usize>()
-            .max(1) as f64;
-    // The scorer and its card are written side by side: record them relative to the card's
-    // directory, so that the pair can be moved together, and as the user gave them.
-    let card_dir = card_path.parent().unwrap_or(Path::new(""));
-    let value = json!({
-        "scorer_file": relative_to(&args.out, card_dir),
-        "card_file": relative_to(&card_path, card_dir),
-        "paths": "scorer_file and card_file are relative to the card's directory; written_as is the --out given",
-        "written_as": { "out": args.out, "card": card_path },
+    let t_run = Instant::now();
+    let out = execute(&engine, &run, &progress).map_err(|e| cli_error(e, RENAMES))?;
+    let run_secs = t_run.elapsed().as_secs_f64();
+    for (_, path, bytes) in &out.files {
+        std::fs::write(path, bytes)
+            .map_err(|e| crate::failure(format!("--out {}: cannot write: {e}", path.display())))?;
+    }
+    // The card: the canonical output, with where and by what it was made.
+    let mut card: serde_json::Value = serde_json::from_slice(&out.bytes)?;
+    card["provenance"] = serde_json::json!({
         "tool_version": TOOL_VERSION,
         "git_commit": GIT_COMMIT,
-        "head": scorer.kind(),
-        "hidden_size": policy.hidden_size(),
-        "policy": { "name": policy.name(), "file": hashed("policy", &model_path)? },
-        "reward": reward.name(),
-        "data": {
-            "prompts_file": hashed("prompts", &args.prompts)?,
-            "prompts": prompts.len(),
-            "rollouts_per_prompt": args.rollouts,
-            "max_new_tokens": args.max_new_tokens,
-            "prefixes": data.features.len(),
-            "mean_rollout_reward": mean_reward,
-            "rollout_rewards": data.rollout_rewards,
-            "rollout_prefixes": data.rollout_prefixes,
-        },
-        "seed": args.seed,
-        "threads": threads,
-        "training": card,
-        "verdict": if card.heldout_mse_scorer < card.heldout_mse_constant {
-            "the scorer beats the constant predictor on held-out prompts"
-        } else {
-            "the scorer does NOT beat the constant predictor on held-out prompts"
-        },
-        "units": "MSE in squared reward units; KL (none here) in nats",
+        "written_as": { "scorer": outputs.scorer, "card": outputs.card },
     });
-    let text = serde_json::to_string_pretty(&value)?;
-    std::fs::write(&card_path, text + "\n")
-        .with_context(|| format!("writing the card {}", card_path.display()))?;
-    eprintln!(
-        "tilt train-scorer: {} prefixes from {} prompts; rollouts {rollout_secs:.1} s, fit {fit_secs:.1} s, total {:.1} s",
-        data.features.len(),
-        prompts.len(),
-        t_start.elapsed().as_secs_f64()
-    );
-    emit(&value, args.format)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_card_can_never_overwrite_the_scorer() {
-        assert_eq!(
-            card_path(Path::new("out/s.safetensors")).unwrap(),
-            Path::new("out/s.json")
-        );
-        for bad in ["x.json", "x", "x.safetensors.bak", ".safetensors", "dir/"] {
-            let e = card_path(Path::new(bad)).unwrap_err();
-            assert!(e.downcast_ref::<crate::UsageError>().is_some());
-            assert!(
-                e.to_string().starts_with("--out") && e.to_string().contains(".safetensors"),
-                "{bad}: {e}"
-            );
-        }
-        assert_eq!(
-            relative_to(Path::new("/tmp/run/s.safetensors"), Path::new("/tmp/run")),
-            Path::new("s.safetensors")
-        );
-        assert_eq!(
-            relative_to(Path::new("s.safetensors"), Path::new("")),
-            Path::new("s.safetensors")
-        );
+    let text = serde_json::to_string_pretty(&card)? + "\n";
+    std::fs::write(&outputs.card, text).map_err(|e| {
+        crate::failure(format!("--out {}: cannot write the card: {e}", outputs.card.display()))
+    })?;
+    if let Some(path) = &args.manifest {
+        let files = input_files(&engine, &run).map_err(|e| cli_error(e, RENAMES))?;
+        let wall: BTreeMap<String, f64> = [
+            ("load".to_string(), t_load),
+            ("train".to_string(), run_secs),
+            ("total".to_string(), t_start.elapsed().as_secs_f64()),
+        ]
+        .into();
+        Manifest::new(
+            engine_config,
+            run,
+            files,
+            output_files(&out),
+            engine.threads(),
+            wall,
+            &out.bytes,
+        )
+        .write(path)
+        .map_err(|e| cli_error(e, RENAMES))?;
     }
+    tilt_engine::Progress::note(
+        &progress,
+        &format!(
+            "train-scorer: {} prompts; {run_secs:.1} s after {t_load:.1} s of loading; wrote {} and {}",
+            prompts.len(),
+            outputs.scorer.display(),
+            outputs.card.display()
+        ),
+    );
+    emit(&card, args.format)
 }

@@ -253,7 +253,7 @@ impl Engine<LlamaPolicy> {
             Some(p) => p.clone(),
             None => crate::progress::fetch_default_policy(progress)?,
         };
-        progress.note(&format!("loading {}", model_path.display()));
+        tracing::info!(model = %model_path.display(), "loading the policy");
         let policy = LlamaPolicy::load_with(
             &model_path,
             LoadOptions {

@@ -1,0 +1,215 @@
+//! What the model-running commands share: the flags that load an engine (one clap group),
+//! the mapping from the engine's parameter names to flags, output-path checks, and the
+//! wrapping of engine errors.
+
+use crate::engine_error;
+use crate::usage;
+use clap::Args;
+use std::path::{Path, PathBuf};
+use tilt_engine::engine::DEFAULT_MAX_BATCH;
+use tilt_engine::{EngineConfig, EngineError, RewardConfig, ScorerConfig};
+
+/// The flags that say what the engine loads (shared by generate, eval and train-scorer).
+#[derive(Debug, Clone, Args)]
+pub struct EngineArgs {
+    /// Policy GGUF file (default: SmolLM2-135M-Instruct, fetched on first use).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Reward: minilm (relevance to the prompt), minilm:target=TEXT, head:PATH, command:CMD
+    /// or http:URL.
+    #[arg(long, default_value = "minilm")]
+    pub reward: String,
+    /// CPU threads (0: TILT_NUM_THREADS, RAYON_NUM_THREADS or the number of cores; capped at
+    /// the cores). The output does not depend on it.
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+    /// Feed prompts to the model as they are, without its chat template (which is then not
+    /// even read).
+    #[arg(long)]
+    pub no_chat_template: bool,
+    /// Most sequences stepped at once (prompts of a file run together up to it). The output
+    /// does not depend on it.
+    #[arg(long, default_value_t = DEFAULT_MAX_BATCH)]
+    pub max_batch: usize,
+}
+
+impl EngineArgs {
+    /// The engine these flags describe, with `scorer` (a file) when given: named by its
+    /// path.
+    pub fn config(&self, scorer: Option<&Path>) -> EngineConfig {
+        EngineConfig {
+            model: self.model.clone(),
+            chat_template: !self.no_chat_template,
+            rewards: vec![RewardConfig {
+                name: self.reward.clone(),
+                spec: self.reward.clone(),
+            }],
+            scorers: scorer
+                .map(|p| ScorerConfig {
+                    name: p.display().to_string(),
+                    path: p.to_path_buf(),
+                })
+                .into_iter()
+                .collect(),
+            threads: self.threads,
+            max_batch: self.max_batch,
+        }
+    }
+}
+
+/// The flag that sets an engine parameter, for the parameters the model-running commands
+/// expose (`n` → `--n`, `top_k` → `--top-k`, …); `renames` first lists those a command spells
+/// otherwise (`rollouts_per_prompt` → `--rollouts`).
+pub fn flag_of(param: &str, renames: &[(&str, &str)]) -> Option<String> {
+    if let Some((_, f)) = renames.iter().find(|(p, _)| *p == param) {
+        return Some(f.to_string());
+    }
+    const FLAGS: [&str; 24] = [
+        "n",
+        "choices",
+        "seed",
+        "max_new_tokens",
+        "temperature",
+        "top_k",
+        "top_p",
+        "lambda",
+        "threshold",
+        "max_draws",
+        "block_k",
+        "block_m",
+        "scorer",
+        "reward",
+        "model",
+        "threads",
+        "max_batch",
+        "stop",
+        "strategy",
+        "strategies",
+        "reference_samples",
+        "samples_per_prompt",
+        "learning_rate",
+        "epochs",
+    ];
+    const MORE: [&str; 5] = ["weight_decay", "heldout_fraction", "mlp_hidden", "head", "out"];
+    FLAGS
+        .iter()
+        .chain(MORE.iter())
+        .find(|&&p| p == param)
+        .map(|p| format!("--{}", p.replace('_', "-")))
+}
+
+/// An engine error as the CLI reports it (exit code by kind, parameters as flags).
+pub fn cli_error(e: EngineError, renames: &[(&str, &str)]) -> anyhow::Error {
+    engine_error(e, |p| flag_of(p, renames))
+}
+
+/// Check, before any work, that a file can be written at `path` (given as `flag`): its
+/// directory exists and takes a new file, and the path is not a directory. An existing file
+/// is opened for appending (not truncated) to check it; a new one is created and removed.
+///
+/// # Errors
+/// A usage error naming `flag` and the path.
+pub fn check_writable(flag: &str, path: &Path) -> anyhow::Result<()> {
+    let bad = |problem: String| usage(format!("{flag} {}: {problem}", path.display()));
+    if path.as_os_str().is_empty() {
+        return Err(usage(format!("{flag}: empty path")));
+    }
+    if path.is_dir() {
+        return Err(bad("is a directory; give a file name".into()));
+    }
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    if !dir.is_dir() {
+        return Err(bad(format!(
+            "directory {} does not exist (create it first)",
+            dir.display()
+        )));
+    }
+    if path.exists() {
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(path)
+            .map_err(|e| bad(format!("cannot be written: {e}")))?;
+    } else {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .map_err(|e| bad(format!("cannot be created: {e}")))?;
+        std::fs::remove_file(path).map_err(|e| bad(format!("cannot be removed again: {e}")))?;
+    }
+    Ok(())
+}
+
+/// Check a `--plot` path before any work: writable, and a format tilt writes (SVG).
+///
+/// # Errors
+/// A usage error naming `--plot`.
+pub fn check_plot(path: &Path) -> anyhow::Result<()> {
+    check_writable("--plot", path)?;
+    let svg = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| e.eq_ignore_ascii_case("svg"));
+    if !svg {
+        return Err(usage(format!(
+            "--plot {}: tilt writes SVG plots; give a file name ending in .svg",
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Parse a seed: a whole number from 0 to 2^64 − 1.
+pub fn parse_seed(s: &str) -> Result<u64, String> {
+    s.trim().parse::<u64>().map_err(|_| {
+        format!("{s:?} is not a seed: give a whole number from 0 to {}", u64::MAX)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn output_paths_are_checked_before_any_work() {
+        let dir = tempfile::tempdir().unwrap();
+        let new = dir.path().join("plot.svg");
+        check_writable("--plot", &new).unwrap();
+        assert!(!new.exists());
+        let old = dir.path().join("m.json");
+        std::fs::write(&old, "keep").unwrap();
+        check_writable("--manifest", &old).unwrap();
+        assert_eq!(std::fs::read_to_string(&old).unwrap(), "keep");
+        let missing = dir.path().join("no-such-dir").join("plot.svg");
+        let e = check_writable("--plot", &missing).unwrap_err();
+        assert_eq!(e.downcast_ref::<crate::Exit>().map(|x| x.code), Some(2));
+        let msg = e.to_string();
+        assert!(
+            msg.starts_with("--plot ") && msg.contains("no-such-dir") && msg.contains("does not exist"),
+            "{msg}"
+        );
+        let e = check_writable("--manifest", dir.path()).unwrap_err().to_string();
+        assert!(e.starts_with("--manifest ") && e.contains("is a directory"), "{e}");
+        assert!(check_writable("--out", Path::new("")).is_err());
+        let e = check_plot(&dir.path().join("e.png")).unwrap_err().to_string();
+        assert!(e.contains(".svg"), "{e}");
+        check_plot(&dir.path().join("e.SVG")).unwrap();
+    }
+
+    #[test]
+    fn parameters_become_the_flags_that_set_them() {
+        assert_eq!(flag_of("n", &[]).as_deref(), Some("--n"));
+        assert_eq!(flag_of("block_k", &[]).as_deref(), Some("--block-k"));
+        assert_eq!(flag_of("max_new_tokens", &[]).as_deref(), Some("--max-new-tokens"));
+        assert_eq!(
+            flag_of("rollouts_per_prompt", &[("rollouts_per_prompt", "--rollouts")]).as_deref(),
+            Some("--rollouts")
+        );
+        assert_eq!(flag_of("messages", &[]), None);
+        assert!(parse_seed("-1").unwrap_err().contains("whole number from 0"));
+        assert_eq!(parse_seed("7"), Ok(7));
+    }
+}
