@@ -16,7 +16,7 @@
 //!   way, 540 MB dequantised to f32. Measured on 2 AVX2 cores, 64-token prompt: the f32
 //!   copy with the `gemm` crate decoded 19 tok/s for one sequence and 116 tok/s aggregated
 //!   for 16; candle's quantised matmul has no SIMD kernel for Q4_1 and took 2.7 s for the
-//!   prefill (`shared/notes/measurements.md`). Formats without a kernel here are
+//!   prefill (`docs/speed.md` has these figures). Formats without a kernel here are
 //!   dequantised to f32 at load and take the same code path.
 //! - **The cache is a value, one per sequence, and cloning it forks it.** A
 //!   [`LlamaCache`] holds a shared, immutable prefix (`Arc`) and a private suffix: a
