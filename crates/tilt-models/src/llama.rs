@@ -16,7 +16,7 @@
 //!   way, 540 MB dequantised to f32. Measured on 2 AVX2 cores, 64-token prompt: the f32
 //!   copy with the `gemm` crate decoded 19 tok/s for one sequence and 116 tok/s aggregated
 //!   for 16; candle's quantised matmul has no SIMD kernel for Q4_1 and took 2.7 s for the
-//!   prefill (`shared/notes/measurements.md`). Formats without a kernel here are
+//!   prefill (`docs/speed.md` has these figures). Formats without a kernel here are
 //!   dequantised to f32 at load and take the same code path.
 //! - **The cache is a value, one per sequence, and cloning it forks it.** A
 //!   [`LlamaCache`] holds a shared, immutable prefix (`Arc`) and a private suffix: a
@@ -73,18 +73,112 @@ pub struct LlamaConfig {
     pub context_length: usize,
 }
 
+/// The `llama.*` metadata keys [`LlamaConfig::from_gguf`] knows, and what it does with
+/// each; any other `llama.*` key is refused.
+const LLAMA_KEYS: &[(&str, &str)] = &[
+    ("llama.context_length", "read: the longest context"),
+    ("llama.embedding_length", "read: the model width"),
+    ("llama.block_count", "read: the number of blocks"),
+    ("llama.feed_forward_length", "read: the MLP width"),
+    ("llama.attention.head_count", "read: query heads"),
+    ("llama.attention.head_count_kv", "read: key/value heads"),
+    (
+        "llama.attention.layer_norm_rms_epsilon",
+        "read: RMSNorm epsilon",
+    ),
+    ("llama.rope.freq_base", "read: RoPE base"),
+    ("llama.rope.dimension_count", "must equal the head width"),
+    ("llama.attention.key_length", "must equal the head width"),
+    ("llama.attention.value_length", "must equal the head width"),
+    (
+        "llama.vocab_size",
+        "must equal the rows of token_embd.weight",
+    ),
+    (
+        "llama.rope.scaling.type",
+        "must be none (or linear with factor 1)",
+    ),
+    ("llama.rope.scaling.factor", "must be 1 (or 0: unset)"),
+    ("llama.rope.scale_linear", "must be 1 (or 0: unset)"),
+    ("llama.rope.scaling.attn_factor", "must be 1"),
+    ("llama.expert_count", "must be 0 (no mixture of experts)"),
+    (
+        "llama.expert_used_count",
+        "must be 0 (no mixture of experts)",
+    ),
+    (
+        "llama.rope.scaling.original_context_length",
+        "ignored: used only by RoPE scaling, which is refused",
+    ),
+    ("llama.rope.scaling.finetuned", "ignored: informational"),
+    ("llama.tensor_data_layout", "ignored: informational"),
+];
+
+/// The tensors of one block, all `.weight`.
+const BLOCK_TENSORS: &[&str] = &[
+    "attn_norm",
+    "attn_q",
+    "attn_k",
+    "attn_v",
+    "attn_output",
+    "ffn_norm",
+    "ffn_gate",
+    "ffn_up",
+    "ffn_down",
+];
+
 impl LlamaConfig {
     /// Read the configuration from `gguf`'s metadata and tensor shapes.
     ///
+    /// Everything a Llama file can declare is either implemented or refused, so that a file
+    /// never loads as a different model than it describes: every `llama.*` key must be one
+    /// tilt knows (see `LLAMA_KEYS` in the source: read, checked to be neutral, or
+    /// informational), and every tensor one it uses (`token_embd`, `output_norm`,
+    /// optionally `output`, and the nine weights of each block below `llama.block_count`).
+    /// Biases, mixture-of-experts tensors, RoPE frequency factors (`rope_freqs.weight`,
+    /// Llama 3.1), RoPE scaling (`rope.scaling.*` other than none), partial rotary
+    /// dimensions, key/value widths other than the head width, split files and adapters
+    /// are all refused.
+    ///
     /// # Errors
-    /// Not a Llama file, missing or inconsistent hyper-parameters, or features this
-    /// implementation lacks (RoPE scaling, partial rotary dimensions).
+    /// [`ModelError::UnsupportedArchitecture`] for a file that is not a Llama model;
+    /// [`ModelError::BadFile`] naming the file and the key or tensor concerned for
+    /// missing or inconsistent hyper-parameters, and for any of the features above.
     pub fn from_gguf(gguf: &GgufFile) -> Result<Self, ModelError> {
         gguf.require_llama()?;
         let bad = |problem: String| ModelError::BadFile {
             path: gguf.path().display().to_string(),
             problem,
         };
+        if gguf.has("split.count") {
+            let n = gguf.uint("split.count")?;
+            if n > 1 {
+                return Err(bad(format!(
+                    "split.count = {n}: this file is one part of a model split into {n} files; \
+                     merge them first (llama.cpp's llama-gguf-split --merge)"
+                )));
+            }
+        }
+        if gguf.has("general.type") {
+            let t = gguf.string("general.type")?;
+            if t != "model" {
+                return Err(bad(format!(
+                    "general.type = \"{}\": not a model (a LoRA adapter or a vocabulary?); \
+                     tilt loads whole models",
+                    t.escape_default()
+                )));
+            }
+        }
+        if let Some(key) = gguf
+            .keys_with_prefix("llama.")
+            .into_iter()
+            .find(|k| !LLAMA_KEYS.iter().any(|(known, _)| known == k))
+        {
+            return Err(bad(format!(
+                "metadata key {key} is not one tilt's Llama implements; it may change the \
+                 model, so the file is refused rather than run as a different model"
+            )));
+        }
         let hidden_size = gguf.positive("llama.embedding_length")?;
         let n_heads = gguf.positive("llama.attention.head_count")?;
         let n_kv_heads = if gguf.has("llama.attention.head_count_kv") {
@@ -104,13 +198,14 @@ impl LlamaConfig {
                 "head width {head_dim} is odd; RoPE needs pairs"
             )));
         }
-        if gguf.has("llama.attention.key_length") {
-            let k = gguf.positive("llama.attention.key_length")?;
-            if k != head_dim {
-                return Err(bad(format!(
-                    "llama.attention.key_length = {k} differs from embedding/heads = {head_dim} \
-                     (not supported)"
-                )));
+        for key in ["llama.attention.key_length", "llama.attention.value_length"] {
+            if gguf.has(key) {
+                let k = gguf.positive(key)?;
+                if k != head_dim {
+                    return Err(bad(format!(
+                        "{key} = {k} differs from embedding/heads = {head_dim} (not supported)"
+                    )));
+                }
             }
         }
         if gguf.has("llama.rope.dimension_count") {
@@ -122,10 +217,48 @@ impl LlamaConfig {
                 )));
             }
         }
-        if gguf.has("llama.rope.scaling.type") {
-            let t = gguf.string("llama.rope.scaling.type")?;
-            if t != "none" {
-                return Err(bad(format!("RoPE scaling {t:?} is not supported")));
+        // RoPE scaling. llama.cpp scales linearly by `factor` when a factor is given without
+        // a type; a factor of 0 means unset, 1 changes nothing.
+        let scaling_type = if gguf.has("llama.rope.scaling.type") {
+            Some(gguf.string("llama.rope.scaling.type")?)
+        } else {
+            None
+        };
+        if let Some(t) = scaling_type.filter(|t| !matches!(*t, "none" | "linear")) {
+            return Err(bad(format!(
+                "llama.rope.scaling.type = \"{}\": RoPE scaling is not supported",
+                t.escape_default()
+            )));
+        }
+        if scaling_type != Some("none") {
+            for key in ["llama.rope.scaling.factor", "llama.rope.scale_linear"] {
+                if gguf.has(key) {
+                    let f = gguf.float(key)?;
+                    if f != 0.0 && f != 1.0 {
+                        return Err(bad(format!(
+                            "{key} = {f}: linear RoPE scaling is not supported"
+                        )));
+                    }
+                }
+            }
+        }
+        if gguf.has("llama.rope.scaling.attn_factor") {
+            let f = gguf.float("llama.rope.scaling.attn_factor")?;
+            if f != 1.0 {
+                return Err(bad(format!(
+                    "llama.rope.scaling.attn_factor = {f}: scaled rotary embeddings are not \
+                     supported"
+                )));
+            }
+        }
+        for key in ["llama.expert_count", "llama.expert_used_count"] {
+            if gguf.has(key) {
+                let n = gguf.uint(key)?;
+                if n > 0 {
+                    return Err(bad(format!(
+                        "{key} = {n}: mixture-of-experts models are not supported"
+                    )));
+                }
             }
         }
         if gguf.has_tensor("rope_freqs.weight") {
@@ -133,11 +266,27 @@ impl LlamaConfig {
                 "rope_freqs.weight (Llama 3.1 RoPE frequency factors) is not supported".into(),
             ));
         }
+        let n_layers = gguf.positive("llama.block_count")?;
+        for name in gguf.tensor_names() {
+            if let Some(problem) = unused_tensor(name, n_layers) {
+                return Err(bad(format!("tensor {name} {problem}")));
+            }
+        }
         let embd = gguf.tensor_shape("token_embd.weight")?;
         if embd.len() != 2 || embd[1] != hidden_size {
             return Err(bad(format!(
-                "token_embd.weight has shape {embd:?}, expected [vocab, {hidden_size}]"
+                "token_embd.weight has shape {}, expected [vocab, {hidden_size}]",
+                crate::gguf::shape_text(&embd)
             )));
+        }
+        if gguf.has("llama.vocab_size") {
+            let v = gguf.positive("llama.vocab_size")?;
+            if v != embd[0] {
+                return Err(bad(format!(
+                    "llama.vocab_size = {v} but token_embd.weight has {} rows",
+                    embd[0]
+                )));
+            }
         }
         let rope_freq_base = if gguf.has("llama.rope.freq_base") {
             gguf.float("llama.rope.freq_base")? as f32
@@ -157,7 +306,7 @@ impl LlamaConfig {
             vocab_size: embd[0],
             hidden_size,
             intermediate_size: gguf.positive("llama.feed_forward_length")?,
-            n_layers: gguf.positive("llama.block_count")?,
+            n_layers,
             n_heads,
             n_kv_heads,
             head_dim,
@@ -566,6 +715,34 @@ impl Llama {
             out[rows[r].0].push(res);
         }
         Ok(out)
+    }
+}
+
+/// Why tensor `name` is not one a Llama of `n_layers` blocks uses (`None`: it is).
+fn unused_tensor(name: &str, n_layers: usize) -> Option<String> {
+    if matches!(
+        name,
+        "token_embd.weight" | "output_norm.weight" | "output.weight"
+    ) {
+        return None;
+    }
+    let what = "is not part of the Llama tilt runs (no biases, experts or other extra \
+                weights are implemented); the file is refused rather than run without it";
+    let Some(rest) = name.strip_prefix("blk.") else {
+        return Some(what.into());
+    };
+    let Some((layer, tensor)) = rest.split_once('.') else {
+        return Some(what.into());
+    };
+    let known = tensor
+        .strip_suffix(".weight")
+        .is_some_and(|t| BLOCK_TENSORS.contains(&t));
+    match layer.parse::<usize>() {
+        Ok(l) if known && l < n_layers => None,
+        Ok(l) if known => Some(format!(
+            "belongs to block {l}, beyond llama.block_count = {n_layers}"
+        )),
+        _ => Some(what.into()),
     }
 }
 

@@ -111,6 +111,51 @@ fn the_base_file_is_valid() {
     );
 }
 
+/// Reading a key as the wrong type names the key and what it holds, in words (not Rust's
+/// `Debug` of the value, which for an array would print all of it).
+#[test]
+fn wrong_types_are_named_in_words_and_listings_are_sorted() {
+    let mut f = Files::new();
+    let path = f.write(&base_file());
+    let g = GgufFile::open(&path).unwrap();
+    for (result, expected) in [
+        (
+            g.uint("tokenizer.ggml.tokens").map(|_| ()),
+            "metadata key tokenizer.ggml.tokens should be a non-negative integer, found an \
+             array of 4 string",
+        ),
+        (
+            g.float("general.architecture").map(|_| ()),
+            "metadata key general.architecture should be a float, found the string \"llama\"",
+        ),
+        (
+            g.string("llama.block_count").map(|_| ()),
+            "metadata key llama.block_count should be a string, found u32 1",
+        ),
+        (
+            g.bool("llama.block_count").map(|_| ()),
+            "metadata key llama.block_count should be a bool, found u32 1",
+        ),
+        (
+            g.string_array("llama.block_count").map(|_| ()),
+            "metadata key llama.block_count should be an array of strings, found u32 1",
+        ),
+        (
+            g.int_array("tokenizer.ggml.tokens").map(|_| ()),
+            "metadata key tokenizer.ggml.tokens: element 0 should be an integer, found the \
+             string \"<s>\"",
+        ),
+    ] {
+        match result {
+            Err(ModelError::BadFile { problem, .. }) => assert_eq!(problem, expected),
+            other => panic!("expected BadFile, got {other:?}"),
+        }
+    }
+    assert_eq!(g.tensor_names(), ["weight.a", "weight.b"]);
+    assert_eq!(g.keys_with_prefix("llama."), ["llama.block_count"]);
+    assert!(g.keys_with_prefix("split.").is_empty());
+}
+
 #[test]
 fn a_huge_string_length_is_rejected_before_allocating() {
     let base = base_file();

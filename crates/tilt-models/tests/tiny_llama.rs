@@ -686,3 +686,340 @@ fn bad_input_gives_clear_errors_and_leaves_caches_unchanged() {
     let e = p.step(&mut caches[..1], &[999]).unwrap_err();
     assert!(e.to_string().contains("outside the vocabulary"), "{e}");
 }
+
+// ---------- what a file may declare: implemented, neutral, or refused ----------
+
+/// Set metadata `key` to `value` (replacing it, or adding it).
+fn set(md: &mut Vec<(String, Value)>, key: &str, value: Value) {
+    md.retain(|(k, _)| k != key);
+    md.push((key.to_string(), value));
+}
+
+/// Load `path`, which must fail with a `BadFile` naming it; the problem text.
+fn refused(path: &Path) -> String {
+    match LlamaPolicy::load(path, 1) {
+        Ok(_) => panic!("{} loaded, expected it to be refused", path.display()),
+        Err(ModelError::BadFile { path: p, problem }) => {
+            assert_eq!(p, path.display().to_string());
+            problem
+        }
+        Err(other) => panic!("{}: expected BadFile, got {other}", path.display()),
+    }
+}
+
+/// Every feature a Llama GGUF can declare and tilt does not implement is refused at load,
+/// naming the file and the key or tensor: never run as a different model.
+#[test]
+fn undeclared_features_are_refused_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let w = random_weights(3, vocab().0.len());
+    let vocab_size = vocab().0.len();
+    type Edit = Box<dyn Fn(&mut Vec<(String, Value)>)>;
+    let md_cases: Vec<(&str, Edit, &str)> = vec![
+        (
+            "yarn",
+            Box::new(|md| set(md, "llama.rope.scaling.type", Value::String("yarn".into()))),
+            "llama.rope.scaling.type = \"yarn\": RoPE scaling is not supported",
+        ),
+        (
+            "linear-4",
+            Box::new(|md| {
+                set(md, "llama.rope.scaling.type", Value::String("linear".into()));
+                set(md, "llama.rope.scaling.factor", Value::F32(4.0));
+            }),
+            "llama.rope.scaling.factor = 4: linear RoPE scaling is not supported",
+        ),
+        (
+            // llama.cpp scales linearly by a factor given without a type.
+            "factor-without-type",
+            Box::new(|md| set(md, "llama.rope.scaling.factor", Value::F32(2.0))),
+            "llama.rope.scaling.factor = 2",
+        ),
+        (
+            "old-scale-key",
+            Box::new(|md| set(md, "llama.rope.scale_linear", Value::F32(2.0))),
+            "llama.rope.scale_linear = 2",
+        ),
+        (
+            "attn-factor",
+            Box::new(|md| set(md, "llama.rope.scaling.attn_factor", Value::F32(0.5))),
+            "llama.rope.scaling.attn_factor = 0.5",
+        ),
+        (
+            "experts",
+            Box::new(|md| {
+                set(md, "llama.expert_count", Value::U32(8));
+                set(md, "llama.expert_used_count", Value::U32(2));
+            }),
+            "llama.expert_count = 8: mixture-of-experts models are not supported",
+        ),
+        (
+            "value-length",
+            Box::new(|md| set(md, "llama.attention.value_length", Value::U32(2 * HD as u32))),
+            "llama.attention.value_length = 16 differs",
+        ),
+        (
+            "key-length",
+            Box::new(|md| set(md, "llama.attention.key_length", Value::U32(2 * HD as u32))),
+            "llama.attention.key_length = 16 differs",
+        ),
+        (
+            "partial-rope",
+            Box::new(|md| set(md, "llama.rope.dimension_count", Value::U32(HD as u32 / 2))),
+            "partial rotary embeddings are not supported",
+        ),
+        (
+            "vocab-size",
+            Box::new(move |md| {
+                set(md, "llama.vocab_size", Value::U32(vocab_size as u32 + 1))
+            }),
+            "llama.vocab_size = 265 but token_embd.weight has 264 rows",
+        ),
+        (
+            "bidirectional",
+            Box::new(|md| set(md, "llama.attention.causal", Value::Bool(false))),
+            "metadata key llama.attention.causal is not one tilt's Llama implements",
+        ),
+        (
+            "sliding-window",
+            Box::new(|md| set(md, "llama.attention.sliding_window", Value::U32(16))),
+            "metadata key llama.attention.sliding_window is not one",
+        ),
+        (
+            "logit-scale",
+            Box::new(|md| set(md, "llama.logit_scale", Value::F32(0.5))),
+            "metadata key llama.logit_scale is not one",
+        ),
+        (
+            "split",
+            Box::new(|md| set(md, "split.count", Value::U16(3))),
+            "split.count = 3: this file is one part of a model split into 3 files",
+        ),
+        (
+            "adapter",
+            Box::new(|md| set(md, "general.type", Value::String("adapter".into()))),
+            "general.type = \"adapter\": not a model",
+        ),
+        (
+            "heads-array",
+            Box::new(|md| {
+                set(
+                    md,
+                    "llama.attention.head_count_kv",
+                    Value::Array(vec![Value::U32(2); LAYERS]),
+                )
+            }),
+            "llama.attention.head_count_kv should be a non-negative integer, found an array of 2 u32",
+        ),
+        (
+            "pre-qwen2",
+            Box::new(|md| set(md, "tokenizer.ggml.pre", Value::String("qwen2".into()))),
+            "tokenizer.ggml.pre = \"qwen2\" is not a pre-tokenizer tilt implements",
+        ),
+        (
+            "pre-default",
+            Box::new(|md| set(md, "tokenizer.ggml.pre", Value::String("default".into()))),
+            "tokenizer.ggml.pre = \"default\" does not say how text is split",
+        ),
+        (
+            "pre-missing",
+            Box::new(|md| md.retain(|(k, _)| k != "tokenizer.ggml.pre")),
+            "metadata key tokenizer.ggml.pre is missing",
+        ),
+        (
+            "spm",
+            Box::new(|md| set(md, "tokenizer.ggml.model", Value::String("llama".into()))),
+            "tokenizer.ggml.model = \"llama\" is not supported",
+        ),
+        (
+            "bos-flag-type",
+            Box::new(|md| {
+                set(md, "tokenizer.ggml.add_bos_token", Value::String("yes".into()))
+            }),
+            "tokenizer.ggml.add_bos_token should be a bool, found the string \"yes\"",
+        ),
+    ];
+    for (name, edit, expected) in &md_cases {
+        let path = dir.path().join(format!("{name}.gguf"));
+        write_gguf(&path, &w, edit);
+        let problem = refused(&path);
+        assert!(problem.contains(expected), "{name}: {problem}");
+    }
+
+    // Tensors the file holds but tilt would not use.
+    let tensor_cases: [(&str, &str, Vec<usize>, &str); 5] = [
+        (
+            "bias",
+            "blk.0.attn_q.bias",
+            vec![D],
+            "tensor blk.0.attn_q.bias is not part of the Llama tilt runs",
+        ),
+        (
+            "output-bias",
+            "output.bias",
+            vec![vocab_size],
+            "tensor output.bias is not part",
+        ),
+        (
+            "moe-router",
+            "blk.1.ffn_gate_inp.weight",
+            vec![4, D],
+            "tensor blk.1.ffn_gate_inp.weight is not part",
+        ),
+        (
+            "extra-block",
+            "blk.2.attn_norm.weight",
+            vec![D],
+            "tensor blk.2.attn_norm.weight belongs to block 2, beyond llama.block_count = 2",
+        ),
+        (
+            "rope-freqs",
+            "rope_freqs.weight",
+            vec![HD / 2],
+            "rope_freqs.weight (Llama 3.1 RoPE frequency factors)",
+        ),
+    ];
+    for (name, tensor, shape, expected) in tensor_cases {
+        let mut w = random_weights(3, vocab_size);
+        let n = shape.iter().product();
+        w.tensors.push((tensor.to_string(), shape, vec![0.5; n]));
+        let path = dir.path().join(format!("{name}.gguf"));
+        write_gguf(&path, &w, |_| {});
+        let problem = refused(&path);
+        assert!(problem.contains(expected), "{name}: {problem}");
+    }
+}
+
+/// What a file may declare that changes nothing loads, and runs the same model, bit for
+/// bit.
+#[test]
+fn neutral_declarations_load_and_change_nothing() {
+    let t = tiny();
+    let base = load(&t, 1);
+    let dir = tempfile::tempdir().unwrap();
+    let vocab_size = vocab().0.len();
+    type Edit = Box<dyn Fn(&mut Vec<(String, Value)>)>;
+    let cases: Vec<(&str, Edit)> = vec![
+        (
+            "none-type-with-factor",
+            // llama.cpp never scales when the type is none, whatever the factor.
+            Box::new(|md| {
+                set(md, "llama.rope.scaling.type", Value::String("none".into()));
+                set(md, "llama.rope.scaling.factor", Value::F32(8.0));
+            }),
+        ),
+        (
+            "linear-1",
+            Box::new(|md| {
+                set(
+                    md,
+                    "llama.rope.scaling.type",
+                    Value::String("linear".into()),
+                );
+                set(md, "llama.rope.scaling.factor", Value::F32(1.0));
+                set(md, "llama.rope.scaling.attn_factor", Value::F32(1.0));
+            }),
+        ),
+        (
+            "informational",
+            Box::new(move |md| {
+                set(md, "llama.vocab_size", Value::U32(vocab_size as u32));
+                set(md, "llama.expert_count", Value::U32(0));
+                set(md, "llama.attention.key_length", Value::U32(HD as u32));
+                set(md, "llama.attention.value_length", Value::U32(HD as u32));
+                set(
+                    md,
+                    "llama.rope.scaling.original_context_length",
+                    Value::U32(CTX as u32),
+                );
+                set(md, "llama.rope.scaling.finetuned", Value::Bool(false));
+                set(
+                    md,
+                    "llama.tensor_data_layout",
+                    Value::String("Meta AI original pth".into()),
+                );
+                set(md, "split.count", Value::U16(1));
+                set(md, "general.type", Value::String("model".into()));
+            }),
+        ),
+    ];
+    let tokens: Vec<TokenId> = vec![5, 17, 200, 3, 99, 42];
+    let (_, expected) = base.prefill(&tokens).unwrap();
+    for (name, edit) in &cases {
+        let path = dir.path().join(format!("{name}.gguf"));
+        write_gguf(&path, &t.weights, edit);
+        let p = LlamaPolicy::load(&path, 1).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let (_, got) = p.prefill(&tokens).unwrap();
+        assert_same(&got, &expected, name);
+    }
+}
+
+/// Llama 3's pre-tokenizer comes with BPE's `ignore_merges`: a word that is a token is
+/// that token even when no merge leads to it (as in Llama 3's tokenizer.json and
+/// llama.cpp). Under GPT-2's pre-tokenizer the merges decide. Also: the end-of-sequence
+/// ids include `eom_token_id`, and the file's BOS request is reported.
+#[test]
+fn llama3_pre_tokenizer_ignores_merges_and_eom_ends_a_sequence() {
+    let t = tiny();
+    let dir = tempfile::tempdir().unwrap();
+    // Replace the last token ("Ġthe", reached by the merge "Ġt he") by "lo", which no
+    // merge reaches.
+    let lo = vocab().0.len() - 1;
+    fn as_pre(md: &mut Vec<(String, Value)>, pre: &str) {
+        set(md, "tokenizer.ggml.pre", Value::String(pre.into()));
+        let (mut toks, _) = vocab();
+        let last = toks.len() - 1;
+        toks[last] = "lo".into();
+        set(
+            md,
+            "tokenizer.ggml.tokens",
+            Value::Array(toks.into_iter().map(Value::String).collect()),
+        );
+        let merges = ["h e", "l l", "he ll", "Ġ t"];
+        set(
+            md,
+            "tokenizer.ggml.merges",
+            Value::Array(
+                merges
+                    .iter()
+                    .map(|m| Value::String(m.to_string()))
+                    .collect(),
+            ),
+        );
+    }
+    let llama3 = dir.path().join("llama3.gguf");
+    write_gguf(&llama3, &t.weights, |md| {
+        as_pre(md, "llama-bpe");
+        set(md, "tokenizer.ggml.eom_token_id", Value::U32(0));
+    });
+    let gpt2 = dir.path().join("gpt2.gguf");
+    write_gguf(&gpt2, &t.weights, |md| as_pre(md, "gpt-2"));
+    let byte = |c: char| 3 + byte_chars().iter().position(|&b| b == c).unwrap() as TokenId;
+
+    let p = LlamaPolicy::load(&llama3, 1).unwrap();
+    assert_eq!(p.encode("lo").unwrap(), vec![lo as TokenId]);
+    assert_eq!(
+        p.encode("hello").unwrap(),
+        vec![lo as TokenId - 2, byte('o')],
+        "hell + o"
+    );
+    assert_eq!(p.eos_token_ids(), &[2, 0]);
+    assert!(
+        p.tokenizer().adds_bos(),
+        "Llama 3 files ask for a BOS unless they say otherwise"
+    );
+
+    let p = LlamaPolicy::load(&gpt2, 1).unwrap();
+    assert_eq!(p.encode("lo").unwrap(), vec![byte('l'), byte('o')]);
+    assert!(!p.tokenizer().adds_bos());
+
+    let no_bos = dir.path().join("llama3-no-bos.gguf");
+    write_gguf(&no_bos, &t.weights, |md| {
+        as_pre(md, "llama3");
+        set(md, "tokenizer.ggml.add_bos_token", Value::Bool(false));
+    });
+    assert!(!LlamaPolicy::load(&no_bos, 1)
+        .unwrap()
+        .tokenizer()
+        .adds_bos());
+}

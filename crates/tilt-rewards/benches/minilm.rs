@@ -1,6 +1,6 @@
 //! MiniLM embedding throughput (sentences per second) on the default model, against the
-//! figures in `shared/notes/measurements.md` (candle bert ≈ 79 sentences/s at batch
-//! 16 × 40 tokens; sentence-transformers ≈ 143 on the same two cores).
+//! figures in `docs/speed.md` (candle bert ≈ 79 sentences/s at batch 16 × 40 tokens;
+//! sentence-transformers ≈ 143 on the same two cores).
 //!
 //! `cargo bench -p tilt-rewards --bench minilm` (build it in release: `cargo bench` does).
 

@@ -33,13 +33,19 @@
 //! "head.safetensors", metadata={"positive_class": "1"})`.
 
 use crate::minilm::{dot, MiniLmEmbedder, MINILM_DIM};
-use crate::{check_scores, Reward, RewardError};
+use crate::{check_scores, quote, Reward, RewardError};
 use safetensors::{Dtype, SafeTensors};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// A tensor read from a head file: its shape and its values.
 type Loaded = (Vec<usize>, Vec<f32>);
+
+/// A tensor shape as `[2, 384]`.
+fn shape(dims: &[usize]) -> String {
+    let dims: Vec<String> = dims.iter().map(usize::to_string).collect();
+    format!("[{}]", dims.join(", "))
+}
 
 /// A dense layer `o = W z + b`, row-major `W` of shape `[out, in]`.
 #[derive(Debug, Clone, PartialEq)]
@@ -80,11 +86,12 @@ impl Head {
     /// Load and validate a head file.
     ///
     /// # Errors
-    /// [`RewardError::Failed`] naming the file and the problem: not safetensors, a missing
-    /// tensor, a wrong dtype or shape, non-finite weights, a bad `positive_class`.
+    /// [`RewardError::Invalid`] naming the file and the problem: missing or unreadable, not
+    /// safetensors, a missing or unexpected tensor, a wrong dtype or shape, non-finite
+    /// weights, a bad `positive_class`.
     pub fn load(path: &Path) -> Result<Self, RewardError> {
         let name = format!("head:{}", path.display());
-        let bad = |m: String| RewardError::Failed {
+        let bad = |m: String| RewardError::Invalid {
             reward: name.clone(),
             message: m,
         };
@@ -96,7 +103,8 @@ impl Head {
         let known = ["weight", "bias", "hidden.weight", "hidden.bias"];
         if let Some(other) = st.names().into_iter().find(|n| !known.contains(n)) {
             return Err(bad(format!(
-                "unexpected tensor {other:?} (a head has weight, bias, and optionally hidden.weight, hidden.bias)"
+                "unexpected tensor {} (a head has weight, bias, and optionally hidden.weight, hidden.bias)",
+                quote(other)
             )));
         }
         let tensor = |t: &str| -> Result<Option<Loaded>, RewardError> {
@@ -107,7 +115,7 @@ impl Head {
             };
             if view.dtype() != Dtype::F32 {
                 return Err(bad(format!(
-                    "tensor {t} has dtype {:?}, expected F32",
+                    "tensor {t} has dtype {}, expected F32",
                     view.dtype()
                 )));
             }
@@ -122,24 +130,28 @@ impl Head {
             Ok(Some((view.shape().to_vec(), data)))
         };
         let need = |t: &str| -> Result<Loaded, RewardError> {
-            tensor(t)?.ok_or_else(|| bad(format!("missing tensor {t:?}")))
+            tensor(t)?.ok_or_else(|| bad(format!("missing tensor {}", quote(t))))
         };
         let dense =
             |w: Loaded, b: Loaded, wname: &str, bname: &str| -> Result<Dense, RewardError> {
                 let [out, inp] = w.0[..] else {
                     return Err(bad(format!(
-                        "tensor {wname} has shape {:?}, expected 2 dimensions [out, in]",
-                        w.0
+                        "tensor {wname} has shape {}, expected 2 dimensions [out, in]",
+                        shape(&w.0)
                     )));
                 };
                 if b.0 != [out] {
                     return Err(bad(format!(
-                        "tensor {bname} has shape {:?}, expected [{out}] to match {wname} {:?}",
-                        b.0, w.0
+                        "tensor {bname} has shape {}, expected [{out}] to match {wname} {}",
+                        shape(&b.0),
+                        shape(&w.0)
                     )));
                 }
                 if out == 0 || inp == 0 {
-                    return Err(bad(format!("tensor {wname} is empty: shape {:?}", w.0)));
+                    return Err(bad(format!(
+                        "tensor {wname} is empty: shape {}",
+                        shape(&w.0)
+                    )));
                 }
                 Ok(Dense {
                     out,
@@ -188,7 +200,8 @@ impl Head {
                 Ok(c) if c < output.out => c,
                 _ => {
                     return Err(bad(format!(
-                        "metadata positive_class = {s:?} is not a class index below {}",
+                        "metadata positive_class = {} is not a class index below {}",
+                        quote(s),
                         output.out
                     )))
                 }
@@ -268,10 +281,10 @@ impl HeadReward {
     /// Combine an embedder and a head.
     ///
     /// # Errors
-    /// [`RewardError::Failed`] if the embedder's dimension is not the head's.
+    /// [`RewardError::Invalid`] if the embedder's dimension is not the head's.
     pub fn new(embedder: Arc<MiniLmEmbedder>, head: Head) -> Result<Self, RewardError> {
         if embedder.dim() != MINILM_DIM {
-            return Err(RewardError::Failed {
+            return Err(RewardError::Invalid {
                 reward: format!("head:{}", head.path.display()),
                 message: format!(
                     "the embedder gives {} features, the head expects MiniLM's {MINILM_DIM}",
@@ -295,13 +308,7 @@ impl Reward for HeadReward {
 
     fn score(&self, pairs: &[(&str, &str)]) -> Result<Vec<f32>, RewardError> {
         let name = self.name();
-        let rename = |e: RewardError| match e {
-            RewardError::Failed { message, .. } => RewardError::Failed {
-                reward: name.clone(),
-                message,
-            },
-            other => other,
-        };
+        let rename = |e: RewardError| e.renamed(&name);
         let scores = match self.head.input() {
             HeadInput::Response => {
                 let texts: Vec<&str> = pairs.iter().map(|(_, r)| *r).collect();

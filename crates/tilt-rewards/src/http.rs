@@ -13,21 +13,31 @@
 //!
 //! {"scores": [1.5, -0.25, ...]}
 //! ```
-//! One finite score per pair, in order. Any status other than 2xx is an error (its body is
-//! quoted), as are a body that is not this JSON, a wrong number of scores, a non-finite or
-//! non-numeric score, and no complete answer within the timeout (default 60 s). Proxies
-//! from `HTTP_PROXY`/`NO_PROXY` are honoured except for loopback hosts. This build speaks
-//! plain `http://` only (no TLS library is linked): put a local TLS-terminating proxy in
-//! front of an `https://` service.
+//! One finite score per pair, in order. The URL is checked when the reward is made: it
+//! must be a valid `http://` URL with a host ([`RewardError::Invalid`] otherwise). While it
+//! runs, each of these is a [`RewardError`] naming the reward and URL: any status other
+//! than 2xx (its body is quoted; redirects are not followed, since a redirected POST may
+//! arrive as a GET: give the final URL), a body that is not this JSON (`{"error": "…"}`
+//! is quoted as the service's error), a wrong number of scores, a score that is not a
+//! number, a non-finite score ([`RewardError::NonFinite`]), one beyond `f32`'s range
+//! ([`RewardError::OutOfRange`]), a body longer than [`MAX_ANSWER_BYTES`], and no complete
+//! answer (body included) within the timeout (default 60 s). Proxies from
+//! `HTTP_PROXY`/`NO_PROXY` are honoured except for loopback hosts. This build speaks plain
+//! `http://` only (no TLS library is linked): put a local TLS-terminating proxy in front of
+//! an `https://` service.
 
-use crate::{check_scores, json, Reward, RewardError};
+use crate::json::{self, Sent};
+use crate::{quote, quote_excerpt, Reward, RewardError};
 use std::time::Duration;
 
 /// Default time allowed for one whole request (connect, send, answer).
 pub const DEFAULT_HTTP_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// At most this many bytes of an error response's body are quoted in the error.
+/// At most this many characters of an answer's body are quoted in an error.
 const QUOTED_BODY: usize = 300;
+
+/// The longest answer body read, in bytes (ureq's default limit, stated).
+pub const MAX_ANSWER_BYTES: u64 = 10 << 20;
 
 /// A reward computed by an HTTP service (protocol in the [module docs](self)).
 #[derive(Debug)]
@@ -75,25 +85,50 @@ fn is_loopback(url: &str) -> bool {
             .is_ok_and(|a| a.is_loopback())
 }
 
+/// Why `url` is not a URL this reward can post to, if it is not.
+fn check_url(url: &str) -> Result<(), String> {
+    if url.starts_with("https://") {
+        return Err(
+            "https is not supported by this build (no TLS library); use http:// or a \
+                    local TLS proxy"
+                .into(),
+        );
+    }
+    if !url.starts_with("http://") {
+        return Err("the URL must start with http://".into());
+    }
+    let uri: ureq::http::Uri = url.parse().map_err(|e| format!("not a valid URL: {e}"))?;
+    match uri.host() {
+        None | Some("") => return Err("the URL has no host".into()),
+        Some(_) => {}
+    }
+    if let Some(port) = uri.authority().and_then(|a| a.as_str().rsplit_once(':')) {
+        // `[::1]` has colons too: only a suffix after the last `]` is a port.
+        if !port.1.contains(']') && port.1.parse::<u16>().map_or(true, |p| p == 0) {
+            return Err(format!(
+                "port {} is not a port number (1 to 65535)",
+                quote(port.1)
+            ));
+        }
+    }
+    Ok(())
+}
+
 impl HttpReward {
     /// A reward posting to `url` (an `http://` URL), each request allowed `timeout`.
     ///
     /// # Errors
-    /// [`RewardError::Failed`] if `url` is not an `http://` URL.
+    /// [`RewardError::Invalid`] if `url` is not a valid `http://` URL with a host (and a
+    /// port from 1 to 65535, if it has one).
     pub fn new(url: &str, timeout: Duration) -> Result<Self, RewardError> {
-        if !url.starts_with("http://") {
-            return Err(RewardError::Failed {
-                reward: format!("http:{url}"),
-                message: if url.starts_with("https://") {
-                    "https is not supported by this build (no TLS library); use http:// or a local TLS proxy".into()
-                } else {
-                    "the URL must start with http://".into()
-                },
-            });
-        }
+        check_url(url).map_err(|message| RewardError::Invalid {
+            reward: format!("http:{url}"),
+            message,
+        })?;
         let mut config = ureq::Agent::config_builder()
             .timeout_global(Some(timeout))
-            .http_status_as_error(false);
+            .http_status_as_error(false)
+            .max_redirects(0);
         if is_loopback(url) {
             config = config.proxy(None);
         }
@@ -114,6 +149,13 @@ impl HttpReward {
             reward: self.name(),
             message,
         }
+    }
+
+    fn timed_out(&self, what: &str) -> RewardError {
+        self.fail(format!(
+            "no {what} within {:.3} s (timeout)",
+            self.timeout.as_secs_f64()
+        ))
     }
 }
 
@@ -137,40 +179,69 @@ impl Reward for HttpReward {
             .post(&self.url)
             .send_json(&body)
             .map_err(|e| match e {
-                ureq::Error::Timeout(_) => self.fail(format!(
-                    "no answer within {:.3} s (timeout)",
-                    self.timeout.as_secs_f64()
-                )),
+                ureq::Error::Timeout(_) => self.timed_out("answer"),
                 other => self.fail(format!("request failed: {other}")),
             })?;
         let status = response.status();
-        let text = response.body_mut().read_to_string().map_err(|e| match e {
-            ureq::Error::Timeout(_) => self.fail(format!(
-                "no complete answer within {:.3} s (timeout)",
-                self.timeout.as_secs_f64()
-            )),
-            other => self.fail(format!("cannot read the answer (HTTP {status}): {other}")),
-        })?;
+        let location = response
+            .headers()
+            .get("location")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let text = response
+            .body_mut()
+            .with_config()
+            .limit(MAX_ANSWER_BYTES)
+            .read_to_string()
+            .map_err(|e| match e {
+                ureq::Error::Timeout(_) => self.timed_out("complete answer"),
+                ureq::Error::BodyExceedsLimit(_) => self.fail(format!(
+                    "the answer (HTTP {status}) is longer than {MAX_ANSWER_BYTES} bytes"
+                )),
+                other => self.fail(format!("cannot read the answer (HTTP {status}): {other}")),
+            })?;
+        let quoted = || quote_excerpt(&text, QUOTED_BODY);
+        if status.is_redirection() {
+            return Err(self.fail(format!(
+                "HTTP {status}, a redirect to {}: tilt does not follow redirects (a POST may \
+                 be redirected as a GET); give the final URL",
+                location
+                    .as_deref()
+                    .map_or_else(|| "nowhere".to_string(), quote)
+            )));
+        }
         if !status.is_success() {
-            let quoted: String = text.chars().take(QUOTED_BODY).collect();
-            return Err(self.fail(format!("HTTP {status}: {quoted}")));
+            return Err(self.fail(format!("HTTP {status}: {}", quoted())));
         }
         // Python's json.dumps writes NaN/Infinity for non-finite floats: accepted here so
-        // that check_scores names the item, as for the command reward.
-        let value = json::parse(&text).map_err(|e| {
-            let quoted: String = text.chars().take(QUOTED_BODY).collect();
-            self.fail(format!("the answer is not JSON ({e}): {quoted}"))
-        })?;
-        let Some(list) = value.get("scores").and_then(|s| s.as_array()) else {
-            let quoted: String = text.chars().take(QUOTED_BODY).collect();
-            return Err(self.fail(format!("the answer has no \"scores\" array: {quoted}")));
+        // that the score is named by its index, as for the command reward.
+        let value = json::parse(&text)
+            .map_err(|e| self.fail(format!("the answer is not JSON ({e}): {}", quoted())))?;
+        let list = match value.get("scores") {
+            Some(serde_json::Value::Array(list)) => list,
+            Some(other) => {
+                return Err(self.fail(format!(
+                    "\"scores\" in the answer is {}, not an array",
+                    json::shown(other)
+                )))
+            }
+            None => {
+                return Err(self.fail(match value.get("error") {
+                    Some(serde_json::Value::String(e)) => format!(
+                        "the service reported an error: {}",
+                        quote_excerpt(e, QUOTED_BODY)
+                    ),
+                    Some(e) => format!("the service reported an error: {}", json::shown(e)),
+                    None => format!("the answer has no \"scores\" array: {}", quoted()),
+                }))
+            }
         };
         let scores = list
             .iter()
             .enumerate()
-            .map(|(i, v)| json::score(v).map_err(|m| self.fail(format!("score {i} is {m}"))))
-            .collect::<Result<Vec<f32>, _>>()?;
-        check_scores(&self.name(), pairs.len(), scores)
+            .map(|(i, v)| json::sent(v).map_err(|m| self.fail(format!("score {i} is {m}"))))
+            .collect::<Result<Vec<Sent>, _>>()?;
+        json::check_sent(&self.name(), pairs.len(), scores)
     }
 }
 
@@ -212,10 +283,31 @@ mod tests {
     }
 
     #[test]
-    fn non_http_urls_are_rejected() {
-        let e = HttpReward::new("https://example.com", DEFAULT_HTTP_TIMEOUT).unwrap_err();
-        assert!(e.to_string().contains("https is not supported"), "{e}");
-        let e = HttpReward::new("example.com", DEFAULT_HTTP_TIMEOUT).unwrap_err();
-        assert!(e.to_string().contains("must start with http://"), "{e}");
+    fn invalid_urls_are_invalid_input() {
+        for (url, expected) in [
+            ("https://example.com", "https is not supported"),
+            ("example.com", "must start with http://"),
+            ("HTTP://example.com", "must start with http://"),
+            ("http://", "not a valid URL"),
+            ("http:///score", "not a valid URL"),
+            ("http://exa mple.com/", "not a valid URL"),
+            ("http://127.0.0.1:99999/score", "port \"99999\""),
+            ("http://127.0.0.1:0/score", "port \"0\""),
+            ("http://127.0.0.1:x/", "port \"x\""),
+        ] {
+            let e = HttpReward::new(url, DEFAULT_HTTP_TIMEOUT).unwrap_err();
+            assert!(e.is_invalid_input(), "{url}: {e}");
+            let msg = e.to_string();
+            assert!(msg.contains(expected) && msg.contains(url), "{url}: {msg}");
+        }
+        for ok in [
+            "http://127.0.0.1:8000/score",
+            "http://localhost/score?x=1",
+            "http://[::1]:9/",
+            "http://[::1]/",
+            "http://example.com",
+        ] {
+            HttpReward::new(ok, DEFAULT_HTTP_TIMEOUT).unwrap();
+        }
     }
 }

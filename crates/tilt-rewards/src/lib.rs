@@ -14,8 +14,11 @@
 //! Rewards are traits and data ([`RewardSpec`]), not flags: a decoding strategy takes a
 //! `&dyn Reward` and never knows which it has. Everything that can fail from outside (a
 //! model file, a child process, a network service) fails with a [`RewardError`] naming the
-//! reward, and every score passes [`check_scores`] before it leaves this crate. The
-//! protocols of the command and HTTP rewards are in this crate's `README.md`.
+//! reward, and every score is checked (one per pair, finite, within `f32`'s range) before
+//! it leaves this crate. [`RewardError::is_invalid_input`] tells a configuration the user
+//! must fix (a malformed spec, a missing `head:` file, an invalid URL, a command that
+//! cannot start) from a reward failing while it runs. The protocols of the command and
+//! HTTP rewards are in this crate's `README.md`.
 #![deny(missing_docs)]
 
 pub mod command;
@@ -24,18 +27,33 @@ pub mod http;
 mod json;
 pub mod minilm;
 
-pub use command::{CommandReward, DEFAULT_COMMAND_TIMEOUT};
+pub use command::{CommandReward, DEFAULT_COMMAND_TIMEOUT, MAX_REPLY_BYTES};
 pub use head::{Head, HeadInput, HeadReward};
-pub use http::{HttpReward, DEFAULT_HTTP_TIMEOUT};
+pub use http::{HttpReward, DEFAULT_HTTP_TIMEOUT, MAX_ANSWER_BYTES};
 pub use minilm::{MiniLmEmbedder, MiniLmRelevance, MINILM_DIM};
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
-/// What can go wrong while scoring.
+/// What can go wrong while setting up a reward or scoring with it.
+///
+/// Every variant names the reward. [`RewardError::is_invalid_input`] tells the two kinds
+/// apart: a reward that cannot be set up as given ([`RewardError::Invalid`]: the user's
+/// configuration is wrong, and trying again will not help) from a reward that failed
+/// while it ran (the rest: a child that died, a timeout, an HTTP 500, a NaN score).
 #[derive(Debug, thiserror::Error)]
 pub enum RewardError {
-    /// The reward returned a non-finite score.
+    /// The reward cannot be set up as given: a malformed spec, a `head:` file that is
+    /// missing or malformed, a model directory without its files, a URL that is not a
+    /// valid `http://` URL, a command that cannot be started. Nothing was scored.
+    #[error("reward {reward}: {message}")]
+    Invalid {
+        /// The reward's name (or the spec, when it did not parse).
+        reward: String,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// The reward returned a non-finite score (NaN or ±∞).
     #[error("reward {reward}: score {index} is {value}, not finite")]
     NonFinite {
         /// The reward's name.
@@ -45,7 +63,21 @@ pub enum RewardError {
         /// The value it returned.
         value: f32,
     },
-    /// Any other failure, with the reward's name and what happened.
+    /// The reward returned a finite number too large in magnitude for an `f32` score
+    /// (beyond ±3.4028235e38), such as `1e300`.
+    #[error(
+        "reward {reward}: score {index} is {value}, outside the range of f32 \
+         (magnitudes up to 3.4028235e38)"
+    )]
+    OutOfRange {
+        /// The reward's name.
+        reward: String,
+        /// Index of the pair in the batch.
+        index: usize,
+        /// The number as the reward sent it (e.g. `1e300`).
+        value: String,
+    },
+    /// Any other failure while the reward ran, with the reward's name and what happened.
     #[error("reward {reward}: {message}")]
     Failed {
         /// The reward's name.
@@ -53,6 +85,70 @@ pub enum RewardError {
         /// What happened.
         message: String,
     },
+}
+
+impl RewardError {
+    /// Whether the error is the user's configuration ([`RewardError::Invalid`]) rather than
+    /// a failure of the reward while it ran. Faces map it to their "bad request" answer:
+    /// the CLI exits with status 2 for these and 1 for the others; a server answers 400
+    /// for these and 503 for the others.
+    pub fn is_invalid_input(&self) -> bool {
+        matches!(self, Self::Invalid { .. })
+    }
+
+    /// The name of the reward concerned.
+    pub fn reward(&self) -> &str {
+        match self {
+            Self::Invalid { reward, .. }
+            | Self::NonFinite { reward, .. }
+            | Self::OutOfRange { reward, .. }
+            | Self::Failed { reward, .. } => reward,
+        }
+    }
+
+    /// The same error, naming `reward` instead (for a reward that wraps another's errors).
+    pub(crate) fn renamed(self, name: &str) -> Self {
+        let reward = name.to_string();
+        match self {
+            Self::Invalid { message, .. } => Self::Invalid { reward, message },
+            Self::NonFinite { index, value, .. } => Self::NonFinite {
+                reward,
+                index,
+                value,
+            },
+            Self::OutOfRange { index, value, .. } => Self::OutOfRange {
+                reward,
+                index,
+                value,
+            },
+            Self::Failed { message, .. } => Self::Failed { reward, message },
+        }
+    }
+}
+
+/// A malformed spec is invalid input: [`RewardError::Invalid`] naming the spec.
+impl From<RewardSpecError> for RewardError {
+    fn from(e: RewardSpecError) -> Self {
+        let message = e.to_string();
+        Self::Invalid {
+            reward: e.spec,
+            message,
+        }
+    }
+}
+
+/// `text` as a JSON string literal (`"a \"b\"\n"`): how messages quote what a user or a
+/// reward wrote, never Rust's `Debug`.
+pub(crate) fn quote(text: &str) -> String {
+    serde_json::Value::String(text.to_string()).to_string()
+}
+
+/// [`quote`] of at most `max_chars` characters of `text`, saying how long it was when cut.
+pub(crate) fn quote_excerpt(text: &str, max_chars: usize) -> String {
+    match text.char_indices().nth(max_chars) {
+        None => quote(text),
+        Some((cut, _)) => format!("{}… ({} bytes in all)", quote(&text[..cut]), text.len()),
+    }
 }
 
 /// A reward model: scores a batch of (prompt, response) pairs.
@@ -151,7 +247,11 @@ pub enum RewardSpec {
 
 /// What [`RewardSpec::parse`] rejects: the spec and why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid reward spec {spec:?}: {reason} (expected minilm, minilm:target=TEXT, head:PATH, command:CMD or http:URL)")]
+#[error(
+    "invalid reward spec {}: {reason} (expected minilm, minilm:target=TEXT, head:PATH, \
+     command:CMD or http:URL)",
+    quote(.spec)
+)]
 pub struct RewardSpecError {
     /// The spec as given.
     pub spec: String,
@@ -197,14 +297,16 @@ impl RewardSpec {
             ("head" | "command" | "http", _) => {
                 Err(err(&format!("{kind} needs an argument after ':'")))
             }
-            _ => Err(err(&format!("unknown reward kind {kind:?}"))),
+            _ => Err(err(&format!("unknown reward kind {}", quote(kind)))),
         }
     }
 
     /// Build the reward, loading the MiniLM model (fetched on first use) where needed.
     ///
     /// # Errors
-    /// [`RewardError`] if a model, head file, command or URL cannot be set up.
+    /// [`RewardError::Invalid`] if the head file, command or URL cannot be set up as given
+    /// (the head file is checked before the model is loaded);
+    /// [`RewardError::Failed`] if the default model cannot be fetched or loaded.
     pub fn build(&self) -> Result<Box<dyn Reward>, RewardError> {
         self.build_with(None)
     }
@@ -291,6 +393,43 @@ mod spec_tests {
             let e = RewardSpec::parse(bad).unwrap_err();
             assert!(e.to_string().contains("invalid reward spec"), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn setup_errors_are_invalid_input_and_say_so_in_json_quotes() {
+        for bad in ["bleu:x", "minilm:foo", "head:", "http"] {
+            let e = RewardError::from(RewardSpec::parse(bad).unwrap_err());
+            assert!(e.is_invalid_input(), "{bad}: {e}");
+            assert_eq!(e.reward(), bad);
+            let msg = e.to_string();
+            assert!(
+                msg.contains(&format!("invalid reward spec {}", quote(bad))),
+                "{msg}"
+            );
+        }
+        let e = RewardSpec::parse("bleu:x").unwrap_err().to_string();
+        assert!(e.contains("unknown reward kind \"bleu\""), "{e}");
+        // A spec that parses but cannot be set up: no model is loaded to find out.
+        for spec in [
+            "head:/nonexistent/tilt-head.safetensors",
+            "http:https://example.com/score",
+            "http://",
+            "http:ftp://example.com",
+        ] {
+            let e = RewardSpec::parse(spec).unwrap().build().err().expect(spec);
+            assert!(e.is_invalid_input(), "{spec}: {e}");
+        }
+        // Failures at run time are not.
+        let e = check_scores("r", 1, vec![f32::NAN]).unwrap_err();
+        assert!(!e.is_invalid_input());
+        let e = RewardError::Failed {
+            reward: "r".into(),
+            message: "HTTP 500".into(),
+        };
+        assert!(!e.is_invalid_input());
+        assert_eq!(quote("a \"b\"\n"), r#""a \"b\"\n""#);
+        assert_eq!(quote_excerpt("héllo", 2), "\"hé\"… (6 bytes in all)");
+        assert_eq!(quote_excerpt("hé", 2), "\"hé\"");
     }
 
     #[test]

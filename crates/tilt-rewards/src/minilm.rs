@@ -17,7 +17,7 @@
 //! two cores), and puts the results back in input order. The sort is by (length, index), so
 //! the same texts always form the same batches: same input, same output bytes.
 
-use crate::{check_scores, Reward, RewardError};
+use crate::{check_scores, quote, Reward, RewardError};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::bert::{BertModel, Config};
@@ -67,6 +67,14 @@ fn failed(reward: &str, message: impl std::fmt::Display) -> RewardError {
     }
 }
 
+/// A model directory that is not what it should be: the caller's input.
+fn invalid(reward: &str, message: impl std::fmt::Display) -> RewardError {
+    RewardError::Invalid {
+        reward: reward.to_string(),
+        message: message.to_string(),
+    }
+}
+
 const EMBEDDER: &str = "minilm";
 
 impl MiniLmEmbedder {
@@ -74,14 +82,14 @@ impl MiniLmEmbedder {
     /// (and optionally `sentence_bert_config.json` for `max_seq_length`; default 256).
     ///
     /// # Errors
-    /// [`RewardError::Failed`] naming the missing or malformed file.
+    /// [`RewardError::Invalid`] naming the missing or malformed file.
     pub fn load(dir: &Path) -> Result<Self, RewardError> {
         let file = |name: &str| -> Result<PathBuf, RewardError> {
             let p = dir.join(name);
             if p.is_file() {
                 Ok(p)
             } else {
-                Err(failed(
+                Err(invalid(
                     EMBEDDER,
                     format!("model file {} is missing", p.display()),
                 ))
@@ -91,20 +99,20 @@ impl MiniLmEmbedder {
         let weights_path = file("model.safetensors")?;
         let tokenizer_path = file("tokenizer.json")?;
         let config_text = std::fs::read_to_string(&config_path).map_err(|e| {
-            failed(
+            invalid(
                 EMBEDDER,
                 format!("cannot read {}: {e}", config_path.display()),
             )
         })?;
         let config: Config = serde_json::from_str(&config_text).map_err(|e| {
-            failed(
+            invalid(
                 EMBEDDER,
                 format!("{} is not a BERT config: {e}", config_path.display()),
             )
         })?;
         let max_seq_length = read_max_seq_length(dir)?;
         if max_seq_length > config.max_position_embeddings {
-            return Err(failed(
+            return Err(invalid(
                 EMBEDDER,
                 format!(
                     "max_seq_length {max_seq_length} exceeds the model's {} positions",
@@ -113,7 +121,7 @@ impl MiniLmEmbedder {
             ));
         }
         let mut tokenizer = Tokenizer::from_file(&tokenizer_path).map_err(|e| {
-            failed(
+            invalid(
                 EMBEDDER,
                 format!("cannot load tokenizer {}: {e}", tokenizer_path.display()),
             )
@@ -125,7 +133,7 @@ impl MiniLmEmbedder {
                 max_length: max_seq_length,
                 ..Default::default()
             }))
-            .map_err(|e| failed(EMBEDDER, format!("tokenizer truncation: {e}")))?;
+            .map_err(|e| invalid(EMBEDDER, format!("tokenizer truncation: {e}")))?;
         tokenizer.with_padding(None);
         let device = Device::Cpu;
         // Check the file before mmap-ing it: candle's error for a truncated file is terse.
@@ -135,13 +143,13 @@ impl MiniLmEmbedder {
         let vb =
             unsafe { VarBuilder::from_mmaped_safetensors(&[&weights_path], DType::F32, &device) }
                 .map_err(|e| {
-                failed(
+                invalid(
                     EMBEDDER,
                     format!("cannot map {}: {e}", weights_path.display()),
                 )
             })?;
         let model = BertModel::load(vb, &config).map_err(|e| {
-            failed(
+            invalid(
                 EMBEDDER,
                 format!("{} is not a BERT model: {e}", weights_path.display()),
             )
@@ -161,10 +169,28 @@ impl MiniLmEmbedder {
     /// Load the default model (all-MiniLM-L6-v2), fetching it on first use.
     ///
     /// # Errors
-    /// [`RewardError::Failed`] if the fetch or the load fails.
+    /// [`RewardError::Failed`] if the fetch or the load fails (a damaged cache is not the
+    /// caller's input: `tilt models fetch` checks and repairs it).
     pub fn load_default() -> Result<Self, RewardError> {
-        let dir = tilt_assets::default_reward_dir().map_err(|e| failed(EMBEDDER, e))?;
-        Self::load(&dir)
+        Self::load_default_with(&tilt_assets::LogProgress::default())
+    }
+
+    /// [`Self::load_default`], reporting a first-use fetch to `progress`.
+    ///
+    /// # Errors
+    /// As [`Self::load_default`].
+    pub fn load_default_with(
+        progress: &dyn tilt_assets::FetchProgress,
+    ) -> Result<Self, RewardError> {
+        let dir =
+            tilt_assets::default_reward_dir_with(progress).map_err(|e| failed(EMBEDDER, e))?;
+        Self::load(&dir).map_err(|e| match e {
+            RewardError::Invalid { reward, message } => RewardError::Failed {
+                reward,
+                message: format!("the cached default model is damaged: {message}"),
+            },
+            other => other,
+        })
     }
 
     /// Set how many texts one forward pass takes (default 16; at least 1).
@@ -312,9 +338,9 @@ fn read_max_seq_length(dir: &Path) -> Result<usize, RewardError> {
         return Ok(DEFAULT_MAX_SEQ_LENGTH);
     }
     let text = std::fs::read_to_string(&path)
-        .map_err(|e| failed(EMBEDDER, format!("cannot read {}: {e}", path.display())))?;
+        .map_err(|e| invalid(EMBEDDER, format!("cannot read {}: {e}", path.display())))?;
     let value: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| failed(EMBEDDER, format!("{} is not JSON: {e}", path.display())))?;
+        .map_err(|e| invalid(EMBEDDER, format!("{} is not JSON: {e}", path.display())))?;
     match value.get("max_seq_length") {
         None => Ok(DEFAULT_MAX_SEQ_LENGTH),
         Some(v) => v
@@ -322,7 +348,7 @@ fn read_max_seq_length(dir: &Path) -> Result<usize, RewardError> {
             .filter(|&n| n >= 2)
             .map(|n| n as usize)
             .ok_or_else(|| {
-                failed(
+                invalid(
                     EMBEDDER,
                     format!(
                         "{}: max_seq_length must be an integer ≥ 2, got {v}",
@@ -338,16 +364,16 @@ fn read_max_seq_length(dir: &Path) -> Result<usize, RewardError> {
 fn check_safetensors(path: &Path) -> Result<(), RewardError> {
     use std::io::Read;
     let bad = |m: String| {
-        failed(
+        invalid(
             EMBEDDER,
             format!("{} is not a valid safetensors file: {m}", path.display()),
         )
     };
     let mut f = std::fs::File::open(path)
-        .map_err(|e| failed(EMBEDDER, format!("cannot open {}: {e}", path.display())))?;
+        .map_err(|e| invalid(EMBEDDER, format!("cannot open {}: {e}", path.display())))?;
     let file_len = f
         .metadata()
-        .map_err(|e| failed(EMBEDDER, format!("cannot stat {}: {e}", path.display())))?
+        .map_err(|e| invalid(EMBEDDER, format!("cannot stat {}: {e}", path.display())))?
         .len();
     let mut len8 = [0u8; 8];
     f.read_exact(&mut len8)
@@ -423,7 +449,7 @@ impl Reward for MiniLmRelevance {
     fn name(&self) -> String {
         match &self.target {
             None => "minilm-relevance".to_string(),
-            Some(t) => format!("minilm-relevance(target={t:?})"),
+            Some(t) => format!("minilm-relevance(target={})", quote(t)),
         }
     }
 
@@ -443,10 +469,7 @@ impl Reward for MiniLmRelevance {
         }
         let first_response = texts.len();
         texts.extend(pairs.iter().map(|(_, r)| *r));
-        let emb = self.embedder.embed(&texts).map_err(|e| match e {
-            RewardError::Failed { message, .. } => failed(&name, message),
-            other => other,
-        })?;
+        let emb = self.embedder.embed(&texts).map_err(|e| e.renamed(&name))?;
         let scores = pair_target
             .iter()
             .enumerate()

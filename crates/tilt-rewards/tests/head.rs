@@ -197,7 +197,7 @@ fn malformed_heads_are_rejected_with_the_reason() {
             "shape",
             vec![("weight", f32s(&[384], &w)), ("bias", f32s(&[1], &[0.0]))],
             None,
-            "expected 2 dimensions",
+            "tensor weight has shape [384], expected 2 dimensions",
         ),
         (
             "biasshape",
@@ -206,7 +206,7 @@ fn malformed_heads_are_rejected_with_the_reason() {
                 ("bias", f32s(&[2], &[0.0, 0.0])),
             ],
             None,
-            "expected [1]",
+            "tensor bias has shape [2], expected [1] to match weight [1, 384]",
         ),
         (
             "width",
@@ -269,12 +269,17 @@ fn malformed_heads_are_rejected_with_the_reason() {
                 ("bias", f32s(&[1], &[0.0])),
             ],
             Some(HashMap::from([("positive_class".into(), "1".into())])),
-            "positive_class",
+            "metadata positive_class = \"1\" is not a class index below 1",
         ),
     ];
     for (name, tensors, meta, expected) in cases {
         let p = write_head(d, &format!("{name}.safetensors"), tensors, meta);
-        let e = Head::load(&p).unwrap_err().to_string();
+        let err = Head::load(&p).unwrap_err();
+        assert!(
+            err.is_invalid_input(),
+            "{name}: a bad head file is the user's input: {err}"
+        );
+        let e = err.to_string();
         assert!(e.contains(expected), "{name}: {e}");
         assert!(
             e.contains(&format!("{name}.safetensors")),
@@ -304,12 +309,26 @@ fn malformed_heads_are_rejected_with_the_reason() {
         .unwrap_err()
         .to_string()
         .contains("not a valid safetensors"));
-    let e = Head::load(&d.join("absent.safetensors"))
-        .unwrap_err()
-        .to_string();
+    let err = Head::load(&d.join("absent.safetensors")).unwrap_err();
+    assert!(err.is_invalid_input(), "{err}");
+    let e = err.to_string();
     assert!(
         e.contains("absent.safetensors") && e.contains("cannot read"),
         "{e}"
+    );
+    for p in [&garbage, &cut] {
+        assert!(Head::load(p).unwrap_err().is_invalid_input());
+    }
+    // Through the spec, as the CLI builds it: invalid input, found before MiniLM loads.
+    let spec = tilt_rewards::RewardSpec::parse(&format!(
+        "head:{}",
+        d.join("absent.safetensors").display()
+    ))
+    .unwrap();
+    let err = spec.build().err().expect("a missing head file");
+    assert!(
+        err.is_invalid_input() && err.to_string().contains("absent.safetensors"),
+        "{err}"
     );
 }
 

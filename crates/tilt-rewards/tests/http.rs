@@ -115,7 +115,28 @@ fn malformed_answers_are_named() {
         ),
         (
             |_| (200, "{\"scores\": [1, null]}".into()),
-            "score 1 is null",
+            "score 1 is null, not a number",
+        ),
+        (
+            |_| (200, "{\"scores\": [1, \"2\"]}".into()),
+            "score 1 is \"2\", not a number",
+        ),
+        (
+            |_| (200, "{\"scores\": [1]}".into()),
+            "1 scores for 2 pairs",
+        ),
+        (
+            |_| (200, "{\"scores\": \"1,2\"}".into()),
+            "\"scores\" in the answer is \"1,2\", not an array",
+        ),
+        (
+            |_| (200, "[1, 2]".into()),
+            "no \"scores\" array: \"[1, 2]\"",
+        ),
+        (|_| (200, "".into()), "the answer is not JSON"),
+        (
+            |_| (200, "{\"error\": \"model not loaded\"}".into()),
+            "the service reported an error: \"model not loaded\"",
         ),
     ];
     for (handler, expected) in cases {
@@ -126,17 +147,36 @@ fn malformed_answers_are_named() {
             .unwrap_err();
         let msg = e.to_string();
         assert!(
-            msg.contains(expected) && msg.contains("http:"),
+            msg.contains(expected) && msg.contains("http:") && !e.is_invalid_input(),
             "{expected}: {msg}"
         );
+        assert!(!msg.contains("Ok(") && !msg.contains("Some("), "{msg}");
     }
-    // 1e300 is valid JSON but overflows f32.
-    let url = serve(1, |_| (200, "{\"scores\": [1e300]}".into()));
-    let e = HttpReward::new(&url, T)
-        .unwrap()
-        .score(&[("p", "a")])
-        .unwrap_err();
-    assert!(matches!(e, RewardError::NonFinite { index: 0, .. }), "{e}");
+    // 1e300 is valid JSON, finite, but beyond f32: out of range, quoted, not "inf".
+    // 1e400 is beyond even f64 (serde_json alone refuses it): the same, as written.
+    let cases: [(Handler, usize, &str); 2] = [
+        (|_| (200, "{\"scores\": [1e300, 1]}".into()), 0, "1e300"),
+        (|_| (200, "{\"scores\": [1, -1e400]}".into()), 1, "-1e400"),
+    ];
+    for (handler, index, quoted) in cases {
+        let url = serve(1, handler);
+        let e = HttpReward::new(&url, T)
+            .unwrap()
+            .score(&[("p", "a"), ("p", "b")])
+            .unwrap_err();
+        assert!(
+            matches!(&e, RewardError::OutOfRange { index: i, value, .. } if *i == index && value == quoted),
+            "{e}"
+        );
+        let msg = e.to_string();
+        assert!(
+            msg.contains(&format!(
+                "score {index} is {quoted}, outside the range of f32"
+            )) && !msg.contains("inf")
+                && msg.contains(&url),
+            "{msg}"
+        );
+    }
 }
 
 /// A Python service answering `json.dumps({"scores": [1.0, float("nan")]})` sends `NaN`,
@@ -242,4 +282,123 @@ server.serve_forever()
     let _ = child.kill();
     let _ = child.wait();
     assert_eq!(got.unwrap(), vec![2.0, 4.0]);
+}
+
+/// Serve each of up to `requests` connections with `respond`, after reading the request
+/// head and body; returns the URL.
+fn serve_raw(requests: usize, respond: fn(&mut TcpStream)) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/score", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for stream in listener.incoming().take(requests) {
+            let Ok(mut stream) = stream else { break };
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut length = 0usize;
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+                if let Some((k, v)) = line.split_once(':') {
+                    if k.eq_ignore_ascii_case("content-length") {
+                        length = v.trim().parse().unwrap();
+                    }
+                }
+            }
+            let mut body = vec![0u8; length];
+            let _ = reader.read_exact(&mut body);
+            respond(&mut stream);
+            let _ = stream.flush();
+        }
+    });
+    url
+}
+
+/// A redirect is not followed (a POST may come back as a GET): an error naming where it
+/// points.
+#[test]
+fn redirects_are_reported_not_followed() {
+    let url = serve_raw(1, |s| {
+        let _ = write!(
+            s,
+            "HTTP/1.1 307 Temporary Redirect\r\nLocation: http://127.0.0.1:9/elsewhere\r\n\
+             Content-Length: 0\r\nConnection: close\r\n\r\n"
+        );
+    });
+    let e = HttpReward::new(&url, T)
+        .unwrap()
+        .score(&[("p", "r")])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("HTTP 307")
+            && e.contains(r#""http://127.0.0.1:9/elsewhere""#)
+            && e.contains("does not follow redirects"),
+        "{e}"
+    );
+}
+
+/// A service that sends its headers at once and then trickles the body: the timeout
+/// covers the whole answer, not only its first byte.
+#[test]
+fn a_service_trickling_its_body_times_out() {
+    let url = serve_raw(1, |s| {
+        let _ = write!(
+            s,
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{"
+        );
+        for _ in 0..30 {
+            let _ = s.write_all(b" ");
+            let _ = s.flush();
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    });
+    let r = HttpReward::new(&url, Duration::from_millis(500)).unwrap();
+    let start = std::time::Instant::now();
+    let e = r.score(&[("p", "r")]).unwrap_err().to_string();
+    assert!(
+        e.contains("timeout") && e.contains("complete answer"),
+        "{e}"
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        start.elapsed()
+    );
+}
+
+#[test]
+fn an_oversized_answer_is_refused() {
+    let url = serve_raw(1, |s| {
+        let n = tilt_rewards::MAX_ANSWER_BYTES as usize + 10;
+        let _ = write!(s, "HTTP/1.1 200 OK\r\nContent-Length: {n}\r\n\r\n");
+        let _ = s.write_all(&vec![b' '; n]);
+    });
+    let e = HttpReward::new(&url, T)
+        .unwrap()
+        .score(&[("p", "r")])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("longer than 10485760 bytes"), "{e}");
+}
+
+/// A service that closes the connection half-way through its answer.
+#[test]
+fn a_cut_answer_is_a_clear_error() {
+    let url = serve_raw(1, |s| {
+        let _ = write!(
+            s,
+            "HTTP/1.1 200 OK\r\nContent-Length: 50\r\n\r\n{{\"scores\": [1"
+        );
+    });
+    let e = HttpReward::new(&url, T)
+        .unwrap()
+        .score(&[("p", "r")])
+        .unwrap_err();
+    assert!(!e.is_invalid_input(), "{e}");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("cannot read the answer") && msg.contains(&url),
+        "{msg}"
+    );
 }

@@ -117,6 +117,10 @@ fn missing_and_truncated_model_files_are_named() {
     let dir = tempfile::tempdir().unwrap();
     let err = MiniLmEmbedder::load(dir.path()).unwrap_err();
     assert!(err.to_string().contains("config.json is missing"), "{err}");
+    assert!(
+        err.is_invalid_input(),
+        "a directory given without its files: {err}"
+    );
     for f in ["config.json", "tokenizer.json"] {
         std::fs::copy(src.join(f), dir.path().join(f)).unwrap();
     }
@@ -130,7 +134,7 @@ fn missing_and_truncated_model_files_are_named() {
     std::fs::write(dir.path().join("model.safetensors"), &bytes[..1 << 20]).unwrap();
     let err = MiniLmEmbedder::load(dir.path()).unwrap_err();
     let msg = err.to_string();
-    assert!(matches!(err, RewardError::Failed { .. }));
+    assert!(matches!(err, RewardError::Invalid { .. }), "{err}");
     assert!(
         msg.contains("not a valid safetensors file") && msg.contains("truncated"),
         "{msg}"
@@ -141,7 +145,9 @@ fn missing_and_truncated_model_files_are_named() {
     assert!(msg.contains("not a valid safetensors file"), "{msg}");
     // A config that is not BERT's.
     std::fs::write(dir.path().join("config.json"), b"{\"vocab_size\": 3}").unwrap();
-    let msg = MiniLmEmbedder::load(dir.path()).unwrap_err().to_string();
+    let err = MiniLmEmbedder::load(dir.path()).unwrap_err();
+    assert!(err.is_invalid_input(), "{err}");
+    let msg = err.to_string();
     assert!(msg.contains("is not a BERT config"), "{msg}");
 }
 
