@@ -3,7 +3,7 @@
 use crate::output::{emit, Format};
 use clap::Subcommand;
 use serde_json::{json, Value};
-use tilt_assets::{fetch, is_fetched_in, tilt_home, verify, Asset, ALL_ASSETS};
+use tilt_assets::{fetch_with, is_fetched_in, tilt_home, verify, Asset, ALL_ASSETS};
 
 /// The models subcommands.
 #[derive(Debug, Subcommand)]
@@ -30,8 +30,15 @@ pub fn run(cmd: ModelsCommand) -> anyhow::Result<()> {
     match cmd {
         ModelsCommand::Fetch { format } => {
             let mut assets = Vec::new();
+            let progress = crate::progress::CliProgress::new();
+            let home = tilt_home();
             for asset in ALL_ASSETS {
-                let dir = fetch(asset)?;
+                let dir = fetch_with(
+                    asset,
+                    &home,
+                    &tilt_engine::progress::FetchReport(&progress),
+                )
+                .map_err(crate::failure)?;
                 let files: Vec<Value> = verify(asset, &dir)?
                     .into_iter()
                     .map(|f| {

@@ -47,7 +47,8 @@ pub enum EngineError {
     /// The policy failed (its kind follows [`ModelError`]).
     #[error("policy: {0}")]
     Model(#[from] ModelError),
-    /// The reward failed.
+    /// The reward failed (invalid input when [`RewardError::is_invalid_input`]: a bad
+    /// spec or file; otherwise its backend failed).
     #[error(transparent)]
     Reward(#[from] RewardError),
     /// The exact theory rejected an input or failed to converge.
@@ -129,6 +130,7 @@ impl EngineError {
                 | ModelError::ChatTemplate(_) => ErrorKind::InvalidInput,
                 ModelError::Candle(_) | ModelError::Internal(_) => ErrorKind::Internal,
             },
+            EngineError::Reward(r) if r.is_invalid_input() => ErrorKind::InvalidInput,
             EngineError::Reward(_) | EngineError::Asset(_) | EngineError::Io { .. } => {
                 ErrorKind::Unavailable
             }

