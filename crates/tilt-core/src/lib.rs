@@ -14,7 +14,7 @@ pub mod distribution;
 pub mod error;
 
 pub use distribution::RewardDistribution;
-pub use error::{Result, TiltError};
+pub use error::{ErrorKind, Result, TiltError};
 
 pub mod best_of_n;
 pub mod bounds;
