@@ -26,7 +26,7 @@ use crate::bounds::{bon_kl_bound, bon_win_rate_bound, check_n};
 use crate::distribution::RewardDistribution;
 use crate::error::{Result, TiltError};
 use crate::levels::{chunked_sum, Levels, SUM_CHUNK};
-use crate::numerics::{ln_pow_one_minus, non_negative, NeumaierSum};
+use crate::numerics::{ln_pow_one_minus, non_negative, NeumaierSum, Shown};
 use rayon::prelude::*;
 use serde::Serialize;
 
@@ -207,7 +207,10 @@ pub fn kl_estimate_per_draw(epsilon: f64, n: u64) -> Result<f64> {
     if !(0.0..=1.0).contains(&epsilon) {
         return Err(TiltError::invalid(
             "epsilon",
-            format!("{epsilon}: a probability must be in [0, 1]"),
+            format!(
+                "{epsilon}: a probability must be in [0, 1]",
+                epsilon = Shown(epsilon)
+            ),
         ));
     }
     if epsilon == 0.0 {

@@ -22,7 +22,7 @@
 use crate::distribution::RewardDistribution;
 use crate::error::{Result, TiltError};
 use crate::levels::Levels;
-use crate::numerics::{exp_m1_minus_x, log_sum_exp, neumaier_sum, NeumaierSum};
+use crate::numerics::{exp_m1_minus_x, log_sum_exp, neumaier_sum, NeumaierSum, Shown};
 use serde::Serialize;
 
 /// Check that a best-of-n sample count is at least 1.
@@ -103,7 +103,7 @@ pub fn bon_renyi_bound(n: u64, alpha: f64) -> Result<f64> {
     if alpha.is_nan() || alpha <= 0.0 {
         return Err(TiltError::invalid(
             "alpha",
-            format!("{alpha}: the Rényi order must be > 0"),
+            format!("{alpha}: the Rényi order must be > 0", alpha = Shown(alpha)),
         ));
     }
     if alpha == f64::INFINITY {
@@ -140,11 +140,14 @@ pub fn sub_gaussian_improvement_bound(sigma2: f64, kl: f64) -> Result<f64> {
     if !sigma2.is_finite() || sigma2 < 0.0 {
         return Err(TiltError::invalid(
             "sigma2",
-            format!("{sigma2}: must be finite and ≥ 0"),
+            format!("{sigma2}: must be finite and ≥ 0", sigma2 = Shown(sigma2)),
         ));
     }
     if kl.is_nan() || kl < 0.0 {
-        return Err(TiltError::invalid("kl", format!("{kl}: must be ≥ 0")));
+        return Err(TiltError::invalid(
+            "kl",
+            format!("{kl}: must be ≥ 0", kl = Shown(kl)),
+        ));
     }
     Ok((2.0 * sigma2 * kl).sqrt())
 }

@@ -48,7 +48,7 @@
 use crate::distribution::RewardDistribution;
 use crate::error::{Result, TiltError};
 use crate::lattice::{self, ConvolutionMethod, LatticeRewards};
-use crate::numerics::{log_sum_exp, non_negative, NeumaierSum};
+use crate::numerics::{log_sum_exp, neg_log_share, neumaier_sum, non_negative, NeumaierSum, Shown};
 use crate::optimize::{bracket_up, brent_root};
 use serde::Serialize;
 
@@ -65,7 +65,10 @@ pub struct MemorylessModel {
     lattice: LatticeRewards,
     r_max: f64,
     r_min: f64,
-    p_max_set: f64,
+    /// `−log q(argmax r)`, formed from the mass below the top ([`neg_log_share`]).
+    max_kl: f64,
+    /// `−log q(argmin r)`, formed from the mass above the bottom.
+    min_rate: f64,
 }
 
 /// Values of the cumulant generating function and its first two derivatives at one `λ`.
@@ -102,12 +105,17 @@ impl MemorylessModel {
         }
         let r_max = rewards.iter().copied().fold(f64::NEG_INFINITY, f64::max);
         let r_min = rewards.iter().copied().fold(f64::INFINITY, f64::min);
-        let p_max_set = probs
-            .iter()
-            .zip(&rewards)
-            .filter(|(_, r)| **r == r_max)
-            .map(|(p, _)| *p)
-            .sum();
+        let mass = |keep: &dyn Fn(f64) -> bool| {
+            neumaier_sum(
+                probs
+                    .iter()
+                    .zip(&rewards)
+                    .filter(|(_, r)| keep(**r))
+                    .map(|(p, _)| *p),
+            )
+        };
+        let (p_max_set, p_below_max) = (mass(&|r| r == r_max), mass(&|r| r < r_max));
+        let (p_min_set, p_above_min) = (mass(&|r| r == r_min), mass(&|r| r > r_min));
         Ok(Self {
             probs,
             rewards,
@@ -115,7 +123,8 @@ impl MemorylessModel {
             lattice,
             r_max,
             r_min,
-            p_max_set,
+            max_kl: neg_log_share(p_max_set, p_below_max),
+            min_rate: neg_log_share(p_min_set, p_above_min),
         })
     }
 
@@ -136,8 +145,11 @@ impl MemorylessModel {
 
     /// The largest per-token KL of any tilt: `−log q(argmax r)` (arXiv 2404.01730; a budget
     /// at or beyond it is reached only by the degenerate policy on the argmax set).
+    ///
+    /// `≥ 0` exactly, and `0` exactly when every token ties for the top reward (computed
+    /// from the mass below the top, [`neg_log_share`]).
     pub fn max_kl_per_token(&self) -> f64 {
-        -self.p_max_set.ln()
+        self.max_kl
     }
 
     /// `Λ(λ)`, `Λ'(λ)`, `Λ''(λ)` (derivations §1.2), by log-sum-exp shifted at the reward
@@ -209,7 +221,9 @@ impl MemorylessModel {
                 "x",
                 format!(
                     "{x} is outside the open reward range ({}, {})",
-                    self.r_min, self.r_max
+                    self.r_min,
+                    self.r_max,
+                    x = Shown(x)
                 ),
             ));
         }
@@ -268,14 +282,7 @@ impl MemorylessModel {
             return Ok(self.max_kl_per_token());
         }
         if x == self.r_min {
-            let p: f64 = self
-                .probs
-                .iter()
-                .zip(&self.rewards)
-                .filter(|(_, r)| **r == self.r_min)
-                .map(|(p, _)| *p)
-                .sum();
-            return Ok(-p.ln());
+            return Ok(self.min_rate);
         }
         let l = self.lambda_for_mean(x)?;
         // λx − Λ(λ); `cumulants` forms Λ by a log-sum-exp shifted at its largest term, so
@@ -293,7 +300,10 @@ impl MemorylessModel {
         if !(delta.is_finite() && delta > 0.0) {
             return Err(TiltError::invalid(
                 "delta",
-                format!("{delta}: the per-token KL budget must be a finite number > 0 nats"),
+                format!(
+                    "{delta}: the per-token KL budget must be a finite number > 0 nats",
+                    delta = Shown(delta)
+                ),
             ));
         }
         let max = self.max_kl_per_token();
@@ -338,7 +348,7 @@ impl MemorylessModel {
         if !(lambda.is_finite() && lambda > 0.0) {
             return Err(TiltError::invalid(
                 "lambda",
-                format!("{lambda} must be > 0"),
+                format!("{lambda} must be > 0", lambda = Shown(lambda)),
             ));
         }
         if !(theta.is_finite() && theta > -lambda && theta != 0.0) {
@@ -372,6 +382,19 @@ impl MemorylessModel {
             out[k] += p;
         }
         out
+    }
+
+    /// Check a sequence length before any work: at least 1 token, and the law of `S_L`
+    /// (`L·K + 1` lattice points, `K` the per-token grid index range) within
+    /// [`lattice::MAX_SUM_POINTS`].
+    ///
+    /// # Errors
+    /// [`TiltError::InvalidInput`] naming `length`.
+    pub fn check_length(&self, length: usize) -> Result<()> {
+        if length == 0 {
+            return Err(TiltError::invalid("length", "must be at least 1 token"));
+        }
+        lattice::check_sum_points(self.lattice.max_index() + 1, length).map(|_| ())
     }
 
     /// The exact law of `S_L` under the reference `q^{⊗L}`, computed under the tilt
@@ -434,9 +457,7 @@ impl MemorylessModel {
         delta: f64,
         method: Option<ConvolutionMethod>,
     ) -> Result<MemorylessReport> {
-        if length == 0 {
-            return Err(TiltError::invalid("length", "must be at least 1 token"));
-        }
+        self.check_length(length)?;
         let lambda = self.lambda_for_kl(delta)?;
         let c = self.cumulants(lambda);
         let x_star = c.mean;

@@ -18,7 +18,7 @@ use crate::best_of_n::{order_statistic_levels, Selection};
 use crate::distribution::RewardDistribution;
 use crate::error::{Result, TiltError};
 use crate::levels::Levels;
-use crate::numerics::{kl_summand, ln_factorials, neumaier_sum, non_negative, NeumaierSum};
+use crate::numerics::{kl_summand, ln_factorials, neumaier_sum, non_negative, NeumaierSum, Shown};
 use crate::win_rate::win_rate_levels;
 use serde::Serialize;
 
@@ -66,7 +66,10 @@ pub fn soft_best_of_n(dist: &RewardDistribution, n: u64, lambda: f64) -> Result<
     if lambda.is_nan() || lambda < 0.0 {
         return Err(TiltError::invalid(
             "lambda",
-            format!("{lambda}: the temperature must be ≥ 0"),
+            format!(
+                "{lambda}: the temperature must be ≥ 0",
+                lambda = Shown(lambda)
+            ),
         ));
     }
     let levels = Levels::new(dist)?;
