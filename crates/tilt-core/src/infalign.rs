@@ -35,15 +35,31 @@
 //! is the cumulative integral on the converged partition.
 
 use crate::error::{Result, TiltError};
-use crate::numerics::non_negative;
+use crate::numerics::{non_negative, Shown};
 use crate::optimize::{brent_root, maximize_scalar};
 use crate::quadrature::{integrate, CumulativeIntegral};
 use serde::Serialize;
 
 /// Absolute tolerance of every integral here.
 pub const QUAD_TOL: f64 = 1e-12;
-/// Largest KL budget (nats) accepted when solving for β.
-pub const MAX_KL: f64 = 25.0;
+/// Largest KL (nats) of a calibrated tilt: the budget of [`CalibratedTilt::with_kl`] and the
+/// KL that a β given to [`CalibratedTilt::new`] may reach. A tilt of KL `D` puts most of its
+/// mass within about `e^{−(D+1)}` of `c = 1` (identity transform); at 20 nats that is 8e-10,
+/// and every transform's tilt integrates to the 1e-12 tolerance (measured for identity,
+/// `e^{tc}` and `−e^{−tc}` with t up to [`MAX_T`]). At 22 nats the quadrature runs out of
+/// panels for every transform, so budgets up to 20 are accepted and none beyond.
+pub const MAX_KL: f64 = 20.0;
+/// Narrowest peak at `c = 1` that [`CalibratedTilt::new`] integrates: the density
+/// `∝ e^{−λ(1 − Φ̃(c))}` falls off over `1/(λ·Φ̃'(1))` there, and doubles near 1 are
+/// 1.1e-16 apart. A narrower peak means a KL of about `log(1/width) − 1 > 28` nats, far
+/// beyond [`MAX_KL`] anyway.
+pub const MIN_PEAK_WIDTH: f64 = 1e-13;
+/// Largest rate `t` of the exponential transforms `e^{tc}`, `−e^{−tc}` (and largest upper
+/// end of the search of [`optimize_t`]). The transform changes over `1/t` near an end of
+/// `[0, 1]`; at 10⁶ that scale is 10¹⁰ doubles wide, resolved by the quadrature; far beyond
+/// it (10¹², 10³⁰⁰) the transform is a step that no double-precision integral resolves,
+/// and every evaluation there would only fail after its full panel budget.
+pub const MAX_T: f64 = 1e6;
 /// Largest `log(1/β)` searched when solving for a KL budget.
 pub const MAX_LOG_LAMBDA: f64 = 700.0;
 /// Largest N of best-of-N for which [`inference_win_rate`] is accurate (measured: within
@@ -91,18 +107,23 @@ impl Transform {
     /// Validate `t` for the exponential transforms.
     ///
     /// # Errors
-    /// [`TiltError::InvalidInput`] naming `t` when negative or not finite (a negative `t`
-    /// flips the transform's direction, which is meaningless for the procedure it serves).
+    /// [`TiltError::InvalidInput`] naming `t` when negative, not finite, or above [`MAX_T`]
+    /// (a negative `t` flips the transform's direction, which is meaningless for the
+    /// procedure it serves).
     pub fn validated(self) -> Result<Self> {
         match self {
             Transform::Identity => Ok(self),
             Transform::Exp { t } | Transform::NegExp { t } => {
-                if t.is_finite() && t >= 0.0 {
+                if t.is_finite() && (0.0..=MAX_T).contains(&t) {
                     Ok(self)
                 } else {
                     Err(TiltError::invalid(
                         "t",
-                        format!("{t}: the transform rate must be finite and ≥ 0"),
+                        format!(
+                            "{t}: the transform rate must be between 0 and {MAX_T:e} (beyond, \
+                             the transform is a step that double precision cannot resolve)",
+                            t = Shown(t)
+                        ),
                     ))
                 }
             }
@@ -213,28 +234,58 @@ pub struct CalibratedTilt {
     log_z_shifted: f64,
     cumulative: CumulativeIntegral,
     breaks: Vec<f64>,
+    /// `KL(g‖Uniform)`, nats.
+    kl: f64,
 }
 
 impl CalibratedTilt {
     /// The tilt with coefficient `beta` on the normalised transform (`β = ∞` is the
     /// reference itself).
     ///
+    /// The KL of the result is at most [`MAX_KL`]: a smaller β (a sharper tilt) is refused
+    /// before any integral when its peak is too narrow to resolve ([`MIN_PEAK_WIDTH`]), and
+    /// after the integral when its KL comes out above [`MAX_KL`], so that what is returned
+    /// is always a tilt the quadrature resolved.
+    ///
     /// # Errors
-    /// [`TiltError::InvalidInput`] naming `beta` unless `β > 0` (may be `+∞`), or `t` (see
-    /// [`Transform::validated`]); [`TiltError::NoConvergence`] if quadrature fails.
+    /// [`TiltError::InvalidInput`] naming `beta` unless `β > 0` (may be `+∞`) and its tilt
+    /// within those limits, or `t` (see [`Transform::validated`]);
+    /// [`TiltError::NoConvergence`] if quadrature fails.
     pub fn new(transform: Transform, beta: f64) -> Result<Self> {
         let transform = transform.validated()?;
         if beta.is_nan() || beta <= 0.0 {
             return Err(TiltError::invalid(
                 "beta",
-                format!("{beta}: the KL coefficient must be > 0"),
+                format!("{beta}: the KL coefficient must be > 0", beta = Shown(beta)),
             ));
         }
         let lambda = if beta.is_infinite() { 0.0 } else { 1.0 / beta };
-        if !lambda.is_finite() {
-            return Err(TiltError::invalid("beta", format!("{beta} is too small")));
+        let width = 1.0 / (lambda * transform.slope(1.0));
+        if width.is_nan() || width < MIN_PEAK_WIDTH {
+            return Err(TiltError::invalid(
+                "beta",
+                format!(
+                    "{beta}: the tilt would put its mass within {width:.1e} of c = 1 (a KL of \
+                     about {:.0} nats), beyond the {MAX_KL} nats the quadrature resolves; \
+                     use a larger β",
+                    (1.0 / width).ln() - 1.0,
+                    beta = Shown(beta)
+                ),
+            ));
         }
-        Self::with_lambda(transform, lambda)
+        let tilt = Self::with_lambda(transform, lambda)?;
+        if tilt.kl > MAX_KL {
+            return Err(TiltError::invalid(
+                "beta",
+                format!(
+                    "{beta}: the tilt's KL is {:.3} nats, beyond the {MAX_KL} nats the \
+                     quadrature resolves; use a larger β",
+                    tilt.kl,
+                    beta = Shown(beta)
+                ),
+            ));
+        }
+        Ok(tilt)
     }
 
     fn with_lambda(transform: Transform, lambda: f64) -> Result<Self> {
@@ -243,12 +294,41 @@ impl CalibratedTilt {
         let breaks = geometric_breaks(0.05 * scale0, 0.05 * scale1);
         let h = |u: f64| (-lambda * transform.complement(u)).exp();
         let cumulative = CumulativeIntegral::new(h, 0.0, 1.0, &breaks, 0.0, 1e-12)?;
+        let total = cumulative.total();
+        if !(total > 0.0 && total.is_finite()) {
+            return Err(TiltError::NoConvergence {
+                what: "calibrated tilt".into(),
+                detail: format!(
+                    "its normaliser came out {total:e} at 1/β = {lambda:e} (the density is \
+                     narrower than the quadrature's nodes)"
+                ),
+            });
+        }
+        let log_z_shifted = total.ln();
+        let kl = if lambda == 0.0 {
+            0.0
+        } else {
+            // KL = λ·E_g[Φ̃ − 1] − log Z' (nats).
+            let m = integrate(
+                |u| -transform.complement(u) * h(u),
+                0.0,
+                1.0,
+                &breaks,
+                0.0,
+                1e-12,
+            )?;
+            non_negative(
+                lambda * (m.value / total) - log_z_shifted,
+                "KL of the calibrated tilt",
+            )?
+        };
         Ok(Self {
             transform,
             lambda,
-            log_z_shifted: cumulative.total().ln(),
+            log_z_shifted,
             cumulative,
             breaks,
+            kl,
         })
     }
 
@@ -260,12 +340,7 @@ impl CalibratedTilt {
     /// [`CalibratedTilt::new`].
     pub fn with_kl(transform: Transform, kl: f64) -> Result<Self> {
         let transform = transform.validated()?;
-        if !(kl.is_finite() && (1e-12..=MAX_KL).contains(&kl)) {
-            return Err(TiltError::invalid(
-                "kl",
-                format!("{kl}: the KL budget must be between 1e-12 and {MAX_KL} nats"),
-            ));
-        }
+        check_kl_budget(kl)?;
         let kl_at = |s: f64| -> Result<f64> { Self::with_lambda(transform, s.exp())?.kl() };
         let mut lo = -12.0f64;
         while kl_at(lo)? >= kl {
@@ -297,7 +372,8 @@ impl CalibratedTilt {
                                 format!(
                                     "{kl} nats is beyond what this transform reaches \
                                      ({reached:.6} nats at 1/β = e^{MAX_LOG_LAMBDA}); lower t \
-                                     or the KL budget"
+                                     or the KL budget",
+                                    kl = Shown(kl)
                                 ),
                             ))
                         }
@@ -309,8 +385,7 @@ impl CalibratedTilt {
                         return Err(TiltError::NoConvergence {
                             what: "β for the KL budget".into(),
                             detail: format!(
-                                "the tilt reaching {kl} nats is too concentrated to integrate: {detail}"
-                            ),
+                                "the tilt reaching {kl} nats is too concentrated to integrate: {detail}", kl = Shown(kl)),
                         });
                     }
                     failed = Some(hi);
@@ -366,28 +441,13 @@ impl CalibratedTilt {
         (-self.lambda * self.transform.complement(u) - self.log_z_shifted).exp()
     }
 
-    /// `KL(g‖Uniform) = ∫ g log g = λ·E_g[Φ̃ − 1] − log Z'` (nats).
+    /// `KL(g‖Uniform) = ∫ g log g = λ·E_g[Φ̃ − 1] − log Z'` (nats), integrated when the tilt
+    /// was built.
     ///
     /// # Errors
-    /// [`TiltError::NoConvergence`] if quadrature fails.
+    /// None: the `Result` stays for callers written against the lazy version.
     pub fn kl(&self) -> Result<f64> {
-        let lambda = self.lambda;
-        if lambda == 0.0 {
-            return Ok(0.0);
-        }
-        let m = integrate(
-            |u| -self.transform.complement(u) * self.unnormalized(u),
-            0.0,
-            1.0,
-            &self.breaks,
-            0.0,
-            1e-12,
-        )?;
-        let mean = m.value / self.cumulative.total();
-        non_negative(
-            lambda * mean - self.log_z_shifted,
-            "KL of the calibrated tilt",
-        )
+        Ok(self.kl)
     }
 
     /// The standard win rate over the reference, `E_g[u] = 1 − ∫ G`.
@@ -420,7 +480,10 @@ impl BestOfMPolicy {
     /// [`TiltError::InvalidInput`] naming `m` unless `m ≥ 1` and finite.
     pub fn new(m: f64) -> Result<Self> {
         if !(m.is_finite() && m >= 1.0) {
-            return Err(TiltError::invalid("m", format!("{m} must be ≥ 1")));
+            return Err(TiltError::invalid(
+                "m",
+                format!("{m} must be ≥ 1", m = Shown(m)),
+            ));
         }
         Ok(Self { m })
     }
@@ -433,7 +496,7 @@ impl BestOfMPolicy {
         if !(kl.is_finite() && (0.0..=MAX_KL).contains(&kl)) {
             return Err(TiltError::invalid(
                 "kl",
-                format!("{kl}: must be between 0 and {MAX_KL} nats"),
+                format!("{kl}: must be between 0 and {MAX_KL} nats", kl = Shown(kl)),
             ));
         }
         if kl == 0.0 {
@@ -487,22 +550,7 @@ pub fn inference_win_rate(
     n: u64,
     procedure: Procedure,
 ) -> Result<f64> {
-    if n == 0 {
-        return Err(TiltError::invalid("n", "the number of draws must be ≥ 1"));
-    }
-    let (cap, name) = match procedure {
-        Procedure::Bon => (MAX_BON_N, "best-of-N"),
-        Procedure::Won => (MAX_WON_N, "worst-of-N"),
-    };
-    if n > cap {
-        return Err(TiltError::invalid(
-            "n",
-            format!(
-                "{n} draws: the quadrature of the {name} win rate is accurate (1e-10) only up to \
-                 N = {cap:e}"
-            ),
-        ));
-    }
+    check_draws(n, procedure)?;
     let nf = n as f64;
     let mut breaks = policy.breakpoints();
     breaks.extend(geometric_breaks(0.05 / nf, 0.05 / nf));
@@ -535,6 +583,66 @@ pub fn inference_win_rate(
         )?,
     };
     Ok((1.0 - integral.value).clamp(0.0, 1.0))
+}
+
+/// Check a KL budget for [`CalibratedTilt::with_kl`]: finite, in `[1e-12, MAX_KL]` nats.
+///
+/// # Errors
+/// [`TiltError::InvalidInput`] naming `kl` otherwise.
+pub fn check_kl_budget(kl: f64) -> Result<()> {
+    if kl.is_finite() && (1e-12..=MAX_KL).contains(&kl) {
+        return Ok(());
+    }
+    Err(TiltError::invalid(
+        "kl",
+        format!(
+            "{kl}: the KL budget must be between 1e-12 and {MAX_KL} nats",
+            kl = Shown(kl)
+        ),
+    ))
+}
+
+/// Check the N of an inference-time procedure for [`inference_win_rate`]: at least 1 and
+/// within the accurate range of its quadrature ([`MAX_BON_N`], [`MAX_WON_N`]).
+///
+/// # Errors
+/// [`TiltError::InvalidInput`] naming `n` otherwise.
+pub fn check_draws(n: u64, procedure: Procedure) -> Result<()> {
+    if n == 0 {
+        return Err(TiltError::invalid("n", "the number of draws must be ≥ 1"));
+    }
+    let (cap, name) = match procedure {
+        Procedure::Bon => (MAX_BON_N, "best-of-N"),
+        Procedure::Won => (MAX_WON_N, "worst-of-N"),
+    };
+    if n > cap {
+        return Err(TiltError::invalid(
+            "n",
+            format!(
+                "{n} draws: the quadrature of the {name} win rate is accurate (1e-10) only up to \
+                 N = {cap:e}"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Check the upper end of the t search of [`optimize_t`]: `0.25 < t_max ≤ MAX_T`.
+///
+/// # Errors
+/// [`TiltError::InvalidInput`] naming `t-max` otherwise.
+pub fn check_t_max(t_max: f64) -> Result<()> {
+    if t_max.is_finite() && t_max > 0.25 && t_max <= MAX_T {
+        return Ok(());
+    }
+    Err(TiltError::invalid(
+        "t-max",
+        format!(
+            "{t_max}: the upper end of the t search must be > 0.25 and at most {MAX_T:e} \
+             (beyond, the transform is a step that double precision cannot resolve)",
+            t_max = Shown(t_max)
+        ),
+    ))
 }
 
 /// One evaluated point of a CTRL tilt: transform, β, KL, win rates.
@@ -606,7 +714,7 @@ pub struct UnconvergedT {
 /// ([`TiltError::NoConvergence`]); those are listed in [`OptimalT::unconverged`].
 ///
 /// # Errors
-/// [`TiltError::InvalidInput`] naming `t-max` unless `t_max > 0.25`; as
+/// [`TiltError::InvalidInput`] naming `t-max` unless `0.25 < t_max ≤ MAX_T`; as
 /// [`CalibratedTilt::with_kl`] and [`inference_win_rate`] for the identity (`t = 0`), which
 /// reaches every KL, so that bad input (a KL budget, N) is reported as such.
 pub fn optimize_t(
@@ -616,12 +724,7 @@ pub fn optimize_t(
     kl: f64,
     t_max: f64,
 ) -> Result<OptimalT> {
-    if !(t_max.is_finite() && t_max > 0.25) {
-        return Err(TiltError::invalid(
-            "t-max",
-            format!("{t_max}: the upper end of the t search must be > 0.25"),
-        ));
-    }
+    check_t_max(t_max)?;
     let mut grid = vec![0.0];
     let steps = 24;
     for i in 0..steps {
