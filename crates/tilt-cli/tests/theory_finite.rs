@@ -81,8 +81,11 @@ fn tilt_by_beta_and_by_kl_agree() {
     let kl = format!("{k:.17e}");
     let back = json_of(&[&["theory", "tilt", "--kl", &kl][..], &COIN].concat());
     assert!((f(&back, "beta") - 1.0).abs() < 1e-11, "{back}");
+    // β = ∞ at KL 0 is null under the JSON convention (never the string "inf"), and
+    // lambda = 0 carries it.
     let zero = json_of(&[&["theory", "tilt", "--kl", "0"][..], &COIN].concat());
-    assert_eq!(zero["beta"], "inf");
+    assert_eq!(zero["beta"], serde_json::Value::Null);
+    assert_eq!(zero["lambda"], 0.0);
     // The same distribution given as a CSV file, a JSON-lines file, and samples.
     let dir = tempfile::tempdir().unwrap();
     let csv = dir.path().join("d.csv");
@@ -172,7 +175,9 @@ fn divergence_values_and_infinities() {
     let h = 1.0 - (0.125f64.sqrt() + 0.375f64.sqrt());
     assert!((f(&v, "hellinger_squared") - h).abs() < 1e-15);
     let inf = json_of(&["theory", "divergence", "--q", "0.5,0.5", "--p", "1,0"]);
-    assert_eq!(inf["kl_q_p"], "inf");
+    // +∞ is null under the JSON convention (never the string "inf").
+    assert_eq!(inf["kl_q_p"], serde_json::Value::Null);
+    assert_eq!(inf["chi_squared_q_p"], serde_json::Value::Null);
     assert!((f(&inf, "kl_p_q") - 2f64.ln()).abs() < 1e-15);
 }
 
