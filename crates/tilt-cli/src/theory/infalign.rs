@@ -213,11 +213,15 @@ pub fn run(args: InfalignArgs) -> anyhow::Result<()> {
     // The baselines at the same KL: identity (RLHF on c) and the best-of-m policy. Their
     // inputs are derived (the KL of the tilt above, within the library's limits), so an
     // error here is a failure while running, never blamed on a flag.
-    let (identity, best_of_m) = if point.kl >= 1e-12 {
-        let id = CalibratedTilt::with_kl(Transform::Identity, point.kl)
+    // "The same KL" is the budget the user gave (the tilt's computed KL may round a hair
+    // above it, e.g. past MAX_KL), or with --beta the tilt's KL, which CalibratedTilt::new
+    // keeps within MAX_KL.
+    let kl = args.kl.unwrap_or(point.kl);
+    let (identity, best_of_m) = if kl >= 1e-12 {
+        let id = CalibratedTilt::with_kl(Transform::Identity, kl)
             .and_then(|id| inference_win_rate(&id, args.n, procedure))
             .map_err(baseline_error)?;
-        let bom = BestOfMPolicy::with_kl(point.kl).map_err(baseline_error)?;
+        let bom = BestOfMPolicy::with_kl(kl).map_err(baseline_error)?;
         let w = inference_win_rate(&bom, args.n, procedure).map_err(baseline_error)?;
         (Some(id), Some((bom.m(), w)))
     } else {
