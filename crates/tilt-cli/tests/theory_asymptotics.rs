@@ -143,7 +143,7 @@ fn memoryless_bad_input() {
 
 #[test]
 fn infalign_fields_closed_form_and_optimize() {
-    // Identity at β = 1: W = 1/(1 − e^{−1}) − 1 (derivations §2.3).
+    // Identity at β = 1: W = 1/(1 − e^{−1}) − 1 (docs/theory.md §10).
     let v = json_ok(&[
         "theory",
         "infalign",
@@ -274,7 +274,7 @@ fn infalign_frontier_rows_and_plot() {
         let ctrl = r["ctrl_win_rate"].as_f64().unwrap();
         assert!(ctrl >= id - 1e-12, "{r}");
     }
-    // derivations §2.5: N=2, K=0.25 identity 0.7198, best t (grid) 0.7393.
+    // docs/theory.md §10: N=2, K=0.25 identity 0.7198, CTRL at t = 4 0.7393.
     assert!((rows[0]["identity_win_rate"].as_f64().unwrap() - 0.7198).abs() < 1.5e-4);
     assert!(rows[0]["ctrl_win_rate"].as_f64().unwrap() >= 0.7393 - 1.5e-4);
     assert!(std::fs::read_to_string(&svg).unwrap().contains("CTRL"));

@@ -1,19 +1,19 @@
 //! Inference-aware alignment on the calibrated reward (InfAlign: Balashankar, Sun, …,
-//! Suresh, Beirami, arXiv 2412.19792; `spec/math.md` §4, `spec/derivations.md` §2).
+//! Suresh, Beirami, arXiv 2412.19792 §3–§4; docs/theory.md §10).
 //!
 //! # The reduction to [0, 1]
 //! With the calibrated reward `c(y) = P_{z∼p}(r(z) < r(y)) + ½P(r(z) = r(y))`, which is
 //! Uniform(0, 1) under the reference for atomless rewards, any policy that depends on `y`
 //! only through `c` is a density `g` on `[0, 1]`, with `KL(π‖p) = ∫ g log g`. Aligning by
 //! KL-regularised RL on a transformed calibrated reward `Φ(c)` gives
-//! `g(u) ∝ e^{Φ(u)/β}` (derivations §2.2). Every curve of the paper is then a 1-D integral:
+//! `g(u) ∝ e^{Φ(u)/β}` (arXiv 2412.19792 §3). Every curve of the paper is then a 1-D integral:
 //!
 //! ```text
 //! standard win rate      W   = ∫₀¹ u g(u) du = 1 − ∫₀¹ G(u) du
 //! best-of-N  (BoN_N)     W_N = 1 − ∫₀¹ N u^{N−1} G(u)^N du
 //! worst-of-N (WoN_N)     W_N = 1 − ∫₀¹ N (1−u)^{N−1} [1 − (1 − G(u))^N] du
 //! ```
-//! (`G` the CDF of `g`; derivations §2.3, re-derived here: for BoN, `P(Y > Z) = ∫ (1 −
+//! (`G` the CDF of `g`; docs/theory.md §10, derived here: for BoN, `P(Y > Z) = ∫ (1 −
 //! G(z)^N) dz^N` with `Y` the max of N draws from `g` and `Z` the max of N uniforms; for
 //! WoN, `P(Y > Z) = ∫ (1 − G(z))^N d(1 − (1−z)^N)` with minima. The tests check both
 //! against Monte Carlo and against the alternative form `∫ f_Y F_Z`.)
@@ -21,7 +21,7 @@
 //! # Transforms and the normalisation of Φ
 //! Identity `Φ(u) = u` (standard RLHF on the calibrated reward), the exponential
 //! `Φ_t(u) = e^{tu}` proposed for best-of-N, and `Φ_t(u) = −e^{−tu}` for worst-of-N
-//! (derivations §2.4). An affine change of `Φ` only reparametrises `β`, so every `Φ` is
+//! (arXiv 2412.19792 §4). An affine change of `Φ` only reparametrises `β`, so every `Φ` is
 //! first normalised to `Φ̃ ∈ [0, 1]`, `Φ̃(0) = 0`, `Φ̃(1) = 1`, and `β` refers to `Φ̃`
 //! (the `β` of the raw transform is `β·(Φ(1) − Φ(0))`, reported beside it). This keeps
 //! `e^{Φ̃/β}` in range for any `t`, and `t → 0` recovers the identity continuously.
@@ -140,7 +140,7 @@ impl Transform {
 
     /// `Φ̃(u) = (Φ(u) − Φ(0)) / (Φ(1) − Φ(0))`, computed without overflow for any `t`: the
     /// CTRL transforms of arXiv 2412.19792 (`e^{tu}` for best-of-N, `−e^{−tu}` for
-    /// worst-of-N; derivations.md §2.4) normalised to `[0, 1]` as derivations.md §2.4
+    /// worst-of-N; arXiv 2412.19792 §4) normalised to `[0, 1]` as docs/theory.md §10
     /// advises (an affine change of Φ only reparametrises β).
     ///
     /// ```text
@@ -163,7 +163,7 @@ impl Transform {
     }
 
     /// `1 − Φ̃(u)` for the normalised transform of [`Transform::normalized`] (arXiv
-    /// 2412.19792; derivations.md §2.4), computed directly so that it keeps its relative
+    /// 2412.19792 §4; docs/theory.md §10), computed directly so that it keeps its relative
     /// precision where `Φ̃(u)` is close to 1 (the density is `∝ e^{−(1 − Φ̃)/β}`, and for
     /// neg-exp with large `t`, `1 − Φ̃ ≈ e^{−tu}` is far below ε over most of `[0, 1]`).
     ///
@@ -224,7 +224,7 @@ pub trait CalibratedPolicy {
     fn breakpoints(&self) -> Vec<f64>;
 }
 
-/// The tilt `g(u) = e^{Φ̃(u)/β} / Z` of the uniform reference (derivations §2.2–2.4).
+/// The tilt `g(u) = e^{Φ̃(u)/β} / Z` of the uniform reference (docs/theory.md §10).
 #[derive(Debug, Clone)]
 pub struct CalibratedTilt {
     transform: Transform,
@@ -469,7 +469,7 @@ impl CalibratedPolicy for CalibratedTilt {
 }
 
 /// The best-of-m policy itself as a calibrated density `m u^{m−1}` (BoN is the RLHF tilt
-/// with `Φ = log u`, `β = 1/(m−1)`; derivations §2.3). Real `m ≥ 1`.
+/// with `Φ = log u`, `β = 1/(m−1)`; docs/theory.md §10). Real `m ≥ 1`.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct BestOfMPolicy {
     m: f64,
@@ -531,7 +531,7 @@ impl CalibratedPolicy for BestOfMPolicy {
 }
 
 /// The inference-time win rate `W(T(π) > T(p))` on the calibrated scale (arXiv
-/// 2412.19792; formulas in the module doc, derivations §2.3), for `T = BoN_N` or `WoN_N`.
+/// 2412.19792; formulas in the module doc, docs/theory.md §10), for `T = BoN_N` or `WoN_N`.
 /// `N = 1` gives the standard win rate. Ties have probability 0 on the calibrated scale.
 ///
 /// # Errors
@@ -688,7 +688,7 @@ pub struct OptimalT {
     /// Upper end of the search bracket.
     pub t_max: f64,
     /// True when the optimum sits at `t_max`: the true argmax may be larger (for large N
-    /// it runs to hundreds; derivations §2.5).
+    /// it runs to hundreds; docs/theory.md §10).
     pub at_edge: bool,
     /// The values of t at which the tilt or its win rate could not be computed (a
     /// [`TiltError::NoConvergence`]), each with the reason; they were treated as
@@ -707,7 +707,7 @@ pub struct UnconvergedT {
 
 /// Maximise the inference-time win rate over `t ∈ [0, t_max]` for the exponential family
 /// `make(t)` at KL `kl`: a scan of `t = 0` and 24 log-spaced points in `[0.25, t_max]`,
-/// then golden-section search around the best (derivations §2.4–2.5 choose t this way,
+/// then golden-section search around the best (docs/theory.md §10: t is chosen this way,
 /// on a grid). A `t` at which the transform cannot reach the KL budget (neg-exp with a
 /// large `t` needs `1/β ≈ e^{t(1−e^{−KL})}`, beyond [`MAX_LOG_LAMBDA`]) counts as
 /// infeasible, and so does one at which the tilt is too concentrated to integrate

@@ -3,7 +3,7 @@
 //!
 //! # Why a tilted convolution
 //! Best-of-N over sequences of length `L` with `N = e^{LΔ}` (arXiv 2404.01730, §3 of
-//! `spec/math.md`) lives where the reference law of `S_L = Σ r(y_i)` has tail probability
+//! docs/theory.md §12) lives where the reference law of `S_L = Σ r(y_i)` has tail probability
 //! about `e^{−LΔ}`: for `L = 1000`, `Δ = 0.5` that is `e^{−500}`, far below what a plain
 //! convolution resolves (an FFT's absolute error is ~1e-16 of the peak; even a direct
 //! convolution underflows past 1e-308). So the law is computed under the exponentially

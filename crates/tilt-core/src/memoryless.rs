@@ -1,6 +1,6 @@
 //! The memoryless model with a linear reward: exact finite-length computations and their
-//! large-length limits (Yang, Salamatian, Sun, Suresh, Beirami, arXiv 2404.01730; `spec/math.md`
-//! §3, `spec/derivations.md` §1.4–1.8).
+//! large-length limits (Yang, Salamatian, Sun, Suresh, Beirami, arXiv 2404.01730;
+//! docs/theory.md §12).
 //!
 //! Sequences `y = (y_1, …, y_L)` are i.i.d. from a token pmf `q`; the reward is additive,
 //! `r(y) = Σ r(y_i)`; the KL budget is `L·Δ`. Everything is a function of the per-token
@@ -20,7 +20,7 @@
 //!
 //! The paper shows that as `L → ∞` best-of-N's reward per token converges to `x*` and that
 //! `KL(BoN‖tilt)/L → 0` (its abstract: best-of-N and the KL-optimal policy are
-//! "asymptotically equivalent"; derivations.md §1.7); the sources we have state the limits
+//! "asymptotically equivalent"; docs/theory.md §12); the statements we follow give the limits
 //! (`o(1)`), not a rate. [`MemorylessModel::analyze`] computes these quantities exactly at
 //! finite `L` so the convergence can be watched.
 //!
@@ -42,7 +42,7 @@
 //! 4.46e-3 at L = 1000, 7.43e-5 at L = 100000), as a `1/√L` prefactor of the tail
 //! `P(S_L ≥ Lx) ≈ e^{−L I(x)}/√L` would make it (it costs best-of-N about `log √L` nats),
 //! and the KL per token falls at a similar `log L / L` pace. This is a heuristic reading of
-//! the table; the paper (as far as our sources show, derivations.md §1.7) proves only
+//! the table; the paper's result, as docs/theory.md §12 states it, is only
 //! that both go to 0.
 
 use crate::distribution::RewardDistribution;
@@ -53,7 +53,7 @@ use crate::optimize::{bracket_up, brent_root};
 use serde::Serialize;
 
 /// A token pmf with per-token rewards on a lattice: the memoryless model of arXiv
-/// 2404.01730 (memoryless reference, linear reward; derivations.md §1.4).
+/// 2404.01730 (memoryless reference, linear reward; docs/theory.md §12).
 #[derive(Debug, Clone)]
 pub struct MemorylessModel {
     /// Probabilities of the outcomes with positive probability.
@@ -152,7 +152,7 @@ impl MemorylessModel {
         self.max_kl
     }
 
-    /// `Λ(λ)`, `Λ'(λ)`, `Λ''(λ)` (derivations §1.2), by log-sum-exp shifted at the reward
+    /// `Λ(λ)`, `Λ'(λ)`, `Λ''(λ)` (docs/theory.md §1), by log-sum-exp shifted at the reward
     /// that dominates for this sign of `λ`, so that any `λ` is safe.
     ///
     /// ```text
@@ -180,7 +180,7 @@ impl MemorylessModel {
         }
     }
 
-    /// `KL(q_λ‖q) = λΛ'(λ) − Λ(λ)` (derivations §1.2), computed as
+    /// `KL(q_λ‖q) = λΛ'(λ) − Λ(λ)` (docs/theory.md §1), computed as
     /// `λ(Λ' − r_max) − (Λ − λ r_max)` to avoid cancellation at large `λ`.
     pub fn tilt_kl(&self, lambda: f64) -> f64 {
         let c = self.cumulants(lambda);
@@ -244,8 +244,8 @@ impl MemorylessModel {
         )
     }
 
-    /// The Cramér rate function `I(x) = sup_λ (λx − Λ(λ))` (Legendre transform; derivations
-    /// §1.5), accurate to ~1e-13: the error of `λ` enters only to second order.
+    /// The Cramér rate function `I(x) = sup_λ (λx − Λ(λ))` (Legendre transform; docs/theory.md
+    /// §12), accurate to ~1e-13: the error of `λ` enters only to second order.
     ///
     /// ```text
     /// I(x) = λ_x x − Λ(λ_x),  Λ'(λ_x) = x        (min r < x < max r)
@@ -290,7 +290,7 @@ impl MemorylessModel {
         non_negative(l * x - self.cumulants(l).log_mgf, "rate function")
     }
 
-    /// The tilt multiplier `λ_Δ > 0` with `KL(q_λ‖q) = Δ` (derivations §1.2; arXiv
+    /// The tilt multiplier `λ_Δ > 0` with `KL(q_λ‖q) = Δ` (docs/theory.md §1; arXiv
     /// 2404.01730: the optimal KL-constrained policy is this tilt).
     ///
     /// # Errors
@@ -319,7 +319,7 @@ impl MemorylessModel {
         brent_root(f, 0.0, hi, 1e-15 * (1.0 + hi), "λ for KL(q_λ‖q) = Δ")
     }
 
-    /// `x*(Δ) = Λ'(λ_Δ)`, the unique `x > E_q r` with `I(x) = Δ` (derivations §1.7).
+    /// `x*(Δ) = Λ'(λ_Δ)`, the unique `x > E_q r` with `I(x) = Δ` (docs/theory.md §12).
     ///
     /// # Errors
     /// As [`MemorylessModel::lambda_for_kl`].
@@ -328,7 +328,7 @@ impl MemorylessModel {
     }
 
     /// The scaled cumulant generating function of the reward under the tilt `q_λ^{⊗L}`,
-    /// with its Rényi form (derivations §1.6, derived there, tag D; arXiv 2404.01730 states
+    /// with its Rényi form (docs/theory.md §12, a derivation; arXiv 2404.01730 states
     /// that "the rate of growth of the scaled cumulants is characterised by a proper Rényi
     /// cross entropy" — the exact statement in the paper was not available to us, so this
     /// implements the identity below, which is exact for every `L`):
@@ -554,7 +554,7 @@ impl SumLaw {
 
     /// `log P_{q_λ^{⊗L}}(S_L = s) = log P_q(S_L = s) + λ s − L Λ(λ)`: the law of `S_L` under
     /// the product tilt `q_λ^{⊗L}` (an exponential family in `S_L`, since
-    /// `Λ_L = L·Λ`; derivations.md §1.4, arXiv 2404.01730).
+    /// `Λ_L = L·Λ`; docs/theory.md §12, arXiv 2404.01730).
     pub fn tilted_log_pmf(&self, model: &MemorylessModel, lambda: f64) -> Vec<f64> {
         let shift = self.length as f64 * model.cumulants(lambda).log_mgf;
         self.log_pmf
