@@ -130,19 +130,21 @@ impl<'a> Report<'a> {
     /// # Errors
     /// `value` is not an object or holds a NaN; writing fails.
     pub fn fields<T: Serialize>(&mut self, value: &T) -> anyhow::Result<()> {
-        let tree = tree_of(value)?;
-        let Tree::Map(entries) = tree else {
+        let Tree::Map(entries) = tree_of(value)? else {
             anyhow::bail!("internal error: report fields must be an object");
         };
         match self.format {
             Format::Json => {
-                let json = serde_json::to_value(value)?;
-                let Value::Object(map) = json else {
-                    anyhow::bail!("internal error: report fields must be an object");
-                };
-                for (k, v) in &map {
-                    self.json_key(k)?;
-                    write!(self.out, "{}", serde_json::to_string(v)?)?;
+                // The object's own text without its braces: the fields in the struct's
+                // order, byte for byte as `emit` writes them.
+                let text = serde_json::to_string(value)?;
+                let inner = &text[1..text.len() - 1];
+                if !inner.is_empty() {
+                    if self.fields > 0 {
+                        write!(self.out, ",")?;
+                    }
+                    self.fields += entries.len();
+                    write!(self.out, "{inner}")?;
                 }
             }
             Format::Table => {
@@ -880,6 +882,28 @@ mod tests {
             r.finish().unwrap();
         }
         let whole = json!({"units": "nats", "x": 0.5, "bon": rows.iter().map(|r| json!({"n": r.n, "kl": r.kl})).collect::<Vec<_>>()});
+        // The same bytes as emit of the whole object in the same field order.
+        #[derive(serde::Serialize)]
+        struct Whole<'a> {
+            units: &'static str,
+            x: f64,
+            bon: &'a [Row],
+        }
+        let mut whole_text = Vec::new();
+        emit_to(
+            &mut whole_text,
+            &Whole {
+                units: "nats",
+                x: 0.5,
+                bon: &rows,
+            },
+            Format::Json,
+        )
+        .unwrap();
+        assert_eq!(
+            String::from_utf8(streamed.clone()).unwrap(),
+            String::from_utf8(whole_text).unwrap()
+        );
         // Both through the same parser (serde_json's default float parsing is not exactly
         // round-trip, so compare text parsed alike).
         let parsed: Value = serde_json::from_slice(&streamed).unwrap();
