@@ -143,7 +143,7 @@ fn memoryless_bad_input() {
 
 #[test]
 fn infalign_fields_closed_form_and_optimize() {
-    // Identity at β = 1: W = 1/(1 − e^{−1}) − 1 (derivations §2.3).
+    // Identity at β = 1: W = 1/(1 − e^{−1}) − 1 (docs/theory.md §10).
     let v = json_ok(&[
         "theory",
         "infalign",
@@ -274,7 +274,7 @@ fn infalign_frontier_rows_and_plot() {
         let ctrl = r["ctrl_win_rate"].as_f64().unwrap();
         assert!(ctrl >= id - 1e-12, "{r}");
     }
-    // derivations §2.5: N=2, K=0.25 identity 0.7198, best t (grid) 0.7393.
+    // docs/theory.md §10: N=2, K=0.25 identity 0.7198, CTRL at t = 4 0.7393.
     assert!((rows[0]["identity_win_rate"].as_f64().unwrap() - 0.7198).abs() < 1.5e-4);
     assert!(rows[0]["ctrl_win_rate"].as_f64().unwrap() >= 0.7393 - 1.5e-4);
     assert!(std::fs::read_to_string(&svg).unwrap().contains("CTRL"));
@@ -370,4 +370,300 @@ fn infalign_n_beyond_the_quadrature_cap_is_refused() {
     let m = v["best_of_m_policy_m"].as_f64().unwrap();
     assert!((w - m / (m + 1.0)).abs() < 1e-10, "{v}");
     json_ok(&run("1e15", "won"));
+}
+
+// Issue item 1: --t-max 1e300 ran for minutes (1e10: 12 s, 1e12: 25 s).
+#[test]
+fn every_t_search_is_bounded_or_refused_by_name() {
+    let opt = |t_max: &'static str| {
+        vec![
+            "theory",
+            "infalign",
+            "--n",
+            "4",
+            "--kl",
+            "0.5",
+            "--transform",
+            "exp",
+            "--optimize-t",
+            "--t-max",
+            t_max,
+        ]
+    };
+    for t_max in ["1e10", "1e12", "1e300"] {
+        let start = std::time::Instant::now();
+        usage_error(&opt(t_max), "--t-max");
+        assert!(start.elapsed().as_secs_f64() < 2.0);
+    }
+    let (_, _, stderr) = tilt(&opt("1e300"));
+    assert!(
+        stderr.contains("1e300") && !stderr.contains("0000000000"),
+        "{stderr}"
+    );
+    // At the cap, and at the largest KL budget: seconds.
+    let start = std::time::Instant::now();
+    let v = json_ok(&opt("1e6"));
+    assert!((v["t"].as_f64().unwrap() - 12.63).abs() < 0.1, "{v}");
+    let mut worst = opt("1e6");
+    worst[5] = "20";
+    json_ok(&worst);
+    assert!(start.elapsed().as_secs_f64() < 30.0);
+    usage_error(
+        &[
+            "theory",
+            "infalign",
+            "--n",
+            "4",
+            "--kl",
+            "0.5",
+            "--transform",
+            "exp",
+            "--t",
+            "1e300",
+        ],
+        "--t",
+    );
+    usage_error(
+        &[
+            "theory",
+            "infalign-frontier",
+            "--n",
+            "4",
+            "--kls",
+            "0.5",
+            "--t-max",
+            "1e300",
+        ],
+        "--t-max",
+    );
+    usage_error(
+        &["theory", "infalign-frontier", "--n", "4", "--kls", "0.5,21"],
+        "--kls: entry 2",
+    );
+}
+
+// Issue item 5: --beta 1e-300 blamed --kl.
+#[test]
+fn errors_name_the_flag_the_user_gave() {
+    for beta in ["1e-300", "1e-14"] {
+        let args = [
+            "theory",
+            "infalign",
+            "--n",
+            "4",
+            "--transform",
+            "identity",
+            "--beta",
+            beta,
+        ];
+        usage_error(&args, "--beta");
+        let (_, _, stderr) = tilt(&args);
+        assert!(!stderr.contains("--kl"), "{stderr}");
+    }
+    // A β whose tilt is within the limits: the baselines at its KL are computed.
+    let v = json_ok(&[
+        "theory",
+        "infalign",
+        "--n",
+        "4",
+        "--transform",
+        "identity",
+        "--beta",
+        "0.05",
+    ]);
+    assert!(v["identity_inference_win_rate"].is_number(), "{v}");
+    // --lengths errors name --lengths, not --length.
+    let mut a = MODEL.to_vec();
+    a.extend(["--lengths", "10,0", "--delta", "0.1"]);
+    usage_error(&a, "--lengths: entry 2");
+}
+
+// Issue item 3 for lengths: too large is its own error.
+#[test]
+fn lengths_too_large_are_their_own_error() {
+    let mut a = MODEL.to_vec();
+    a.extend(["--lengths", "10,1e10", "--delta", "0.1"]);
+    usage_error(&a, "exceeds the largest supported length, 1000000000");
+    // Within the count cap but beyond the lattice: refused before any length is computed.
+    let mut b = MODEL.to_vec();
+    b.extend(["--lengths", "10,100000000", "--delta", "0.1"]);
+    let start = std::time::Instant::now();
+    usage_error(&b, "--lengths");
+    assert!(start.elapsed().as_secs_f64() < 2.0);
+}
+
+// Issue item 4 for memoryless and infalign-frontier.
+#[test]
+fn bad_plot_paths_are_refused_before_any_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("nope").join("m.svg");
+    let missing = missing.to_str().unwrap();
+    let mut a = MODEL.to_vec();
+    a.extend([
+        "--lengths",
+        "10,100000",
+        "--delta",
+        "0.2",
+        "--plot",
+        missing,
+    ]);
+    let start = std::time::Instant::now();
+    usage_error(&a, "--plot");
+    usage_error(
+        &[
+            "theory",
+            "infalign-frontier",
+            "--n",
+            "4",
+            "--plot",
+            dir.path().join("f.png").to_str().unwrap(),
+        ],
+        ".png is not supported",
+    );
+    assert!(
+        start.elapsed().as_secs_f64() < 2.0,
+        "checked before the work"
+    );
+}
+
+// Issue items 7 and 10: the same convention and readable tables here. A KL budget of 0 is
+// below the solver's 1e-12 (β = ∞ is asked for with --beta inf, below).
+#[test]
+fn a_zero_kl_budget_is_refused_naming_kl() {
+    usage_error(
+        &[
+            "theory",
+            "infalign",
+            "--n",
+            "4",
+            "--transform",
+            "identity",
+            "--kl",
+            "0",
+        ],
+        "--kl: 0: the KL budget must be between 1e-12 and 20 nats",
+    );
+}
+
+#[test]
+fn infalign_at_beta_infinity_and_tables() {
+    let v = json_ok(&[
+        "theory",
+        "infalign",
+        "--n",
+        "4",
+        "--transform",
+        "identity",
+        "--beta",
+        "inf",
+    ]);
+    // β = ∞ is null; the baselines do not apply at KL 0 (null, not absent); t is null for
+    // the identity; the optimisation fields are null without --optimize-t.
+    for k in [
+        "beta",
+        "t",
+        "identity_inference_win_rate",
+        "best_of_m_policy_m",
+        "t_max",
+        "t_at_edge",
+        "t_unconverged",
+    ] {
+        assert!(v[k].is_null(), "{k}: {v}");
+    }
+    assert_eq!(v["kl"], 0.0);
+    assert_eq!(v["inference_win_rate"], 0.5);
+    let table = |args: &[&str]| -> String {
+        let mut a = args.to_vec();
+        a.extend(["--format", "table"]);
+        let (code, stdout, stderr) = tilt(&a);
+        assert_eq!(code, 0, "{stderr}");
+        assert!(
+            !stdout.contains("items]") && !stdout.contains('{'),
+            "{stdout}"
+        );
+        stdout
+    };
+    let t = table(&[
+        "theory",
+        "infalign",
+        "--n",
+        "2",
+        "--transform",
+        "exp",
+        "--t",
+        "5",
+        "--kl",
+        "0.5",
+    ]);
+    assert!(t.contains("kind  exp") && t.contains("beta "), "{t}");
+    let f = table(&[
+        "theory",
+        "infalign-frontier",
+        "--n",
+        "2",
+        "--kls",
+        "0.25,1",
+        "--t-max",
+        "60",
+    ]);
+    assert!(f.lines().any(|l| l.trim_start().starts_with("kl ")), "{f}");
+    let mut m = MODEL.to_vec();
+    m.extend(["--lengths", "10,100", "--delta", "0.2"]);
+    let mt = table(&m);
+    let header = mt.lines().find(|l| l.contains("x_star_minus_bon")).unwrap();
+    assert_eq!(header.split_whitespace().next(), Some("length"), "{mt}");
+}
+
+// Issue item 11: what the memoryless and infalign-frontier plots say.
+#[test]
+fn memoryless_and_infalign_plots_say_what_they_show() {
+    let dir = tempfile::tempdir().unwrap();
+    let svg = dir.path().join("m.svg");
+    let mut a = MODEL.to_vec();
+    a.extend([
+        "--lengths",
+        "10,100,1000",
+        "--delta",
+        "0.2",
+        "--plot",
+        svg.to_str().unwrap(),
+    ]);
+    json_ok(&a);
+    let m = std::fs::read_to_string(&svg).unwrap();
+    assert!(
+        m.contains("KL per token vs length"),
+        "panel title matches its content"
+    );
+    assert!(m.contains("Δ = 0.2 nats"), "the Δ reference line");
+    assert!(
+        m.contains("\n1000\n") && !m.contains("1e3"),
+        "integer ticks for lengths"
+    );
+    assert!(!m.contains("e^{"), "no raw markup");
+    assert_eq!(
+        m.matches("\nbest-of-N, N = e^(LΔ)\n").count(),
+        1,
+        "one legend each"
+    );
+    let f = dir.path().join("i.svg");
+    let v = json_ok(&[
+        "theory",
+        "infalign-frontier",
+        "--n",
+        "2",
+        "--t-max",
+        "60",
+        "--plot",
+        f.to_str().unwrap(),
+    ]);
+    let rows = v["rows"].as_array().unwrap();
+    let near_zero = rows
+        .iter()
+        .filter(|r| r["kl"].as_f64().unwrap() <= 0.5)
+        .count();
+    assert!(
+        near_zero >= 20,
+        "a fine default grid on (0, ½]: {near_zero}"
+    );
+    assert!(std::fs::read_to_string(&f).unwrap().contains("CTRL"));
 }

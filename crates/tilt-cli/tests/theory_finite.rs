@@ -81,8 +81,11 @@ fn tilt_by_beta_and_by_kl_agree() {
     let kl = format!("{k:.17e}");
     let back = json_of(&[&["theory", "tilt", "--kl", &kl][..], &COIN].concat());
     assert!((f(&back, "beta") - 1.0).abs() < 1e-11, "{back}");
+    // β = ∞ at KL 0 is null under the JSON convention (never the string "inf"), and
+    // lambda = 0 carries it.
     let zero = json_of(&[&["theory", "tilt", "--kl", "0"][..], &COIN].concat());
-    assert_eq!(zero["beta"], "inf");
+    assert_eq!(zero["beta"], serde_json::Value::Null);
+    assert_eq!(zero["lambda"], 0.0);
     // The same distribution given as a CSV file, a JSON-lines file, and samples.
     let dir = tempfile::tempdir().unwrap();
     let csv = dir.path().join("d.csv");
@@ -172,7 +175,9 @@ fn divergence_values_and_infinities() {
     let h = 1.0 - (0.125f64.sqrt() + 0.375f64.sqrt());
     assert!((f(&v, "hellinger_squared") - h).abs() < 1e-15);
     let inf = json_of(&["theory", "divergence", "--q", "0.5,0.5", "--p", "1,0"]);
-    assert_eq!(inf["kl_q_p"], "inf");
+    // +∞ is null under the JSON convention (never the string "inf").
+    assert_eq!(inf["kl_q_p"], serde_json::Value::Null);
+    assert_eq!(inf["chi_squared_q_p"], serde_json::Value::Null);
     assert!((f(&inf, "kl_p_q") - 2f64.ln()).abs() < 1e-15);
 }
 
@@ -532,5 +537,309 @@ fn frontier_plot_accepts_an_upper_case_svg_extension() {
         ]
         .concat(),
         "--plot",
+    );
+}
+
+/// Every string in a JSON value, with its path (to find `"inf"`/`"nan"` posing as numbers).
+fn strings(v: &Value, path: &str, out: &mut Vec<(String, String)>) {
+    match v {
+        Value::String(s) => out.push((path.to_string(), s.clone())),
+        Value::Array(a) => a
+            .iter()
+            .enumerate()
+            .for_each(|(i, x)| strings(x, &format!("{path}[{i}]"), out)),
+        Value::Object(m) => m
+            .iter()
+            .for_each(|(k, x)| strings(x, &format!("{path}.{k}"), out)),
+        _ => {}
+    }
+}
+
+fn no_number_strings(v: &Value) {
+    let mut s = Vec::new();
+    strings(v, "", &mut s);
+    for (path, text) in s {
+        let t = text.to_ascii_lowercase();
+        assert!(
+            !["inf", "-inf", "nan", "infinity"].contains(&t.as_str()),
+            "{path} is the string {text:?}: numbers are numbers or null"
+        );
+    }
+}
+
+// Issue item 2: subnormal probabilities printed "chi_squared_q_p":"nan".
+#[test]
+fn divergences_of_subnormal_pmfs_are_numbers_or_one_named_error() {
+    let out = tilt(&["theory", "divergence", "--q", "0.5,0.5", "--p", "1e-310,1"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(out.stdout.is_empty());
+    assert!(err.contains("--q/--p: χ²(q‖p) = e^712.415084"), "{err}");
+    assert!(err.contains("D_2(q‖p) = log(1 + χ²)"), "{err}");
+    // One step inside the range of doubles: every field a number, none NaN.
+    let v = json_of(&["theory", "divergence", "--q", "0.5,0.5", "--p", "1e-300,1"]);
+    for k in [
+        "kl_q_p",
+        "kl_p_q",
+        "renyi_q_p",
+        "total_variation",
+        "chi_squared_q_p",
+        "hellinger_squared",
+    ] {
+        assert!(v[k].is_number(), "{k}: {v}");
+    }
+    assert!(
+        (f(&v, "chi_squared_q_p") / 2.5e299 - 1.0).abs() < 1e-12,
+        "{v}"
+    );
+    for alpha in ["inf", "1e300", "0.5"] {
+        let d = json_of(&[
+            "theory",
+            "divergence",
+            "--q",
+            "0.5,0.5",
+            "--p",
+            "1e-300,1",
+            "--alpha",
+            alpha,
+        ]);
+        assert!(d["renyi_q_p"].is_number(), "{d}");
+        no_number_strings(&d);
+    }
+}
+
+// Issue item 3: huge counts were clamped silently or called "not a whole number".
+#[test]
+fn counts_beyond_u64_are_their_own_error() {
+    for n in ["18446744073709551616", "1e20", "1e400"] {
+        rejects(
+            &[&["theory", "bon", "--n", n][..], &COIN].concat(),
+            "exceeds the largest supported n, 18446744073709551615",
+        );
+    }
+    rejects(
+        &[&["theory", "bon", "--n", "2.5"][..], &COIN].concat(),
+        "not a non-negative whole number",
+    );
+    let v = json_of(&[&["theory", "bon", "--n", "18446744073709551615"][..], &COIN].concat());
+    assert_eq!(v["n"].as_u64(), Some(u64::MAX));
+    assert!(f(&v, "kl") <= 2f64.ln());
+    // --points takes the same exact parser.
+    let v = json_of(
+        &[
+            &["theory", "frontier", "--n-max", "1e3", "--points", "1e1"][..],
+            &COIN,
+        ]
+        .concat(),
+    );
+    assert_eq!(v["bon"].as_array().unwrap().len(), 10);
+    rejects(
+        &[
+            &["theory", "frontier", "--n-max", "8", "--points", "1e20"][..],
+            &COIN,
+        ]
+        .concat(),
+        "--points",
+    );
+}
+
+// Issue item 4: --plot into a missing folder was found only after the computation.
+#[test]
+fn bad_plot_paths_exit_2_before_any_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-such-folder").join("f.svg");
+    let png = dir.path().join("f.png");
+    let folder = dir.path().to_str().unwrap().to_string();
+    for (path, needle) in [
+        (missing.to_str().unwrap(), "does not exist"),
+        (png.to_str().unwrap(), ".png is not supported"),
+        (folder.as_str(), "is a directory"),
+    ] {
+        // --n-max 10^6 without --points is 10^6 points of work: refused before any of it.
+        let start = std::time::Instant::now();
+        rejects(
+            &[
+                &["theory", "frontier", "--n-max", "1000000", "--plot", path][..],
+                &COIN,
+            ]
+            .concat(),
+            needle,
+        );
+        assert!(
+            start.elapsed().as_secs_f64() < 2.0,
+            "checked before the work"
+        );
+        let out = tilt(
+            &[
+                &["theory", "frontier", "--n-max", "4", "--plot", path][..],
+                &COIN,
+            ]
+            .concat(),
+        );
+        assert!(String::from_utf8_lossy(&out.stderr).starts_with("tilt: error: --plot "));
+    }
+    assert!(!png.exists());
+}
+
+// Issue item 6: a negative "largest achievable" KL on 10^6 equal rewards.
+#[test]
+fn a_million_equal_samples_have_a_largest_kl_of_exactly_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = dir.path().join("ties.txt");
+    std::fs::write(&s, "0.5\n".repeat(1_000_000)).unwrap();
+    let s = s.to_str().unwrap();
+    let out = tilt(&["theory", "tilt", "--kl", "0.1", "--samples", s]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("largest achievable, 0 nats"), "{err}");
+    let v = json_of(&["theory", "frontier", "--n-max", "4", "--samples", s]);
+    assert_eq!(v["max_kl"], 0.0);
+    for b in v["bon"].as_array().unwrap() {
+        assert_eq!(b["kl"], 0.0);
+    }
+}
+
+// Issue item 7: one JSON convention, numbers or null, across commands.
+#[test]
+fn non_finite_values_are_null_and_fields_keep_their_type() {
+    let t = json_of(&[&["theory", "tilt", "--kl", "0"][..], &COIN].concat());
+    assert!(t["beta"].is_null() && t["lambda"] == 0.0 && t["log_partition"] == 0.0);
+    let top = json_of(
+        &[
+            &["theory", "tilt", "--kl", &2f64.ln().to_string()][..],
+            &COIN,
+        ]
+        .concat(),
+    );
+    assert!(
+        top["lambda"].is_null() && top["log_partition"].is_null(),
+        "{top}"
+    );
+    assert_eq!(top["beta"], 0.0);
+    let fr = json_of(&[&["theory", "frontier", "--n-max", "2000"][..], &COIN].concat());
+    let tl = fr["tilt"].as_array().unwrap();
+    assert!(tl[0]["beta"].is_null());
+    // Every row has the same fields with the same JSON type (number or null).
+    let keys: Vec<&String> = tl[0].as_object().unwrap().keys().collect();
+    for r in tl {
+        assert_eq!(r.as_object().unwrap().keys().collect::<Vec<_>>(), keys);
+        for k in &keys {
+            assert!(r[k.as_str()].is_number() || r[k.as_str()].is_null(), "{r}");
+        }
+    }
+    for v in [t, top, fr] {
+        no_number_strings(&v);
+    }
+}
+
+// Issue item 10: --format table on every command of this file, reading well.
+#[test]
+fn every_command_prints_a_table() {
+    let run = |args: &[&str]| -> String {
+        let out = tilt(&[args, &["--format", "table"]].concat());
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8(out.stdout).unwrap();
+        assert!(
+            !text.contains("items]") && !text.contains('{'),
+            "{args:?}:\n{text}"
+        );
+        text
+    };
+    let t = run(&[&["theory", "tilt", "--kl", "0"][..], &COIN].concat());
+    assert!(
+        t.lines()
+            .any(|l| l.split_whitespace().collect::<Vec<_>>() == ["beta", "inf"]),
+        "{t}"
+    );
+    let b = run(&[&["theory", "bon", "--n", "4"][..], &COIN].concat());
+    assert!(b.contains("[0.0625, 0.9375]"), "{b}");
+    let fr = run(&[&["theory", "frontier", "--n-max", "3"][..], &COIN].concat());
+    let header = fr
+        .lines()
+        .find(|l| l.trim_start().starts_with('n'))
+        .unwrap();
+    assert!(
+        header.split_whitespace().next() == Some("n"),
+        "n leads: {fr}"
+    );
+    run(&["theory", "divergence", "--q", "0.5,0.5", "--p", "1,0"]);
+    run(&[
+        &["theory", "bounds", "--n-max", "16", "--points", "3"][..],
+        &COIN,
+    ]
+    .concat());
+}
+
+// Issue item 9: frontier rows stream; long runs show progress without ANSI codes.
+#[test]
+fn frontier_streams_a_million_points_in_bounded_memory() {
+    let out = tilt(
+        &[
+            &[
+                "theory", "frontier", "--n-max", "1e12", "--points", "1000000",
+            ][..],
+            &["--probs", "0.2,0.3,0.5", "--rewards", "0,1,2"],
+        ]
+        .concat(),
+    );
+    assert!(out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !stderr.contains('\u{1b}'),
+        "no ANSI codes off a terminal: {stderr}"
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let (bon, tl) = (v["bon"].as_array().unwrap(), v["tilt"].as_array().unwrap());
+    assert_eq!(bon.len(), tl.len());
+    // 10^6 log-spaced n in [1, 10^12], repeats among the small ones merged.
+    assert_eq!(bon.len(), 656_307);
+    assert_eq!(bon.last().unwrap()["n"], 1_000_000_000_000u64);
+}
+
+// Issue item 11: what the frontier plot says.
+#[test]
+fn the_frontier_plot_labels_n_uses_unicode_and_survives_ties() {
+    let dir = tempfile::tempdir().unwrap();
+    let svg = dir.path().join("f.svg");
+    let p = svg.to_str().unwrap();
+    json_of(&[
+        "theory",
+        "frontier",
+        "--probs",
+        "0.2,0.3,0.1,0.4",
+        "--rewards",
+        "0,1,1,2",
+        "--n-max",
+        "64",
+        "--plot",
+        p,
+    ]);
+    let text = std::fs::read_to_string(&svg).unwrap();
+    assert!(text.contains("n = 1") && text.contains("n = 2"), "n labels");
+    assert!(
+        text.contains("p·e^(r/β)") && !text.contains("e^{"),
+        "no raw markup"
+    );
+    // All rewards equal: every KL is 0, and the plot still has readable ticks.
+    json_of(&[
+        "theory",
+        "frontier",
+        "--probs",
+        "0.5,0.5",
+        "--rewards",
+        "1,1",
+        "--n-max",
+        "16",
+        "--plot",
+        p,
+    ]);
+    let flat = std::fs::read_to_string(&svg).unwrap();
+    assert!(
+        flat.contains("\n0.5\n") && !flat.contains("0000000"),
+        "readable ticks"
     );
 }

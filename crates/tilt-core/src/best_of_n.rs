@@ -26,7 +26,7 @@ use crate::bounds::{bon_kl_bound, bon_win_rate_bound, check_n};
 use crate::distribution::RewardDistribution;
 use crate::error::{Result, TiltError};
 use crate::levels::{chunked_sum, Levels, SUM_CHUNK};
-use crate::numerics::{ln_pow_one_minus, non_negative, NeumaierSum};
+use crate::numerics::{ln_pow_one_minus, non_negative, NeumaierSum, Shown};
 use rayon::prelude::*;
 use serde::Serialize;
 
@@ -181,15 +181,15 @@ pub fn order_statistic_levels(
 /// D̂(ε) = (1−ε)^n·(log n + (n−1)·log(1−ε) − (n−1)/n) + (1 − (1−ε)^n)·log((1 − (1−ε)^n)/ε)
 /// ```
 /// It is the exact best-of-n KL of a reference whose best output is one atom of mass ε
-/// above a continuous remainder (derivations.md §3.4); `D̂(0) = log n − (n−1)/n` (the limit)
-/// and `D̂(1) = 0`. Followed as summarised in derivations.md §3.4 ([N]); the paper averages
+/// above a continuous remainder (docs/theory.md §3); `D̂(0) = log n − (n−1)/n` (the limit)
+/// and `D̂(1) = 0`. The formula is the paper's; the paper averages
 /// it over draws.
 ///
 /// **ε with ties: the mass of the returned reward level.** The paper states the estimator
 /// under its no-ties assumption, where the returned output and its reward level coincide.
 /// With ties, what best-of-n selects is a reward level `T(y)`; which tied outcome comes
 /// back is then a draw from p restricted to the level, and that step costs no KL
-/// (`π_n/p` is constant on a level, derivations.md §3.2). So the atom of §3.4's reading is
+/// (`π_n/p` is constant on a level, docs/theory.md §2). So the atom of that reading is
 /// the level, and [`best_of_n`] passes `ε = p(T(y))`. This keeps the estimate a function of
 /// the reward law alone: splitting an outcome into several tied ones, or repeating a value
 /// in a list of samples (each sample an outcome of mass 1/m), leaves it unchanged, where
@@ -207,7 +207,10 @@ pub fn kl_estimate_per_draw(epsilon: f64, n: u64) -> Result<f64> {
     if !(0.0..=1.0).contains(&epsilon) {
         return Err(TiltError::invalid(
             "epsilon",
-            format!("{epsilon}: a probability must be in [0, 1]"),
+            format!(
+                "{epsilon}: a probability must be in [0, 1]",
+                epsilon = Shown(epsilon)
+            ),
         ));
     }
     if epsilon == 0.0 {

@@ -22,7 +22,7 @@
 use crate::distribution::RewardDistribution;
 use crate::error::{Result, TiltError};
 use crate::levels::Levels;
-use crate::numerics::{exp_m1_minus_x, log_sum_exp, neumaier_sum, NeumaierSum};
+use crate::numerics::{exp_m1_minus_x, log_sum_exp, neumaier_sum, NeumaierSum, Shown};
 use serde::Serialize;
 
 /// Check that a best-of-n sample count is at least 1.
@@ -68,7 +68,7 @@ pub fn bon_win_rate_bound(n: u64) -> Result<f64> {
 }
 
 /// χ²(π_n‖p) ≤ (n − 1)²/(2n − 1): the f-divergence bound `∫₀¹ f(n·v^{n−1}) dv` with
-/// `f(t) = (t − 1)²` (arXiv 2406.05883; derivation in derivations.md §4.2).
+/// `f(t) = (t − 1)²` (arXiv 2406.05883; derivation in docs/theory.md §4).
 ///
 /// # Errors
 /// [`TiltError::InvalidInput`] when `n = 0`.
@@ -78,7 +78,7 @@ pub fn bon_chi2_bound(n: u64) -> Result<f64> {
 }
 
 /// TV(π_n, p) ≤ n^{−1/(n−1)}·(1 − 1/n) (0 for n = 1): `∫₀¹ ½|n·v^{n−1} − 1| dv`
-/// (arXiv 2406.05883; derivations.md §4.2).
+/// (arXiv 2406.05883; docs/theory.md §4).
 ///
 /// # Errors
 /// [`TiltError::InvalidInput`] when `n = 0`.
@@ -90,7 +90,7 @@ pub fn bon_tv_bound(n: u64) -> Result<f64> {
     Ok((-nf.ln() / (nf - 1.0)).exp() * (1.0 - 1.0 / nf))
 }
 
-/// Rényi divergence bound of order α for best-of-n (arXiv 2406.05883; derivations.md §4.2):
+/// Rényi divergence bound of order α for best-of-n (arXiv 2406.05883; docs/theory.md §4):
 ///
 /// ```text
 /// D_α(π_n‖p) ≤ log(n^α / (α(n − 1) + 1)) / (α − 1),   D_1 = log n − (n−1)/n,   D_∞ = log n
@@ -103,7 +103,7 @@ pub fn bon_renyi_bound(n: u64, alpha: f64) -> Result<f64> {
     if alpha.is_nan() || alpha <= 0.0 {
         return Err(TiltError::invalid(
             "alpha",
-            format!("{alpha}: the Rényi order must be > 0"),
+            format!("{alpha}: the Rényi order must be > 0", alpha = Shown(alpha)),
         ));
     }
     if alpha == f64::INFINITY {
@@ -117,7 +117,7 @@ pub fn bon_renyi_bound(n: u64, alpha: f64) -> Result<f64> {
 
 /// Squared Hellinger bound for best-of-n, with the convention `H² = ½Σ(√q − √p)² = 1 − Σ√(qp)`
 /// (see [`crate::divergence::hellinger_squared`]): `1 − 2√n/(n + 1)`, from the
-/// Bhattacharyya coefficient `∫₀¹ √(n·v^{n−1}) dv = 2√n/(n+1)` (derivations.md §4.2).
+/// Bhattacharyya coefficient `∫₀¹ √(n·v^{n−1}) dv = 2√n/(n+1)` (docs/theory.md §4).
 ///
 /// # Errors
 /// [`TiltError::InvalidInput`] when `n = 0`.
@@ -140,11 +140,14 @@ pub fn sub_gaussian_improvement_bound(sigma2: f64, kl: f64) -> Result<f64> {
     if !sigma2.is_finite() || sigma2 < 0.0 {
         return Err(TiltError::invalid(
             "sigma2",
-            format!("{sigma2}: must be finite and ≥ 0"),
+            format!("{sigma2}: must be finite and ≥ 0", sigma2 = Shown(sigma2)),
         ));
     }
     if kl.is_nan() || kl < 0.0 {
-        return Err(TiltError::invalid("kl", format!("{kl}: must be ≥ 0")));
+        return Err(TiltError::invalid(
+            "kl",
+            format!("{kl}: must be ≥ 0", kl = Shown(kl)),
+        ));
     }
     Ok((2.0 * sigma2 * kl).sqrt())
 }
@@ -293,9 +296,9 @@ mod tests {
     use super::*;
 
     #[test]
-    #[allow(clippy::approx_constant)] // the table's values, as printed in derivations.md
-    fn derivations_table_4_2() {
-        // derivations.md §4.2 table.
+    #[allow(clippy::approx_constant)] // the table's values, as printed in docs/theory.md §4
+    fn the_table_of_theory_section_4() {
+        // docs/theory.md §4, the table of best-of-n bounds (closed forms, 7 digits).
         let rows = [
             (2, 0.1931472, 0.3333333, 0.2500000, 0.2876821, 0.6931472),
             (4, 0.6362944, 1.2857143, 0.4724704, 0.8266786, 1.3862944),

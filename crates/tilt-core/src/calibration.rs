@@ -1,4 +1,4 @@
-//! Calibrated rewards (InfAlign, arXiv 2412.19792 §4; derivations §2.1) and a check that
+//! Calibrated rewards (InfAlign, arXiv 2412.19792 §4; docs/theory.md §10) and a check that
 //! they are what they claim to be.
 //!
 //! For one prompt, draw reference responses, score them, and keep the sorted scores. The
@@ -112,7 +112,7 @@ impl Calibrator {
     }
 
     /// The calibrated reward `c(r) = (#{z < r} + ½·#{z = r}) / M` (arXiv 2412.19792 §4;
-    /// derivations §2.1), by two binary searches.
+    /// docs/theory.md §10), by two binary searches.
     ///
     /// ```
     /// use tilt_core::calibration::Calibrator;

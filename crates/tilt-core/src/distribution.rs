@@ -68,7 +68,7 @@ impl RewardDistribution {
     pub fn new_normalized(mut probs: Vec<f64>, rewards: Vec<f64>) -> Result<Self> {
         Self::check(&probs, &rewards)?;
         let sum: f64 = probs.iter().sum();
-        if !(sum > 0.0) || !sum.is_finite() {
+        if sum.is_nan() || sum <= 0.0 || !sum.is_finite() {
             return Err(TiltError::invalid(
                 "probs",
                 format!("sum to {sum}; cannot normalise"),

@@ -1,6 +1,6 @@
 //! Divergences between two pmfs on one finite support, in nats.
 //!
-//! Conventions (derivations.md §0):
+//! Conventions (docs/theory.md §4):
 //!
 //! ```text
 //! KL(q‖p)   = Σ q·log(q/p)                          (+∞ if q > 0 where p = 0)
@@ -12,10 +12,13 @@
 //! The Hellinger convention is the one with the ½ (so H² ≤ 1), and it is summed as squares,
 //! not as `1 − BC`, to avoid cancellation for close pmfs. Rényi divergences are computed
 //! with a log-sum-exp over `α·log q + (1−α)·log p`, so large α does not overflow. The
-//! supports are checked: a divergence that is infinite is returned as `f64::INFINITY`.
+//! supports are checked: a divergence that is infinite is returned as `f64::INFINITY`;
+//! one that is finite but beyond the largest double (χ² over a subnormal p) is an error
+//! that gives its logarithm. No function here returns NaN: every sum is compensated and
+//! keeps infinities as such ([`NeumaierSum`](crate::numerics::NeumaierSum)).
 
 use crate::error::{Result, TiltError};
-use crate::numerics::{kl_summand, log_sum_exp, neumaier_sum, non_negative};
+use crate::numerics::{kl_summand, log_sum_exp, neumaier_sum, non_negative, Shown};
 use serde::Serialize;
 
 fn check(q: &[f64], p: &[f64]) -> Result<()> {
@@ -32,7 +35,8 @@ fn check(q: &[f64], p: &[f64]) -> Result<()> {
                 name,
                 format!(
                     "entry {} is {x}; probabilities must be finite and ≥ 0",
-                    i + 1
+                    i + 1,
+                    x = Shown(*x)
                 ),
             ));
         }
@@ -46,8 +50,8 @@ fn check(q: &[f64], p: &[f64]) -> Result<()> {
     Ok(())
 }
 
-/// KL(q‖p) in nats (Kullback & Leibler 1951; the convention of derivations.md §0 and
-/// spec/math.md §1); +∞ when q puts mass where p has none.
+/// KL(q‖p) in nats (Kullback & Leibler 1951; docs/theory.md §4); +∞ when q puts mass
+/// where p has none.
 ///
 /// Summed as `Σ_{p>0} p·h(log(q/p)) + Σ_{p>0,q=0} p` with `h(u) = u·e^u − e^u + 1` (equal to
 /// `Σ q log(q/p)` when both sum to 1), term by term non-negative.
@@ -82,7 +86,7 @@ pub fn kl(q: &[f64], p: &[f64]) -> Result<f64> {
 }
 
 /// Rényi divergence `D_α(q‖p)` in nats for α ∈ (0, ∞]: α = 1 is KL, α = ∞ is
-/// `log max_{q>0} q/p` (derivations.md §0; van Erven & Harremoës).
+/// `log max_{q>0} q/p` (van Erven & Harremoës 2014, arXiv 1206.2459; docs/theory.md §4).
 ///
 /// # Errors
 /// As [`kl`], and [`TiltError::InvalidInput`] naming `alpha` when not in (0, ∞].
@@ -100,7 +104,7 @@ pub fn renyi(q: &[f64], p: &[f64], alpha: f64) -> Result<f64> {
     if alpha.is_nan() || alpha <= 0.0 {
         return Err(TiltError::invalid(
             "alpha",
-            format!("{alpha}: the Rényi order must be > 0"),
+            format!("{alpha}: the Rényi order must be > 0", alpha = Shown(alpha)),
         ));
     }
     if alpha == 1.0 {
@@ -122,22 +126,28 @@ pub fn renyi(q: &[f64], p: &[f64], alpha: f64) -> Result<f64> {
     if alpha > 1.0 && unsupported {
         return Ok(f64::INFINITY);
     }
-    let terms: Vec<f64> = q
-        .iter()
-        .zip(p)
-        .filter(|(&a, &b)| a > 0.0 && b > 0.0)
-        .map(|(&a, &b)| alpha * a.ln() + (1.0 - alpha) * b.ln())
-        .collect();
-    let lse = log_sum_exp(&terms);
-    if lse == f64::NEG_INFINITY {
+    // Σ q^α p^{1−α} = Σ p·e^{α d} over the common support, d = log(q/p). Shifted by the
+    // largest d, m: every exponent α(d − m) is ≤ 0, so nothing overflows for any α (a plain
+    // α·log q + (1 − α)·log p is ∞ − ∞ for α = 1e308), and
+    // D_α = (α m + L)/(α − 1) = m + (m + L)/(α − 1),  L = log Σ p·e^{α(d − m)}.
+    let common = || {
+        q.iter()
+            .zip(p)
+            .filter(|(&a, &b)| a > 0.0 && b > 0.0)
+            .map(|(&a, &b)| (a.ln() - b.ln(), b.ln()))
+    };
+    let m = common().map(|(d, _)| d).fold(f64::NEG_INFINITY, f64::max);
+    if m == f64::NEG_INFINITY {
         // Disjoint supports with α < 1.
         return Ok(f64::INFINITY);
     }
-    non_negative(lse / (alpha - 1.0), "Rényi divergence")
+    let terms: Vec<f64> = common().map(|(d, lp)| lp + alpha * (d - m)).collect();
+    let l = log_sum_exp(&terms);
+    non_negative(m + (m + l) / (alpha - 1.0), "Rényi divergence")
 }
 
 /// Total variation `½·Σ|q − p|`, the f-divergence with `f(t) = ½|t − 1|` (Csiszár 1967;
-/// derivations.md §4.2, where arXiv 2406.05883's best-of-n bound for it is worked out).
+/// docs/theory.md §4, where arXiv 2406.05883's best-of-n bound for it is worked out).
 ///
 /// # Errors
 /// As [`kl`].
@@ -147,26 +157,55 @@ pub fn total_variation(q: &[f64], p: &[f64]) -> Result<f64> {
 }
 
 /// Pearson χ²(q‖p) = `Σ (q − p)²/p` (Pearson 1900), the f-divergence with `f(t) = (t − 1)²`
-/// (derivations.md §4.2, arXiv 2406.05883); +∞ when q puts mass where p has none.
+/// (docs/theory.md §4, arXiv 2406.05883); +∞ when q puts mass where p has none.
+///
+/// Each term is formed as `d·(d/p)`, `d = q − p`, which is exact to a few roundings; where
+/// a term overflows (p subnormal, e.g. `p = 1e-310` under `q = ½`), the true χ² is a
+/// finite number beyond the largest double, and that is an error giving its logarithm
+/// `log χ² = LSE(2·log|d| − log p)` and `D_2(q‖p) = log(1 + χ²)`, never `∞` or NaN.
 ///
 /// # Errors
-/// As [`kl`].
+/// As [`kl`]; [`TiltError::InvalidInput`] naming `q/p` when χ² is beyond the largest
+/// double.
+///
+/// ```
+/// use tilt_core::divergence::chi_squared;
+/// assert!((chi_squared(&[0.25, 0.75], &[0.5, 0.5]).unwrap() - 0.25).abs() < 1e-16);
+/// assert_eq!(chi_squared(&[0.5, 0.5], &[1.0, 0.0]).unwrap(), f64::INFINITY);
+/// let e = chi_squared(&[0.5, 0.5], &[1e-310, 1.0]).unwrap_err().to_string();
+/// // log χ² = log(0.25/1e-310) + log1p(…) = 712.415084 (the ½ − 1 term adds e^{−713}).
+/// assert!(e.starts_with("q/p: χ²(q‖p) = e^712.415084 ") && e.contains("D_2"), "{e}");
+/// ```
 pub fn chi_squared(q: &[f64], p: &[f64]) -> Result<f64> {
     check(q, p)?;
     if q.iter().zip(p).any(|(&a, &b)| a > 0.0 && b == 0.0) {
         return Ok(f64::INFINITY);
     }
-    Ok(neumaier_sum(
+    let terms = || {
         q.iter()
             .zip(p)
-            .filter(|(_, &b)| b > 0.0)
-            .map(|(a, b)| (a - b) * (a - b) / b),
+            .filter(|(&a, &b)| b > 0.0 && a != b)
+            .map(|(&a, &b)| (a - b, b))
+    };
+    let direct = neumaier_sum(terms().map(|(d, b)| d * (d / b)));
+    if direct.is_finite() {
+        return Ok(direct);
+    }
+    let logs: Vec<f64> = terms().map(|(d, b)| 2.0 * d.abs().ln() - b.ln()).collect();
+    let log_chi2 = log_sum_exp(&logs);
+    let d2 = log_chi2 + (-log_chi2).exp().ln_1p();
+    Err(TiltError::invalid(
+        "q/p",
+        format!(
+            "χ²(q‖p) = e^{log_chi2:.6} is beyond the largest double (1.8e308; p has entries \
+             far smaller than q's); D_2(q‖p) = log(1 + χ²) = {d2:.6} nats"
+        ),
     ))
 }
 
 /// Squared Hellinger distance with the ½ convention: `H² = ½·Σ(√q − √p)² = 1 − Σ√(qp)`,
 /// in [0, 1] (Hellinger 1909; `1 − BC` with BC the Bhattacharyya coefficient, as in
-/// derivations.md §4.2's best-of-n bound `BC = 2√n/(n + 1)`).
+/// docs/theory.md §4's best-of-n bound `BC = 2√n/(n + 1)`).
 ///
 /// # Errors
 /// As [`kl`].
@@ -184,22 +223,23 @@ pub fn hellinger_squared(q: &[f64], p: &[f64]) -> Result<f64> {
         })))
 }
 
-/// All divergences of `tilt theory divergence` at once.
+/// All divergences of `tilt theory divergence` at once. Serialised, a non-finite value is
+/// `null`; the fields that can be `+∞` say so.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct Divergences {
-    /// KL(q‖p), nats.
+    /// KL(q‖p), nats; `+∞` (null) when q puts mass where p has none.
     pub kl_q_p: f64,
-    /// KL(p‖q), nats.
+    /// KL(p‖q), nats; `+∞` (null) when p puts mass where q has none.
     pub kl_p_q: f64,
-    /// The Rényi order used.
+    /// The Rényi order used; `+∞` (null) for D_∞.
     pub alpha: f64,
-    /// D_α(q‖p), nats.
+    /// D_α(q‖p), nats; `+∞` (null) when the supports make it infinite.
     pub renyi_q_p: f64,
-    /// Total variation.
+    /// Total variation, in [0, 1].
     pub total_variation: f64,
-    /// χ²(q‖p).
+    /// χ²(q‖p); `+∞` (null) when q puts mass where p has none.
     pub chi_squared_q_p: f64,
-    /// H² = ½Σ(√q − √p)².
+    /// H² = ½Σ(√q − √p)², in [0, 1].
     pub hellinger_squared: f64,
 }
 

@@ -31,9 +31,10 @@ pub struct BonPoint {
 /// The tilt at one KL.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct TiltPoint {
-    /// β = 1/λ (+∞ at KL = 0, serialised as null).
+    /// β = 1/λ; +∞ at KL = 0 (serialised as null; `lambda` is then 0).
     pub beta: f64,
-    /// λ = 1/β.
+    /// λ = 1/β; +∞ at the largest achievable KL, `−log p(argmax set)` (serialised as
+    /// null; `beta` is then 0).
     pub lambda: f64,
     /// KL(φ‖p), nats.
     pub kl: f64,
@@ -50,6 +51,79 @@ pub struct Frontier {
     pub bon: Vec<BonPoint>,
     /// The tilt at each best-of-n's KL, same order.
     pub tilt: Vec<TiltPoint>,
+}
+
+/// The reward levels of one reference, built once and shared by every point of a
+/// frontier: best-of-n at any n, the tilt at any KL or multiplier. What [`frontier`]
+/// uses, one point at a time, so that a caller can stream the points (or report
+/// progress) instead of holding them all.
+#[derive(Debug, Clone)]
+pub struct FrontierSolver {
+    levels: Levels,
+    kl_max: f64,
+}
+
+impl FrontierSolver {
+    /// Group the outcomes of `dist` into levels.
+    ///
+    /// # Errors
+    /// As [`Levels::new`].
+    pub fn new(dist: &RewardDistribution) -> Result<Self> {
+        let levels = Levels::new(dist)?;
+        let kl_max = max_kl(&levels);
+        Ok(Self { levels, kl_max })
+    }
+
+    /// The largest KL a tilt reaches, `−log p(argmax set)` (nats).
+    pub fn max_kl(&self) -> f64 {
+        self.kl_max
+    }
+
+    /// Exact best-of-n at one n (arXiv 2401.01879 §2; docs/theory.md §2).
+    ///
+    /// # Errors
+    /// [`TiltError::InvalidInput`] naming `n` for n = 0.
+    pub fn bon_point(&self, n: u64) -> Result<BonPoint> {
+        let b = order_statistic_levels(&self.levels, n, Selection::Best)?;
+        Ok(BonPoint {
+            n,
+            kl: b.kl,
+            kl_bound: bon_kl_bound(n)?,
+            expected_reward: b.expected_reward,
+            win_rate: b.win_rate,
+        })
+    }
+
+    /// The tilt whose KL is `kl` (arXiv 2404.01730 §2; docs/theory.md §1). A KL at the
+    /// largest achievable, or within rounding below it (above every KL a finite λ reaches
+    /// in floating point, see [`solve_lambda_for_kl`]), gives the λ = ∞ limit.
+    ///
+    /// # Errors
+    /// As [`solve_lambda_for_kl`].
+    pub fn tilt_at_kl(&self, kl: f64) -> Result<TiltPoint> {
+        let lambda = if kl >= self.kl_max {
+            f64::INFINITY
+        } else {
+            solve_lambda_for_kl(&self.levels, kl)?
+        };
+        self.tilt_at_lambda(lambda)
+    }
+
+    /// The tilt with multiplier λ ∈ [0, ∞] (no solve: one evaluation, e.g. to draw the
+    /// tilt's curve on a grid of λ).
+    ///
+    /// # Errors
+    /// [`TiltError::InvalidInput`] naming `lambda` when negative or NaN.
+    pub fn tilt_at_lambda(&self, lambda: f64) -> Result<TiltPoint> {
+        let t = tilt_levels(&self.levels, lambda)?;
+        Ok(TiltPoint {
+            beta: 1.0 / lambda,
+            lambda,
+            kl: t.kl,
+            expected_reward: t.expected_reward,
+            win_rate: t.win_rate,
+        })
+    }
 }
 
 /// The values of n of a frontier: all of `1..=n_max`, or, with `points = Some(k)`, k
@@ -97,40 +171,19 @@ pub fn frontier_ns(n_max: u64, points: Option<usize>) -> Result<Vec<u64>> {
 }
 
 /// Best-of-n at each n in `ns`, and the tilt at each one's exact KL (arXiv 2401.01879 §2,
-/// arXiv 2404.01730 §2). When best-of-n's KL reaches the largest achievable KL, or lies
-/// within rounding below it (above every KL a finite λ reaches in floating point; see
-/// [`solve_lambda_for_kl`]), the tilt is its λ = ∞ limit.
+/// arXiv 2404.01730 §2), with the levels built once ([`FrontierSolver`]).
 ///
 /// # Errors
 /// [`TiltError::InvalidInput`] for n = 0 in `ns`; [`TiltError::NoConvergence`] if a tilt
 /// cannot be solved.
 pub fn frontier(dist: &RewardDistribution, ns: &[u64]) -> Result<Frontier> {
-    let levels = Levels::new(dist)?;
-    let kl_max = max_kl(&levels);
+    let solver = FrontierSolver::new(dist)?;
     let mut bon = Vec::with_capacity(ns.len());
     let mut tilt = Vec::with_capacity(ns.len());
     for &n in ns {
-        let b = order_statistic_levels(&levels, n, Selection::Best)?;
-        bon.push(BonPoint {
-            n,
-            kl: b.kl,
-            kl_bound: bon_kl_bound(n)?,
-            expected_reward: b.expected_reward,
-            win_rate: b.win_rate,
-        });
-        let lambda = if b.kl >= kl_max {
-            f64::INFINITY
-        } else {
-            solve_lambda_for_kl(&levels, b.kl)?
-        };
-        let t = tilt_levels(&levels, lambda)?;
-        tilt.push(TiltPoint {
-            beta: 1.0 / lambda,
-            lambda,
-            kl: t.kl,
-            expected_reward: t.expected_reward,
-            win_rate: t.win_rate,
-        });
+        let b = solver.bon_point(n)?;
+        tilt.push(solver.tilt_at_kl(b.kl)?);
+        bon.push(b);
     }
     Ok(Frontier { bon, tilt })
 }

@@ -1,19 +1,19 @@
 //! Inference-aware alignment on the calibrated reward (InfAlign: Balashankar, Sun, …,
-//! Suresh, Beirami, arXiv 2412.19792; `spec/math.md` §4, `spec/derivations.md` §2).
+//! Suresh, Beirami, arXiv 2412.19792 §3–§4; docs/theory.md §10).
 //!
 //! # The reduction to [0, 1]
 //! With the calibrated reward `c(y) = P_{z∼p}(r(z) < r(y)) + ½P(r(z) = r(y))`, which is
 //! Uniform(0, 1) under the reference for atomless rewards, any policy that depends on `y`
 //! only through `c` is a density `g` on `[0, 1]`, with `KL(π‖p) = ∫ g log g`. Aligning by
 //! KL-regularised RL on a transformed calibrated reward `Φ(c)` gives
-//! `g(u) ∝ e^{Φ(u)/β}` (derivations §2.2). Every curve of the paper is then a 1-D integral:
+//! `g(u) ∝ e^{Φ(u)/β}` (arXiv 2412.19792 §3). Every curve of the paper is then a 1-D integral:
 //!
 //! ```text
 //! standard win rate      W   = ∫₀¹ u g(u) du = 1 − ∫₀¹ G(u) du
 //! best-of-N  (BoN_N)     W_N = 1 − ∫₀¹ N u^{N−1} G(u)^N du
 //! worst-of-N (WoN_N)     W_N = 1 − ∫₀¹ N (1−u)^{N−1} [1 − (1 − G(u))^N] du
 //! ```
-//! (`G` the CDF of `g`; derivations §2.3, re-derived here: for BoN, `P(Y > Z) = ∫ (1 −
+//! (`G` the CDF of `g`; docs/theory.md §10, derived here: for BoN, `P(Y > Z) = ∫ (1 −
 //! G(z)^N) dz^N` with `Y` the max of N draws from `g` and `Z` the max of N uniforms; for
 //! WoN, `P(Y > Z) = ∫ (1 − G(z))^N d(1 − (1−z)^N)` with minima. The tests check both
 //! against Monte Carlo and against the alternative form `∫ f_Y F_Z`.)
@@ -21,7 +21,7 @@
 //! # Transforms and the normalisation of Φ
 //! Identity `Φ(u) = u` (standard RLHF on the calibrated reward), the exponential
 //! `Φ_t(u) = e^{tu}` proposed for best-of-N, and `Φ_t(u) = −e^{−tu}` for worst-of-N
-//! (derivations §2.4). An affine change of `Φ` only reparametrises `β`, so every `Φ` is
+//! (arXiv 2412.19792 §4). An affine change of `Φ` only reparametrises `β`, so every `Φ` is
 //! first normalised to `Φ̃ ∈ [0, 1]`, `Φ̃(0) = 0`, `Φ̃(1) = 1`, and `β` refers to `Φ̃`
 //! (the `β` of the raw transform is `β·(Φ(1) − Φ(0))`, reported beside it). This keeps
 //! `e^{Φ̃/β}` in range for any `t`, and `t → 0` recovers the identity continuously.
@@ -35,15 +35,31 @@
 //! is the cumulative integral on the converged partition.
 
 use crate::error::{Result, TiltError};
-use crate::numerics::non_negative;
+use crate::numerics::{non_negative, Shown};
 use crate::optimize::{brent_root, maximize_scalar};
 use crate::quadrature::{integrate, CumulativeIntegral};
 use serde::Serialize;
 
 /// Absolute tolerance of every integral here.
 pub const QUAD_TOL: f64 = 1e-12;
-/// Largest KL budget (nats) accepted when solving for β.
-pub const MAX_KL: f64 = 25.0;
+/// Largest KL (nats) of a calibrated tilt: the budget of [`CalibratedTilt::with_kl`] and the
+/// KL that a β given to [`CalibratedTilt::new`] may reach. A tilt of KL `D` puts most of its
+/// mass within about `e^{−(D+1)}` of `c = 1` (identity transform); at 20 nats that is 8e-10,
+/// and every transform's tilt integrates to the 1e-12 tolerance (measured for identity,
+/// `e^{tc}` and `−e^{−tc}` with t up to [`MAX_T`]). At 22 nats the quadrature runs out of
+/// panels for every transform, so budgets up to 20 are accepted and none beyond.
+pub const MAX_KL: f64 = 20.0;
+/// Narrowest peak at `c = 1` that [`CalibratedTilt::new`] integrates: the density
+/// `∝ e^{−λ(1 − Φ̃(c))}` falls off over `1/(λ·Φ̃'(1))` there, and doubles near 1 are
+/// 1.1e-16 apart. A narrower peak means a KL of about `log(1/width) − 1 > 28` nats, far
+/// beyond [`MAX_KL`] anyway.
+pub const MIN_PEAK_WIDTH: f64 = 1e-13;
+/// Largest rate `t` of the exponential transforms `e^{tc}`, `−e^{−tc}` (and largest upper
+/// end of the search of [`optimize_t`]). The transform changes over `1/t` near an end of
+/// `[0, 1]`; at 10⁶ that scale is 10¹⁰ doubles wide, resolved by the quadrature; far beyond
+/// it (10¹², 10³⁰⁰) the transform is a step that no double-precision integral resolves,
+/// and every evaluation there would only fail after its full panel budget.
+pub const MAX_T: f64 = 1e6;
 /// Largest `log(1/β)` searched when solving for a KL budget.
 pub const MAX_LOG_LAMBDA: f64 = 700.0;
 /// Largest N of best-of-N for which [`inference_win_rate`] is accurate (measured: within
@@ -91,18 +107,23 @@ impl Transform {
     /// Validate `t` for the exponential transforms.
     ///
     /// # Errors
-    /// [`TiltError::InvalidInput`] naming `t` when negative or not finite (a negative `t`
-    /// flips the transform's direction, which is meaningless for the procedure it serves).
+    /// [`TiltError::InvalidInput`] naming `t` when negative, not finite, or above [`MAX_T`]
+    /// (a negative `t` flips the transform's direction, which is meaningless for the
+    /// procedure it serves).
     pub fn validated(self) -> Result<Self> {
         match self {
             Transform::Identity => Ok(self),
             Transform::Exp { t } | Transform::NegExp { t } => {
-                if t.is_finite() && t >= 0.0 {
+                if t.is_finite() && (0.0..=MAX_T).contains(&t) {
                     Ok(self)
                 } else {
                     Err(TiltError::invalid(
                         "t",
-                        format!("{t}: the transform rate must be finite and ≥ 0"),
+                        format!(
+                            "{t}: the transform rate must be between 0 and {MAX_T:e} (beyond, \
+                             the transform is a step that double precision cannot resolve)",
+                            t = Shown(t)
+                        ),
                     ))
                 }
             }
@@ -119,7 +140,7 @@ impl Transform {
 
     /// `Φ̃(u) = (Φ(u) − Φ(0)) / (Φ(1) − Φ(0))`, computed without overflow for any `t`: the
     /// CTRL transforms of arXiv 2412.19792 (`e^{tu}` for best-of-N, `−e^{−tu}` for
-    /// worst-of-N; derivations.md §2.4) normalised to `[0, 1]` as derivations.md §2.4
+    /// worst-of-N; arXiv 2412.19792 §4) normalised to `[0, 1]` as docs/theory.md §10
     /// advises (an affine change of Φ only reparametrises β).
     ///
     /// ```text
@@ -142,7 +163,7 @@ impl Transform {
     }
 
     /// `1 − Φ̃(u)` for the normalised transform of [`Transform::normalized`] (arXiv
-    /// 2412.19792; derivations.md §2.4), computed directly so that it keeps its relative
+    /// 2412.19792 §4; docs/theory.md §10), computed directly so that it keeps its relative
     /// precision where `Φ̃(u)` is close to 1 (the density is `∝ e^{−(1 − Φ̃)/β}`, and for
     /// neg-exp with large `t`, `1 − Φ̃ ≈ e^{−tu}` is far below ε over most of `[0, 1]`).
     ///
@@ -203,7 +224,7 @@ pub trait CalibratedPolicy {
     fn breakpoints(&self) -> Vec<f64>;
 }
 
-/// The tilt `g(u) = e^{Φ̃(u)/β} / Z` of the uniform reference (derivations §2.2–2.4).
+/// The tilt `g(u) = e^{Φ̃(u)/β} / Z` of the uniform reference (docs/theory.md §10).
 #[derive(Debug, Clone)]
 pub struct CalibratedTilt {
     transform: Transform,
@@ -213,28 +234,58 @@ pub struct CalibratedTilt {
     log_z_shifted: f64,
     cumulative: CumulativeIntegral,
     breaks: Vec<f64>,
+    /// `KL(g‖Uniform)`, nats.
+    kl: f64,
 }
 
 impl CalibratedTilt {
     /// The tilt with coefficient `beta` on the normalised transform (`β = ∞` is the
     /// reference itself).
     ///
+    /// The KL of the result is at most [`MAX_KL`]: a smaller β (a sharper tilt) is refused
+    /// before any integral when its peak is too narrow to resolve ([`MIN_PEAK_WIDTH`]), and
+    /// after the integral when its KL comes out above [`MAX_KL`], so that what is returned
+    /// is always a tilt the quadrature resolved.
+    ///
     /// # Errors
-    /// [`TiltError::InvalidInput`] naming `beta` unless `β > 0` (may be `+∞`), or `t` (see
-    /// [`Transform::validated`]); [`TiltError::NoConvergence`] if quadrature fails.
+    /// [`TiltError::InvalidInput`] naming `beta` unless `β > 0` (may be `+∞`) and its tilt
+    /// within those limits, or `t` (see [`Transform::validated`]);
+    /// [`TiltError::NoConvergence`] if quadrature fails.
     pub fn new(transform: Transform, beta: f64) -> Result<Self> {
         let transform = transform.validated()?;
         if beta.is_nan() || beta <= 0.0 {
             return Err(TiltError::invalid(
                 "beta",
-                format!("{beta}: the KL coefficient must be > 0"),
+                format!("{beta}: the KL coefficient must be > 0", beta = Shown(beta)),
             ));
         }
         let lambda = if beta.is_infinite() { 0.0 } else { 1.0 / beta };
-        if !lambda.is_finite() {
-            return Err(TiltError::invalid("beta", format!("{beta} is too small")));
+        let width = 1.0 / (lambda * transform.slope(1.0));
+        if width.is_nan() || width < MIN_PEAK_WIDTH {
+            return Err(TiltError::invalid(
+                "beta",
+                format!(
+                    "{beta}: the tilt would put its mass within {width:.1e} of c = 1 (a KL of \
+                     about {:.0} nats), beyond the {MAX_KL} nats the quadrature resolves; \
+                     use a larger β",
+                    (1.0 / width).ln() - 1.0,
+                    beta = Shown(beta)
+                ),
+            ));
         }
-        Self::with_lambda(transform, lambda)
+        let tilt = Self::with_lambda(transform, lambda)?;
+        if tilt.kl > MAX_KL {
+            return Err(TiltError::invalid(
+                "beta",
+                format!(
+                    "{beta}: the tilt's KL is {:.3} nats, beyond the {MAX_KL} nats the \
+                     quadrature resolves; use a larger β",
+                    tilt.kl,
+                    beta = Shown(beta)
+                ),
+            ));
+        }
+        Ok(tilt)
     }
 
     fn with_lambda(transform: Transform, lambda: f64) -> Result<Self> {
@@ -243,12 +294,41 @@ impl CalibratedTilt {
         let breaks = geometric_breaks(0.05 * scale0, 0.05 * scale1);
         let h = |u: f64| (-lambda * transform.complement(u)).exp();
         let cumulative = CumulativeIntegral::new(h, 0.0, 1.0, &breaks, 0.0, 1e-12)?;
+        let total = cumulative.total();
+        if !(total > 0.0 && total.is_finite()) {
+            return Err(TiltError::NoConvergence {
+                what: "calibrated tilt".into(),
+                detail: format!(
+                    "its normaliser came out {total:e} at 1/β = {lambda:e} (the density is \
+                     narrower than the quadrature's nodes)"
+                ),
+            });
+        }
+        let log_z_shifted = total.ln();
+        let kl = if lambda == 0.0 {
+            0.0
+        } else {
+            // KL = λ·E_g[Φ̃ − 1] − log Z' (nats).
+            let m = integrate(
+                |u| -transform.complement(u) * h(u),
+                0.0,
+                1.0,
+                &breaks,
+                0.0,
+                1e-12,
+            )?;
+            non_negative(
+                lambda * (m.value / total) - log_z_shifted,
+                "KL of the calibrated tilt",
+            )?
+        };
         Ok(Self {
             transform,
             lambda,
-            log_z_shifted: cumulative.total().ln(),
+            log_z_shifted,
             cumulative,
             breaks,
+            kl,
         })
     }
 
@@ -260,12 +340,7 @@ impl CalibratedTilt {
     /// [`CalibratedTilt::new`].
     pub fn with_kl(transform: Transform, kl: f64) -> Result<Self> {
         let transform = transform.validated()?;
-        if !(kl.is_finite() && (1e-12..=MAX_KL).contains(&kl)) {
-            return Err(TiltError::invalid(
-                "kl",
-                format!("{kl}: the KL budget must be between 1e-12 and {MAX_KL} nats"),
-            ));
-        }
+        check_kl_budget(kl)?;
         let kl_at = |s: f64| -> Result<f64> { Self::with_lambda(transform, s.exp())?.kl() };
         let mut lo = -12.0f64;
         while kl_at(lo)? >= kl {
@@ -297,7 +372,8 @@ impl CalibratedTilt {
                                 format!(
                                     "{kl} nats is beyond what this transform reaches \
                                      ({reached:.6} nats at 1/β = e^{MAX_LOG_LAMBDA}); lower t \
-                                     or the KL budget"
+                                     or the KL budget",
+                                    kl = Shown(kl)
                                 ),
                             ))
                         }
@@ -309,8 +385,7 @@ impl CalibratedTilt {
                         return Err(TiltError::NoConvergence {
                             what: "β for the KL budget".into(),
                             detail: format!(
-                                "the tilt reaching {kl} nats is too concentrated to integrate: {detail}"
-                            ),
+                                "the tilt reaching {kl} nats is too concentrated to integrate: {detail}", kl = Shown(kl)),
                         });
                     }
                     failed = Some(hi);
@@ -366,28 +441,13 @@ impl CalibratedTilt {
         (-self.lambda * self.transform.complement(u) - self.log_z_shifted).exp()
     }
 
-    /// `KL(g‖Uniform) = ∫ g log g = λ·E_g[Φ̃ − 1] − log Z'` (nats).
+    /// `KL(g‖Uniform) = ∫ g log g = λ·E_g[Φ̃ − 1] − log Z'` (nats), integrated when the tilt
+    /// was built.
     ///
     /// # Errors
-    /// [`TiltError::NoConvergence`] if quadrature fails.
+    /// None: the `Result` stays for callers written against the lazy version.
     pub fn kl(&self) -> Result<f64> {
-        let lambda = self.lambda;
-        if lambda == 0.0 {
-            return Ok(0.0);
-        }
-        let m = integrate(
-            |u| -self.transform.complement(u) * self.unnormalized(u),
-            0.0,
-            1.0,
-            &self.breaks,
-            0.0,
-            1e-12,
-        )?;
-        let mean = m.value / self.cumulative.total();
-        non_negative(
-            lambda * mean - self.log_z_shifted,
-            "KL of the calibrated tilt",
-        )
+        Ok(self.kl)
     }
 
     /// The standard win rate over the reference, `E_g[u] = 1 − ∫ G`.
@@ -409,7 +469,7 @@ impl CalibratedPolicy for CalibratedTilt {
 }
 
 /// The best-of-m policy itself as a calibrated density `m u^{m−1}` (BoN is the RLHF tilt
-/// with `Φ = log u`, `β = 1/(m−1)`; derivations §2.3). Real `m ≥ 1`.
+/// with `Φ = log u`, `β = 1/(m−1)`; docs/theory.md §10). Real `m ≥ 1`.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct BestOfMPolicy {
     m: f64,
@@ -420,7 +480,10 @@ impl BestOfMPolicy {
     /// [`TiltError::InvalidInput`] naming `m` unless `m ≥ 1` and finite.
     pub fn new(m: f64) -> Result<Self> {
         if !(m.is_finite() && m >= 1.0) {
-            return Err(TiltError::invalid("m", format!("{m} must be ≥ 1")));
+            return Err(TiltError::invalid(
+                "m",
+                format!("{m} must be ≥ 1", m = Shown(m)),
+            ));
         }
         Ok(Self { m })
     }
@@ -433,7 +496,7 @@ impl BestOfMPolicy {
         if !(kl.is_finite() && (0.0..=MAX_KL).contains(&kl)) {
             return Err(TiltError::invalid(
                 "kl",
-                format!("{kl}: must be between 0 and {MAX_KL} nats"),
+                format!("{kl}: must be between 0 and {MAX_KL} nats", kl = Shown(kl)),
             ));
         }
         if kl == 0.0 {
@@ -468,7 +531,7 @@ impl CalibratedPolicy for BestOfMPolicy {
 }
 
 /// The inference-time win rate `W(T(π) > T(p))` on the calibrated scale (arXiv
-/// 2412.19792; formulas in the module doc, derivations §2.3), for `T = BoN_N` or `WoN_N`.
+/// 2412.19792; formulas in the module doc, docs/theory.md §10), for `T = BoN_N` or `WoN_N`.
 /// `N = 1` gives the standard win rate. Ties have probability 0 on the calibrated scale.
 ///
 /// # Errors
@@ -487,22 +550,7 @@ pub fn inference_win_rate(
     n: u64,
     procedure: Procedure,
 ) -> Result<f64> {
-    if n == 0 {
-        return Err(TiltError::invalid("n", "the number of draws must be ≥ 1"));
-    }
-    let (cap, name) = match procedure {
-        Procedure::Bon => (MAX_BON_N, "best-of-N"),
-        Procedure::Won => (MAX_WON_N, "worst-of-N"),
-    };
-    if n > cap {
-        return Err(TiltError::invalid(
-            "n",
-            format!(
-                "{n} draws: the quadrature of the {name} win rate is accurate (1e-10) only up to \
-                 N = {cap:e}"
-            ),
-        ));
-    }
+    check_draws(n, procedure)?;
     let nf = n as f64;
     let mut breaks = policy.breakpoints();
     breaks.extend(geometric_breaks(0.05 / nf, 0.05 / nf));
@@ -535,6 +583,66 @@ pub fn inference_win_rate(
         )?,
     };
     Ok((1.0 - integral.value).clamp(0.0, 1.0))
+}
+
+/// Check a KL budget for [`CalibratedTilt::with_kl`]: finite, in `[1e-12, MAX_KL]` nats.
+///
+/// # Errors
+/// [`TiltError::InvalidInput`] naming `kl` otherwise.
+pub fn check_kl_budget(kl: f64) -> Result<()> {
+    if kl.is_finite() && (1e-12..=MAX_KL).contains(&kl) {
+        return Ok(());
+    }
+    Err(TiltError::invalid(
+        "kl",
+        format!(
+            "{kl}: the KL budget must be between 1e-12 and {MAX_KL} nats",
+            kl = Shown(kl)
+        ),
+    ))
+}
+
+/// Check the N of an inference-time procedure for [`inference_win_rate`]: at least 1 and
+/// within the accurate range of its quadrature ([`MAX_BON_N`], [`MAX_WON_N`]).
+///
+/// # Errors
+/// [`TiltError::InvalidInput`] naming `n` otherwise.
+pub fn check_draws(n: u64, procedure: Procedure) -> Result<()> {
+    if n == 0 {
+        return Err(TiltError::invalid("n", "the number of draws must be ≥ 1"));
+    }
+    let (cap, name) = match procedure {
+        Procedure::Bon => (MAX_BON_N, "best-of-N"),
+        Procedure::Won => (MAX_WON_N, "worst-of-N"),
+    };
+    if n > cap {
+        return Err(TiltError::invalid(
+            "n",
+            format!(
+                "{n} draws: the quadrature of the {name} win rate is accurate (1e-10) only up to \
+                 N = {cap:e}"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Check the upper end of the t search of [`optimize_t`]: `0.25 < t_max ≤ MAX_T`.
+///
+/// # Errors
+/// [`TiltError::InvalidInput`] naming `t-max` otherwise.
+pub fn check_t_max(t_max: f64) -> Result<()> {
+    if t_max.is_finite() && t_max > 0.25 && t_max <= MAX_T {
+        return Ok(());
+    }
+    Err(TiltError::invalid(
+        "t-max",
+        format!(
+            "{t_max}: the upper end of the t search must be > 0.25 and at most {MAX_T:e} \
+             (beyond, the transform is a step that double precision cannot resolve)",
+            t_max = Shown(t_max)
+        ),
+    ))
 }
 
 /// One evaluated point of a CTRL tilt: transform, β, KL, win rates.
@@ -580,7 +688,7 @@ pub struct OptimalT {
     /// Upper end of the search bracket.
     pub t_max: f64,
     /// True when the optimum sits at `t_max`: the true argmax may be larger (for large N
-    /// it runs to hundreds; derivations §2.5).
+    /// it runs to hundreds; docs/theory.md §10).
     pub at_edge: bool,
     /// The values of t at which the tilt or its win rate could not be computed (a
     /// [`TiltError::NoConvergence`]), each with the reason; they were treated as
@@ -599,14 +707,14 @@ pub struct UnconvergedT {
 
 /// Maximise the inference-time win rate over `t ∈ [0, t_max]` for the exponential family
 /// `make(t)` at KL `kl`: a scan of `t = 0` and 24 log-spaced points in `[0.25, t_max]`,
-/// then golden-section search around the best (derivations §2.4–2.5 choose t this way,
+/// then golden-section search around the best (docs/theory.md §10: t is chosen this way,
 /// on a grid). A `t` at which the transform cannot reach the KL budget (neg-exp with a
 /// large `t` needs `1/β ≈ e^{t(1−e^{−KL})}`, beyond [`MAX_LOG_LAMBDA`]) counts as
 /// infeasible, and so does one at which the tilt is too concentrated to integrate
 /// ([`TiltError::NoConvergence`]); those are listed in [`OptimalT::unconverged`].
 ///
 /// # Errors
-/// [`TiltError::InvalidInput`] naming `t-max` unless `t_max > 0.25`; as
+/// [`TiltError::InvalidInput`] naming `t-max` unless `0.25 < t_max ≤ MAX_T`; as
 /// [`CalibratedTilt::with_kl`] and [`inference_win_rate`] for the identity (`t = 0`), which
 /// reaches every KL, so that bad input (a KL budget, N) is reported as such.
 pub fn optimize_t(
@@ -616,12 +724,7 @@ pub fn optimize_t(
     kl: f64,
     t_max: f64,
 ) -> Result<OptimalT> {
-    if !(t_max.is_finite() && t_max > 0.25) {
-        return Err(TiltError::invalid(
-            "t-max",
-            format!("{t_max}: the upper end of the t search must be > 0.25"),
-        ));
-    }
+    check_t_max(t_max)?;
     let mut grid = vec![0.0];
     let steps = 24;
     for i in 0..steps {

@@ -3,7 +3,7 @@
 //!
 //! # Why a tilted convolution
 //! Best-of-N over sequences of length `L` with `N = e^{LΔ}` (arXiv 2404.01730, §3 of
-//! `spec/math.md`) lives where the reference law of `S_L = Σ r(y_i)` has tail probability
+//! docs/theory.md §12) lives where the reference law of `S_L = Σ r(y_i)` has tail probability
 //! about `e^{−LΔ}`: for `L = 1000`, `Δ = 0.5` that is `e^{−500}`, far below what a plain
 //! convolution resolves (an FFT's absolute error is ~1e-16 of the peak; even a direct
 //! convolution underflows past 1e-308). So the law is computed under the exponentially
@@ -41,6 +41,7 @@
 //! (exactly, for the KL and rate-function quantities of the snapped model).
 
 use crate::error::{Result, TiltError};
+use crate::numerics::Shown;
 use rustfft::{num_complex::Complex, FftPlanner};
 
 /// Largest grid index `K = (max r − min r)/h` accepted per token.
@@ -103,7 +104,7 @@ impl LatticeRewards {
                 if !(h.is_finite() && h > 0.0) {
                     return Err(TiltError::invalid(
                         "grid",
-                        format!("step {h} must be a finite positive number"),
+                        format!("step {h} must be a finite positive number", h = Shown(h)),
                     ));
                 }
                 h
@@ -289,6 +290,28 @@ fn clean(mut v: Vec<f64>) -> Vec<f64> {
     v
 }
 
+/// The number of points `L·K + 1` of the law of a sum of `length` variables on
+/// `0..grid_points` (`K = grid_points − 1`), if within [`MAX_SUM_POINTS`].
+///
+/// # Errors
+/// [`TiltError::InvalidInput`] naming `length` beyond it.
+pub fn check_sum_points(grid_points: usize, length: usize) -> Result<usize> {
+    let k = grid_points.saturating_sub(1);
+    k.checked_mul(length)
+        .and_then(|x| x.checked_add(1))
+        .filter(|&n| n <= MAX_SUM_POINTS)
+        .ok_or_else(|| {
+            TiltError::invalid(
+                "length",
+                format!(
+                    "sequences of length {length} with {grid_points} reward grid points per \
+                     token need more than {MAX_SUM_POINTS} points for the law of the sum; use \
+                     a shorter length or a coarser grid"
+                ),
+            )
+        })
+}
+
 /// The pmf of `Σ_{i=1}^{L} k_i` for i.i.d. `k_i` with pmf `token_pmf` on `0..=K`, on
 /// `0..=L·K` (linear scale, total 1).
 ///
@@ -310,20 +333,7 @@ pub fn sum_pmf(token_pmf: &[f64], length: usize, method: ConvolutionMethod) -> R
     if total <= 0.0 {
         return Err(TiltError::invalid("token pmf", "sums to 0"));
     }
-    let k = token_pmf.len() - 1;
-    let points = k
-        .checked_mul(length)
-        .and_then(|x| x.checked_add(1))
-        .filter(|&n| n <= MAX_SUM_POINTS)
-        .ok_or_else(|| {
-            TiltError::invalid(
-                "length",
-                format!(
-                    "sequences of length {length} with {} reward grid points per token need more than {MAX_SUM_POINTS} points for the law of the sum; use a shorter length or a coarser grid",
-                    k + 1
-                ),
-            )
-        })?;
+    let points = check_sum_points(token_pmf.len(), length)?;
     let unit: Vec<f64> = token_pmf.iter().map(|p| p / total).collect();
     let out = match method {
         ConvolutionMethod::Direct => {

@@ -8,13 +8,17 @@
 //!
 //! This crate depends on no ML library: it is pure `f64` arithmetic, in log space wherever
 //! powers and tiny probabilities meet. All divergences are in nats.
+//!
+//! Every formula implemented here is stated, with its source, in the repository's
+//! `docs/theory.md` (numbered sections, cited from the functions as "docs/theory.md §N").
+//! Errors say whose fault they are ([`TiltError::kind`]).
 #![deny(missing_docs)]
 
 pub mod distribution;
 pub mod error;
 
 pub use distribution::RewardDistribution;
-pub use error::{Result, TiltError};
+pub use error::{ErrorKind, Result, TiltError};
 
 pub mod best_of_n;
 pub mod bounds;

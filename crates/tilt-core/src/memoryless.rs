@@ -1,6 +1,6 @@
 //! The memoryless model with a linear reward: exact finite-length computations and their
-//! large-length limits (Yang, Salamatian, Sun, Suresh, Beirami, arXiv 2404.01730; `spec/math.md`
-//! §3, `spec/derivations.md` §1.4–1.8).
+//! large-length limits (Yang, Salamatian, Sun, Suresh, Beirami, arXiv 2404.01730;
+//! docs/theory.md §12).
 //!
 //! Sequences `y = (y_1, …, y_L)` are i.i.d. from a token pmf `q`; the reward is additive,
 //! `r(y) = Σ r(y_i)`; the KL budget is `L·Δ`. Everything is a function of the per-token
@@ -20,7 +20,7 @@
 //!
 //! The paper shows that as `L → ∞` best-of-N's reward per token converges to `x*` and that
 //! `KL(BoN‖tilt)/L → 0` (its abstract: best-of-N and the KL-optimal policy are
-//! "asymptotically equivalent"; derivations.md §1.7); the sources we have state the limits
+//! "asymptotically equivalent"; docs/theory.md §12); the statements we follow give the limits
 //! (`o(1)`), not a rate. [`MemorylessModel::analyze`] computes these quantities exactly at
 //! finite `L` so the convergence can be watched.
 //!
@@ -42,18 +42,18 @@
 //! 4.46e-3 at L = 1000, 7.43e-5 at L = 100000), as a `1/√L` prefactor of the tail
 //! `P(S_L ≥ Lx) ≈ e^{−L I(x)}/√L` would make it (it costs best-of-N about `log √L` nats),
 //! and the KL per token falls at a similar `log L / L` pace. This is a heuristic reading of
-//! the table; the paper (as far as our sources show, derivations.md §1.7) proves only
+//! the table; the paper's result, as docs/theory.md §12 states it, is only
 //! that both go to 0.
 
 use crate::distribution::RewardDistribution;
 use crate::error::{Result, TiltError};
 use crate::lattice::{self, ConvolutionMethod, LatticeRewards};
-use crate::numerics::{log_sum_exp, non_negative, NeumaierSum};
+use crate::numerics::{log_sum_exp, neg_log_share, neumaier_sum, non_negative, NeumaierSum, Shown};
 use crate::optimize::{bracket_up, brent_root};
 use serde::Serialize;
 
 /// A token pmf with per-token rewards on a lattice: the memoryless model of arXiv
-/// 2404.01730 (memoryless reference, linear reward; derivations.md §1.4).
+/// 2404.01730 (memoryless reference, linear reward; docs/theory.md §12).
 #[derive(Debug, Clone)]
 pub struct MemorylessModel {
     /// Probabilities of the outcomes with positive probability.
@@ -65,7 +65,10 @@ pub struct MemorylessModel {
     lattice: LatticeRewards,
     r_max: f64,
     r_min: f64,
-    p_max_set: f64,
+    /// `−log q(argmax r)`, formed from the mass below the top ([`neg_log_share`]).
+    max_kl: f64,
+    /// `−log q(argmin r)`, formed from the mass above the bottom.
+    min_rate: f64,
 }
 
 /// Values of the cumulant generating function and its first two derivatives at one `λ`.
@@ -102,12 +105,17 @@ impl MemorylessModel {
         }
         let r_max = rewards.iter().copied().fold(f64::NEG_INFINITY, f64::max);
         let r_min = rewards.iter().copied().fold(f64::INFINITY, f64::min);
-        let p_max_set = probs
-            .iter()
-            .zip(&rewards)
-            .filter(|(_, r)| **r == r_max)
-            .map(|(p, _)| *p)
-            .sum();
+        let mass = |keep: &dyn Fn(f64) -> bool| {
+            neumaier_sum(
+                probs
+                    .iter()
+                    .zip(&rewards)
+                    .filter(|(_, r)| keep(**r))
+                    .map(|(p, _)| *p),
+            )
+        };
+        let (p_max_set, p_below_max) = (mass(&|r| r == r_max), mass(&|r| r < r_max));
+        let (p_min_set, p_above_min) = (mass(&|r| r == r_min), mass(&|r| r > r_min));
         Ok(Self {
             probs,
             rewards,
@@ -115,7 +123,8 @@ impl MemorylessModel {
             lattice,
             r_max,
             r_min,
-            p_max_set,
+            max_kl: neg_log_share(p_max_set, p_below_max),
+            min_rate: neg_log_share(p_min_set, p_above_min),
         })
     }
 
@@ -136,11 +145,14 @@ impl MemorylessModel {
 
     /// The largest per-token KL of any tilt: `−log q(argmax r)` (arXiv 2404.01730; a budget
     /// at or beyond it is reached only by the degenerate policy on the argmax set).
+    ///
+    /// `≥ 0` exactly, and `0` exactly when every token ties for the top reward (computed
+    /// from the mass below the top, [`neg_log_share`]).
     pub fn max_kl_per_token(&self) -> f64 {
-        -self.p_max_set.ln()
+        self.max_kl
     }
 
-    /// `Λ(λ)`, `Λ'(λ)`, `Λ''(λ)` (derivations §1.2), by log-sum-exp shifted at the reward
+    /// `Λ(λ)`, `Λ'(λ)`, `Λ''(λ)` (docs/theory.md §1), by log-sum-exp shifted at the reward
     /// that dominates for this sign of `λ`, so that any `λ` is safe.
     ///
     /// ```text
@@ -168,7 +180,7 @@ impl MemorylessModel {
         }
     }
 
-    /// `KL(q_λ‖q) = λΛ'(λ) − Λ(λ)` (derivations §1.2), computed as
+    /// `KL(q_λ‖q) = λΛ'(λ) − Λ(λ)` (docs/theory.md §1), computed as
     /// `λ(Λ' − r_max) − (Λ − λ r_max)` to avoid cancellation at large `λ`.
     pub fn tilt_kl(&self, lambda: f64) -> f64 {
         let c = self.cumulants(lambda);
@@ -209,7 +221,9 @@ impl MemorylessModel {
                 "x",
                 format!(
                     "{x} is outside the open reward range ({}, {})",
-                    self.r_min, self.r_max
+                    self.r_min,
+                    self.r_max,
+                    x = Shown(x)
                 ),
             ));
         }
@@ -230,8 +244,8 @@ impl MemorylessModel {
         )
     }
 
-    /// The Cramér rate function `I(x) = sup_λ (λx − Λ(λ))` (Legendre transform; derivations
-    /// §1.5), accurate to ~1e-13: the error of `λ` enters only to second order.
+    /// The Cramér rate function `I(x) = sup_λ (λx − Λ(λ))` (Legendre transform; docs/theory.md
+    /// §12), accurate to ~1e-13: the error of `λ` enters only to second order.
     ///
     /// ```text
     /// I(x) = λ_x x − Λ(λ_x),  Λ'(λ_x) = x        (min r < x < max r)
@@ -268,14 +282,7 @@ impl MemorylessModel {
             return Ok(self.max_kl_per_token());
         }
         if x == self.r_min {
-            let p: f64 = self
-                .probs
-                .iter()
-                .zip(&self.rewards)
-                .filter(|(_, r)| **r == self.r_min)
-                .map(|(p, _)| *p)
-                .sum();
-            return Ok(-p.ln());
+            return Ok(self.min_rate);
         }
         let l = self.lambda_for_mean(x)?;
         // λx − Λ(λ); `cumulants` forms Λ by a log-sum-exp shifted at its largest term, so
@@ -283,7 +290,7 @@ impl MemorylessModel {
         non_negative(l * x - self.cumulants(l).log_mgf, "rate function")
     }
 
-    /// The tilt multiplier `λ_Δ > 0` with `KL(q_λ‖q) = Δ` (derivations §1.2; arXiv
+    /// The tilt multiplier `λ_Δ > 0` with `KL(q_λ‖q) = Δ` (docs/theory.md §1; arXiv
     /// 2404.01730: the optimal KL-constrained policy is this tilt).
     ///
     /// # Errors
@@ -293,7 +300,10 @@ impl MemorylessModel {
         if !(delta.is_finite() && delta > 0.0) {
             return Err(TiltError::invalid(
                 "delta",
-                format!("{delta}: the per-token KL budget must be a finite number > 0 nats"),
+                format!(
+                    "{delta}: the per-token KL budget must be a finite number > 0 nats",
+                    delta = Shown(delta)
+                ),
             ));
         }
         let max = self.max_kl_per_token();
@@ -309,7 +319,7 @@ impl MemorylessModel {
         brent_root(f, 0.0, hi, 1e-15 * (1.0 + hi), "λ for KL(q_λ‖q) = Δ")
     }
 
-    /// `x*(Δ) = Λ'(λ_Δ)`, the unique `x > E_q r` with `I(x) = Δ` (derivations §1.7).
+    /// `x*(Δ) = Λ'(λ_Δ)`, the unique `x > E_q r` with `I(x) = Δ` (docs/theory.md §12).
     ///
     /// # Errors
     /// As [`MemorylessModel::lambda_for_kl`].
@@ -318,7 +328,7 @@ impl MemorylessModel {
     }
 
     /// The scaled cumulant generating function of the reward under the tilt `q_λ^{⊗L}`,
-    /// with its Rényi form (derivations §1.6, derived there, tag D; arXiv 2404.01730 states
+    /// with its Rényi form (docs/theory.md §12, a derivation; arXiv 2404.01730 states
     /// that "the rate of growth of the scaled cumulants is characterised by a proper Rényi
     /// cross entropy" — the exact statement in the paper was not available to us, so this
     /// implements the identity below, which is exact for every `L`):
@@ -338,7 +348,7 @@ impl MemorylessModel {
         if !(lambda.is_finite() && lambda > 0.0) {
             return Err(TiltError::invalid(
                 "lambda",
-                format!("{lambda} must be > 0"),
+                format!("{lambda} must be > 0", lambda = Shown(lambda)),
             ));
         }
         if !(theta.is_finite() && theta > -lambda && theta != 0.0) {
@@ -372,6 +382,19 @@ impl MemorylessModel {
             out[k] += p;
         }
         out
+    }
+
+    /// Check a sequence length before any work: at least 1 token, and the law of `S_L`
+    /// (`L·K + 1` lattice points, `K` the per-token grid index range) within
+    /// [`lattice::MAX_SUM_POINTS`].
+    ///
+    /// # Errors
+    /// [`TiltError::InvalidInput`] naming `length`.
+    pub fn check_length(&self, length: usize) -> Result<()> {
+        if length == 0 {
+            return Err(TiltError::invalid("length", "must be at least 1 token"));
+        }
+        lattice::check_sum_points(self.lattice.max_index() + 1, length).map(|_| ())
     }
 
     /// The exact law of `S_L` under the reference `q^{⊗L}`, computed under the tilt
@@ -434,9 +457,7 @@ impl MemorylessModel {
         delta: f64,
         method: Option<ConvolutionMethod>,
     ) -> Result<MemorylessReport> {
-        if length == 0 {
-            return Err(TiltError::invalid("length", "must be at least 1 token"));
-        }
+        self.check_length(length)?;
         let lambda = self.lambda_for_kl(delta)?;
         let c = self.cumulants(lambda);
         let x_star = c.mean;
@@ -533,7 +554,7 @@ impl SumLaw {
 
     /// `log P_{q_λ^{⊗L}}(S_L = s) = log P_q(S_L = s) + λ s − L Λ(λ)`: the law of `S_L` under
     /// the product tilt `q_λ^{⊗L}` (an exponential family in `S_L`, since
-    /// `Λ_L = L·Λ`; derivations.md §1.4, arXiv 2404.01730).
+    /// `Λ_L = L·Λ`; docs/theory.md §12, arXiv 2404.01730).
     pub fn tilted_log_pmf(&self, model: &MemorylessModel, lambda: f64) -> Vec<f64> {
         let shift = self.length as f64 * model.cumulants(lambda).log_mgf;
         self.log_pmf

@@ -23,10 +23,29 @@ use crate::error::{Result, TiltError};
 /// }
 /// assert_eq!(s.value(), 2.0);
 /// ```
+///
+/// Infinite terms and overflow give the total plain summation would give (`+∞`, `−∞`, or
+/// NaN for `∞ − ∞`), never a NaN made by the compensation (`(s − ∞) + ∞`):
+///
+/// ```
+/// use tilt_core::numerics::NeumaierSum;
+/// let mut s = NeumaierSum::default();
+/// for x in [0.25, f64::INFINITY, 1.0] {
+///     s.add(x);
+/// }
+/// assert_eq!(s.value(), f64::INFINITY);
+/// let mut big = NeumaierSum::default();
+/// big.add(f64::MAX);
+/// big.add(f64::MAX);
+/// assert_eq!(big.value(), f64::INFINITY);
+/// ```
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct NeumaierSum {
     sum: f64,
     compensation: f64,
+    /// The sum of the non-finite terms and of overflowed partial sums (0 when there are
+    /// none): once non-zero (or NaN) it is the total.
+    special: f64,
 }
 
 impl NeumaierSum {
@@ -34,6 +53,12 @@ impl NeumaierSum {
     #[inline]
     pub fn add(&mut self, x: f64) {
         let t = self.sum + x;
+        if !t.is_finite() {
+            // x is ±∞ or NaN, or the running sum overflowed: the total is that, and the
+            // compensation (which would form ∞ − ∞) has no meaning any more.
+            self.special += if x.is_finite() { t } else { x };
+            return;
+        }
         if self.sum.abs() >= x.abs() {
             self.compensation += (self.sum - t) + x;
         } else {
@@ -48,11 +73,15 @@ impl NeumaierSum {
     pub fn merge(&mut self, other: NeumaierSum) {
         self.add(other.sum);
         self.compensation += other.compensation;
+        self.special += other.special;
     }
 
     /// The compensated total.
     #[inline]
     pub fn value(&self) -> f64 {
+        if self.special != 0.0 || self.special.is_nan() {
+            return self.special;
+        }
         self.sum + self.compensation
     }
 }
@@ -142,8 +171,9 @@ pub fn exp_m1_minus_x(u: f64) -> f64 {
 /// non-negative, so the sum has no cancellation even when KL is of order 1e-20.
 ///
 /// ```text
-/// h(u) = Σ_{k≥2} (k − 1)·u^k / k!   (|u| < 0.5),   u·e^u − expm1(u) otherwise
+/// h(u) = Σ_{k≥2} (k − 1)·u^k / k!   (|u| < 0.5),   e^u·(u − 1) + 1 otherwise
 /// ```
+/// (`h(−∞) = 1`; `+∞` where `e^u` overflows.)
 ///
 /// ```
 /// use tilt_core::numerics::kl_summand;
@@ -171,7 +201,8 @@ pub fn kl_summand(u: f64) -> f64 {
         }
         sum
     } else {
-        u * u.exp() - u.exp_m1()
+        // e^u·(u − 1) + 1: finite or +∞ (u > ~709), never ∞ − ∞.
+        u.exp() * (u - 1.0) + 1.0
     }
 }
 
@@ -197,6 +228,56 @@ pub fn non_negative(x: f64, what: &str) -> Result<f64> {
         });
     }
     Ok(if x < 0.0 { 0.0 } else { x })
+}
+
+/// `−log(a/(a + b))` for masses `a > 0`, `b ≥ 0`: the information of an event of mass `a`
+/// whose complement has mass `b`, e.g. the largest KL of a tilt, `−log p(argmax set)`
+/// (docs/theory.md §1), with `b` the mass below the argmax set.
+///
+/// ```text
+/// −log(a/(a + b)) = log1p(b/a)
+/// ```
+/// Formed from the complement, it is `≥ 0` exactly and `0` exactly when `b = 0`, however
+/// many terms `a` was summed from: `−log Σ_i p_i` over 10⁶ equal masses of 10⁻⁶ rounds a
+/// hair below 0 (the sum rounds above 1), and that is not a KL. Both masses are normalised
+/// by `a + b`, so a pmf that sums to 1 only within tolerance gives the same answer as the
+/// normalised one. `a = 0` gives `+∞`.
+///
+/// ```
+/// use tilt_core::numerics::neg_log_share;
+/// assert_eq!(neg_log_share(1.0000000000079, 0.0), 0.0);
+/// assert!((neg_log_share(0.25, 0.75) - 4f64.ln()).abs() < 1e-15);
+/// assert_eq!(neg_log_share(0.0, 1.0), f64::INFINITY);
+/// ```
+pub fn neg_log_share(a: f64, b: f64) -> f64 {
+    if a <= 0.0 {
+        return f64::INFINITY;
+    }
+    (b / a).ln_1p()
+}
+
+/// A number as an error message shows it: as Rust prints it for moderate magnitudes
+/// (`0.25`, `200`), in scientific notation otherwise (`1e-12`, `1e300`, never 301 digits).
+///
+/// ```
+/// use tilt_core::numerics::Shown;
+/// assert_eq!(Shown(0.25).to_string(), "0.25");
+/// assert_eq!(Shown(1e300).to_string(), "1e300");
+/// assert_eq!(Shown(1e-12).to_string(), "1e-12");
+/// assert_eq!(Shown(f64::INFINITY).to_string(), "inf");
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Shown(pub f64);
+
+impl std::fmt::Display for Shown {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let x = self.0;
+        if !x.is_finite() || x == 0.0 || (1e-5..1e16).contains(&x.abs()) {
+            write!(f, "{x}")
+        } else {
+            write!(f, "{x:e}")
+        }
+    }
 }
 
 /// `ln k!` for `k = 0..=n`, by cumulative sums of logarithms (exact enough for the small

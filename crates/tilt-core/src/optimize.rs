@@ -6,7 +6,7 @@
 //! on a bracket we can find by doubling, so Brent's method (bisection safeguarding inverse
 //! quadratic interpolation; Brent 1973, ch. 4) is both robust and fast. The maximiser
 //! scans a grid first (the win-rate curve in `t` is flat for large N, see
-//! derivations §2.5) and then refines with golden-section search around the best grid
+//! docs/theory.md §10) and then refines with golden-section search around the best grid
 //! point, reporting when the optimum sits at the edge of the bracket.
 
 use crate::error::{Result, TiltError};

@@ -4,7 +4,7 @@
 //! ```text
 //! π(y) = p(y)·E[ n·w(y) / (w(y) + Σ_{j=2}^n w(Y_j)) ],   w = e^{r/λ},  Y_j iid p
 //! ```
-//! (derivations.md §6.1). λ is a temperature: λ → 0 is hard best-of-n (ties uniform),
+//! (docs/theory.md §6). λ is a temperature: λ → 0 is hard best-of-n (ties uniform),
 //! λ → ∞ is p, and as n → ∞ the law tends to the tilt `p·e^{r/λ}/Z`.
 //!
 //! The expectation is computed exactly by enumerating the multinomial counts of the other
@@ -18,7 +18,7 @@ use crate::best_of_n::{order_statistic_levels, Selection};
 use crate::distribution::RewardDistribution;
 use crate::error::{Result, TiltError};
 use crate::levels::Levels;
-use crate::numerics::{kl_summand, ln_factorials, neumaier_sum, non_negative, NeumaierSum};
+use crate::numerics::{kl_summand, ln_factorials, neumaier_sum, non_negative, NeumaierSum, Shown};
 use crate::win_rate::win_rate_levels;
 use serde::Serialize;
 
@@ -46,7 +46,7 @@ pub struct SoftBestOfN {
     pub pmf: Vec<f64>,
 }
 
-/// Exact soft best-of-n law (see the module doc; derivations.md §6.1).
+/// Exact soft best-of-n law (see the module doc; docs/theory.md §6).
 ///
 /// # Errors
 /// [`TiltError::InvalidInput`] naming `n` when `n = 0`, `lambda` when negative or NaN, or
@@ -66,7 +66,10 @@ pub fn soft_best_of_n(dist: &RewardDistribution, n: u64, lambda: f64) -> Result<
     if lambda.is_nan() || lambda < 0.0 {
         return Err(TiltError::invalid(
             "lambda",
-            format!("{lambda}: the temperature must be ≥ 0"),
+            format!(
+                "{lambda}: the temperature must be ≥ 0",
+                lambda = Shown(lambda)
+            ),
         ));
     }
     let levels = Levels::new(dist)?;

@@ -7,16 +7,17 @@
 //! ```
 //!
 //! Inside, the multiplier λ is the one convention; β = 1/λ is converted at the edges.
-//! `Λ` is a log-sum-exp shifted by the top reward, and KL is summed as
+//! `Λ` is a sum shifted by the top reward (never overflowing), and KL is summed as
 //! `Σ_L p(L)·h(log(φ(L)/p(L)))` with `h(u) = u·e^u − e^u + 1 ≥ 0` ([`kl_summand`]): every
 //! term is non-negative, so KL keeps its relative accuracy at λ → 0 where `λE r − Λ` would
 //! cancel to nothing. That matters because [`tilt_by_kl`] solves `KL(φ_λ‖p) = Δ` for λ to
-//! 1e-12 relative accuracy (bisection on log λ after bracketing; KL is monotone).
+//! 1e-12 relative accuracy (Brent's method on log λ after bracketing; KL is monotone).
 
 use crate::distribution::RewardDistribution;
 use crate::error::{Result, TiltError};
 use crate::levels::{chunked_sum, Levels};
-use crate::numerics::{kl_summand, log_sum_exp, non_negative};
+use crate::numerics::{kl_summand, neg_log_share, non_negative, Shown};
+use crate::optimize::brent_root;
 use crate::win_rate::win_rate_levels;
 use serde::Serialize;
 
@@ -43,9 +44,11 @@ pub struct TiltedLevels {
 /// Everything `tilt theory tilt` reports.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Tilt {
-    /// β = 1/λ, the KL-regularisation strength (+∞ at λ = 0, serialised as null).
+    /// β = 1/λ, the KL-regularisation strength; +∞ at λ = 0, the reference itself
+    /// (serialised as null; `lambda` is then 0).
     pub beta: f64,
-    /// λ = 1/β.
+    /// λ = 1/β; +∞ at the largest achievable KL, `−log p(argmax set)` (serialised as null;
+    /// `beta` is then 0).
     pub lambda: f64,
     /// KL(φ‖p), nats.
     pub kl: f64,
@@ -53,22 +56,122 @@ pub struct Tilt {
     pub expected_reward: f64,
     /// Win rate of φ over p, ties counting ½.
     pub win_rate: f64,
-    /// log Z = log E_p e^{r/β} (nats; +∞ at β = 0).
+    /// log Z = log E_p e^{r/β} (nats); +∞ at β = 0 (serialised as null).
     pub log_partition: f64,
     /// φ over the outcomes, in input order.
     pub pmf: Vec<f64>,
 }
 
 /// The largest KL a tilt reaches on a finite support: `−log p(argmax set)`, the λ → ∞ limit
-/// (arXiv 2404.01730; derivations §1.2). A larger KL budget buys no more reward: the tilt
-/// at λ = ∞ already has the largest reward on the support.
+/// (arXiv 2404.01730 §2; docs/theory.md §1). A larger KL budget buys no more reward: the
+/// tilt at λ = ∞ already has the largest reward on the support.
+///
+/// ```text
+/// KL_max = −log p(T*) = log1p(P_p(r < r*)/p(T*)),   T* = argmax set, r* its reward
+/// ```
+/// Formed from the mass below the argmax set ([`neg_log_share`]), so it is `≥ 0` exactly,
+/// and `0` exactly when every outcome ties for the top (where `−log Σ p` over 10⁶ equal
+/// masses would round to `−7.9e-12`).
 pub fn max_kl(levels: &Levels) -> f64 {
-    let m = levels.masses()[levels.top_level()];
-    (-m.ln()).max(0.0)
+    let top = levels.top_level();
+    neg_log_share(
+        levels.masses()[top],
+        levels.below()[top] + levels.above()[top],
+    )
+}
+
+/// The tilt's normaliser at one finite λ > 0, and the per-level pieces every quantity of
+/// the tilt is made of, without allocating.
+///
+/// ```text
+/// y_L = λ(r_L − r*) ≤ 0,   shift = log Σ_L p(L)·e^{y_L} = Λ(λ) − λ r*,   u_L = y_L − shift
+/// φ_λ(L) = p(L)·e^{u_L},   KL = Σ_L p(L)·h(u_L),   h(u) = u·e^u − e^u + 1
+/// ```
+/// The sum is taken as `Σ p·e^{y − K}` with `K = max(log p(T*), −700)`: every term is at
+/// most `e^{700}` (since `p ≤ 1`, `y ≤ 0`) and the top one at least `e^{−745 + 700}`, so it
+/// neither overflows nor loses digits to subnormals, in one pass and without a logarithm per
+/// level. Sums run in fixed chunks ([`chunked_sum`]): the bits do not depend on the
+/// thread count.
+struct TiltKernel<'a> {
+    levels: &'a Levels,
+    lambda: f64,
+    top_reward: f64,
+    shift: f64,
+}
+
+impl<'a> TiltKernel<'a> {
+    /// For `0 < λ < ∞`.
+    fn new(levels: &'a Levels, lambda: f64) -> Self {
+        let (rw, ms) = (levels.rewards(), levels.masses());
+        let top = levels.top_level();
+        let c = rw[top];
+        let k = ms[top].ln().max(-700.0);
+        let [sum] = chunked_sum(levels.len(), |l| {
+            let m = ms[l];
+            if m > 0.0 {
+                [m * (lambda * (rw[l] - c) - k).exp()]
+            } else {
+                [0.0]
+            }
+        });
+        Self {
+            levels,
+            lambda,
+            top_reward: c,
+            shift: k + sum.ln(),
+        }
+    }
+
+    /// `u_L = log(φ(L)/p(L))` (meaningful where `p(L) > 0`; `−∞` where `λ(r − r*)` underflows).
+    #[inline]
+    fn log_ratio(&self, l: usize) -> f64 {
+        self.lambda * (self.levels.rewards()[l] - self.top_reward) - self.shift
+    }
+
+    /// `φ(L) = p(L)·e^{u}` (`e^{log p + u}` where `e^u` alone would overflow).
+    #[inline]
+    fn level_mass(&self, l: usize) -> f64 {
+        let m = self.levels.masses()[l];
+        if m <= 0.0 {
+            return 0.0;
+        }
+        let u = self.log_ratio(l);
+        if u < 700.0 {
+            m * u.exp()
+        } else {
+            (m.ln() + u).exp()
+        }
+    }
+
+    /// `KL(φ_λ‖p) = Σ_L p(L)·h(u_L)`, every term `≥ 0`, so KL keeps its relative accuracy as
+    /// λ → 0 where `λ·E r − Λ` would cancel to nothing.
+    ///
+    /// # Errors
+    /// [`TiltError::NumericalFailure`] if the sum is NaN.
+    fn kl(&self) -> Result<f64> {
+        let ms = self.levels.masses();
+        let [k] = chunked_sum(self.levels.len(), |l| {
+            let m = ms[l];
+            if m <= 0.0 {
+                return [0.0];
+            }
+            // When λ(r − r*) underflows to −∞ the level has no tilted mass, u = −∞ and
+            // h(−∞) = 1 (the form q·(u − 1) + m would give 0·(−∞) = NaN there).
+            let u = self.log_ratio(l);
+            if u == f64::NEG_INFINITY {
+                [m]
+            } else if u.abs() < 0.5 {
+                [m * kl_summand(u)]
+            } else {
+                [self.level_mass(l) * (u - 1.0) + m]
+            }
+        });
+        non_negative(k, "KL of the tilt")
+    }
 }
 
 /// The tilt with multiplier λ ≥ 0 on precomputed levels (λ = +∞ allowed), arXiv
-/// 2404.01730 §2 (derivations.md §1.2): `φ_λ ∝ p·e^{λ r}`, `KL = Σ_L p(L)·h(log φ/p)`.
+/// 2404.01730 §2 (docs/theory.md §1): `φ_λ ∝ p·e^{λ r}`, `KL = Σ_L p(L)·h(log φ/p)`.
 ///
 /// # Errors
 /// [`TiltError::InvalidInput`] naming `lambda` when negative or NaN;
@@ -77,7 +180,10 @@ pub fn tilt_levels(levels: &Levels, lambda: f64) -> Result<TiltedLevels> {
     if lambda.is_nan() || lambda < 0.0 {
         return Err(TiltError::invalid(
             "lambda",
-            format!("{lambda}: the tilt multiplier must be ≥ 0 (β = 1/λ > 0)"),
+            format!(
+                "{lambda}: the tilt multiplier must be ≥ 0 (β = 1/λ > 0)",
+                lambda = Shown(lambda)
+            ),
         ));
     }
     let (rw, ms) = (levels.rewards(), levels.masses());
@@ -96,44 +202,10 @@ pub fn tilt_levels(levels: &Levels, lambda: f64) -> Result<TiltedLevels> {
         log_partition = 0.0;
         kl = 0.0;
     } else {
-        let c = rw[top];
-        // x_L = log p(L) + λ(r_L − c) ≤ log p(L); LSE of them is Λ(λ) − λc.
-        // y_L = λ(r_L − c) ≤ 0; shift = log Σ_L p(L)·e^{y_L} = Λ(λ) − λc.
-        let y: Vec<f64> = rw.iter().map(|&r| lambda * (r - c)).collect();
-        let x: Vec<f64> = y
-            .iter()
-            .zip(ms)
-            .map(|(&y, &m)| {
-                if m > 0.0 {
-                    m.ln() + y
-                } else {
-                    f64::NEG_INFINITY
-                }
-            })
-            .collect();
-        let shift = log_sum_exp(&x);
-        log_partition = shift + lambda * c;
-        level_pmf = x.iter().map(|&v| (v - shift).exp()).collect();
-        let [k] = chunked_sum(levels.len(), |l| {
-            let m = ms[l];
-            if m <= 0.0 {
-                return [0.0];
-            }
-            // log(φ/p), formed without adding log p(L) (which would drown a tiny λ(r − c)).
-            // The term is p(L)·h(u), h(u) = u·e^u − e^u + 1. When λ(r − c) underflows to −∞
-            // the level has no tilted mass, u = −∞ and h(−∞) = 1 (the form q·(u − 1) + m
-            // would give 0·(−∞) = NaN there).
-            let u = y[l] - shift;
-            if u == f64::NEG_INFINITY {
-                [m]
-            } else if u.abs() < 0.5 {
-                [m * kl_summand(u)]
-            } else {
-                let q = level_pmf[l];
-                [q * (u - 1.0) + m]
-            }
-        });
-        kl = non_negative(k, "KL of the tilt")?;
+        let kernel = TiltKernel::new(levels, lambda);
+        log_partition = kernel.shift + lambda * kernel.top_reward;
+        level_pmf = (0..levels.len()).map(|l| kernel.level_mass(l)).collect();
+        kl = kernel.kl()?;
     }
     let [er] = chunked_sum(levels.len(), |l| [level_pmf[l] * rw[l]]);
     let win_rate = win_rate_levels(levels, &level_pmf);
@@ -147,11 +219,25 @@ pub fn tilt_levels(levels: &Levels, lambda: f64) -> Result<TiltedLevels> {
     })
 }
 
-/// Solve `KL(φ_λ‖p) = kl` for λ on precomputed levels (arXiv 2404.01730 §2; derivations.md
-/// §1.2: `K(λ)` is increasing from 0 to `−log p(argmax set)`): bisection on log λ until the
-/// bracket is [`LAMBDA_RELATIVE_TOLERANCE`]-relative. `kl = 0` gives λ = 0;
-/// `kl = max_kl` gives λ = +∞. λ is searched in units of the reward range (`λ·(max r −
-/// min r)` between 1e-300 and 1e300), so that rewards of any scale are solvable.
+/// `KL(φ_λ‖p)` alone, for `λ ∈ [0, ∞]`: what [`tilt_levels`] reports as `kl`, without
+/// building the pmf (the inner loop of [`solve_lambda_for_kl`]).
+fn kl_of_lambda(levels: &Levels, lambda: f64) -> Result<f64> {
+    if lambda == 0.0 {
+        Ok(0.0)
+    } else if lambda == f64::INFINITY {
+        Ok(max_kl(levels))
+    } else {
+        TiltKernel::new(levels, lambda).kl()
+    }
+}
+
+/// Solve `KL(φ_λ‖p) = kl` for λ on precomputed levels (arXiv 2404.01730 §2; docs/theory.md
+/// §1: `K(λ)` is increasing from 0 to `−log p(argmax set)`) to
+/// [`LAMBDA_RELATIVE_TOLERANCE`]: a bracket by doubling from a Gaussian guess, then Brent's
+/// method on `log λ` (about ten evaluations of KL, each two passes over the levels).
+/// `kl = 0` gives λ = 0; `kl = max_kl` gives λ = +∞. λ is searched in units of the reward
+/// range (`λ·(max r − min r)` between 1e-300 and 1e300), so that rewards of any scale are
+/// solvable.
 ///
 /// Near saturation KL is flat in λ (`dKL/d log λ = λ²·Var_φ(r)` falls below the rounding
 /// of KL), and a budget a rounding step below the maximum, such as the exact KL of
@@ -167,7 +253,10 @@ pub fn solve_lambda_for_kl(levels: &Levels, kl: f64) -> Result<f64> {
     if !kl.is_finite() || kl < 0.0 {
         return Err(TiltError::invalid(
             "kl",
-            format!("{kl}: a KL budget must be finite and ≥ 0 (nats)"),
+            format!(
+                "{kl}: a KL budget must be finite and ≥ 0 (nats)",
+                kl = Shown(kl)
+            ),
         ));
     }
     let max = max_kl(levels);
@@ -180,7 +269,7 @@ pub fn solve_lambda_for_kl(levels: &Levels, kl: f64) -> Result<f64> {
     if kl == max {
         return Ok(f64::INFINITY);
     }
-    let k = |lambda: f64| tilt_levels(levels, lambda).map(|t| t.kl);
+    let k = |lambda: f64| kl_of_lambda(levels, lambda);
     // 0 < kl < max, so at least two levels carry mass and the range is positive (and
     // finite: `RewardDistribution` rejects overflowing ranges).
     let (rw, ms) = (levels.rewards(), levels.masses());
@@ -203,6 +292,7 @@ pub fn solve_lambda_for_kl(levels: &Levels, kl: f64) -> Result<f64> {
     };
     let (mut lo, mut hi) = (guess, guess);
     let mut k_hi = k(hi)?;
+    let mut k_lo = k_hi;
     while k_hi < kl {
         let next = k(2.0 * hi)?;
         if next <= k_hi {
@@ -212,40 +302,57 @@ pub fn solve_lambda_for_kl(levels: &Levels, kl: f64) -> Result<f64> {
             }
             return Err(no_bracket(format!(
                 "the KL of the tilt stops growing at {k_hi} nats, below the budget {kl} nats \
-                 (maximum {max})"
+                 (maximum {max})",
+                kl = Shown(kl),
+                max = Shown(max),
+                k_hi = Shown(k_hi)
             )));
         }
+        (lo, k_lo) = (hi, k_hi);
         hi *= 2.0;
         k_hi = next;
         if hi * range > 1e300 || !hi.is_finite() {
             return Err(no_bracket(format!(
-                "KL budget {kl} nats is within rounding of the maximum {max}"
+                "KL budget {kl} nats is within rounding of the maximum {max}",
+                kl = Shown(kl),
+                max = Shown(max)
             )));
         }
     }
-    while k(lo)? > kl {
+    while k_lo > kl {
+        hi = lo;
         lo /= 2.0;
+        k_lo = k(lo)?;
         if lo * range < 1e-300 {
             return Err(no_bracket(format!(
-                "KL budget {kl} nats is too small to resolve"
+                "KL budget {kl} nats is too small to resolve",
+                kl = Shown(kl)
             )));
         }
     }
-    for _ in 0..200 {
-        if hi / lo - 1.0 <= 0.1 * LAMBDA_RELATIVE_TOLERANCE {
-            break;
-        }
-        let mid = lo.sqrt() * hi.sqrt(); // the geometric mean, without overflow
-        if mid <= lo || mid >= hi {
-            break;
-        }
-        if k(mid)? < kl {
-            lo = mid;
-        } else {
-            hi = mid;
-        }
+    if k_lo == kl {
+        return Ok(lo);
     }
-    Ok(lo.sqrt() * hi.sqrt())
+    // Brent on s = log λ: KL is smooth and increasing in s, so the bracket [log lo, log hi]
+    // (KL(lo) ≤ kl ≤ KL(hi)) shrinks superlinearly.
+    let mut failure = None;
+    let s = brent_root(
+        |s| match k(s.exp()) {
+            Ok(v) => v - kl,
+            Err(e) => {
+                failure = Some(e);
+                f64::NAN
+            }
+        },
+        lo.ln(),
+        hi.ln(),
+        0.1 * LAMBDA_RELATIVE_TOLERANCE,
+        "tilt multiplier for the KL budget",
+    );
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    Ok(s?.exp())
 }
 
 fn finish(dist: &RewardDistribution, levels: &Levels, t: TiltedLevels) -> Tilt {
@@ -281,14 +388,18 @@ pub fn tilt_by_lambda(dist: &RewardDistribution, lambda: f64) -> Result<Tilt> {
 /// use tilt_core::{tilt::tilt_by_beta, RewardDistribution};
 /// let p = RewardDistribution::new(vec![0.5, 0.5], vec![0.0, 1.0]).unwrap();
 /// let t = tilt_by_beta(&p, 1.0).unwrap();
-/// // derivations.md §1.8: KL = 0.1109441 nats at λ = 1.
+/// // Bernoulli(½), λ = 1: φ(1) = a = e/(1 + e), KL = a·log 2a + (1 − a)·log 2(1 − a)
+/// // = 0.1109441 nats (docs/theory.md §1).
 /// assert!((t.kl - 0.1109441).abs() < 1e-7);
 /// ```
 pub fn tilt_by_beta(dist: &RewardDistribution, beta: f64) -> Result<Tilt> {
     if beta.is_nan() || beta <= 0.0 {
         return Err(TiltError::invalid(
             "beta",
-            format!("{beta}: the regularisation strength must be > 0"),
+            format!(
+                "{beta}: the regularisation strength must be > 0",
+                beta = Shown(beta)
+            ),
         ));
     }
     tilt_by_lambda(dist, 1.0 / beta)

@@ -1,5 +1,5 @@
 //! Exact finite-support theory against independent derivations: brute-force enumeration
-//! of every n-tuple of draws, the closed forms of spec §2 / derivations.md §3–§4, and
+//! of every n-tuple of draws, the closed forms of docs/theory.md §1–§6, and
 //! series expansions for n = 10^15.
 
 use tilt_core::best_of_n::{best_of_n, kl_estimate_per_draw, worst_of_n};
@@ -183,7 +183,7 @@ fn fair_coin_closed_forms_of_spec_section_2() {
     assert_eq!(b4.win_rate, 23.0 / 32.0);
     assert_close(b2.kl_bound, 0.1931472, 1e-7, "bound n=2");
     assert_close(b4.win_rate_bound, 0.8, 1e-15, "n/(n+1)");
-    // derivations §3.3/§3.5: π_n(hi) = 1 − 2^{−n}; W_n = 3/4 − 2^{−n}/2; KL(π_8) = 0.667588.
+    // docs/theory.md §2 and §5: π_n(hi) = 1 − 2^{−n}; W_n = 3/4 − 2^{−n}/2; KL(π_8) = 0.667588.
     for n in 1..=40u64 {
         let b = best_of_n(&d, n).unwrap();
         let lo = 0.5f64.powi(n as i32);
@@ -196,7 +196,7 @@ fn fair_coin_closed_forms_of_spec_section_2() {
 }
 
 #[test]
-fn kl_bound_table_of_derivations_3_3() {
+fn kl_bound_values_of_theory_section_3() {
     let table = [
         (2, 0.1931472),
         (4, 0.6362944),
@@ -213,8 +213,8 @@ fn kl_bound_table_of_derivations_3_3() {
 }
 
 #[test]
-#[allow(clippy::approx_constant)] // the table's values, as printed in derivations.md
-fn kl_estimator_values_of_derivations_3_4() {
+#[allow(clippy::approx_constant)] // the values as printed in docs/theory.md §3
+fn kl_estimator_values_of_theory_section_3() {
     let table = [
         (2, 0.5, 0.1790988),
         (2, 0.1, 0.1930594),
@@ -243,7 +243,7 @@ fn kl_estimator_values_of_derivations_3_4() {
 }
 
 #[test]
-fn tie_example_of_derivations_7() {
+fn tie_example_of_theory_section_2() {
     let d = RewardDistribution::new(vec![0.2, 0.3, 0.1, 0.4], vec![0.0, 1.0, 1.0, 2.0]).unwrap();
     let b = best_of_n(&d, 3).unwrap();
     let expect = [0.008, 0.156, 0.052, 0.784];
@@ -318,7 +318,7 @@ fn moderate_n_agrees_with_plain_powers() {
 
 #[test]
 fn tilt_closed_forms_and_kl_solver() {
-    // derivations §1.8: Bernoulli(½), λ = 1: a = e/(1+e), K = 0.1109441.
+    // docs/theory.md §1: Bernoulli(½), λ = 1: a = e/(1+e), K = 0.1109441.
     let d = RewardDistribution::new(vec![0.5, 0.5], vec![0.0, 1.0]).unwrap();
     let t = tilt_by_lambda(&d, 1.0).unwrap();
     let a = 1f64.exp() / (1.0 + 1f64.exp());
@@ -386,7 +386,7 @@ fn tilt_closed_forms_and_kl_solver() {
 }
 
 #[test]
-fn soft_best_of_n_values_of_derivations_6_and_7() {
+fn soft_best_of_n_values_of_theory_section_6() {
     let d = RewardDistribution::new(vec![0.5, 0.5], vec![0.0, 1.0]).unwrap();
     for (lambda, v) in [(0.1, 0.749977), (1.0, 0.615529), (10.0, 0.512490)] {
         let s = soft_best_of_n(&d, 2, lambda).unwrap();

@@ -1,6 +1,7 @@
 //! InfAlign on the calibrated scale (arXiv 2412.19792) and the calibration API: closed
 //! forms, Monte Carlo with a fixed seed, an independent fine-grid quadrature, the
-//! regression values of derivations §2.5, and bad input.
+//! reference values of docs/theory.md §10 (computed independently by Simpson's rule), and
+//! bad input.
 
 use proptest::prelude::*;
 use tilt_core::calibration::{kolmogorov_q, Calibrator};
@@ -25,7 +26,7 @@ impl SplitMix {
 
 #[test]
 fn identity_tilt_matches_closed_form() {
-    // W = 1/(1 − e^{−l}) − 1/l, KL = l·W − log((e^l − 1)/l) (derivations §2.3).
+    // W = 1/(1 − e^{−l}) − 1/l, KL = l·W − log((e^l − 1)/l) (docs/theory.md §10).
     for l in [0.3f64, 2.0, 10.0, 100.0, 1e4] {
         let tilt = CalibratedTilt::new(Transform::Identity, 1.0 / l).unwrap();
         let w = 1.0 / (-(-l).exp_m1()) - 1.0 / l;
@@ -70,7 +71,7 @@ fn reference_limit_gives_one_half() {
 #[test]
 fn best_of_m_policy_closed_forms() {
     // BoN_m vs BoN_N of the reference: W = m/(m+1) for every N; standard WR m/(m+1);
-    // KL = log m − (m−1)/m (0.1931472 at m=2, 0.6362944 at m=4: derivations §2.5).
+    // KL = log m − (m−1)/m (0.1931472 at m=2, 0.6362944 at m=4: docs/theory.md §3).
     for m in [1.0, 2.0, 4.0, 32.0] {
         let p = BestOfMPolicy::new(m).unwrap();
         for n in [1, 2, 8, 64] {
@@ -173,7 +174,7 @@ fn exp_transform_against_independent_fine_grid() {
 }
 
 #[test]
-fn regression_values_of_derivations_2_5() {
+fn reference_values_of_theory_section_10() {
     // Identity tilt at a KL budget: standard win rate.
     for (kl, w) in [(0.25, 0.6989), (0.5, 0.7737), (1.0, 0.8646), (2.0, 0.9502)] {
         let tilt = CalibratedTilt::with_kl(Transform::Identity, kl).unwrap();

@@ -31,7 +31,7 @@ fn bernoulli_rate_function_is_binary_relative_entropy() {
     assert!((m.rate_function(1.0).unwrap() + q.ln()).abs() < 1e-15);
     assert!((m.rate_function(0.0).unwrap() + (1.0 - q).ln()).abs() < 1e-15);
     assert_eq!(m.rate_function(1.5).unwrap(), f64::INFINITY);
-    // Λ(λ) = log(1 − q + q e^λ), KL of the tilt at λ = 1 for q = 1/2: 0.1109441 (derivations §1.8).
+    // Λ(λ) = log(1 − q + q e^λ), KL of the tilt at λ = 1 for q = 1/2: 0.1109441 (docs/theory.md §1).
     for l in [-3.0f64, 0.5, 4.0] {
         let exact = (1.0 - q + q * l.exp()).ln();
         assert!((m.cumulants(l).log_mgf - exact).abs() < 1e-14);

@@ -53,7 +53,7 @@ proptest! {
         // The exact KL agrees with the generic divergence of the pmf.
         let k = kl(&b.pmf, d.probs()).unwrap();
         prop_assert!((k - b.kl).abs() <= 1e-10 * (1.0 + k));
-        // Every f-divergence bound of 2406.05883 (derivations §4.2).
+        // Every f-divergence bound of 2406.05883 (docs/theory.md §4).
         prop_assert!(chi_squared(&b.pmf, d.probs()).unwrap() <= bon_chi2_bound(n).unwrap() * (1.0 + 1e-9) + 1e-12);
         prop_assert!(total_variation(&b.pmf, d.probs()).unwrap() <= bon_tv_bound(n).unwrap() + 1e-12);
         prop_assert!(hellinger_squared(&b.pmf, d.probs()).unwrap() <= bon_hellinger_squared_bound(n).unwrap() + 1e-12);
@@ -87,7 +87,7 @@ proptest! {
         prop_assert!(t_lo.expected_reward >= t_hi.expected_reward - 1e-12);
         let levels = Levels::new(&d).unwrap();
         prop_assert!(t_lo.kl <= max_kl(&levels) + 1e-12);
-        // KL = λE r − Λ (derivations §1.2) and the generic KL agree.
+        // KL = λE r − Λ (docs/theory.md §1) and the generic KL agree.
         let lam = 1.0 / lo;
         let alt = lam * t_lo.expected_reward - t_lo.log_partition;
         prop_assert!((alt - t_lo.kl).abs() < 1e-9 * (1.0 + lam));

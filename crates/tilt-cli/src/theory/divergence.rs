@@ -1,14 +1,21 @@
 //! `tilt theory divergence`: KL both ways, Rényi, TV, χ², squared Hellinger between two pmfs.
 
-use super::input::{flag_error, json_number as num, parse_list, Flags};
+use super::input::{flag_error, parse_list, Flags};
 use crate::output::{emit, Format};
 use crate::usage;
 use clap::Args;
-use serde_json::json;
+use serde::Serialize;
 use tilt_core::distribution::PROB_SUM_TOLERANCE;
+use tilt_core::divergence::Divergences;
 
 /// The library's input names that are flags of `tilt theory divergence`.
-const FLAGS: Flags = Flags(&[("q", "--q"), ("p", "--p"), ("alpha", "--alpha")]);
+const FLAGS: Flags = Flags(&[
+    ("q", "--q"),
+    ("p", "--p"),
+    ("alpha", "--alpha"),
+    ("q/p", "--q/--p"),
+    ("p/q", "--q/--p"),
+]);
 
 /// Flags of `tilt theory divergence`.
 #[derive(Debug, Args)]
@@ -28,6 +35,19 @@ pub struct DivergenceArgs {
     /// Output format.
     #[arg(long, value_enum, default_value_t)]
     format: Format,
+}
+
+/// What `tilt theory divergence` prints ([`Divergences`]: a divergence that is +∞, and
+/// `alpha` for D_∞, is null).
+#[derive(Debug, Serialize)]
+pub struct DivergenceReport {
+    /// Always `"nats"`.
+    pub units: &'static str,
+    /// The divergences.
+    #[serde(flatten)]
+    pub divergences: Divergences,
+    /// The convention of `hellinger_squared`.
+    pub hellinger_convention: &'static str,
 }
 
 fn pmf(flag: &str, text: &str, normalize: bool) -> anyhow::Result<Vec<f64>> {
@@ -67,19 +87,14 @@ pub fn run(args: DivergenceArgs) -> anyhow::Result<()> {
             p.len()
         )));
     }
-    let d = tilt_core::divergence::divergences(&q, &p, args.alpha).map_err(flag_error(FLAGS))?;
+    let divergences =
+        tilt_core::divergence::divergences(&q, &p, args.alpha).map_err(flag_error(FLAGS))?;
     emit(
-        &json!({
-            "units": "nats",
-            "kl_q_p": num(d.kl_q_p),
-            "kl_p_q": num(d.kl_p_q),
-            "alpha": num(d.alpha),
-            "renyi_q_p": num(d.renyi_q_p),
-            "total_variation": num(d.total_variation),
-            "chi_squared_q_p": num(d.chi_squared_q_p),
-            "hellinger_squared": num(d.hellinger_squared),
-            "hellinger_convention": "H² = ½·Σ(√q − √p)² = 1 − Σ√(qp)",
-        }),
+        &DivergenceReport {
+            units: "nats",
+            divergences,
+            hellinger_convention: "H² = ½·Σ(√q − √p)² = 1 − Σ√(qp)",
+        },
         args.format,
     )
 }

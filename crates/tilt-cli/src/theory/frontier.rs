@@ -1,13 +1,18 @@
 //! `tilt theory frontier`: best-of-n for n = 1…N next to the tilt at the same KL, and an
 //! optional SVG of reward and win rate against KL (nats).
+//!
+//! The rows are streamed (one `bon` row per n as it is computed, then one `tilt` row per
+//! n), so memory stays at a few numbers per point whatever `--points` is; progress goes to
+//! stderr.
 
-use super::input::{check_svg_path, flag_error, json_number, parse_count, DistributionArgs, Flags};
-use crate::output::{emit, Format};
+use super::input::{check_plot, flag_error, parse_count, plot_error, DistributionArgs, Flags};
+use super::progress::Progress;
+use crate::output::{Format, Report};
 use clap::Args;
-use serde_json::json;
-use std::path::PathBuf;
-use tilt_core::frontier::{frontier, frontier_ns, Frontier};
-use tilt_plot::{write_svg, Panel, Series, SeriesStyle};
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+use tilt_core::frontier::{frontier_ns, BonPoint, FrontierSolver, TiltPoint};
+use tilt_plot::{write_svg, Marker, Panel, Series, SeriesStyle};
 
 /// The library's input names that are flags of `tilt theory frontier`.
 const FLAGS: Flags = Flags(&[("n-max", "--n-max"), ("points", "--points")]);
@@ -20,10 +25,10 @@ pub struct FrontierArgs {
     /// Largest n (every n from 1, or --points log-spaced ones).
     #[arg(long, value_parser = parse_count, allow_hyphen_values = true)]
     n_max: u64,
-    /// Number of log-spaced n from 1 to --n-max (default: every n).
-    #[arg(long)]
-    points: Option<usize>,
-    /// Also draw reward vs KL and win rate vs KL to this SVG file.
+    /// Number of log-spaced n from 1 to --n-max (default: every n; at most 10^6).
+    #[arg(long, value_parser = parse_count, allow_hyphen_values = true)]
+    points: Option<u64>,
+    /// Also draw reward vs KL and win rate vs KL to this SVG file (checked before any work).
     #[arg(long, value_name = "FILE.svg")]
     plot: Option<PathBuf>,
     /// Output format.
@@ -31,81 +36,240 @@ pub struct FrontierArgs {
     format: Format,
 }
 
-fn plot(path: &std::path::Path, f: &Frontier) -> anyhow::Result<()> {
-    let bon_r: Vec<(f64, f64)> = f.bon.iter().map(|b| (b.kl, b.expected_reward)).collect();
-    let tilt_r: Vec<(f64, f64)> = f.tilt.iter().map(|t| (t.kl, t.expected_reward)).collect();
-    let bound_r: Vec<(f64, f64)> = f
-        .bon
-        .iter()
-        .map(|b| (b.kl_bound, b.expected_reward))
+/// The scalar fields of what `tilt theory frontier` prints; then come the lists `bon`
+/// ([`BonPoint`] per n) and `tilt` ([`TiltPoint`] at each best-of-n's KL: `beta` is null
+/// at KL 0, `lambda` null at the largest achievable KL).
+#[derive(Debug, Serialize)]
+pub struct FrontierHead {
+    /// Always `"nats"`.
+    pub units: &'static str,
+    /// E_p[r].
+    pub reference_expected_reward: f64,
+    /// The largest KL any policy reaches, `−log p(argmax set)` (nats).
+    pub max_kl: f64,
+    /// The SVG written, or null.
+    pub plot: Option<String>,
+}
+
+/// Most best-of-n points drawn (log-spaced among all): more only adds ink.
+const PLOT_POINTS: usize = 400;
+/// Points of the tilt's own curve (a grid of λ).
+const TILT_CURVE_POINTS: usize = 96;
+/// About how many points carry an `n = …` label.
+const N_LABELS: usize = 9;
+
+/// Indices of at most [`PLOT_POINTS`] of `len` points, log-spaced (all when fewer).
+fn plot_subset(len: usize) -> Vec<usize> {
+    if len <= PLOT_POINTS {
+        return (0..len).collect();
+    }
+    let mut v: Vec<usize> = (0..PLOT_POINTS)
+        .map(|k| {
+            let f = k as f64 / (PLOT_POINTS - 1) as f64;
+            ((len as f64).powf(f).round() as usize).clamp(1, len) - 1
+        })
         .collect();
-    let bon_w: Vec<(f64, f64)> = f.bon.iter().map(|b| (b.kl, b.win_rate)).collect();
-    let tilt_w: Vec<(f64, f64)> = f.tilt.iter().map(|t| (t.kl, t.win_rate)).collect();
-    let bound_w: Vec<(f64, f64)> = f.bon.iter().map(|b| (b.kl_bound, b.win_rate)).collect();
-    let label = "best-of-n placed at KL = log n − (n−1)/n (the bound)";
+    v.dedup();
+    v
+}
+
+/// `n = …` labels on about [`N_LABELS`] log-spaced points (and the last).
+fn n_labels(bon: &[BonPoint]) -> Vec<String> {
+    let Some(last) = bon.last() else {
+        return Vec::new();
+    };
+    let top = (last.n as f64).ln().max(1e-9);
+    let mut next = 0usize;
+    bon.iter()
+        .enumerate()
+        .map(|(i, b)| {
+            let level = ((b.n as f64).ln() / top * (N_LABELS - 1) as f64).floor() as usize;
+            if level >= next || i + 1 == bon.len() {
+                next = level + 1;
+                format!("n = {}", b.n)
+            } else {
+                String::new()
+            }
+        })
+        .collect()
+}
+
+/// The tilt's curve on a grid of λ (0, then log-spaced from a thousandth of the smallest λ
+/// of the tilt points to the largest, then ∞ when the last point is saturated): one
+/// evaluation each, no solve. Starting far below the first point makes the curve leave
+/// the origin as the tilt does (KL ∝ λ² there), not along a chord.
+fn tilt_curve(solver: &FrontierSolver, tilt: &[TiltPoint]) -> anyhow::Result<Vec<TiltPoint>> {
+    let finite: Vec<f64> = tilt
+        .iter()
+        .map(|t| t.lambda)
+        .filter(|l| l.is_finite() && *l > 0.0)
+        .collect();
+    let mut lambdas = vec![0.0];
+    if let (Some(lo), Some(hi)) = (
+        finite.iter().copied().reduce(f64::min),
+        finite.iter().copied().reduce(f64::max),
+    ) {
+        let start = lo * 1e-3;
+        let ratio = (hi / start).max(1.0);
+        for k in 0..TILT_CURVE_POINTS {
+            lambdas.push(start * ratio.powf(k as f64 / (TILT_CURVE_POINTS - 1) as f64));
+        }
+    }
+    if tilt.iter().any(|t| t.lambda == f64::INFINITY) {
+        lambdas.push(f64::INFINITY);
+    }
+    lambdas
+        .into_iter()
+        .map(|l| solver.tilt_at_lambda(l).map_err(flag_error(FLAGS)))
+        .collect()
+}
+
+fn plot(
+    path: &Path,
+    solver: &FrontierSolver,
+    bon: &[BonPoint],
+    tilt: &[TiltPoint],
+) -> anyhow::Result<()> {
+    let curve = tilt_curve(solver, tilt)?;
+    let labels = n_labels(bon);
+    let panel = |title: &str, y_label: &str, y: &dyn Fn(f64, f64) -> f64| {
+        let bon_y: Vec<(f64, f64)> = bon
+            .iter()
+            .map(|b| (b.kl, y(b.expected_reward, b.win_rate)))
+            .collect();
+        let at_bound: Vec<(f64, f64)> = bon
+            .iter()
+            .map(|b| (b.kl_bound, y(b.expected_reward, b.win_rate)))
+            .collect();
+        Panel {
+            title: title.into(),
+            x_label: "KL(π‖p) (nats)".into(),
+            y_label: y_label.into(),
+            log_x: false,
+            // Beneath first: the bound's hollow squares, then the tilt's curve, then the
+            // exact best-of-n points on top (for continuous rewards the first and the last
+            // coincide, and both stay visible).
+            series: vec![
+                Series::new(
+                    "best-of-n placed at KL = log n − (n−1)/n (cut at the frame)",
+                    at_bound,
+                    SeriesStyle::Dashed,
+                )
+                .with_marker(Marker::Square)
+                .hollow()
+                .clipped()
+                .with_color(2),
+                Series::new(
+                    "tilt p·e^(r/β), the KL-optimal policy",
+                    curve
+                        .iter()
+                        .map(|t| (t.kl, y(t.expected_reward, t.win_rate)))
+                        .collect(),
+                    SeriesStyle::Line,
+                )
+                .with_color(0),
+                Series::new("best-of-n at its exact KL", bon_y, SeriesStyle::Line)
+                    .with_marker(Marker::Circle)
+                    .with_labels(labels.clone())
+                    .with_color(1),
+            ],
+        }
+    };
     let panels = [
-        Panel {
-            title: "Expected reward vs KL".into(),
-            x_label: "KL(π‖p) (nats)".into(),
-            y_label: "expected reward E_π[r]".into(),
-            log_x: false,
-            series: vec![
-                Series::new("best-of-n (exact KL)", bon_r, SeriesStyle::Line),
-                Series::new("tilt p·e^{r/β} at the same KL", tilt_r, SeriesStyle::Line),
-                Series::new(label, bound_r, SeriesStyle::Dashed),
-            ],
-        },
-        Panel {
-            title: "Win rate vs KL".into(),
-            x_label: "KL(π‖p) (nats)".into(),
-            y_label: "win rate over p (ties ½)".into(),
-            log_x: false,
-            series: vec![
-                Series::new("best-of-n (exact KL)", bon_w, SeriesStyle::Line),
-                Series::new("tilt p·e^{r/β} at the same KL", tilt_w, SeriesStyle::Line),
-                Series::new(label, bound_w, SeriesStyle::Dashed),
-            ],
-        },
+        panel("Expected reward vs KL", "expected reward E_π[r]", &|r, _| r),
+        panel(
+            "Win rate vs KL",
+            "win rate over p (ties count ½)",
+            &|_, w| w,
+        ),
     ];
-    write_svg(path, "Best-of-n vs the KL-optimal tilt", &panels)?;
-    Ok(())
+    write_svg(path, "Best-of-n vs the KL-optimal tilt", &panels).map_err(plot_error)
 }
 
 /// Run `tilt theory frontier`.
 pub fn run(args: FrontierArgs) -> anyhow::Result<()> {
+    if let Some(path) = &args.plot {
+        check_plot(path)?;
+    }
     let dist = args.dist.load()?;
-    let ns = frontier_ns(args.n_max, args.points).map_err(flag_error(FLAGS))?;
-    if let Some(path) = &args.plot {
-        check_svg_path(path)?;
-    }
-    let f = frontier(&dist, &ns).map_err(flag_error(FLAGS))?;
-    if let Some(path) = &args.plot {
-        plot(path, &f)?;
-    }
-    let bon: Vec<_> = f
-        .bon
-        .iter()
-        .map(|b| {
-            json!({"n": b.n, "kl": b.kl, "kl_bound": b.kl_bound,
-                   "expected_reward": b.expected_reward, "win_rate": b.win_rate})
-        })
-        .collect();
-    let tilt: Vec<_> = f
-        .tilt
-        .iter()
-        .map(|t| {
-            json!({"beta": json_number(t.beta), "kl": t.kl,
-                   "expected_reward": t.expected_reward, "win_rate": t.win_rate})
-        })
-        .collect();
-    emit(
-        &json!({
-            "units": "nats",
-            "reference_expected_reward": dist.mean_reward(),
-            "bon": bon,
-            "tilt": tilt,
-            "plot": args.plot.as_ref().map(|p| p.display().to_string()),
+    let points = args.points.map(|p| p.min(usize::MAX as u64) as usize);
+    let ns = frontier_ns(args.n_max, points).map_err(flag_error(FLAGS))?;
+    let solver = FrontierSolver::new(&dist).map_err(flag_error(FLAGS))?;
+    let keep = args.plot.as_ref().map(|_| plot_subset(ns.len()));
+    let kept = |i: usize| keep.as_ref().is_some_and(|k| k.binary_search(&i).is_ok());
+    let mut progress = Progress::new("theory frontier", ns.len() as u64, "points");
+    let mut stdout = std::io::stdout().lock();
+    let mut report = Report::new(&mut stdout, args.format)?;
+    report.fields(&FrontierHead {
+        units: "nats",
+        reference_expected_reward: dist.mean_reward(),
+        max_kl: solver.max_kl(),
+        plot: args.plot.as_ref().map(|p| p.display().to_string()),
+    })?;
+    // Between the two lists only each point's KL is kept (and the points to draw).
+    let mut kls = Vec::with_capacity(ns.len());
+    let (mut plot_bon, mut plot_tilt) = (Vec::new(), Vec::new());
+    progress.phase("best-of-n", ns.len() as u64);
+    report.rows(
+        "bon",
+        ns.iter().enumerate().map(|(i, &n)| {
+            let b = solver.bon_point(n).map_err(flag_error(FLAGS))?;
+            kls.push(b.kl);
+            if kept(i) {
+                plot_bon.push(b);
+            }
+            progress.inc();
+            Ok(b)
         }),
-        args.format,
-    )
+    )?;
+    progress.phase("tilt at each KL", ns.len() as u64);
+    report.rows(
+        "tilt",
+        kls.iter().enumerate().map(|(i, &kl)| {
+            let t = solver.tilt_at_kl(kl).map_err(flag_error(FLAGS))?;
+            if kept(i) {
+                plot_tilt.push(t);
+            }
+            progress.inc();
+            Ok(t)
+        }),
+    )?;
+    report.finish()?;
+    progress.finish();
+    if let Some(path) = &args.plot {
+        plot(path, &solver, &plot_bon, &plot_tilt)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plot_subset_is_log_spaced_and_keeps_the_ends() {
+        assert_eq!(plot_subset(5), vec![0, 1, 2, 3, 4]);
+        let s = plot_subset(1_000_000);
+        assert!(s.len() <= PLOT_POINTS && s.len() > 300, "{}", s.len());
+        assert_eq!((s[0], *s.last().unwrap()), (0, 999_999));
+        assert!(s.windows(2).all(|w| w[0] < w[1]));
+    }
+
+    #[test]
+    fn about_nine_labels_including_the_last() {
+        let bon: Vec<BonPoint> = (1..=1000u64)
+            .map(|n| BonPoint {
+                n,
+                kl: 0.0,
+                kl_bound: 0.0,
+                expected_reward: 0.0,
+                win_rate: 0.0,
+            })
+            .collect();
+        let l = n_labels(&bon);
+        let shown: Vec<&String> = l.iter().filter(|s| !s.is_empty()).collect();
+        assert!((8..=11).contains(&shown.len()), "{shown:?}");
+        assert_eq!(shown[0], "n = 1");
+        assert_eq!(l.last().unwrap(), "n = 1000");
+    }
 }

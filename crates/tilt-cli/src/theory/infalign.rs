@@ -1,19 +1,24 @@
 //! `tilt theory infalign` and `tilt theory infalign-frontier`: InfAlign's calibrated-reward
 //! tilts (arXiv 2412.19792) — KL, standard and inference-time win rates by quadrature, the
 //! CTRL transform's `t` optimised per N, and the frontier against identity and best-of-N.
+//!
+//! Every search here is bounded: N, the KL budget and `t` are capped by the library
+//! (`MAX_BON_N`/`MAX_WON_N`, `MAX_KL`, `MAX_T`) and checked before any work, and each
+//! integral has a panel budget, so no input makes a run hang.
 
-use super::input::{check_svg_path, flag_error, json_number, parse_count, parse_list, Flags};
+use super::input::{check_plot, flag_error, internal, parse_count, parse_list, plot_error, Flags};
+use super::progress::Progress;
 use crate::output::{emit, Format};
 use crate::usage;
 use clap::{Args, ValueEnum};
-use indicatif::{ProgressBar, ProgressStyle};
-use serde_json::{json, Value};
+use serde::Serialize;
 use std::path::{Path, PathBuf};
 use tilt_core::infalign::{
-    evaluate, inference_win_rate, optimize_t, BestOfMPolicy, CalibratedTilt, OptimalT, Procedure,
-    Transform,
+    check_draws, check_kl_budget, check_t_max, evaluate, inference_win_rate, optimize_t,
+    BestOfMPolicy, CalibratedTilt, OptimalT, Procedure, Transform,
 };
-use tilt_plot::{write_svg, Panel, Series, SeriesStyle};
+use tilt_core::TiltError;
+use tilt_plot::{write_svg, Marker, Panel, Series, SeriesStyle};
 
 /// The inference-time procedure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -38,9 +43,9 @@ impl From<ProcedureArg> for Procedure {
 pub enum TransformArg {
     /// Φ(c) = c: standard RLHF on the calibrated reward.
     Identity,
-    /// Φ(c) = e^{tc} (CTRL for best-of-N).
+    /// Φ(c) = e^(tc) (CTRL for best-of-N).
     Exp,
-    /// Φ(c) = −e^{−tc} (CTRL for worst-of-N).
+    /// Φ(c) = −e^(−tc) (CTRL for worst-of-N).
     NegExp,
 }
 
@@ -52,28 +57,29 @@ fn make(kind: TransformArg, t: f64) -> Transform {
     }
 }
 
-/// The library's input names that are flags of `tilt theory infalign`.
-const FLAGS: Flags = Flags(&[
-    ("n", "--n"),
-    ("t", "--t"),
-    ("beta", "--beta"),
-    ("kl", "--kl"),
-    ("t-max", "--t-max"),
-]);
-
-/// The library's input names that are flags of `tilt theory infalign-frontier` (its KL
-/// budgets are the entries of `--kls`).
-const FRONTIER_FLAGS: Flags = Flags(&[("n", "--n"), ("kl", "--kls"), ("t-max", "--t-max")]);
+fn procedure_name(p: Procedure) -> &'static str {
+    match p {
+        Procedure::Bon => "bon",
+        Procedure::Won => "won",
+    }
+}
 
 /// Warn about the values of t that the search skipped because a computation there did not
-/// converge (they count as infeasible).
-fn warn_unconverged(opt: &OptimalT, kl: f64) {
+/// converge (they count as infeasible), and about an optimum at the edge of the search.
+/// Plain lines on stderr: readable in a log (no ANSI codes) and shown by default.
+fn warn_about(opt: &OptimalT, kl: f64) {
     for u in &opt.unconverged {
-        tracing::warn!(
-            t = u.t,
-            kl,
-            reason = %u.reason,
-            "t skipped in the search (treated as infeasible): the tilt did not converge"
+        eprintln!(
+            "tilt: warning: at KL {kl} nats, t = {} was skipped in the search (treated as \
+             infeasible): {}",
+            u.t, u.reason
+        );
+    }
+    if opt.at_edge {
+        eprintln!(
+            "tilt: warning: at KL {kl} nats the optimal t is at the edge of the search, t = {}; \
+             raise --t-max (at most 1e6)",
+            opt.t_max
         );
     }
 }
@@ -81,7 +87,8 @@ fn warn_unconverged(opt: &OptimalT, kl: f64) {
 /// Flags of `tilt theory infalign`.
 #[derive(Debug, Args)]
 pub struct InfalignArgs {
-    /// N of the inference-time procedure (draws per query).
+    /// N of the inference-time procedure (draws per query; at most 10^6 for bon, 10^15 for
+    /// won).
     #[arg(long, value_parser = parse_count, allow_hyphen_values = true)]
     n: u64,
     /// The inference-time procedure applied to both the policy and the reference.
@@ -90,19 +97,20 @@ pub struct InfalignArgs {
     /// The transform of the calibrated reward.
     #[arg(long, value_enum, default_value_t = TransformArg::Identity)]
     transform: TransformArg,
-    /// The transform's rate t ≥ 0 (exp, neg-exp).
+    /// The transform's rate t ∈ [0, 10^6] (exp, neg-exp).
     #[arg(long, allow_hyphen_values = true)]
     t: Option<f64>,
-    /// KL coefficient β of the transform normalised to [0, 1] (g ∝ e^{Φ̃(c)/β}).
+    /// KL coefficient β of the transform normalised to [0, 1] (g ∝ e^(Φ̃(c)/β)); its tilt's
+    /// KL must be at most 20 nats.
     #[arg(long, conflicts_with = "kl", allow_hyphen_values = true)]
     beta: Option<f64>,
-    /// KL budget in nats (β is solved for).
+    /// KL budget in nats, in [1e-12, 20] (β is solved for).
     #[arg(long, allow_hyphen_values = true)]
     kl: Option<f64>,
     /// Find the t that maximises the inference-time win rate at --kl.
     #[arg(long, requires = "kl", conflicts_with = "t")]
     optimize_t: bool,
-    /// Upper end of the t search.
+    /// Upper end of the t search, in (0.25, 10^6].
     #[arg(long, default_value_t = 200.0, allow_hyphen_values = true)]
     t_max: f64,
     /// Output format.
@@ -110,54 +118,76 @@ pub struct InfalignArgs {
     format: Format,
 }
 
-fn point_json(p: &tilt_core::infalign::TiltPoint) -> Value {
-    json!({
-        "transform": p.transform,
-        "t": p.transform.t(),
-        "beta": json_number(p.beta),
-        "beta_raw": p.beta_raw,
-        "kl": p.kl,
-        "win_rate": p.win_rate,
-        "inference_win_rate": p.inference_win_rate,
-    })
-}
-
-fn check_n(n: u64) -> anyhow::Result<()> {
-    if n == 0 {
-        return Err(usage("--n: the number of draws must be ≥ 1"));
-    }
-    Ok(())
+/// What `tilt theory infalign` prints. Fields that do not apply to a run are null: the
+/// `--optimize-t` fields without it, the baselines when the KL is below 1e-12.
+#[derive(Debug, Serialize)]
+pub struct InfalignReport {
+    /// What is in which unit.
+    pub units: &'static str,
+    /// N of the procedure.
+    pub n: u64,
+    /// `bon` or `won`.
+    pub procedure: &'static str,
+    /// The transform, with its t.
+    pub transform: Transform,
+    /// The transform's rate; null for the identity.
+    pub t: Option<f64>,
+    /// β of the normalised transform; null when +∞ (the reference itself, KL 0).
+    pub beta: f64,
+    /// β of the raw transform, β·(Φ(1) − Φ(0)); null when not a finite double (β = ∞, or
+    /// e^(tc) with t > ~709 where Φ(1) − Φ(0) overflows).
+    pub beta_raw: Option<f64>,
+    /// KL(π‖p), nats.
+    pub kl: f64,
+    /// Standard win rate over p.
+    pub win_rate: f64,
+    /// Win rate of T(π) over T(p).
+    pub inference_win_rate: f64,
+    /// `--optimize-t`: the upper end of the t search.
+    pub t_max: Option<f64>,
+    /// `--optimize-t`: whether the optimum sits at `t_max`.
+    pub t_at_edge: Option<bool>,
+    /// `--optimize-t`: values of t skipped because a computation there did not converge.
+    pub t_unconverged: Option<Vec<f64>>,
+    /// Inference-time win rate of the identity transform at the same KL.
+    pub identity_inference_win_rate: Option<f64>,
+    /// The m of the best-of-m policy with the same KL.
+    pub best_of_m_policy_m: Option<f64>,
+    /// Its inference-time win rate.
+    pub best_of_m_policy_inference_win_rate: Option<f64>,
 }
 
 /// Run `tilt theory infalign`.
 pub fn run(args: InfalignArgs) -> anyhow::Result<()> {
-    check_n(args.n)?;
     let procedure: Procedure = args.procedure.into();
+    // Only the flags the user gave are named by errors (a KL derived from --beta is not
+    // --kl).
+    let flags = match (args.beta, args.optimize_t) {
+        (Some(_), _) => Flags(&[("n", "--n"), ("t", "--t"), ("beta", "--beta")]),
+        (None, false) => Flags(&[("n", "--n"), ("t", "--t"), ("kl", "--kl")]),
+        (None, true) => Flags(&[("n", "--n"), ("kl", "--kl"), ("t-max", "--t-max")]),
+    };
+    let err = flag_error(flags);
+    check_draws(args.n, procedure).map_err(&err)?;
     if args.beta.is_none() && args.kl.is_none() {
         return Err(usage("give --beta B or --kl D (nats)"));
     }
-    let mut out = if args.optimize_t {
+    if let Some(kl) = args.kl {
+        check_kl_budget(kl).map_err(&err)?;
+    }
+    let (point, optimized) = if args.optimize_t {
         if args.transform == TransformArg::Identity {
             return Err(usage(
                 "--optimize-t: the identity transform has no t; use --transform exp or neg-exp",
             ));
         }
+        check_t_max(args.t_max).map_err(&err)?;
         let kl = args.kl.expect("clap requires --kl");
         let kind = args.transform;
-        let opt = optimize_t(|t| make(kind, t), args.n, procedure, kl, args.t_max)
-            .map_err(flag_error(FLAGS))?;
-        warn_unconverged(&opt, kl);
-        if opt.at_edge {
-            tracing::warn!(
-                t_max = opt.t_max,
-                "the optimal t is at the edge of the search bracket; raise --t-max"
-            );
-        }
-        let mut v = point_json(&opt.point);
-        v["t_max"] = json!(opt.t_max);
-        v["t_at_edge"] = json!(opt.at_edge);
-        v["t_unconverged"] = json!(opt.unconverged.iter().map(|u| u.t).collect::<Vec<_>>());
-        v
+        let opt = optimize_t(|t| make(kind, t), args.n, procedure, kl, args.t_max).map_err(&err)?;
+        warn_about(&opt, kl);
+        let point = opt.point.clone();
+        (point, Some(opt))
     } else {
         let t = match (args.transform, args.t) {
             (TransformArg::Identity, Some(_)) => {
@@ -177,25 +207,61 @@ pub fn run(args: InfalignArgs) -> anyhow::Result<()> {
             (None, Some(k)) => CalibratedTilt::with_kl(transform, k),
             _ => unreachable!("clap makes --beta and --kl exclusive"),
         }
-        .map_err(flag_error(FLAGS))?;
-        point_json(&evaluate(&tilt, args.n, procedure).map_err(flag_error(FLAGS))?)
+        .map_err(&err)?;
+        (evaluate(&tilt, args.n, procedure).map_err(&err)?, None)
     };
-    // The baselines at the same KL: identity (RLHF on c) and the best-of-m policy.
-    let kl = out["kl"].as_f64().unwrap_or(0.0);
-    if kl >= 1e-12 {
-        let id = CalibratedTilt::with_kl(Transform::Identity, kl).map_err(flag_error(FLAGS))?;
-        out["identity_inference_win_rate"] =
-            json!(inference_win_rate(&id, args.n, procedure).map_err(flag_error(FLAGS))?);
-        let bom = BestOfMPolicy::with_kl(kl).map_err(flag_error(FLAGS))?;
-        out["best_of_m_policy_m"] = json!(bom.m());
-        out["best_of_m_policy_inference_win_rate"] =
-            json!(inference_win_rate(&bom, args.n, procedure).map_err(flag_error(FLAGS))?);
-    }
-    out["n"] = json!(args.n);
-    out["procedure"] = json!(format!("{:?}", procedure).to_lowercase());
-    out["units"] = json!("KL in nats; win rates are probabilities (calibrated reward, ties ½)");
-    emit(&out, args.format)
+    // The baselines at the same KL: identity (RLHF on c) and the best-of-m policy. Their
+    // inputs are derived (the KL of the tilt above, within the library's limits), so an
+    // error here is a failure while running, never blamed on a flag.
+    // "The same KL" is the budget the user gave (the tilt's computed KL may round a hair
+    // above it, e.g. past MAX_KL), or with --beta the tilt's KL, which CalibratedTilt::new
+    // keeps within MAX_KL.
+    let kl = args.kl.unwrap_or(point.kl);
+    let (identity, best_of_m) = if kl >= 1e-12 {
+        let id = CalibratedTilt::with_kl(Transform::Identity, kl)
+            .and_then(|id| inference_win_rate(&id, args.n, procedure))
+            .map_err(baseline_error)?;
+        let bom = BestOfMPolicy::with_kl(kl).map_err(baseline_error)?;
+        let w = inference_win_rate(&bom, args.n, procedure).map_err(baseline_error)?;
+        (Some(id), Some((bom.m(), w)))
+    } else {
+        (None, None)
+    };
+    emit(
+        &InfalignReport {
+            units: "KL in nats; win rates are probabilities (calibrated reward, ties ½)",
+            n: args.n,
+            procedure: procedure_name(procedure),
+            transform: point.transform,
+            t: point.transform.t(),
+            beta: point.beta,
+            beta_raw: point.beta_raw,
+            kl: point.kl,
+            win_rate: point.win_rate,
+            inference_win_rate: point.inference_win_rate,
+            t_max: optimized.as_ref().map(|o| o.t_max),
+            t_at_edge: optimized.as_ref().map(|o| o.at_edge),
+            t_unconverged: optimized
+                .as_ref()
+                .map(|o| o.unconverged.iter().map(|u| u.t).collect()),
+            identity_inference_win_rate: identity,
+            best_of_m_policy_m: best_of_m.map(|b| b.0),
+            best_of_m_policy_inference_win_rate: best_of_m.map(|b| b.1),
+        },
+        args.format,
+    )
 }
+
+fn baseline_error(e: TiltError) -> anyhow::Error {
+    internal(format!("the baseline at the tilt's KL: {e}"))
+}
+
+/// The default KL budgets of `infalign-frontier`: 24 from (0, ½] on a square-root scale
+/// (the win rates grow like √KL near 0, so the curves come out evenly sampled and smooth
+/// there), then 0.75, 1, 1.5, 2, 3.
+const DEFAULT_KLS: &str = "0.000868,0.00347,0.00781,0.0139,0.0217,0.0313,0.0425,0.0556,0.0703,\
+0.0868,0.105,0.125,0.147,0.170,0.195,0.222,0.251,0.281,0.313,0.347,0.383,0.420,0.459,0.5,\
+0.75,1,1.5,2,3";
 
 /// Flags of `tilt theory infalign-frontier`.
 #[derive(Debug, Args)]
@@ -206,17 +272,14 @@ pub struct InfalignFrontierArgs {
     /// The inference-time procedure.
     #[arg(long, value_enum, default_value_t = ProcedureArg::Bon)]
     procedure: ProcedureArg,
-    /// KL budgets in nats, comma separated.
-    #[arg(
-        long,
-        default_value = "0.1,0.25,0.5,0.75,1,1.5,2,3",
-        allow_hyphen_values = true
-    )]
+    /// KL budgets in nats, comma separated, each in [1e-12, 20] (default: 24 on a
+    /// square-root grid of (0, ½], then 0.75, 1, 1.5, 2, 3).
+    #[arg(long, default_value = DEFAULT_KLS, hide_default_value = true, allow_hyphen_values = true)]
     kls: String,
-    /// Upper end of the t search.
+    /// Upper end of the t search, in (0.25, 10^6].
     #[arg(long, default_value_t = 200.0, allow_hyphen_values = true)]
     t_max: f64,
-    /// Draw inference-time win rate vs KL to this SVG file.
+    /// Draw inference-time win rate vs KL to this SVG file (checked before any work).
     #[arg(long, value_name = "FILE.svg")]
     plot: Option<PathBuf>,
     /// Output format.
@@ -224,10 +287,53 @@ pub struct InfalignFrontierArgs {
     format: Format,
 }
 
-fn plot(path: &Path, title: &str, rows: &[Value]) -> anyhow::Result<()> {
-    let pts = |key: &str| -> Vec<(f64, f64)> {
-        rows.iter()
-            .filter_map(|r| Some((r["kl"].as_f64()?, r[key].as_f64()?)))
+/// One KL budget of `tilt theory infalign-frontier` (all finite).
+#[derive(Debug, Clone, Serialize)]
+pub struct InfalignFrontierRow {
+    /// The KL budget, nats.
+    pub kl: f64,
+    /// Inference-time win rate of the identity transform (RLHF on the calibrated reward).
+    pub identity_win_rate: f64,
+    /// The optimised t of the CTRL transform.
+    pub ctrl_t: f64,
+    /// Whether it sits at `t_max`.
+    pub ctrl_t_at_edge: bool,
+    /// β of the normalised CTRL transform.
+    pub ctrl_beta: f64,
+    /// Inference-time win rate of CTRL with the optimised t.
+    pub ctrl_win_rate: f64,
+    /// The m of the best-of-m policy with this KL.
+    pub best_of_m: f64,
+    /// Its inference-time win rate.
+    pub best_of_m_win_rate: f64,
+}
+
+/// What `tilt theory infalign-frontier` prints.
+#[derive(Debug, Serialize)]
+pub struct InfalignFrontierReport {
+    /// What is in which unit.
+    pub units: &'static str,
+    /// N of the procedure.
+    pub n: u64,
+    /// `bon` or `won`.
+    pub procedure: &'static str,
+    /// `exp` (for bon) or `neg-exp` (for won).
+    pub ctrl_transform: &'static str,
+    /// The upper end of the t search.
+    pub t_max: f64,
+    /// One row per KL budget, in the order given.
+    pub rows: Vec<InfalignFrontierRow>,
+    /// The SVG written, or null.
+    pub plot: Option<String>,
+}
+
+fn plot(path: &Path, title: &str, rows: &[InfalignFrontierRow]) -> anyhow::Result<()> {
+    // Every policy at KL 0 is the reference: T(p) against T(p) wins half the time.
+    let mut sorted = rows.to_vec();
+    sorted.sort_by(|a, b| a.kl.total_cmp(&b.kl));
+    let pts = |f: &dyn Fn(&InfalignFrontierRow) -> f64| -> Vec<(f64, f64)> {
+        std::iter::once((0.0, 0.5))
+            .chain(sorted.iter().map(|r| (r.kl, f(r))))
             .collect()
     };
     let panel = Panel {
@@ -237,69 +343,95 @@ fn plot(path: &Path, title: &str, rows: &[Value]) -> anyhow::Result<()> {
         log_x: false,
         series: vec![
             Series::new(
-                "identity (RLHF on calibrated reward)",
-                pts("identity_win_rate"),
+                "CTRL, t optimised per KL",
+                pts(&|r| r.ctrl_win_rate),
                 SeriesStyle::Line,
-            ),
-            Series::new("CTRL, optimised t", pts("ctrl_win_rate"), SeriesStyle::Line),
+            )
+            .with_marker(Marker::Circle),
             Series::new(
-                "best-of-m policy",
-                pts("best_of_m_win_rate"),
+                "identity (RLHF on the calibrated reward)",
+                pts(&|r| r.identity_win_rate),
+                SeriesStyle::Line,
+            )
+            .with_marker(Marker::Square),
+            Series::new(
+                "best-of-m policy at the same KL",
+                pts(&|r| r.best_of_m_win_rate),
                 SeriesStyle::Dashed,
-            ),
+            )
+            .with_marker(Marker::TriangleUp)
+            .hollow(),
+            Series::hline("½ (the reference against itself)", 0.5),
         ],
     };
-    write_svg(path, title, &[panel])?;
-    Ok(())
+    write_svg(path, title, &[panel]).map_err(plot_error)
 }
 
 /// Run `tilt theory infalign-frontier`.
 pub fn run_frontier(args: InfalignFrontierArgs) -> anyhow::Result<()> {
-    check_n(args.n)?;
-    let procedure: Procedure = args.procedure.into();
-    let kls = parse_list("--kls", &args.kls)?;
     if let Some(path) = &args.plot {
-        check_svg_path(path)?;
+        check_plot(path)?;
+    }
+    let procedure: Procedure = args.procedure.into();
+    const FLAGS: Flags = Flags(&[("n", "--n"), ("kl", "--kls"), ("t-max", "--t-max")]);
+    let err = flag_error(FLAGS);
+    check_draws(args.n, procedure).map_err(&err)?;
+    check_t_max(args.t_max).map_err(&err)?;
+    let kls = parse_list("--kls", &args.kls)?;
+    for (i, &kl) in kls.iter().enumerate() {
+        check_kl_budget(kl).map_err(|e| match e {
+            TiltError::InvalidInput { problem, .. } => {
+                usage(format!("--kls: entry {}: {problem}", i + 1))
+            }
+            other => err(other),
+        })?;
     }
     let kind = match procedure {
         Procedure::Bon => TransformArg::Exp,
         Procedure::Won => TransformArg::NegExp,
     };
-    let bar = ProgressBar::new(kls.len() as u64);
-    bar.set_style(
-        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} KL budgets")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
-    bar.set_message("optimising t");
+    let mut progress = Progress::new("theory infalign-frontier", kls.len() as u64, "KL budgets");
+    progress.phase("optimising t", kls.len() as u64);
     let mut rows = Vec::with_capacity(kls.len());
     for &kl in &kls {
-        let id =
-            CalibratedTilt::with_kl(Transform::Identity, kl).map_err(flag_error(FRONTIER_FLAGS))?;
-        let id_w =
-            inference_win_rate(&id, args.n, procedure).map_err(flag_error(FRONTIER_FLAGS))?;
-        let opt = optimize_t(|t| make(kind, t), args.n, procedure, kl, args.t_max)
-            .map_err(flag_error(FRONTIER_FLAGS))?;
-        warn_unconverged(&opt, kl);
-        let bom = BestOfMPolicy::with_kl(kl).map_err(flag_error(FRONTIER_FLAGS))?;
-        let bom_w =
-            inference_win_rate(&bom, args.n, procedure).map_err(flag_error(FRONTIER_FLAGS))?;
-        rows.push(json!({
-            "kl": kl,
-            "identity_win_rate": id_w,
-            "ctrl_t": opt.t,
-            "ctrl_t_at_edge": opt.at_edge,
-            "ctrl_beta": json_number(opt.point.beta),
-            "ctrl_win_rate": opt.point.inference_win_rate,
-            "best_of_m": bom.m(),
-            "best_of_m_win_rate": bom_w,
-        }));
-        bar.inc(1);
+        let id = CalibratedTilt::with_kl(Transform::Identity, kl).map_err(&err)?;
+        let id_w = inference_win_rate(&id, args.n, procedure).map_err(&err)?;
+        let opt = optimize_t(|t| make(kind, t), args.n, procedure, kl, args.t_max).map_err(&err)?;
+        warn_about(&opt, kl);
+        let bom = BestOfMPolicy::with_kl(kl).map_err(&err)?;
+        let bom_w = inference_win_rate(&bom, args.n, procedure).map_err(&err)?;
+        rows.push(InfalignFrontierRow {
+            kl,
+            identity_win_rate: id_w,
+            ctrl_t: opt.t,
+            ctrl_t_at_edge: opt.at_edge,
+            ctrl_beta: opt.point.beta,
+            ctrl_win_rate: opt.point.inference_win_rate,
+            best_of_m: bom.m(),
+            best_of_m_win_rate: bom_w,
+        });
+        progress.inc();
     }
-    bar.finish_and_clear();
-    let proc_name = format!("{:?}", procedure).to_lowercase();
+    progress.finish();
+    emit(
+        &InfalignFrontierReport {
+            units: "KL in nats; win rates of T(π) over T(p) (calibrated reward, ties ½)",
+            n: args.n,
+            procedure: procedure_name(procedure),
+            ctrl_transform: if kind == TransformArg::Exp {
+                "exp"
+            } else {
+                "neg-exp"
+            },
+            t_max: args.t_max,
+            rows: rows.clone(),
+            plot: args.plot.as_ref().map(|p| p.display().to_string()),
+        },
+        args.format,
+    )?;
     if let Some(path) = &args.plot {
         let title = format!(
-            "InfAlign: {} N = {} (arXiv 2412.19792)",
+            "InfAlign: {} with N = {} (arXiv 2412.19792)",
             if procedure == Procedure::Bon {
                 "best-of-N"
             } else {
@@ -309,16 +441,5 @@ pub fn run_frontier(args: InfalignFrontierArgs) -> anyhow::Result<()> {
         );
         plot(path, &title, &rows)?;
     }
-    emit(
-        &json!({
-            "units": "KL in nats; win rates of T(π) over T(p) (calibrated reward, ties ½)",
-            "n": args.n,
-            "procedure": proc_name,
-            "ctrl_transform": if kind == TransformArg::Exp { "exp" } else { "neg-exp" },
-            "t_max": args.t_max,
-            "rows": rows,
-            "plot": args.plot.as_ref().map(|p| p.display().to_string()),
-        }),
-        args.format,
-    )
+    Ok(())
 }

@@ -7,7 +7,7 @@
 use crate::usage;
 use clap::Args;
 use std::path::{Path, PathBuf};
-use tilt_core::{RewardDistribution, TiltError};
+use tilt_core::{ErrorKind, RewardDistribution, TiltError};
 
 /// The reference distribution of a theory command.
 #[derive(Debug, Clone, Args)]
@@ -63,8 +63,14 @@ fn renamed(e: TiltError, probs: &str, rewards: &str) -> anyhow::Error {
             let problem = problem.replace("use normalisation", "use --normalize");
             usage(format!("{input}: {problem}"))
         }
-        other => usage(other),
+        other => internal(other),
     }
+}
+
+/// A failure while running (exit code 1): the library's error as one line, no longer a
+/// [`TiltError`] (which the binary's `main` would report as bad input).
+pub fn internal(e: impl std::fmt::Display) -> anyhow::Error {
+    anyhow::anyhow!("{e}")
 }
 
 fn build(
@@ -97,40 +103,52 @@ impl Flags {
     }
 }
 
-/// Turn an error of `tilt-core` about a parameter (`n`, `kl`, `beta`, …) into a usage error
-/// naming the flag the user typed (`--n`, `--kl`, …), for the names that are flags of the
-/// command (`flags`). Any other input (a derived quantity such as `sigma2` or `epsilon`)
-/// keeps the library's name, without a `--`.
+/// Turn an error of `tilt-core` into what the user should read, by whose fault it is
+/// ([`TiltError::kind`]):
+///
+/// - bad input about a name that is a flag the user typed (`flags`: `n`, `kl`, `beta`, …)
+///   is a usage error naming the flag (`--n`, `--kl`, …), exit code 2;
+/// - bad input about anything else (a quantity the command derived, such as the KL of a
+///   tilt given by `--beta`, or `sigma2`) is not the user's input: it, and every internal
+///   failure (a solver that did not converge), is a failure while running, exit code 1,
+///   with the library's names and no `--`.
+///
+/// So an error never blames a flag the user did not give.
 pub fn flag_error(flags: Flags) -> impl Fn(TiltError) -> anyhow::Error {
-    move |e| match e {
-        TiltError::InvalidInput { input, problem } => match flags.flag(&input) {
-            Some(flag) => usage(format!("{flag}: {problem}")),
-            None => usage(format!("{input}: {problem}")),
-        },
-        e @ TiltError::KlBudgetTooLarge { .. } => match flags.flag("kl") {
-            Some(flag) => usage(format!("{flag}: {e}")),
-            None => usage(e),
-        },
-        other => anyhow::Error::new(other),
+    move |e| match e.kind() {
+        ErrorKind::InvalidInput => {
+            let name = match &e {
+                TiltError::InvalidInput { input, .. } => input.as_str(),
+                _ => "kl",
+            };
+            match (flags.flag(name), &e) {
+                (Some(flag), TiltError::InvalidInput { problem, .. }) => {
+                    usage(format!("{flag}: {problem}"))
+                }
+                (Some(flag), _) => usage(format!("{flag}: {e}")),
+                (None, _) => internal(format!("internal error: {e}")),
+            }
+        }
+        ErrorKind::Internal => internal(e),
     }
 }
 
-/// Check that a `--plot` path names an SVG file (extension `.svg`, any case).
+/// Check a `--plot` path before any work ([`tilt_plot::check_output`]: `.svg`, a directory
+/// that exists, writable, not a directory).
 ///
 /// # Errors
-/// A usage error naming `--plot` otherwise.
-pub fn check_svg_path(path: &Path) -> anyhow::Result<()> {
-    let svg = path
-        .extension()
-        .and_then(|e| e.to_str())
-        .is_some_and(|e| e.eq_ignore_ascii_case("svg"));
-    if svg {
-        Ok(())
+/// A usage error naming `--plot` and the path.
+pub fn check_plot(path: &Path) -> anyhow::Result<()> {
+    tilt_plot::check_output(path).map_err(plot_error)
+}
+
+/// A plot error for the user: a bad path is a usage error naming `--plot` (exit code 2);
+/// a failure while drawing or writing is exit code 1.
+pub fn plot_error(e: tilt_plot::PlotError) -> anyhow::Error {
+    if e.is_input_error() {
+        usage(format!("--plot {e}"))
     } else {
-        Err(usage(format!(
-            "--plot: {} must end in .svg",
-            path.display()
-        )))
+        internal(e)
     }
 }
 
@@ -287,32 +305,97 @@ impl DistributionArgs {
     }
 }
 
-/// Parse a count such as `--n 16` or `--n 1e15` (an exact non-negative integer, possibly in
-/// scientific notation).
+/// Parse a count such as `--n 16`, `--n 1e15` or `--n 2.5e3`: an exact non-negative whole
+/// number, in decimal or scientific notation, read digit by digit (never through a
+/// float, which would round 18446744073709551617 to 2^64 and clamp it).
+///
+/// # Errors
+/// `"… is not a non-negative whole number"`, or `"… exceeds the largest supported n,
+/// 18446744073709551615"` for a whole number above `u64::MAX`.
 pub fn parse_count(s: &str) -> Result<u64, String> {
-    if let Ok(v) = s.trim().parse::<u64>() {
-        return Ok(v);
-    }
-    match s.trim().parse::<f64>() {
-        Ok(x) if x.is_finite() && x >= 0.0 && x.fract() == 0.0 && x <= u64::MAX as f64 => {
-            Ok(x as u64)
+    parse_count_at_most(s, u64::MAX, "n")
+}
+
+/// [`parse_count`] with a cap: a whole number above `max` is `"… exceeds the largest
+/// supported {what}, {max}"`.
+///
+/// # Errors
+/// As [`parse_count`].
+pub fn parse_count_at_most(s: &str, max: u64, what: &str) -> Result<u64, String> {
+    let not_whole = || format!("{s:?} is not a non-negative whole number");
+    let too_large = || format!("{s:?} exceeds the largest supported {what}, {max}");
+    let t = s.trim();
+    let t = t.strip_prefix('+').unwrap_or(t);
+    let (mantissa, exponent) = match t.find(['e', 'E']) {
+        Some(i) => {
+            let e = &t[i + 1..];
+            let e = e.strip_prefix('+').unwrap_or(e);
+            let digits = e.strip_prefix('-').unwrap_or(e);
+            if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(not_whole());
+            }
+            // Exponents beyond ±1000 saturate: a mantissa with a non-zero digit is then far
+            // out of range either way.
+            let value: i64 = e
+                .parse()
+                .unwrap_or(if e.starts_with('-') { -1000 } else { 1000 });
+            (&t[..i], value.clamp(-1000, 1000))
         }
-        _ => Err(format!("{s:?} is not a non-negative whole number")),
+        None => (t, 0),
+    };
+    let (int_part, frac_part) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    if (int_part.is_empty() && frac_part.is_empty())
+        || !int_part
+            .bytes()
+            .chain(frac_part.bytes())
+            .all(|b| b.is_ascii_digit())
+    {
+        return Err(not_whole());
+    }
+    // The value is digits × 10^(exponent − len(frac)).
+    let all_digits = format!("{int_part}{frac_part}");
+    let digits = all_digits.trim_start_matches('0');
+    let shift = exponent - frac_part.len() as i64;
+    let (whole, dropped) = if shift >= 0 {
+        if digits.is_empty() {
+            return Ok(0);
+        }
+        if digits.len() as i64 + shift > 20 {
+            return Err(too_large());
+        }
+        (format!("{digits}{}", "0".repeat(shift as usize)), "")
+    } else {
+        let cut = digits.len().saturating_sub((-shift) as usize);
+        (digits[..cut].to_string(), &digits[cut..])
+    };
+    if dropped.bytes().any(|b| b != b'0') {
+        return Err(not_whole());
+    }
+    if whole.is_empty() {
+        return Ok(0);
+    }
+    match whole.parse::<u128>() {
+        Ok(v) if v <= max as u128 => Ok(v as u64),
+        _ => Err(too_large()),
     }
 }
 
-/// A number for JSON output: non-finite values (β = ∞ at KL = 0, an infinite divergence)
-/// become the strings `"inf"`, `"-inf"` or `"nan"`, since JSON has no infinity.
-pub fn json_number(x: f64) -> serde_json::Value {
-    if x.is_finite() {
-        serde_json::json!(x)
-    } else if x == f64::INFINITY {
-        serde_json::json!("inf")
-    } else if x == f64::NEG_INFINITY {
-        serde_json::json!("-inf")
-    } else {
-        serde_json::json!("nan")
+/// A comma-separated list of counts given to `flag`, each at most `max` (`what` names a
+/// count in errors, e.g. `length`).
+///
+/// # Errors
+/// A usage error naming `flag` and the entry.
+pub fn parse_count_list(flag: &str, text: &str, max: u64, what: &str) -> anyhow::Result<Vec<u64>> {
+    if text.trim().is_empty() {
+        return Err(usage(format!("{flag}: empty list")));
     }
+    text.split(',')
+        .enumerate()
+        .map(|(i, s)| {
+            parse_count_at_most(s.trim(), max, what)
+                .map_err(|e| usage(format!("{flag}: entry {}: {e}", i + 1)))
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -323,42 +406,110 @@ mod tests {
         e.to_string()
     }
 
+    fn is_usage(e: &anyhow::Error) -> bool {
+        e.downcast_ref::<crate::UsageError>().is_some()
+    }
+
     #[test]
     fn only_real_flags_are_named_as_flags() {
         const FLAGS: Flags = Flags(&[("n", "--n"), ("kl", "--kls")]);
         let f = flag_error(FLAGS);
-        assert_eq!(
-            message(f(TiltError::invalid("n", "must be at least 1"))),
-            "--n: must be at least 1"
-        );
+        let e = f(TiltError::invalid("n", "must be at least 1"));
+        assert!(is_usage(&e));
+        assert_eq!(message(e), "--n: must be at least 1");
         assert_eq!(
             message(f(TiltError::invalid("kl", "too big"))),
             "--kls: too big"
         );
-        for name in ["sigma2", "epsilon", "x"] {
-            let m = message(f(TiltError::invalid(name, "bad")));
-            assert_eq!(m, format!("{name}: bad"));
+        // A derived quantity is not the user's input: an internal failure (exit 1), named
+        // as the library names it, never as a flag.
+        for name in ["sigma2", "epsilon", "x", "beta"] {
+            let e = f(TiltError::invalid(name, "bad"));
+            assert!(!is_usage(&e), "{name}");
+            assert!(e.downcast_ref::<TiltError>().is_none(), "main would exit 2");
+            let m = message(e);
+            assert_eq!(m, format!("internal error: {name}: bad"));
             assert!(!m.contains("--"), "{m}");
         }
         let too_large = f(TiltError::KlBudgetTooLarge {
             requested: 2.0,
             max: 1.0,
         });
+        assert!(is_usage(&too_large));
         assert!(message(too_large).starts_with("--kls: KL budget 2"));
         let none = flag_error(Flags(&[("n", "--n")]));
-        let m = message(none(TiltError::KlBudgetTooLarge {
+        let e = none(TiltError::KlBudgetTooLarge {
             requested: 2.0,
             max: 1.0,
-        }));
-        assert!(m.starts_with("KL budget 2"), "{m}");
+        });
+        assert!(!is_usage(&e));
+        assert!(message(e).contains("KL budget 2"));
+        // A solver that does not converge is a failure while running, not bad input.
+        let e = f(TiltError::NoConvergence {
+            what: "β".into(),
+            detail: "no bracket".into(),
+        });
+        assert!(!is_usage(&e) && e.downcast_ref::<TiltError>().is_none());
     }
 
     #[test]
-    fn svg_extension_in_any_case() {
-        assert!(check_svg_path(Path::new("a.svg")).is_ok());
-        assert!(check_svg_path(Path::new("a.SVG")).is_ok());
-        assert!(check_svg_path(Path::new("dir/a.Svg")).is_ok());
-        assert!(check_svg_path(Path::new("a.png")).is_err());
-        assert!(check_svg_path(Path::new("svg")).is_err());
+    fn plot_paths_are_checked_through_tilt_plot() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(check_plot(&dir.path().join("a.SVG")).is_ok());
+        for (path, needle) in [
+            (dir.path().join("a.png"), ".png is not supported"),
+            (dir.path().join("missing").join("a.svg"), "does not exist"),
+            (dir.path().to_path_buf(), "is a directory"),
+        ] {
+            let e = check_plot(&path).unwrap_err();
+            assert!(is_usage(&e));
+            let m = message(e);
+            assert!(m.starts_with("--plot ") && m.contains(needle), "{m}");
+        }
+        let late = plot_error(tilt_plot::PlotError::Backend {
+            path: "a.svg".into(),
+            message: "disk full".into(),
+        });
+        assert!(!is_usage(&late), "a failure while writing is exit 1");
+    }
+
+    #[test]
+    fn counts_are_exact_and_too_large_is_its_own_error() {
+        assert_eq!(parse_count("16"), Ok(16));
+        assert_eq!(parse_count("1e15"), Ok(1_000_000_000_000_000));
+        assert_eq!(parse_count("2.5e3"), Ok(2500));
+        assert_eq!(parse_count("+7"), Ok(7));
+        assert_eq!(parse_count("0"), Ok(0));
+        assert_eq!(parse_count("0e400"), Ok(0));
+        assert_eq!(parse_count("18446744073709551615"), Ok(u64::MAX));
+        assert_eq!(parse_count("1.8446744073709551615e19"), Ok(u64::MAX));
+        for big in [
+            "18446744073709551616",
+            "1e20",
+            "1e400",
+            "99999999999999999999999",
+        ] {
+            let e = parse_count(big).unwrap_err();
+            assert!(
+                e.ends_with("exceeds the largest supported n, 18446744073709551615"),
+                "{big}: {e}"
+            );
+        }
+        for bad in [
+            "2.5", "-1", "abc", "", "1e-3", "1e", "e5", ".", "1e1.5", "0x10", "inf", "1e-",
+        ] {
+            let e = parse_count(bad).unwrap_err();
+            assert!(
+                e.ends_with("is not a non-negative whole number"),
+                "{bad}: {e}"
+            );
+        }
+        assert_eq!(
+            parse_count_at_most("2e9", 1_000_000_000, "length").unwrap_err(),
+            "\"2e9\" exceeds the largest supported length, 1000000000"
+        );
+        let e = parse_count_list("--lengths", "10,1e10", 1_000_000_000, "length").unwrap_err();
+        assert!(is_usage(&e));
+        assert!(message(e).starts_with("--lengths: entry 2: \"1e10\" exceeds"));
     }
 }

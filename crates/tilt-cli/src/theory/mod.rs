@@ -9,12 +9,13 @@ pub mod frontier;
 pub mod infalign;
 pub mod input;
 pub mod memoryless;
+pub mod progress;
 pub mod tilt;
 
 /// The theory subcommands.
 #[derive(Debug, Subcommand)]
 pub enum TheoryCommand {
-    /// The exact KL-regularised optimum φ_β ∝ p·e^{r/β}, by β or by KL budget (nats).
+    /// The exact KL-regularised optimum φ_β ∝ p·e^(r/β), by β or by KL budget (nats).
     Tilt(tilt::TiltArgs),
     /// Exact best-of-n (or worst-of-n) with ties: pmf, KL (nats), bound, estimator, win rate.
     Bon(bon::BonArgs),
@@ -25,10 +26,10 @@ pub enum TheoryCommand {
     /// Sub-Gaussian proxy σ² and the √(2σ²·KL) bound next to exact best-of-n and tilt gains.
     Bounds(bounds::BoundsArgs),
     /// Memoryless model, linear reward (arXiv 2404.01730): rate function, x*, the optimal
-    /// tilt and best-of-N with N = e^{LΔ}, exactly at each length (nats).
+    /// tilt and best-of-N with N = e^(LΔ), exactly at each length (nats).
     Memoryless(memoryless::MemorylessArgs),
     /// InfAlign on the calibrated reward (arXiv 2412.19792): KL (nats), standard and
-    /// inference-time win rates of g ∝ e^{Φ(c)/β}; --optimize-t for the CTRL transform.
+    /// inference-time win rates of g ∝ e^(Φ(c)/β); --optimize-t for the CTRL transform.
     Infalign(infalign::InfalignArgs),
     /// Inference-time win rate vs KL (nats): identity, CTRL with optimised t, best-of-m.
     InfalignFrontier(infalign::InfalignFrontierArgs),

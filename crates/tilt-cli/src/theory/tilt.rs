@@ -1,19 +1,17 @@
-//! `tilt theory tilt`: the exact KL-regularised optimum φ_β ∝ p·e^{r/β} (arXiv 2404.01730).
+//! `tilt theory tilt`: the exact KL-regularised optimum φ_β ∝ p·e^(r/β) (arXiv 2404.01730).
 
-use super::input::{flag_error, json_number, DistributionArgs, Flags};
+use super::input::{flag_error, DistributionArgs, Flags};
 use crate::output::{emit, Format};
 use clap::Args;
-use serde_json::json;
-
-/// The library's input names that are flags of `tilt theory tilt`.
-const FLAGS: Flags = Flags(&[("beta", "--beta"), ("kl", "--kl")]);
+use serde::Serialize;
+use tilt_core::tilt::Tilt;
 
 /// Flags of `tilt theory tilt`.
 #[derive(Debug, Args)]
 pub struct TiltArgs {
     #[command(flatten)]
     dist: DistributionArgs,
-    /// Regularisation strength β > 0 (the tilt is p·e^{r/β}).
+    /// Regularisation strength β > 0 (the tilt is p·e^(r/β)).
     #[arg(
         long,
         conflicts_with = "kl",
@@ -29,27 +27,37 @@ pub struct TiltArgs {
     format: Format,
 }
 
+/// What `tilt theory tilt` prints: the tilt (its `beta`, `lambda` and `log_partition` are
+/// null where +∞, see [`Tilt`]) and the reference's expected reward.
+#[derive(Debug, Serialize)]
+pub struct TiltReport {
+    /// Always `"nats"` (KL and log-partition).
+    pub units: &'static str,
+    /// The tilt.
+    #[serde(flatten)]
+    pub tilt: Tilt,
+    /// E_p[r].
+    pub reference_expected_reward: f64,
+}
+
 /// Run `tilt theory tilt`.
 pub fn run(args: TiltArgs) -> anyhow::Result<()> {
     let dist = args.dist.load()?;
-    let t = match (args.beta, args.kl) {
-        (Some(beta), _) => tilt_core::tilt::tilt_by_beta(&dist, beta),
-        (None, Some(kl)) => tilt_core::tilt::tilt_by_kl(&dist, kl),
+    // Only the flag the user gave is named by errors.
+    let tilt = match (args.beta, args.kl) {
+        (Some(beta), _) => tilt_core::tilt::tilt_by_beta(&dist, beta)
+            .map_err(flag_error(Flags(&[("beta", "--beta")])))?,
+        (None, Some(kl)) => {
+            tilt_core::tilt::tilt_by_kl(&dist, kl).map_err(flag_error(Flags(&[("kl", "--kl")])))?
+        }
         (None, None) => unreachable!("clap requires --beta or --kl"),
-    }
-    .map_err(flag_error(FLAGS))?;
+    };
     emit(
-        &json!({
-            "units": "nats",
-            "beta": json_number(t.beta),
-            "lambda": json_number(t.lambda),
-            "kl": t.kl,
-            "expected_reward": t.expected_reward,
-            "reference_expected_reward": dist.mean_reward(),
-            "win_rate": t.win_rate,
-            "log_partition": json_number(t.log_partition),
-            "pmf": t.pmf,
-        }),
+        &TiltReport {
+            units: "nats",
+            tilt,
+            reference_expected_reward: dist.mean_reward(),
+        },
         args.format,
     )
 }
