@@ -143,23 +143,13 @@ pub fn check_writable(flag: &str, path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Check a `--plot` path before any work: writable, and a format tilt writes (SVG).
+/// Check a `--plot` path before any work, as every command does ([`tilt_plot::check_output`]:
+/// an SVG file name in an existing folder, writable).
 ///
 /// # Errors
 /// A usage error naming `--plot`.
 pub fn check_plot(path: &Path) -> anyhow::Result<()> {
-    check_writable("--plot", path)?;
-    let svg = path
-        .extension()
-        .and_then(|e| e.to_str())
-        .is_some_and(|e| e.eq_ignore_ascii_case("svg"));
-    if !svg {
-        return Err(usage(format!(
-            "--plot {}: tilt writes SVG plots; give a file name ending in .svg",
-            path.display()
-        )));
-    }
-    Ok(())
+    tilt_plot::check_output(path).map_err(|e| usage(format!("--plot {}: {e}", path.display())))
 }
 
 /// Parse a seed: a whole number from 0 to 2^64 − 1.

@@ -168,9 +168,10 @@ where
     printed
 }
 
-/// Win rate vs KL and reward vs KL: measured strategies as points with error bars (the
-/// win rate's bootstrap interval, the reward's ±1.96 standard errors), exact best-of-n
-/// (line) and tilt (dashed) for the reference samples' empirical distributions.
+/// Win rate vs KL and reward vs KL: measured strategies as hollow points, each its own
+/// marker and colour, dodged sideways where they share a KL, with error bars (the win
+/// rate's bootstrap interval, the reward's ±1.96 standard errors); exact best-of-n (line)
+/// and tilt (dashed) for the reference samples' empirical distributions.
 fn write_plot(path: &Path, report: &EvalReport) -> Result<(), tilt_plot::PlotError> {
     let curve = |f: &dyn Fn(&tilt_engine::eval::CurvePoint) -> f64,
                  c: &[tilt_engine::eval::CurvePoint]| {
@@ -200,17 +201,29 @@ fn write_plot(path: &Path, report: &EvalReport) -> Result<(), tilt_plot::PlotErr
             SeriesStyle::Dashed,
         ),
     ];
-    for s in &report.strategies {
+    for (i, s) in report.strategies.iter().enumerate() {
         let name = format!("{} (KL {})", s.strategy, s.kl_kind);
-        let mut w = Series::new(name.clone(), vec![(s.kl, s.win_rate)], SeriesStyle::Points);
-        w.error_bars = s.win_rate_ci95.map(|[lo, hi]| vec![(lo, hi)]);
+        let marker = tilt_plot::Marker::for_index(i);
+        let mut w = Series::new(name.clone(), vec![(s.kl, s.win_rate)], SeriesStyle::Points)
+            .with_marker(marker)
+            .with_color(i + 2)
+            .hollow();
+        if let Some([lo, hi]) = s.win_rate_ci95 {
+            w = w.with_error_bars(vec![(lo, hi)]);
+        }
         win.push(w);
-        let mut r = Series::new(name, vec![(s.kl, s.mean_reward)], SeriesStyle::Points);
-        r.error_bars = s.mean_reward_stderr.map(|se| {
-            vec![(s.mean_reward - 1.96 * se, s.mean_reward + 1.96 * se)]
-        });
+        let mut r = Series::new(name, vec![(s.kl, s.mean_reward)], SeriesStyle::Points)
+            .with_marker(marker)
+            .with_color(i + 2)
+            .hollow();
+        if let Some(se) = s.mean_reward_stderr {
+            r = r.with_error_bars(vec![(s.mean_reward - 1.96 * se, s.mean_reward + 1.96 * se)]);
+        }
         rew.push(r);
     }
+    // Strategies at the same KL (sample and bon:1 at 0) stay side by side, not on top.
+    tilt_plot::dodge(&mut win, 8);
+    tilt_plot::dodge(&mut rew, 8);
     let panels = [
         Panel {
             title: "Win rate vs KL".into(),

@@ -144,11 +144,7 @@ fn main() -> ExitCode {
                 ExitCode::from(exit.code)
             } else if let Some(t) = err.downcast_ref::<tilt_core::TiltError>() {
                 // Bad input exits 2; a solver that did not converge is not bad input.
-                match t {
-                    tilt_core::TiltError::InvalidInput { .. }
-                    | tilt_core::TiltError::KlBudgetTooLarge { .. } => ExitCode::from(2),
-                    _ => ExitCode::from(1),
-                }
+                ExitCode::from(if t.is_input_error() { 2 } else { 1 })
             } else {
                 ExitCode::from(1)
             }

@@ -81,7 +81,8 @@ const RENAMES: &[(&str, &str)] = &[("rollouts_per_prompt", "--rollouts"), ("prom
 /// flag never costs the rollouts; a fit that diverges writes nothing.
 pub fn run(args: TrainScorerArgs) -> anyhow::Result<()> {
     let t_start = Instant::now();
-    let outputs = TrainOutputs::for_scorer(args.out.clone()).map_err(|e| cli_error(e, RENAMES))?;
+    let outputs = TrainOutputs::for_scorer(args.out.clone())
+        .map_err(|e| crate::usage(format!("--out {}: {}", args.out.display(), e.problem())))?;
     check_writable("--out", &outputs.scorer)?;
     check_writable("--out (its card)", &outputs.card)?;
     if let Some(m) = &args.manifest {

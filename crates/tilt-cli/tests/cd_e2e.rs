@@ -37,11 +37,11 @@ fn bad_inputs_exit_2_before_loading_models() {
         "--prompts",
         p,
         "--strategies",
-        "sample,cd-block:K=0,M=8",
+        "sample; cd-block:K=0,M=8",
     ]);
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     assert!(
-        stderr(&o).contains("--strategies") && stderr(&o).contains("K is 0"),
+        stderr(&o).contains("--strategies") && stderr(&o).contains("cd-block K is 0"),
         "{}",
         stderr(&o)
     );
@@ -147,7 +147,7 @@ fn bad_inputs_exit_2_before_loading_models() {
             vec![
                 "eval".into(),
                 "--strategies".into(),
-                "sample,bon:100000".into(),
+                "sample; bon:100000".into(),
             ],
             vec!["--strategies".into(), "bon:100000".into(), "cap".into()],
         ),
@@ -163,7 +163,7 @@ fn bad_inputs_exit_2_before_loading_models() {
             vec![
                 "eval".into(),
                 "--strategies".into(),
-                "sample,bon:2".into(),
+                "sample; bon:2".into(),
                 "--scorer".into(),
                 garbage.display().to_string(),
             ],
@@ -304,9 +304,14 @@ fn train_scorer_then_eval_with_controlled_decoding() {
     assert_eq!(on_disk, card);
     assert_eq!(card["scorer_file"], "scorer.safetensors");
     assert_eq!(card["card_file"], "scorer.json");
-    assert_eq!(card["written_as"]["out"], scorer.display().to_string());
-    assert_eq!(card["tool_version"], env!("CARGO_PKG_VERSION"));
-    assert!(card["git_commit"].as_str().is_some_and(|s| !s.is_empty()));
+    let provenance = &card["provenance"];
+    assert_eq!(provenance["written_as"]["scorer"], scorer.display().to_string());
+    assert_eq!(provenance["tool_version"], env!("CARGO_PKG_VERSION"));
+    assert!(provenance["git_commit"].as_str().is_some_and(|s| !s.is_empty()));
+    // The card and the scorer are written with the same (ordinary) permissions.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&scorer), mode(&card_file));
 
     let eval_prompts = dir.path().join("eval.jsonl");
     write_prompts(&eval_prompts, &["Say goodbye.", "Name an animal."]);
@@ -318,7 +323,7 @@ fn train_scorer_then_eval_with_controlled_decoding() {
             "--prompts",
             eval_prompts.to_str().unwrap(),
             "--strategies",
-            "sample,bon:1,2,cd-block:K=2,M=3,cd-token:lambda=2,k=3",
+            "sample; bon:1,2; cd-block:K=2,M=3; cd-token:lambda=2,k=3",
             "--reference-samples",
             "3",
             "--max-new-tokens",
@@ -335,14 +340,14 @@ fn train_scorer_then_eval_with_controlled_decoding() {
         assert!(o.status.success(), "{}", stderr(&o));
         assert!(plot.is_file() && manifest.is_file());
         let m: Value = serde_json::from_str(&std::fs::read_to_string(&manifest).unwrap()).unwrap();
-        assert_eq!(m["command"], "eval");
+        assert_eq!(m["run"]["command"], "eval");
         // The thread count the run used, as given (not the machine's default).
         assert_eq!(m["host"]["threads"], threads.parse::<u64>().unwrap());
-        assert!(m["files"]
+        assert!(m["inputs"]
             .as_array()
             .unwrap()
             .iter()
-            .any(|f| f["role"] == "scorer"));
+            .any(|f| f["role"].as_str().unwrap().starts_with("scorer:")));
         o.stdout
     };
     let out1 = run("2", "a");
@@ -367,9 +372,24 @@ fn train_scorer_then_eval_with_controlled_decoding() {
         let w = s["win_rate"].as_f64().unwrap();
         assert!((0.0..=1.0).contains(&w), "{s}");
         assert_eq!(s["outputs"], 2);
+        // The interval respects the range of a win rate and holds the estimate.
+        let ci = s["win_rate_ci95"].as_array().unwrap();
+        let (lo, hi) = (ci[0].as_f64().unwrap(), ci[1].as_f64().unwrap());
+        assert!(0.0 <= lo && lo <= w && w <= hi && hi <= 1.0, "{s}");
     }
     assert!(!report["exact_best_of_n"].as_array().unwrap().is_empty());
     // Same seed, another thread count: the same bytes.
     let out2 = run("1", "b");
     assert_eq!(out1, out2);
+    // The eval manifest replays (issue: only generate manifests replayed before).
+    let rep = tilt(&[
+        "reproduce",
+        dir.path().join("manifest-a.json").to_str().unwrap(),
+        "--threads",
+        "1",
+    ]);
+    assert!(rep.status.success(), "{}", stderr(&rep));
+    let verdict: Value = serde_json::from_slice(&rep.stdout).unwrap();
+    assert_eq!(verdict["command"], "eval");
+    assert_eq!(verdict["reproduced"], true);
 }

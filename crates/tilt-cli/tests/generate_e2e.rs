@@ -144,9 +144,14 @@ fn same_seed_same_bytes_across_threads_and_reproduce_verifies() {
 
     // The manifest records the run and re-runs to the same bytes (at the other thread count).
     let m: Value = serde_json::from_str(&std::fs::read_to_string(manifest).unwrap()).unwrap();
-    assert_eq!(m["seed"], 11);
+    // The typed request is recorded once: the seed lives only in its parameters.
+    assert_eq!(m["run"]["command"], "generate");
+    assert_eq!(m["run"]["params"]["seed"], 11);
+    assert_eq!(m["run"]["params"]["strategy"]["name"], "bon");
+    assert_eq!(m["run"]["params"]["strategy"]["n"], 4);
+    assert!(m.get("seed").is_none() && m.get("args").is_none());
     assert!(m["git_commit"].as_str().is_some_and(|s| !s.is_empty()));
-    assert!(m["files"]
+    assert!(m["inputs"]
         .as_array()
         .unwrap()
         .iter()
@@ -157,6 +162,7 @@ fn same_seed_same_bytes_across_threads_and_reproduce_verifies() {
     assert!(rep.status.success(), "{}", stderr(&rep));
     let verdict: Value = serde_json::from_slice(&rep.stdout).unwrap();
     assert_eq!(verdict["identical"], true);
+    assert_eq!(verdict["reproduced"], true);
     assert!(stderr(&rep).contains("identical"));
 
     // Tamper with the recorded output: reproduce says exactly what differs.
@@ -262,7 +268,7 @@ fn bad_inputs_are_clear_usage_errors() {
             cd("cd-block", &["--n", "8"]),
             "--n: cd-block returns one output",
         ),
-        (cd("cd-block", &["--block-k", "0"]), "--block-k: K is 0"),
+        (cd("cd-block", &["--block-k", "0"]), "--block-k: 0 continuations"),
         (cd("cd-token", &["--lambda=-1"]), "--lambda"),
         (
             vec![
@@ -368,38 +374,33 @@ fn controlled_decoding_in_generate_and_a_dash_prompt_reproduce() {
     let l = &ls[0];
     assert_eq!(l["prompt"], "-Name a colour.");
     assert_eq!(l["strategy"], "cd-token");
-    assert_eq!(l["n"], 10, "the default top-k");
+    assert!(l["n"].is_null(), "cd-token's batch is its top_k, not n");
     assert_eq!(l["units"], "nats");
     assert!(l["kl_bound"].is_null());
     assert!(l["kl_estimate"].as_f64().unwrap().is_finite());
-    assert!(l["kl_note"].as_str().unwrap().contains("log π(y)/p(y)"));
+    assert_eq!(l["kl_note"], "cd-token-log-ratio");
     let c = &l["candidates"].as_array().unwrap()[0];
     assert_eq!(c["reward"], l["reward"]);
     assert!((1..=4).contains(&c["new_tokens"].as_u64().unwrap()));
+    // The manifest holds the typed request, defaults written out, and the scorer's hash.
     let m: Value = serde_json::from_str(&std::fs::read_to_string(manifest).unwrap()).unwrap();
-    let args: Vec<&str> = m["args"]
+    let run = &m["run"];
+    assert_eq!(run["prompts"]["input"]["prompt"], "-Name a colour.");
+    assert_eq!(
+        run["params"]["strategy"],
+        serde_json::json!({"name": "cd-token", "lambda": 4.0, "top_k": 10, "scorer": scorer})
+    );
+    assert!(m["engine"]["model"].is_null(), "the default model, found anew on replay");
+    assert!(m["inputs"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|a| a.as_str().unwrap())
-        .collect();
-    for want in [
-        "--prompt=-Name a colour.",
-        "--top-k=10",
-        "--lambda=4",
-        "--strategy=cd-token",
-    ] {
-        assert!(args.contains(&want), "{want} in {args:?}");
-    }
-    assert!(args
-        .iter()
-        .any(|a| a.starts_with("--model=") && a.ends_with(".gguf")));
-    assert!(m["files"]
+        .any(|f| f["role"] == "policy" && f["path"].as_str().unwrap().ends_with(".gguf")));
+    assert!(m["inputs"]
         .as_array()
         .unwrap()
         .iter()
-        .any(|f| f["role"] == "scorer"));
-    assert_eq!(m["config"]["strategy"]["name"], "cd-token");
+        .any(|f| f["role"].as_str().unwrap().starts_with("scorer:")));
     let rep = tilt(&["reproduce", manifest, "--threads", "2"]);
     assert!(rep.status.success(), "{}", stderr(&rep));
     let verdict: Value = serde_json::from_slice(&rep.stdout).unwrap();
@@ -426,7 +427,7 @@ fn controlled_decoding_in_generate_and_a_dash_prompt_reproduce() {
     assert!(out.status.success(), "{}", stderr(&out));
     let l = &lines(&out)[0];
     assert_eq!(l["strategy"], "cd-block");
-    assert_eq!(l["n"], 2);
+    assert!(l["n"].is_null(), "cd-block's batch is its block_k, not n");
     let tokens = l["candidates"][0]["new_tokens"].as_u64().unwrap();
     let blocks = tokens.div_ceil(2) as f64;
     let bound = l["kl_bound"].as_f64().unwrap();
@@ -435,7 +436,8 @@ fn controlled_decoding_in_generate_and_a_dash_prompt_reproduce() {
         "{bound}"
     );
     assert_eq!(l["draws"].as_f64().unwrap(), blocks * 2.0);
-    assert!(l["kl_note"].as_str().unwrap().contains("expected KL"));
+    assert_eq!(l["blocks"].as_f64().unwrap(), blocks);
+    assert_eq!(l["kl_note"], "cd-block-chain-bound");
 
     // A valid scorer file for another model: refused, naming the file and both sizes.
     let wide = dir.path().join("wide.safetensors");

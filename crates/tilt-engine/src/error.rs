@@ -134,10 +134,7 @@ impl EngineError {
             EngineError::Reward(_) | EngineError::Asset(_) | EngineError::Io { .. } => {
                 ErrorKind::Unavailable
             }
-            EngineError::Theory(
-                tilt_core::TiltError::InvalidInput { .. }
-                | tilt_core::TiltError::KlBudgetTooLarge { .. },
-            ) => ErrorKind::InvalidInput,
+            EngineError::Theory(t) if t.is_input_error() => ErrorKind::InvalidInput,
             EngineError::Theory(_) | EngineError::Candle(_) | EngineError::Internal(_) => {
                 ErrorKind::Internal
             }

@@ -239,11 +239,7 @@ impl TrainOutputs {
             }
             _ => Err(EngineError::invalid(
                 "out",
-                format!(
-                    "{} must be a file name ending in .safetensors (the card goes beside it as \
-                     NAME.json)",
-                    out.display()
-                ),
+                "must be named NAME.safetensors (its JSON card goes beside it as NAME.json)",
             )),
         }
     }

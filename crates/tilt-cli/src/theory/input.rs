@@ -407,7 +407,7 @@ mod tests {
     }
 
     fn is_usage(e: &anyhow::Error) -> bool {
-        e.downcast_ref::<crate::UsageError>().is_some()
+        e.downcast_ref::<crate::Exit>().is_some_and(|x| x.code == 2)
     }
 
     #[test]
