@@ -102,8 +102,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     let t_eval = Instant::now();
     let report = run_eval(&engine, &args.prompts, &config, &progress).map_err(|e| cli_error(e, &[]))?;
     let eval_secs = t_eval.elapsed().as_secs_f64();
-    let value = serde_json::to_value(&report)?;
-    let bytes = json_line(&value).map_err(|e| cli_error(e, &[]))?;
+    let bytes = json_line(&report).map_err(|e| cli_error(e, &[]))?;
     let run = Run::Eval {
         prompts: args.prompts.clone(),
         config,
@@ -121,7 +120,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         .as_deref()
         .map(|path| (path, |p: &Path| write_plot(p, &report).map_err(|e| e.to_string())));
     let mut stdout = std::io::stdout().lock();
-    finish(&value, args.format, &mut stdout, plot, &manifest, &args.manifest)?;
+    finish(&report, &bytes, args.format, &mut stdout, plot, &manifest, &args.manifest)?;
     tilt_engine::Progress::note(
         &progress,
         &format!(
@@ -142,7 +141,8 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
 /// The manifest cannot be written (the report is printed already); printing failed (the
 /// manifest is written already).
 fn finish<F>(
-    value: &serde_json::Value,
+    report: &impl serde::Serialize,
+    canonical: &[u8],
     format: Format,
     out: &mut dyn Write,
     plot: Option<(&Path, F)>,
@@ -152,7 +152,14 @@ fn finish<F>(
 where
     F: FnOnce(&Path) -> Result<(), String>,
 {
-    let printed = emit_to(out, value, format);
+    // JSON is the canonical bytes the manifest records; a table is made from the report.
+    let printed = match format {
+        Format::Json => out
+            .write_all(canonical)
+            .and_then(|()| out.flush())
+            .map_err(anyhow::Error::from),
+        Format::Table => emit_to(out, report, format),
+    };
     if let Some((path, write)) = plot {
         if let Err(e) = write(path) {
             eprintln!(
@@ -276,6 +283,7 @@ mod tests {
         let called = std::cell::Cell::new(false);
         finish(
             &serde_json::json!({"a": 1}),
+            b"{\"a\":1}\n",
             Format::Json,
             &mut out,
             Some((plot.as_path(), |_: &Path| {
@@ -298,6 +306,7 @@ mod tests {
         let mut out = Vec::new();
         let e = finish(
             &serde_json::json!({"a": 1}),
+            b"{\"a\":1}\n",
             Format::Json,
             &mut out,
             None::<(&Path, fn(&Path) -> Result<(), String>)>,

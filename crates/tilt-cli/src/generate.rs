@@ -237,14 +237,20 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let mut printed: anyhow::Result<()> = Ok(());
     let t1 = Instant::now();
     let summary = run_generate(&engine, prompts, *chat_template, params, &progress, |line| {
-        let value = line.to_value()?;
-        canonical.extend(json_line(&value)?);
+        let bytes = json_line(line)?;
+        canonical.extend_from_slice(&bytes);
         if let tilt_engine::run::GenerateLine::Error { error, .. } = line {
             progress_note(&progress, error);
         }
         // Printing failures (a closed pipe) stop the printing, not the recording.
         if printed.is_ok() {
-            printed = emit_to(&mut out, &value, args.format);
+            printed = match args.format {
+                Format::Json => out
+                    .write_all(&bytes)
+                    .and_then(|()| out.flush())
+                    .map_err(anyhow::Error::from),
+                Format::Table => emit_to(&mut out, line, args.format),
+            };
         }
         Ok(())
     });

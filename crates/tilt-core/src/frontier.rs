@@ -147,7 +147,7 @@ pub fn frontier_ns(n_max: u64, points: Option<usize>) -> Result<Vec<u64>> {
             if n_max > 1_000_000 {
                 return Err(TiltError::invalid(
                     "n-max",
-                    format!("{n_max} points; give --points to log-space them (at most 10^6)"),
+                    format!("{n_max} points; give points to log-space them (at most 10^6)"),
                 ));
             }
             Ok((1..=n_max).collect())

@@ -203,7 +203,7 @@ fn detect_step(rewards: &[f64], support: &[bool], origin: f64, range: f64) -> Re
             format!(
                 "differ by at most {range:e}, within the grid-detection tolerance {tol:e} (1e-9 \
                  of their magnitude), so no grid step can be told from rounding; pass a grid \
-                 step h (--grid H) to snap them (per-token reward error ≤ h/2)"
+                 step h (the grid parameter) to snap them (per-token reward error ≤ h/2)"
             ),
         ));
     }
@@ -212,7 +212,7 @@ fn detect_step(rewards: &[f64], support: &[bool], origin: f64, range: f64) -> Re
             "rewards",
             format!(
                 "are not on a grid a + h·k with at most {MAX_GRID_INDEX} steps; pass a grid step h \
-                 (--grid H) to snap them (per-token reward error ≤ h/2)"
+                 (the grid parameter) to snap them (per-token reward error ≤ h/2)"
             ),
         )
     };
@@ -412,11 +412,11 @@ mod tests {
         // Gaps within the 1e-9 relative tolerance: no step can be told from rounding.
         named(
             LatticeRewards::new(&[1e20, 1.00000000000001e20], &[true; 2], None),
-            "--grid",
+            "grid parameter",
         );
         named(
             LatticeRewards::new(&[1.0, 1.0 + 1e-12, 1.0], &[true; 3], None),
-            "--grid",
+            "grid parameter",
         );
         named(
             LatticeRewards::new(&[-1e308, 1e308], &[true; 2], None),

@@ -365,7 +365,7 @@ fn near_equal_rewards_are_a_clear_error_and_the_snap_error_is_reported() {
         match MemorylessModel::new(&d, None) {
             Err(TiltError::InvalidInput { input, problem }) => {
                 assert_eq!(input, "rewards");
-                assert!(problem.contains("--grid"), "{problem}");
+                assert!(problem.contains("grid parameter"), "{problem}");
             }
             other => panic!("{other:?}"),
         }

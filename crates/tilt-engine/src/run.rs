@@ -121,36 +121,38 @@ struct ErrorLine<'a> {
     error: &'a str,
 }
 
-impl GenerateLine {
-    /// The line as JSON (keys sorted).
-    ///
-    /// # Errors
-    /// [`EngineError::Internal`] if it cannot be serialised (a bug).
-    pub fn to_value(&self) -> Result<serde_json::Value> {
-        let v = match self {
+impl Serialize for GenerateLine {
+    /// An output line is `{"index", "prompt", …the output's fields}`; an error line
+    /// `{"index", "line", "error"}`.
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        match self {
             GenerateLine::Output {
                 index,
                 prompt,
                 output,
-            } => serde_json::to_value(OutputLine {
+            } => OutputLine {
                 index: *index,
                 prompt,
                 output,
-            }),
-            GenerateLine::Error { index, line, error } => serde_json::to_value(ErrorLine {
+            }
+            .serialize(s),
+            GenerateLine::Error { index, line, error } => ErrorLine {
                 index: *index,
                 line: *line,
                 error,
-            }),
-        };
-        v.map_err(|e| EngineError::Internal(format!("output line: {e}")))
+            }
+            .serialize(s),
+        }
     }
 }
 
-/// The canonical bytes of a JSON value: one line.
-pub fn json_line(value: &serde_json::Value) -> Result<Vec<u8>> {
-    let mut s =
-        serde_json::to_string(value).map_err(|e| EngineError::Internal(format!("output: {e}")))?;
+/// The canonical bytes of a value: one line of JSON, its fields in their declared order.
+///
+/// # Errors
+/// [`EngineError::Internal`] if it cannot be serialised (a bug).
+pub fn json_line<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>> {
+    let mut s = serde_json::to_string(value)
+        .map_err(|e| EngineError::Internal(format!("output: {e}")))?;
     s.push('\n');
     Ok(s.into_bytes())
 }
@@ -361,7 +363,7 @@ pub fn execute<P: Policy>(
         } => {
             let mut bytes = Vec::new();
             let summary = run_generate(engine, prompts, *chat_template, params, progress, |l| {
-                bytes.extend(json_line(&l.to_value()?)?);
+                bytes.extend(json_line(l)?);
                 Ok(())
             })?;
             Ok(RunOutput {
@@ -372,10 +374,8 @@ pub fn execute<P: Policy>(
         }
         Run::Eval { prompts, config } => {
             let report = run_eval(engine, prompts, config, progress)?;
-            let value = serde_json::to_value(&report)
-                .map_err(|e| EngineError::Internal(format!("report: {e}")))?;
             Ok(RunOutput {
-                bytes: json_line(&value)?,
+                bytes: json_line(&report)?,
                 files: Vec::new(),
                 failures: Vec::new(),
             })
@@ -386,10 +386,8 @@ pub fn execute<P: Policy>(
             outputs,
         } => {
             let t = run_train_scorer(engine, prompts, config, outputs, progress)?;
-            let value = serde_json::to_value(&t.card)
-                .map_err(|e| EngineError::Internal(format!("card: {e}")))?;
             Ok(RunOutput {
-                bytes: json_line(&value)?,
+                bytes: json_line(&t.card)?,
                 files: vec![("scorer".into(), outputs.scorer.clone(), t.bytes)],
                 failures: Vec::new(),
             })

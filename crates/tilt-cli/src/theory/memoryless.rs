@@ -143,9 +143,11 @@ fn flags(length_flag: &'static str) -> Flags {
 fn named(e: TiltError, rewards_name: &str, length_flag: &'static str) -> anyhow::Error {
     match e {
         e @ TiltError::KlBudgetTooLarge { .. } => usage(format!("--delta: {e} per token")),
-        TiltError::InvalidInput { input, problem } if input == "rewards" => {
-            usage(format!("{rewards_name}: {problem}"))
-        }
+        TiltError::InvalidInput { input, problem } if input == "rewards" => usage(format!(
+            "{rewards_name}: {}",
+            // The library names its parameter; here it is a flag.
+            problem.replace("(the grid parameter)", "(--grid H)")
+        )),
         other => flag_error(flags(length_flag))(other),
     }
 }
