@@ -90,7 +90,13 @@ pub fn flag_of(param: &str, renames: &[(&str, &str)]) -> Option<String> {
         "learning_rate",
         "epochs",
     ];
-    const MORE: [&str; 5] = ["weight_decay", "heldout_fraction", "mlp_hidden", "head", "out"];
+    const MORE: [&str; 5] = [
+        "weight_decay",
+        "heldout_fraction",
+        "mlp_hidden",
+        "head",
+        "out",
+    ];
     FLAGS
         .iter()
         .chain(MORE.iter())
@@ -103,44 +109,13 @@ pub fn cli_error(e: EngineError, renames: &[(&str, &str)]) -> anyhow::Error {
     engine_error(e, |p| flag_of(p, renames))
 }
 
-/// Check, before any work, that a file can be written at `path` (given as `flag`): its
-/// directory exists and takes a new file, and the path is not a directory. An existing file
-/// is opened for appending (not truncated) to check it; a new one is created and removed.
+/// Check, before any work, that a file can be written at `path` (given as `flag`), as
+/// [`tilt_plot::check_writable`] does for every output file.
 ///
 /// # Errors
 /// A usage error naming `flag` and the path.
 pub fn check_writable(flag: &str, path: &Path) -> anyhow::Result<()> {
-    let bad = |problem: String| usage(format!("{flag} {}: {problem}", path.display()));
-    if path.as_os_str().is_empty() {
-        return Err(usage(format!("{flag}: empty path")));
-    }
-    if path.is_dir() {
-        return Err(bad("is a directory; give a file name".into()));
-    }
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    if !dir.is_dir() {
-        return Err(bad(format!(
-            "directory {} does not exist (create it first)",
-            dir.display()
-        )));
-    }
-    if path.exists() {
-        std::fs::OpenOptions::new()
-            .append(true)
-            .open(path)
-            .map_err(|e| bad(format!("cannot be written: {e}")))?;
-    } else {
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(path)
-            .map_err(|e| bad(format!("cannot be created: {e}")))?;
-        std::fs::remove_file(path).map_err(|e| bad(format!("cannot be removed again: {e}")))?;
-    }
-    Ok(())
+    tilt_plot::check_writable(path).map_err(|e| usage(format!("{flag} {e}")))
 }
 
 /// Check a `--plot` path before any work, as every command does ([`tilt_plot::check_output`]:
@@ -149,13 +124,16 @@ pub fn check_writable(flag: &str, path: &Path) -> anyhow::Result<()> {
 /// # Errors
 /// A usage error naming `--plot`.
 pub fn check_plot(path: &Path) -> anyhow::Result<()> {
-    tilt_plot::check_output(path).map_err(|e| usage(format!("--plot {}: {e}", path.display())))
+    tilt_plot::check_output(path).map_err(|e| usage(format!("--plot {e}")))
 }
 
 /// Parse a seed: a whole number from 0 to 2^64 − 1.
 pub fn parse_seed(s: &str) -> Result<u64, String> {
     s.trim().parse::<u64>().map_err(|_| {
-        format!("{s:?} is not a seed: give a whole number from 0 to {}", u64::MAX)
+        format!(
+            "{s:?} is not a seed: give a whole number from 0 to {}",
+            u64::MAX
+        )
     })
 }
 
@@ -178,13 +156,22 @@ mod tests {
         assert_eq!(e.downcast_ref::<crate::Exit>().map(|x| x.code), Some(2));
         let msg = e.to_string();
         assert!(
-            msg.starts_with("--plot ") && msg.contains("no-such-dir") && msg.contains("does not exist"),
+            msg.starts_with("--plot ")
+                && msg.contains("no-such-dir")
+                && msg.contains("does not exist"),
             "{msg}"
         );
-        let e = check_writable("--manifest", dir.path()).unwrap_err().to_string();
-        assert!(e.starts_with("--manifest ") && e.contains("is a directory"), "{e}");
+        let e = check_writable("--manifest", dir.path())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("--manifest ") && e.contains("is a directory"),
+            "{e}"
+        );
         assert!(check_writable("--out", Path::new("")).is_err());
-        let e = check_plot(&dir.path().join("e.png")).unwrap_err().to_string();
+        let e = check_plot(&dir.path().join("e.png"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains(".svg"), "{e}");
         check_plot(&dir.path().join("e.SVG")).unwrap();
     }
@@ -193,13 +180,22 @@ mod tests {
     fn parameters_become_the_flags_that_set_them() {
         assert_eq!(flag_of("n", &[]).as_deref(), Some("--n"));
         assert_eq!(flag_of("block_k", &[]).as_deref(), Some("--block-k"));
-        assert_eq!(flag_of("max_new_tokens", &[]).as_deref(), Some("--max-new-tokens"));
         assert_eq!(
-            flag_of("rollouts_per_prompt", &[("rollouts_per_prompt", "--rollouts")]).as_deref(),
+            flag_of("max_new_tokens", &[]).as_deref(),
+            Some("--max-new-tokens")
+        );
+        assert_eq!(
+            flag_of(
+                "rollouts_per_prompt",
+                &[("rollouts_per_prompt", "--rollouts")]
+            )
+            .as_deref(),
             Some("--rollouts")
         );
         assert_eq!(flag_of("messages", &[]), None);
-        assert!(parse_seed("-1").unwrap_err().contains("whole number from 0"));
+        assert!(parse_seed("-1")
+            .unwrap_err()
+            .contains("whole number from 0"));
         assert_eq!(parse_seed("7"), Ok(7));
     }
 }

@@ -100,7 +100,8 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     let engine = Engine::load(&engine_config, &progress).map_err(|e| cli_error(e, &[]))?;
     let t_load = t_start.elapsed().as_secs_f64();
     let t_eval = Instant::now();
-    let report = run_eval(&engine, &args.prompts, &config, &progress).map_err(|e| cli_error(e, &[]))?;
+    let report =
+        run_eval(&engine, &args.prompts, &config, &progress).map_err(|e| cli_error(e, &[]))?;
     let eval_secs = t_eval.elapsed().as_secs_f64();
     let bytes = json_line(&report).map_err(|e| cli_error(e, &[]))?;
     let run = Run::Eval {
@@ -114,13 +115,30 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         ("total".to_string(), t_start.elapsed().as_secs_f64()),
     ]
     .into();
-    let manifest = Manifest::new(engine_config, run, files, Vec::new(), engine.threads(), wall, &bytes);
-    let plot = args
-        .plot
-        .as_deref()
-        .map(|path| (path, |p: &Path| write_plot(p, &report).map_err(|e| e.to_string())));
+    let manifest = Manifest::new(
+        engine_config,
+        run,
+        files,
+        Vec::new(),
+        engine.threads(),
+        wall,
+        &bytes,
+    );
+    let plot = args.plot.as_deref().map(|path| {
+        (path, |p: &Path| {
+            write_plot(p, &report).map_err(|e| e.to_string())
+        })
+    });
     let mut stdout = std::io::stdout().lock();
-    finish(&report, &bytes, args.format, &mut stdout, plot, &manifest, &args.manifest)?;
+    finish(
+        &report,
+        &bytes,
+        args.format,
+        &mut stdout,
+        plot,
+        &manifest,
+        &args.manifest,
+    )?;
     tilt_engine::Progress::note(
         &progress,
         &format!(
@@ -169,9 +187,12 @@ where
             );
         }
     }
-    manifest
-        .write(manifest_path)
-        .with_context(|| format!("--manifest {}: writing the manifest", manifest_path.display()))?;
+    manifest.write(manifest_path).with_context(|| {
+        format!(
+            "--manifest {}: writing the manifest",
+            manifest_path.display()
+        )
+    })?;
     printed
 }
 
@@ -247,7 +268,11 @@ fn write_plot(path: &Path, report: &EvalReport) -> Result<(), tilt_plot::PlotErr
             series: rew,
         },
     ];
-    write_svg(path, &format!("tilt eval: {} prompts", report.prompts), &panels)
+    write_svg(
+        path,
+        &format!("tilt eval: {} prompts", report.prompts),
+        &panels,
+    )
 }
 
 #[cfg(test)]

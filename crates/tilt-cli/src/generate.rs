@@ -179,11 +179,9 @@ impl GenerateArgs {
                 Input::Prompt(p.clone())
             }),
             (None, Some(f)) => PromptSource::File(f.clone()),
-            _ => {
-                return Err(usage(
-                    "give the prompt as --prompt TEXT, or a file of prompts as --prompts FILE.jsonl",
-                ))
-            }
+            _ => return Err(usage(
+                "give the prompt as --prompt TEXT, or a file of prompts as --prompts FILE.jsonl",
+            )),
         };
         let params = Params {
             strategy: self.strategy.strategy()?,
@@ -236,24 +234,31 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let mut canonical = Vec::new();
     let mut printed: anyhow::Result<()> = Ok(());
     let t1 = Instant::now();
-    let summary = run_generate(&engine, prompts, *chat_template, params, &progress, |line| {
-        let bytes = json_line(line)?;
-        canonical.extend_from_slice(&bytes);
-        if let tilt_engine::run::GenerateLine::Error { error, .. } = line {
-            progress_note(&progress, error);
-        }
-        // Printing failures (a closed pipe) stop the printing, not the recording.
-        if printed.is_ok() {
-            printed = match args.format {
-                Format::Json => out
-                    .write_all(&bytes)
-                    .and_then(|()| out.flush())
-                    .map_err(anyhow::Error::from),
-                Format::Table => emit_to(&mut out, line, args.format),
-            };
-        }
-        Ok(())
-    });
+    let summary = run_generate(
+        &engine,
+        prompts,
+        *chat_template,
+        params,
+        &progress,
+        |line| {
+            let bytes = json_line(line)?;
+            canonical.extend_from_slice(&bytes);
+            if let tilt_engine::run::GenerateLine::Error { error, .. } = line {
+                progress_note(&progress, error);
+            }
+            // Printing failures (a closed pipe) stop the printing, not the recording.
+            if printed.is_ok() {
+                printed = match args.format {
+                    Format::Json => out
+                        .write_all(&bytes)
+                        .and_then(|()| out.flush())
+                        .map_err(anyhow::Error::from),
+                    Format::Table => emit_to(&mut out, line, args.format),
+                };
+            }
+            Ok(())
+        },
+    );
     let generate_s = t1.elapsed().as_secs_f64();
     // Whatever happened, a manifest of what was done is written when asked for.
     if let (Some(path), Ok(_)) = (&args.manifest, &summary) {
@@ -318,7 +323,14 @@ mod tests {
     fn flags_a_strategy_does_not_read_are_refused_even_at_their_defaults() {
         for (args, flag, words) in [
             (
-                &["--strategy", "cd-block", "--scorer", "s", "--temperature", "1"][..],
+                &[
+                    "--strategy",
+                    "cd-block",
+                    "--scorer",
+                    "s",
+                    "--temperature",
+                    "1",
+                ][..],
                 "--temperature:",
                 "temperature 1",
             ),
@@ -342,16 +354,28 @@ mod tests {
                 "--threshold:",
                 "bon",
             ),
-            (&["--strategy", "bon", "--scorer", "s"][..], "--scorer:", "bon"),
+            (
+                &["--strategy", "bon", "--scorer", "s"][..],
+                "--scorer:",
+                "bon",
+            ),
             (&["--strategy", "sample", "--n", "4"][..], "--n:", "choices"),
-            (&["--strategy", "cd-token"][..], "--scorer:", "needs a prefix scorer"),
+            (
+                &["--strategy", "cd-token"][..],
+                "--scorer:",
+                "needs a prefix scorer",
+            ),
             (
                 &["--strategy", "cd-block", "--scorer", "s", "--block-k", "0"][..],
                 "--block-k:",
                 "at least 1",
             ),
             (&["--choices", "0"][..], "--choices:", "1 to"),
-            (&["--max-new-tokens", "0"][..], "--max-new-tokens:", "at least 1"),
+            (
+                &["--max-new-tokens", "0"][..],
+                "--max-new-tokens:",
+                "at least 1",
+            ),
         ] {
             let e = error_of(args);
             assert!(
@@ -360,10 +384,37 @@ mod tests {
             );
         }
         for ok in [
-            &["--strategy", "cd-token", "--scorer", "s", "--top-k", "5", "--lambda", "3"][..],
+            &[
+                "--strategy",
+                "cd-token",
+                "--scorer",
+                "s",
+                "--top-k",
+                "5",
+                "--lambda",
+                "3",
+            ][..],
             &["--strategy", "cd-block", "--scorer", "s", "--block-k", "2"][..],
-            &["--strategy", "rewind", "--threshold", "0.9", "--n", "2", "--top-p", "0.9"][..],
-            &["--strategy", "bon", "--n", "8", "--temperature", "0.7", "--top-k", "5"][..],
+            &[
+                "--strategy",
+                "rewind",
+                "--threshold",
+                "0.9",
+                "--n",
+                "2",
+                "--top-p",
+                "0.9",
+            ][..],
+            &[
+                "--strategy",
+                "bon",
+                "--n",
+                "8",
+                "--temperature",
+                "0.7",
+                "--top-k",
+                "5",
+            ][..],
             &["--strategy", "sample", "--choices", "3", "--stop", "\n"][..],
         ] {
             assert_eq!(error_of(ok), "", "{ok:?}");
@@ -374,6 +425,9 @@ mod tests {
     fn a_missing_prompt_names_both_ways_to_give_one() {
         let w = Wrap::try_parse_from(["tilt"]).unwrap();
         let e = w.g.run().unwrap_err().to_string();
-        assert!(e.contains("--prompt TEXT") && e.contains("--prompts FILE"), "{e}");
+        assert!(
+            e.contains("--prompt TEXT") && e.contains("--prompts FILE"),
+            "{e}"
+        );
     }
 }

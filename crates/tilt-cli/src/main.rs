@@ -93,7 +93,10 @@ pub fn failure(e: impl std::fmt::Display) -> anyhow::Error {
 /// An engine error for a person at the command line: exit 2 for invalid input and 1
 /// otherwise (the engine's [`tilt_engine::ErrorKind`]), and the parameter it names written
 /// as the flag that sets it, when `flag` knows one (`n` → `--n`).
-pub fn engine_error(e: tilt_engine::EngineError, flag: impl Fn(&str) -> Option<String>) -> anyhow::Error {
+pub fn engine_error(
+    e: tilt_engine::EngineError,
+    flag: impl Fn(&str) -> Option<String>,
+) -> anyhow::Error {
     let code = match e.kind() {
         tilt_engine::ErrorKind::InvalidInput => 2,
         _ => 1,

@@ -33,12 +33,8 @@ pub fn run(cmd: ModelsCommand) -> anyhow::Result<()> {
             let progress = crate::progress::CliProgress::new();
             let home = tilt_home();
             for asset in ALL_ASSETS {
-                let dir = fetch_with(
-                    asset,
-                    &home,
-                    &tilt_engine::progress::FetchReport(&progress),
-                )
-                .map_err(crate::failure)?;
+                let dir = fetch_with(asset, &home, &tilt_engine::progress::FetchReport(&progress))
+                    .map_err(crate::failure)?;
                 let files: Vec<Value> = verify(asset, &dir)?
                     .into_iter()
                     .map(|f| {

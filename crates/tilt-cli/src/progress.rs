@@ -104,7 +104,10 @@ impl tilt_engine::Progress for CliProgress {
     fn note(&self, message: &str) {
         let line = format!("tilt: {message}");
         let tasks = self.tasks.lock().ok();
-        match tasks.as_ref().and_then(|t| t.values().find_map(|t| t.bar.as_ref())) {
+        match tasks
+            .as_ref()
+            .and_then(|t| t.values().find_map(|t| t.bar.as_ref()))
+        {
             Some(bar) => bar.suspend(|| eprintln!("{line}")),
             None => eprintln!("{line}"),
         }

@@ -73,7 +73,10 @@ pub struct TrainScorerArgs {
 }
 
 /// How this command spells the engine's parameters.
-const RENAMES: &[(&str, &str)] = &[("rollouts_per_prompt", "--rollouts"), ("prompts", "--prompts")];
+const RENAMES: &[(&str, &str)] = &[
+    ("rollouts_per_prompt", "--rollouts"),
+    ("prompts", "--prompts"),
+];
 
 /// Run `tilt train-scorer`.
 ///
@@ -107,7 +110,8 @@ pub fn run(args: TrainScorerArgs) -> anyhow::Result<()> {
         reward: None,
     };
     config.validate().map_err(|e| cli_error(e, RENAMES))?;
-    let prompts = tilt_engine::prompts::read_prompts(&args.prompts).map_err(|e| cli_error(e, RENAMES))?;
+    let prompts =
+        tilt_engine::prompts::read_prompts(&args.prompts).map_err(|e| cli_error(e, RENAMES))?;
     if prompts.len() < 2 {
         return Err(crate::usage(format!(
             "--prompts {}: {} prompt; training needs at least 2 (some are held out)",
@@ -140,7 +144,10 @@ pub fn run(args: TrainScorerArgs) -> anyhow::Result<()> {
     });
     let text = serde_json::to_string_pretty(&card)? + "\n";
     std::fs::write(&outputs.card, text).map_err(|e| {
-        crate::failure(format!("--out {}: cannot write the card: {e}", outputs.card.display()))
+        crate::failure(format!(
+            "--out {}: cannot write the card: {e}",
+            outputs.card.display()
+        ))
     })?;
     if let Some(path) = &args.manifest {
         let files = input_files(&engine, &run).map_err(|e| cli_error(e, RENAMES))?;

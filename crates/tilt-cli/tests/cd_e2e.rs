@@ -305,9 +305,14 @@ fn train_scorer_then_eval_with_controlled_decoding() {
     assert_eq!(card["scorer_file"], "scorer.safetensors");
     assert_eq!(card["card_file"], "scorer.json");
     let provenance = &card["provenance"];
-    assert_eq!(provenance["written_as"]["scorer"], scorer.display().to_string());
+    assert_eq!(
+        provenance["written_as"]["scorer"],
+        scorer.display().to_string()
+    );
     assert_eq!(provenance["tool_version"], env!("CARGO_PKG_VERSION"));
-    assert!(provenance["git_commit"].as_str().is_some_and(|s| !s.is_empty()));
+    assert!(provenance["git_commit"]
+        .as_str()
+        .is_some_and(|s| !s.is_empty()));
     // The card and the scorer are written with the same (ordinary) permissions.
     use std::os::unix::fs::PermissionsExt;
     let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;

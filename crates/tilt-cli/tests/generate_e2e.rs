@@ -268,7 +268,10 @@ fn bad_inputs_are_clear_usage_errors() {
             cd("cd-block", &["--n", "8"]),
             "--n: cd-block returns one output",
         ),
-        (cd("cd-block", &["--block-k", "0"]), "--block-k: 0 continuations"),
+        (
+            cd("cd-block", &["--block-k", "0"]),
+            "--block-k: 0 continuations",
+        ),
         (cd("cd-token", &["--lambda=-1"]), "--lambda"),
         (
             vec![
@@ -390,7 +393,10 @@ fn controlled_decoding_in_generate_and_a_dash_prompt_reproduce() {
         run["params"]["strategy"],
         serde_json::json!({"name": "cd-token", "lambda": 4.0, "top_k": 10, "scorer": scorer})
     );
-    assert!(m["engine"]["model"].is_null(), "the default model, found anew on replay");
+    assert!(
+        m["engine"]["model"].is_null(),
+        "the default model, found anew on replay"
+    );
     assert!(m["inputs"]
         .as_array()
         .unwrap()

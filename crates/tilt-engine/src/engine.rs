@@ -117,30 +117,12 @@ impl EngineConfig {
         if self.rewards.is_empty() {
             return Err(EngineError::invalid("reward", "no reward configured"));
         }
-        for (i, r) in self.rewards.iter().enumerate() {
-            if r.name.trim().is_empty() {
-                return Err(EngineError::invalid("reward", "an empty reward name"));
-            }
-            if self.rewards[..i].iter().any(|o| o.name == r.name) {
-                return Err(EngineError::invalid(
-                    "reward",
-                    format!("the name {:?} is given twice", r.name),
-                ));
-            }
+        check_names(self.rewards.iter().map(|r| r.name.as_str()), "reward")?;
+        for r in &self.rewards {
             RewardSpec::parse(&r.spec)
                 .map_err(|e| EngineError::invalid("reward", e.to_string()))?;
         }
-        for (i, s) in self.scorers.iter().enumerate() {
-            if s.name.trim().is_empty() {
-                return Err(EngineError::invalid("scorer", "an empty scorer name"));
-            }
-            if self.scorers[..i].iter().any(|o| o.name == s.name) {
-                return Err(EngineError::invalid(
-                    "scorer",
-                    format!("the name {:?} is given twice", s.name),
-                ));
-            }
-        }
+        check_names(self.scorers.iter().map(|s| s.name.as_str()), "scorer")?;
         if self.max_batch == 0 {
             return Err(EngineError::invalid("max_batch", "0 rows; use at least 1"));
         }
@@ -315,21 +297,9 @@ impl<P: Policy> Engine<P> {
         if max_batch == 0 {
             return Err(EngineError::invalid("max_batch", "0 rows; use at least 1"));
         }
-        for (i, (n, _)) in rewards.iter().enumerate() {
-            if rewards[..i].iter().any(|(o, _)| o == n) {
-                return Err(EngineError::invalid(
-                    "reward",
-                    format!("{n:?} is given twice"),
-                ));
-            }
-        }
-        for (i, (n, s)) in scorers.iter().enumerate() {
-            if scorers[..i].iter().any(|(o, _)| o == n) {
-                return Err(EngineError::invalid(
-                    "scorer",
-                    format!("{n:?} is given twice"),
-                ));
-            }
+        check_names(rewards.iter().map(|(n, _)| n.as_str()), "reward")?;
+        check_names(scorers.iter().map(|(n, _)| n.as_str()), "scorer")?;
+        for (_, s) in &scorers {
             check_scorer_fits(&policy, s.as_ref())?;
         }
         Ok(Engine {
@@ -378,23 +348,7 @@ impl<P: Policy> Engine<P> {
     /// # Errors
     /// [`EngineError::Invalid`] naming `reward` for an unknown name.
     pub fn reward(&self, name: Option<&str>) -> Result<&Arc<dyn Reward>> {
-        match name {
-            None => Ok(&self.rewards[0].1),
-            Some(n) => self
-                .rewards
-                .iter()
-                .find(|(k, _)| k == n)
-                .map(|(_, r)| r)
-                .ok_or_else(|| {
-                    EngineError::invalid(
-                        "reward",
-                        format!(
-                            "no reward named {n:?} (configured: {})",
-                            self.reward_names().join(", ")
-                        ),
-                    )
-                }),
-        }
+        find_named(&self.rewards, name, "reward")
     }
 
     /// The prefix scorer named `name` (None: the default).
@@ -410,23 +364,7 @@ impl<P: Policy> Engine<P> {
                  with train-scorer)",
             ));
         }
-        match name {
-            None => Ok(&self.scorers[0].1),
-            Some(n) => self
-                .scorers
-                .iter()
-                .find(|(k, _)| k == n)
-                .map(|(_, s)| s)
-                .ok_or_else(|| {
-                    EngineError::invalid(
-                        "scorer",
-                        format!(
-                            "no scorer named {n:?} (loaded: {})",
-                            self.scorer_names().join(", ")
-                        ),
-                    )
-                }),
-        }
+        find_named(&self.scorers, name, "scorer")
     }
 
     /// Every file whose bytes determine this engine's outputs, with its role (`policy`,
@@ -611,6 +549,51 @@ impl<P: Policy> Engine<P> {
         }
         debug_assert!(next_out <= submitted);
     }
+}
+
+/// The entry named `name` of `list` (None: the first), or an error naming `param` that lists
+/// the names there are.
+fn find_named<'a, T: ?Sized>(
+    list: &'a [(String, Arc<T>)],
+    name: Option<&str>,
+    param: &str,
+) -> Result<&'a Arc<T>> {
+    let found = match name {
+        None => list.first(),
+        Some(n) => list.iter().find(|(k, _)| k == n),
+    };
+    found.map(|(_, v)| v).ok_or_else(|| {
+        let names: Vec<&str> = list.iter().map(|(k, _)| k.as_str()).collect();
+        EngineError::invalid(
+            param,
+            format!(
+                "no {param} named {:?} (there are: {})",
+                name.unwrap_or_default(),
+                names.join(", ")
+            ),
+        )
+    })
+}
+
+/// Refuse an empty or repeated name among `names` (of `param`s).
+fn check_names<'a>(names: impl Iterator<Item = &'a str>, param: &str) -> Result<()> {
+    let mut seen: Vec<&str> = Vec::new();
+    for n in names {
+        if n.trim().is_empty() {
+            return Err(EngineError::invalid(
+                param,
+                format!("an empty {param} name"),
+            ));
+        }
+        if seen.contains(&n) {
+            return Err(EngineError::invalid(
+                param,
+                format!("the name {n:?} is given twice"),
+            ));
+        }
+        seen.push(n);
+    }
+    Ok(())
 }
 
 /// A request's handle within a [`Scheduler`].

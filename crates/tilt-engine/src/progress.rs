@@ -47,7 +47,9 @@ pub(crate) fn fetch_default_policy(progress: &dyn Progress) -> Result<PathBuf> {
 /// # Errors
 /// The fetch's.
 pub(crate) fn fetch_default_reward(progress: &dyn Progress) -> Result<PathBuf> {
-    Ok(tilt_assets::default_reward_dir_with(&FetchReport(progress))?)
+    Ok(tilt_assets::default_reward_dir_with(&FetchReport(
+        progress,
+    ))?)
 }
 
 /// A fetch's events as [`Progress`] tasks (the download is a task counted in bytes, named

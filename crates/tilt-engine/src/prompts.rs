@@ -66,9 +66,11 @@ fn parse_line(line: &str) -> std::result::Result<Input, String> {
                 (None, None) => return Err("no \"prompt\" or \"messages\" field".into()),
             }
         }
-        other => return Err(format!(
+        other => {
+            return Err(format!(
             "expected {{\"prompt\": \"…\"}}, {{\"messages\": […]}} or a JSON string, got {other}"
-        )),
+        ))
+        }
     };
     input.validate().map_err(|e| e.problem())?;
     Ok(input)

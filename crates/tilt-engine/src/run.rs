@@ -151,8 +151,8 @@ impl Serialize for GenerateLine {
 /// # Errors
 /// [`EngineError::Internal`] if it cannot be serialised (a bug).
 pub fn json_line<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>> {
-    let mut s = serde_json::to_string(value)
-        .map_err(|e| EngineError::Internal(format!("output: {e}")))?;
+    let mut s =
+        serde_json::to_string(value).map_err(|e| EngineError::Internal(format!("output: {e}")))?;
     s.push('\n');
     Ok(s.into_bytes())
 }

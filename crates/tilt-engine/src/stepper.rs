@@ -1173,6 +1173,37 @@ pub(crate) struct CdSpec {
     pub(crate) score: bool,
 }
 
+/// How a cd job's finished sequence goes on: to its reward, or (unscored) straight out.
+enum CdEnd {
+    Score(String, Poll),
+    Unscored(String),
+}
+
+impl CdSpec {
+    /// The finished sequence's text, and whether it is scored next.
+    fn end<P: Policy>(&self, policy: &P, seq: &CdSequence) -> Result<CdEnd> {
+        let finish = seq.finish.unwrap_or(FinishReason::Length);
+        let text = final_text(policy, &seq.tokens, &self.stops, finish)?;
+        Ok(if self.score {
+            let poll = Poll::Score(ScoreRequest {
+                reward: Arc::clone(&self.out.reward),
+                prompt: Arc::clone(&self.out.prompt),
+                responses: vec![text.clone()],
+            });
+            CdEnd::Score(text, poll)
+        } else {
+            CdEnd::Unscored(text)
+        })
+    }
+
+    /// The text [`CdSpec::end`] sent to be scored, with its one score.
+    fn scored(&self, text: Option<String>, scores: &[f64]) -> Result<(String, f64)> {
+        let text =
+            text.ok_or_else(|| EngineError::Internal("a cd output scored without a text".into()))?;
+        Ok((text, single_score(scores)?))
+    }
+}
+
 /// The output of a cd job: its one sequence is its one candidate. `kl` is (bound,
 /// estimate). Without scoring (see [`CdSpec::score`]) the reward is 0, filled in later.
 #[allow(clippy::too_many_arguments)]
@@ -1301,18 +1332,15 @@ impl<P: Policy> Job<P> for CdTokenJob<P::Cache> {
             return Ok(Poll::Step);
         }
         self.cache = None;
-        let finish = self.seq.finish.unwrap_or(FinishReason::Length);
-        let text = final_text(policy, &self.seq.tokens, &self.spec.stops, finish)?;
-        if self.spec.score {
-            self.text = Some(text.clone());
-            Ok(Poll::Score(ScoreRequest {
-                reward: Arc::clone(&self.spec.out.reward),
-                prompt: Arc::clone(&self.spec.out.prompt),
-                responses: vec![text],
-            }))
-        } else {
-            self.result = Some(self.output(text, 0.0));
-            Ok(Poll::Done)
+        match self.spec.end(policy, &self.seq)? {
+            CdEnd::Score(text, poll) => {
+                self.text = Some(text);
+                Ok(poll)
+            }
+            CdEnd::Unscored(text) => {
+                self.result = Some(self.output(text, 0.0));
+                Ok(Poll::Done)
+            }
         }
     }
 
@@ -1345,11 +1373,7 @@ impl<P: Policy> Job<P> for CdTokenJob<P::Cache> {
     }
 
     fn scored(&mut self, scores: Vec<f64>) -> Result<()> {
-        let text = self
-            .text
-            .take()
-            .ok_or_else(|| EngineError::Internal("cd-token scored without a text".into()))?;
-        let r = single_score(&scores)?;
+        let (text, r) = self.spec.scored(self.text.take(), &scores)?;
         self.result = Some(self.output(text, r));
         Ok(())
     }
@@ -1539,18 +1563,15 @@ impl<P: Policy> Job<P> for CdBlockJob<P::Cache> {
             return Ok(Poll::Step);
         }
         self.cache = None;
-        let finish = self.seq.finish.unwrap_or(FinishReason::Length);
-        let text = final_text(policy, &self.seq.tokens, &self.spec.stops, finish)?;
-        if self.spec.score {
-            self.text = Some(text.clone());
-            Ok(Poll::Score(ScoreRequest {
-                reward: Arc::clone(&self.spec.out.reward),
-                prompt: Arc::clone(&self.spec.out.prompt),
-                responses: vec![text],
-            }))
-        } else {
-            self.result = Some(self.output(text, 0.0));
-            Ok(Poll::Done)
+        match self.spec.end(policy, &self.seq)? {
+            CdEnd::Score(text, poll) => {
+                self.text = Some(text);
+                Ok(poll)
+            }
+            CdEnd::Unscored(text) => {
+                self.result = Some(self.output(text, 0.0));
+                Ok(Poll::Done)
+            }
         }
     }
 
@@ -1576,11 +1597,7 @@ impl<P: Policy> Job<P> for CdBlockJob<P::Cache> {
     }
 
     fn scored(&mut self, scores: Vec<f64>) -> Result<()> {
-        let text = self
-            .text
-            .take()
-            .ok_or_else(|| EngineError::Internal("cd-block scored without a text".into()))?;
-        let r = single_score(&scores)?;
+        let (text, r) = self.spec.scored(self.text.take(), &scores)?;
         self.result = Some(self.output(text, r));
         Ok(())
     }

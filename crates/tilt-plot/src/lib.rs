@@ -277,6 +277,20 @@ impl PlotError {
 /// assert!(check_output(&dir.join("a.png")).unwrap_err().to_string().contains("SVG"));
 /// ```
 pub fn check_output(path: &Path) -> Result<(), PlotError> {
+    if !path.as_os_str().is_empty() && !path.is_dir() {
+        check_format(path)?;
+    }
+    check_writable(path)
+}
+
+/// Check, before any work, that a file can be written at `path` (any output file, not only
+/// a plot: the CLI checks its manifests and scorer files with it too): not empty, not a
+/// directory, in a directory that exists and takes a new file. An existing file is opened
+/// for appending (not truncated); a new one is created and removed again.
+///
+/// # Errors
+/// [`PlotError::Path`] saying what is wrong.
+pub fn check_writable(path: &Path) -> Result<(), PlotError> {
     let shown = path.display().to_string();
     let bad = |problem: String| PlotError::Path {
         path: shown.clone(),
@@ -286,9 +300,8 @@ pub fn check_output(path: &Path) -> Result<(), PlotError> {
         return Err(bad("empty path".into()));
     }
     if path.is_dir() {
-        return Err(bad("is a directory; give a file name ending in .svg".into()));
+        return Err(bad("is a directory; give a file name".into()));
     }
-    check_format(path)?;
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
