@@ -472,3 +472,115 @@ fn controlled_decoding_in_generate_and_a_dash_prompt_reproduce() {
     );
     assert!(out.stdout.is_empty());
 }
+
+/// Hardening on the real model: too many threads are capped with a note (the output does
+/// not change), a missing `head:` reward file is bad input (exit 2), a conversation and a
+/// stop sequence work, several choices come out as several lines, a raw prompt runs without
+/// the chat template, and `--format table` prints for people.
+#[test]
+fn threads_rewards_conversations_stops_choices_and_tables() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = [
+        "generate",
+        "--prompt",
+        "Name a colour.",
+        "--strategy",
+        "sample",
+        "--max-new-tokens",
+        "8",
+    ];
+    let capped = tilt(&[&base[..], &["--threads", "1000"]].concat());
+    assert!(capped.status.success(), "{}", stderr(&capped));
+    assert!(
+        stderr(&capped).contains("1000 asked for") && stderr(&capped).contains("cores"),
+        "{}",
+        stderr(&capped)
+    );
+    let plain = tilt(&[&base[..], &["--threads", "1"]].concat());
+    assert_eq!(capped.stdout, plain.stdout);
+    assert_eq!(lines(&plain)[0]["draws"], 1, "sample draws one candidate");
+
+    let missing = dir.path().join("no-head.safetensors");
+    let out = tilt(
+        &[
+            &base[..],
+            &["--reward", &format!("head:{}", missing.display())],
+        ]
+        .concat(),
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("no-head.safetensors"),
+        "{}",
+        stderr(&out)
+    );
+
+    // A conversation from a prompts file, with a stop sequence and two choices.
+    let prompts = dir.path().join("chat.jsonl");
+    std::fs::write(
+        &prompts,
+        "{\"messages\": [{\"role\": \"system\", \"content\": \"Answer in one word.\"}, {\"role\": \"user\", \"content\": \"Name a colour.\"}]}\n",
+    )
+    .unwrap();
+    let out = tilt(&[
+        "generate",
+        "--prompts",
+        prompts.to_str().unwrap(),
+        "--strategy",
+        "bon",
+        "--n",
+        "2",
+        "--choices",
+        "2",
+        "--stop",
+        " ",
+        "--max-new-tokens",
+        "12",
+        "--threads",
+        "2",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let ls = lines(&out);
+    assert_eq!(ls.len(), 2, "one line per choice");
+    for (j, l) in ls.iter().enumerate() {
+        assert_eq!(l["choice"], j);
+        assert_eq!(
+            l["prompt"], "Name a colour.",
+            "the reward sees the user's message"
+        );
+        assert!(!l["text"].as_str().unwrap().contains(' '), "{l}");
+        if l["finish_reason"] == "stop" {
+            assert!(
+                l["candidates"][l["selected"].as_u64().unwrap() as usize]["new_tokens"]
+                    .as_u64()
+                    .unwrap()
+                    >= 1
+            );
+        }
+    }
+
+    let raw = tilt(&[
+        "generate",
+        "--prompt",
+        "The capital of France is",
+        "--no-chat-template",
+        "--strategy",
+        "sample",
+        "--max-new-tokens",
+        "4",
+        "--format",
+        "table",
+    ]);
+    assert!(raw.status.success(), "{}", stderr(&raw));
+    let table = String::from_utf8(raw.stdout).unwrap();
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("kl_note") && l.contains("reference")),
+        "{table}"
+    );
+    assert!(
+        serde_json::from_str::<Value>(&table).is_err(),
+        "a table, not JSON"
+    );
+}

@@ -1023,3 +1023,49 @@ fn llama3_pre_tokenizer_ignores_merges_and_eom_ends_a_sequence() {
         .tokenizer()
         .adds_bos());
 }
+
+/// A broken chat template is an error naming the file when the template is loaded, and no
+/// obstacle at all when it is not (raw prompts need none); a conversation renders through
+/// `Policy::render_chat`.
+#[test]
+fn a_broken_chat_template_names_the_file_and_is_skipped_without_the_template() {
+    let t = tiny();
+    let broken = t.path.with_file_name("broken-template.gguf");
+    write_gguf(&broken, &t.weights, |md| {
+        for (k, v) in md.iter_mut() {
+            if k == "tokenizer.chat_template" {
+                *v = Value::String("{% for m in messages %}{{ m['content'] }".into());
+            }
+        }
+    });
+    let e = LlamaPolicy::load(&broken, 1).unwrap_err();
+    let msg = e.to_string();
+    assert!(
+        matches!(e, tilt_models::ModelError::BadFile { .. })
+            && msg.contains("broken-template.gguf")
+            && msg.contains("chat template"),
+        "{msg}"
+    );
+    let p = LlamaPolicy::load_with(
+        &broken,
+        tilt_models::LoadOptions {
+            threads: 1,
+            chat_template: false,
+        },
+    )
+    .unwrap();
+    assert!(!p.has_chat_template());
+    // Without a template one user message is its own text, anything else is refused.
+    assert_eq!(p.chat_prompt("hi").unwrap(), "hi");
+    let two = [
+        tilt_models::ChatMessage::new(tilt_models::Role::System, "be brief"),
+        tilt_models::ChatMessage::user("hi"),
+    ];
+    assert!(p.render_chat(&two).is_err());
+    // With the good template, the conversation is rendered in order, assistant turn opened.
+    let good = load(&t, 1);
+    assert_eq!(
+        good.render_chat(&two).unwrap(),
+        "<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    );
+}

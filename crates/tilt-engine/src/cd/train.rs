@@ -430,3 +430,61 @@ pub fn fit_head(data: &PrefixDataset, config: &TrainConfig) -> Result<(ScorerHea
     };
     Ok((head, card))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two prompts' worth of prefixes with a learnable target.
+    fn data() -> PrefixDataset {
+        let mut d = PrefixDataset {
+            hidden_size: 3,
+            n_prompts: 4,
+            ..Default::default()
+        };
+        for i in 0..40 {
+            let x = [
+                (i % 7) as f32,
+                (i % 3) as f32 - 1.0,
+                (i as f32 / 10.0).sin(),
+            ];
+            d.targets.push(f64::from(0.5 * x[0] - x[1] + 0.1 * x[2]));
+            d.features.push(x.to_vec());
+            d.groups.push(i % 4);
+        }
+        d
+    }
+
+    fn config(learning_rate: f64) -> TrainConfig {
+        TrainConfig {
+            head: HeadKind::Linear,
+            epochs: 40,
+            learning_rate,
+            weight_decay: 0.0,
+            heldout_fraction: 0.25,
+            seed: 1,
+        }
+    }
+
+    #[test]
+    fn a_sane_rate_fits_and_a_diverging_one_is_an_error_never_a_non_finite_head() {
+        let (head, card) = fit_head(&data(), &config(0.05)).unwrap();
+        assert!(card.train_mse < card.heldout_mse_constant, "{card:?}");
+        assert!(head.to_bytes().is_ok());
+        for lr in [100.0, 1e30] {
+            let e = fit_head(&data(), &config(lr)).unwrap_err();
+            assert_eq!(e.param(), Some("learning_rate"), "{lr}: {e}");
+            assert!(e.to_string().contains("diverged"), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_non_finite_head_is_never_serialised() {
+        let (mut head, _) = fit_head(&data(), &config(0.05)).unwrap();
+        if let ScorerHead::Linear(l) = &mut head {
+            l.weight[1] = f32::INFINITY;
+        }
+        let e = head.to_bytes().unwrap_err().to_string();
+        assert!(e.contains("not finite"), "{e}");
+    }
+}
