@@ -38,7 +38,7 @@ pub struct EvalArgs {
     #[arg(long, default_value_t = 48)]
     pub max_new_tokens: usize,
     /// Seed (a whole number from 0 to 2^64 − 1).
-    #[arg(long, default_value_t = 0, value_parser = parse_seed)]
+    #[arg(long, default_value_t = 0, value_parser = parse_seed, allow_hyphen_values = true)]
     pub seed: u64,
     /// Prefix scorer file (`tilt train-scorer`), needed by cd-block and cd-token.
     #[arg(long)]

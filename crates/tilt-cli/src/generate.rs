@@ -148,7 +148,7 @@ pub struct GenerateArgs {
     #[arg(long, default_value_t = 1)]
     pub choices: usize,
     /// Seed of every random choice (a whole number from 0 to 2^64 − 1).
-    #[arg(long, default_value_t = 0, value_parser = parse_seed)]
+    #[arg(long, default_value_t = 0, value_parser = parse_seed, allow_hyphen_values = true)]
     pub seed: u64,
     /// Most new tokens per candidate.
     #[arg(long, default_value_t = 64)]

@@ -60,7 +60,7 @@ pub struct TrainScorerArgs {
     #[arg(long, default_value_t = 0.25, allow_hyphen_values = true)]
     pub heldout_fraction: f64,
     /// Seed (rollouts, split, initialisation).
-    #[arg(long, default_value_t = 0, value_parser = parse_seed)]
+    #[arg(long, default_value_t = 0, value_parser = parse_seed, allow_hyphen_values = true)]
     pub seed: u64,
     #[command(flatten)]
     pub engine: EngineArgs,
