@@ -232,6 +232,10 @@ pub struct Candidate {
     /// The tokens (not serialised: the text says it for people).
     #[serde(skip)]
     pub tokens: Vec<TokenId>,
+    /// log p of each token under the model at temperature 1, nats (not serialised; what an
+    /// OpenAI-style `logprobs` answer reports).
+    #[serde(skip)]
+    pub token_log_probs: Vec<f64>,
 }
 
 /// What an output's KL numbers are: a short code in every output, explained once by

@@ -541,6 +541,8 @@ pub(crate) fn final_text<P: Policy>(
 pub struct SampledSequence {
     /// The tokens drawn, ending with the end token when `finish` is [`FinishReason::Eos`].
     pub tokens: Vec<TokenId>,
+    /// log p of each token under the model at temperature 1 (nats).
+    pub token_log_probs: Vec<f64>,
     /// Its text ([`final_text`]).
     pub text: String,
     /// Why it stopped.
@@ -572,6 +574,7 @@ struct Seq<C> {
     stream: u64,
     sampler: SequenceSampler,
     tokens: Vec<TokenId>,
+    token_log_probs: Vec<f64>,
     log_prob: f64,
     sampling_log_prob: f64,
     finish: Option<FinishReason>,
@@ -605,6 +608,7 @@ impl<C: Clone + Send> Group<C> {
                 stream,
                 sampler: SequenceSampler::new(spec.seed, stream),
                 tokens: Vec::with_capacity(spec.max_new_tokens.min(1024)),
+                token_log_probs: Vec::new(),
                 log_prob: 0.0,
                 sampling_log_prob: 0.0,
                 finish: None,
@@ -646,6 +650,7 @@ impl<C: Clone + Send> Group<C> {
             let out = s.last.as_ref().unwrap_or(&self.prefill.output);
             let d = s.sampler.sample(&out.log_probs, &self.spec.sampling)?;
             s.tokens.push(d.token);
+            s.token_log_probs.push(d.log_prob);
             s.log_prob += d.log_prob;
             s.sampling_log_prob += d.sampling_log_prob;
             let mut cut = None;
@@ -709,6 +714,7 @@ impl<C: Clone + Send> Group<C> {
                 Ok(SampledSequence {
                     text: final_text(policy, &s.tokens, &stops, finish)?,
                     tokens: s.tokens,
+                    token_log_probs: s.token_log_probs,
                     finish,
                     log_prob: s.log_prob,
                     sampling_log_prob: s.sampling_log_prob,
@@ -819,6 +825,7 @@ fn candidates_of(seqs: Vec<SampledSequence>, rewards: &[f64]) -> Vec<Candidate> 
             finish: s.finish,
             log_prob: s.log_prob,
             tokens: s.tokens,
+            token_log_probs: s.token_log_probs,
         })
         .collect()
 }
@@ -1097,6 +1104,7 @@ impl<P: Policy> Job<P> for RewindJob<P::Cache> {
 /// One sequence decoded by a cd strategy, before its reward.
 struct CdSequence {
     tokens: Vec<TokenId>,
+    token_log_probs: Vec<f64>,
     finish: Option<FinishReason>,
     log_prob: f64,
     text: Option<TextStream>,
@@ -1106,6 +1114,7 @@ impl CdSequence {
     fn new() -> Self {
         CdSequence {
             tokens: Vec::new(),
+            token_log_probs: Vec::new(),
             finish: None,
             log_prob: 0.0,
             text: None,
@@ -1226,6 +1235,7 @@ fn cd_output(
         finish,
         log_prob: seq.log_prob,
         tokens: seq.tokens.clone(),
+        token_log_probs: seq.token_log_probs,
     };
     Output {
         choice: spec.out.choice,
@@ -1361,7 +1371,9 @@ impl<P: Policy> Job<P> for CdTokenJob<P::Cache> {
         let j = self.sampler.sample_index(&log_pi)?;
         let tok = law.candidates[j];
         self.log_ratio += law.log_ratios[j];
-        self.seq.log_prob += f64::from(self.last.log_probs[tok as usize]);
+        let lp = f64::from(self.last.log_probs[tok as usize]);
+        self.seq.log_prob += lp;
+        self.seq.token_log_probs.push(lp);
         self.cache = caches.into_iter().nth(j);
         self.last = outs
             .into_iter()
@@ -1413,7 +1425,7 @@ struct Block<C> {
     lasts: Vec<Option<StepOutput>>,
     tokens: Vec<Vec<TokenId>>,
     ended: Vec<bool>,
-    log_p: Vec<f64>,
+    log_p: Vec<Vec<f64>>,
     fed: Vec<usize>,
 }
 
@@ -1502,7 +1514,7 @@ impl<C: Clone + Send> CdBlockJob<C> {
             }
         }
         self.drawn_tokens += block.tokens.iter().map(Vec::len).sum::<usize>();
-        self.seq.log_prob += block.log_p[best];
+        self.seq.log_prob += block.log_p[best].iter().sum::<f64>();
         self.blocks += 1;
         let mut caches = block.caches;
         self.cache = caches.swap_remove(best);
@@ -1511,6 +1523,8 @@ impl<C: Clone + Send> CdBlockJob<C> {
             .nth(best)
             .ok_or_else(|| missing_row("cd-block"))?;
         let mut tokens = block.tokens;
+        let mut log_p = block.log_p;
+        self.seq.token_log_probs.extend(log_p.swap_remove(best));
         self.kept = Some((tokens.swap_remove(best), block.ended[best]));
         Ok(())
     }
@@ -1539,7 +1553,7 @@ impl<P: Policy> Job<P> for CdBlockJob<P::Cache> {
                     lasts: vec![None; self.k],
                     tokens: vec![Vec::with_capacity(len); self.k],
                     ended: vec![false; self.k],
-                    log_p: vec![0.0; self.k],
+                    log_p: vec![Vec::with_capacity(len); self.k],
                     fed: Vec::with_capacity(self.k),
                 });
             }
@@ -1554,7 +1568,7 @@ impl<P: Policy> Job<P> for CdBlockJob<P::Cache> {
                 let d = self
                     .sampler
                     .sample(&out.log_probs, &SamplingParams::default())?;
-                b.log_p[c] += d.log_prob;
+                b.log_p[c].push(d.log_prob);
                 b.tokens[c].push(d.token);
                 let cache = b.caches[c].take().ok_or_else(|| missing_row("cd-block"))?;
                 rows.push(cache, d.token);
