@@ -584,3 +584,46 @@ fn threads_rewards_conversations_stops_choices_and_tables() {
         "a table, not JSON"
     );
 }
+
+/// The README's first command gives what it gave before the engine library existed
+/// (`fixtures/readme_first_command_pre_engine.jsonl`, recorded by that code): the same
+/// candidates, rewards, choice and KL figures, bit for bit. Only the format moved on (a
+/// `kl_note` code instead of a paragraph, `choice`, `finish_reason`, `distinct_candidates`).
+#[test]
+fn the_readme_first_command_is_unchanged_by_the_engine() {
+    let out = tilt(&[
+        "generate",
+        "--prompt",
+        "Give me three tips for staying focused while studying.",
+        "--strategy",
+        "bon",
+        "--n",
+        "8",
+        "--max-new-tokens",
+        "48",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let now = &lines(&out)[0];
+    let before: Value = serde_json::from_str(include_str!(
+        "fixtures/readme_first_command_pre_engine.jsonl"
+    ))
+    .unwrap();
+    for key in [
+        "text",
+        "reward",
+        "selected",
+        "strategy",
+        "n",
+        "seed",
+        "draws",
+        "kl_bound",
+        "kl_estimate",
+        "units",
+        "candidates",
+        "prompt",
+        "index",
+    ] {
+        assert_eq!(before[key], now[key], "{key}");
+    }
+    assert_eq!(now["kl_note"], "selection-bound");
+}
