@@ -15,6 +15,7 @@ mod models;
 mod output;
 mod progress;
 mod reproduce;
+mod serve;
 mod theory;
 mod train_scorer;
 
@@ -54,6 +55,9 @@ enum Command {
     Reproduce(reproduce::ReproduceArgs),
     /// What each output's `kl_note` means (every code, or one).
     Explain(explain::ExplainArgs),
+    /// Serve the engine over the OpenAI API (chat and text completions, every strategy via
+    /// extra fields, streaming), with continuous batching.
+    Serve(serve::ServeArgs),
 }
 
 /// An error with the exit code it ends the process with (2: bad input; 1: a failure
@@ -117,6 +121,7 @@ fn try_main(cli: Cli) -> anyhow::Result<()> {
         Command::Generate(args) => generate::run(args),
         Command::Reproduce(args) => reproduce::run(args),
         Command::Explain(args) => explain::run(args),
+        Command::Serve(args) => serve::run(args),
     }
 }
 
