@@ -552,17 +552,16 @@ pub fn evaluate<P: Policy>(
         )
         .collect();
     let largest = job_rows.iter().copied().max().unwrap_or(1);
+    let largest_param = if largest == config.reference_samples {
+        "reference_samples"
+    } else {
+        "strategies"
+    };
+    engine.check_memory(largest_param, largest, 0, config.max_new_tokens)?;
+    // Each job fits alone; the jobs of a prompt together (up to max_batch rows) are what
+    // samples_per_prompt multiplies.
     let at_once = largest.max(engine.max_batch().min(job_rows.iter().sum()));
-    engine.check_memory(
-        if largest == config.reference_samples {
-            "reference_samples"
-        } else {
-            "strategies"
-        },
-        at_once,
-        0,
-        config.max_new_tokens,
-    )?;
+    engine.check_memory("samples_per_prompt", at_once, 0, config.max_new_tokens)?;
     let spec = |seed: u64| GroupSpec {
         seed,
         sampling: SamplingParams::default(),

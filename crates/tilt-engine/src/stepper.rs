@@ -415,9 +415,16 @@ fn score_all(requests: Vec<(usize, ScoreRequest)>) -> Vec<(usize, Result<Vec<f64
                     out.push((i, Ok(all.by_ref().take(r.responses.len()).collect())));
                 }
             }
-            Err(e) => {
-                for (i, _) in reqs {
-                    out.push((i, Err(e.duplicate())));
+            // One request's bad score (or a refused pair) must not fail the others: score
+            // each on its own, which gives the same numbers since the reward is
+            // batch-invariant, and only the request at fault keeps the error.
+            Err(_) => {
+                for (i, r) in reqs {
+                    let scored = score_pairs(
+                        reward.as_ref(),
+                        r.responses.iter().map(|t| (&*r.prompt, t.as_str())),
+                    );
+                    out.push((i, scored));
                 }
             }
         }
@@ -1158,9 +1165,14 @@ impl CdSequence {
             if finish.is_some() {
                 self.finish = finish;
                 // A block's tokens after a completed stop sequence are not part of the text,
-                // but they were drawn: they stay in `tokens` (and in the KL accounting).
+                // but they were drawn: they stay in `tokens` (and in the KL accounting), and
+                // a listener hears them as tokens without text, so that the stream's tokens
+                // are the output's.
                 if cut.is_some() {
-                    self.tokens.extend_from_slice(&new[j + 1..]);
+                    for &rest in &new[j + 1..] {
+                        self.tokens.push(rest);
+                        emit.emit(0, Some(rest), "");
+                    }
                 }
                 break;
             }

@@ -178,12 +178,18 @@ fn the_recorded_evaluation_is_reproduced() {
         }
         // The tilt's KL solver changed after the fixture was recorded (Brent's method on
         // log λ, to the same 1e-12 tolerance): its curve agrees to rounding, not bit for bit.
-        let (r, n) = (rec["exact_tilt"].as_array().unwrap(), now["exact_tilt"].as_array().unwrap());
+        let (r, n) = (
+            rec["exact_tilt"].as_array().unwrap(),
+            now["exact_tilt"].as_array().unwrap(),
+        );
         assert_eq!(r.len(), n.len());
         for (a, b) in r.iter().zip(n) {
             for k in ["kl", "win_rate", "expected_reward"] {
                 let (x, y) = (a[k].as_f64().unwrap(), b[k].as_f64().unwrap());
-                assert!((x - y).abs() <= 1e-10 * x.abs().max(1.0), "exact_tilt {k}: {x} vs {y}");
+                assert!(
+                    (x - y).abs() <= 1e-10 * x.abs().max(1.0),
+                    "exact_tilt {k}: {x} vs {y}"
+                );
             }
         }
         let strategies = rec["strategies"].as_array().unwrap();
