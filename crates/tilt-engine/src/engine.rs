@@ -22,7 +22,7 @@ use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use tilt_models::sampling::SequenceSampler;
-use tilt_models::{LlamaPolicy, LoadOptions, Policy, TokenId};
+use tilt_models::{LlamaPolicy, LoadOptions, ModelError, Policy, TokenId};
 use tilt_rewards::{MiniLmEmbedder, Reward, RewardSpec};
 
 /// The default number of rows (sequences) stepped at once.
@@ -398,12 +398,19 @@ impl<P: Policy> Engine<P> {
     /// by how much) or `messages`; the policy's template and tokenizer errors.
     pub fn encode(&self, input: &Input, max_new_tokens: usize) -> Result<Vec<TokenId>> {
         input.validate()?;
+        // A prompt the policy cannot render or encode is the prompt's fault: name it.
+        let of_prompt = |e: ModelError| match e {
+            ModelError::InvalidInput(m)
+            | ModelError::Tokenizer(m)
+            | ModelError::ChatTemplate(m) => EngineError::invalid("prompt", m),
+            other => other.into(),
+        };
         let text = match input {
-            Input::Prompt(p) => self.policy.chat_prompt(p)?,
-            Input::Messages(m) => self.policy.render_chat(m)?,
+            Input::Prompt(p) => self.policy.chat_prompt(p).map_err(of_prompt)?,
+            Input::Messages(m) => self.policy.render_chat(m).map_err(of_prompt)?,
             Input::Raw(t) => t.clone(),
         };
-        let tokens = self.policy.encode(&text)?;
+        let tokens = self.policy.encode(&text).map_err(of_prompt)?;
         if tokens.is_empty() {
             return Err(EngineError::invalid("prompt", "encodes to no tokens"));
         }

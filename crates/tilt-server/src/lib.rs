@@ -427,35 +427,53 @@ async fn handle<P: Policy + 'static>(
         let include_usage = t.include_usage;
         let return_candidates = t.return_candidates;
         let deadline = tokio::time::Instant::now() + app.config.request_timeout;
-        let stream = tokio_stream::wrappers::UnboundedReceiverStream::new(rx);
-        let timed = tokio_stream::StreamExt::timeout_repeating(
-            stream,
-            tokio::time::interval_at(deadline, Duration::from_secs(3600)),
-        );
-        let mut state = StreamState::new(choices, streams_tokens);
-        let events = timed
-            .map(move |m| {
-                // The guard and the outstanding count live as long as the stream: a client
-                // that hangs up drops the stream, which cancels the request.
-                let _ = &outstanding;
-                match m {
-                    Ok(msg) => state.events(&head, msg, include_usage, return_candidates),
-                    Err(_) => {
-                        guard.0.iter().for_each(CancelToken::cancel);
+        // Each message's events, until the batch that holds [DONE]; at the deadline
+        // (however often tokens arrive) an error event and [DONE]. The guard and the
+        // outstanding count live in the stream's state: a client that hangs up drops the
+        // stream, which cancels the request.
+        struct Live {
+            rx: tokio::sync::mpsc::UnboundedReceiver<StreamMsg>,
+            deadline: std::pin::Pin<Box<tokio::time::Sleep>>,
+            state: StreamState,
+            ended: bool,
+            guard: CancelOnDrop,
+            _outstanding: Outstanding,
+        }
+        let live = Live {
+            rx,
+            deadline: Box::pin(tokio::time::sleep_until(deadline)),
+            state: StreamState::new(choices, streams_tokens),
+            ended: false,
+            guard,
+            _outstanding: outstanding,
+        };
+        let events = futures_util::stream::unfold(live, move |mut live| {
+            let head = head.clone();
+            async move {
+                if live.ended {
+                    return None;
+                }
+                tokio::select! {
+                    m = live.rx.recv() => {
+                        let msg = m?;
+                        let (batch, last) =
+                            live.state.events(&head, msg, include_usage, return_candidates);
+                        live.ended = last;
+                        Some((batch, live))
+                    }
+                    () = &mut live.deadline => {
+                        live.guard.0.iter().for_each(CancelToken::cancel);
                         let e = ApiError::new(
                             StatusCode::GATEWAY_TIMEOUT,
                             "the request passed its deadline (--request-timeout); its sequences were freed",
-                        );
-                        (vec![error_event(&e), Event::default().data("[DONE]")], true)
+                        )
+                        .code("timeout");
+                        live.ended = true;
+                        Some((vec![error_event(&e), Event::default().data("[DONE]")], live))
                     }
                 }
-            })
-            // End after the batch that holds [DONE].
-            .scan(false, |ended, (batch, last)| {
-                let out = (!*ended).then_some(batch);
-                *ended = last;
-                futures_util::future::ready(out)
-            })
+            }
+        })
             .flat_map(futures_util::stream::iter)
             .map(Ok::<Event, std::convert::Infallible>);
         return Ok(Sse::new(events)
@@ -621,6 +639,7 @@ fn full_body<P: Policy>(
 }
 
 /// What every chunk of a stream repeats.
+#[derive(Clone)]
 struct ChunkHead {
     id: String,
     created: u64,
