@@ -58,7 +58,6 @@ fn named(flag: &str, v: &str) -> anyhow::Result<(String, String)> {
         Some((n, rest)) if !n.is_empty() && !n.contains(':') && !rest.is_empty() => {
             Ok((n.to_string(), rest.to_string()))
         }
-        Some(_) if flag == "--scorer" => Err(usage(format!("{flag} {v:?}: give NAME=FILE"))),
         _ if flag == "--scorer" => Err(usage(format!("{flag} {v:?}: give NAME=FILE"))),
         _ => Ok((v.to_string(), v.to_string())),
     }

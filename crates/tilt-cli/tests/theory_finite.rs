@@ -422,6 +422,11 @@ fn clap_usage_errors_are_one_line_exit_2_and_help_passes_through() {
     ]);
     let err = String::from_utf8_lossy(&both.stderr);
     assert!(err.contains("--beta") && err.contains("--kl"), "{err}");
+    // Neither: the error names both ways of giving it.
+    let neither = tilt(&["theory", "tilt", "--probs", "1", "--rewards", "0"]);
+    assert_eq!(neither.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&neither.stderr);
+    assert!(err.contains("--beta") && err.contains("--kl"), "{err}");
     // --help and --version print normally and exit 0.
     for args in [
         vec!["--help"],

@@ -11,13 +11,8 @@ use tilt_core::tilt::Tilt;
 pub struct TiltArgs {
     #[command(flatten)]
     dist: DistributionArgs,
-    /// Regularisation strength β > 0 (the tilt is p·e^(r/β)).
-    #[arg(
-        long,
-        conflicts_with = "kl",
-        required_unless_present = "kl",
-        allow_hyphen_values = true
-    )]
+    /// Regularisation strength β > 0 (the tilt is p·e^(r/β)); or give --kl.
+    #[arg(long, conflicts_with = "kl", allow_hyphen_values = true)]
     beta: Option<f64>,
     /// KL budget in nats: solve for the β whose tilt has exactly this KL (1e-12 relative).
     #[arg(long, allow_hyphen_values = true)]
@@ -42,15 +37,19 @@ pub struct TiltReport {
 
 /// Run `tilt theory tilt`.
 pub fn run(args: TiltArgs) -> anyhow::Result<()> {
+    if args.beta.is_none() && args.kl.is_none() {
+        return Err(crate::usage(
+            "give the regularisation as --beta B (the tilt p·e^(r/B)) or as a KL budget \
+             --kl NATS (the β whose tilt spends exactly that)",
+        ));
+    }
     let dist = args.dist.load()?;
     // Only the flag the user gave is named by errors.
     let tilt = match (args.beta, args.kl) {
         (Some(beta), _) => tilt_core::tilt::tilt_by_beta(&dist, beta)
             .map_err(flag_error(Flags(&[("beta", "--beta")])))?,
-        (None, Some(kl)) => {
-            tilt_core::tilt::tilt_by_kl(&dist, kl).map_err(flag_error(Flags(&[("kl", "--kl")])))?
-        }
-        (None, None) => unreachable!("clap requires --beta or --kl"),
+        (None, kl) => tilt_core::tilt::tilt_by_kl(&dist, kl.unwrap_or_default())
+            .map_err(flag_error(Flags(&[("kl", "--kl")])))?,
     };
     emit(
         &TiltReport {
