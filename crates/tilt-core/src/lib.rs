@@ -26,6 +26,7 @@ pub mod calibration;
 pub mod divergence;
 pub mod frontier;
 pub mod infalign;
+pub mod input;
 pub mod lattice;
 pub mod levels;
 pub mod memoryless;
