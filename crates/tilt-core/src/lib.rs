@@ -33,6 +33,7 @@ pub mod memoryless;
 pub mod numerics;
 pub mod optimize;
 pub mod quadrature;
+pub mod report;
 pub mod soft_best_of_n;
 pub mod tilt;
 pub mod win_rate;

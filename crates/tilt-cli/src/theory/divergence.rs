@@ -1,12 +1,12 @@
-//! `tilt theory divergence`: KL both ways, Rényi, TV, χ², squared Hellinger between two pmfs.
+//! `tilt theory divergence`: KL both ways, Rényi, TV, χ², squared Hellinger between two pmfs
+//! ([`tilt_core::report::divergence_report`]).
 
 use super::input::{flag_error, parse_list, Flags};
 use crate::output::{emit, Format};
 use crate::usage;
 use clap::Args;
-use serde::Serialize;
 use tilt_core::distribution::PROB_SUM_TOLERANCE;
-use tilt_core::divergence::Divergences;
+use tilt_core::report::divergence_report;
 
 /// The library's input names that are flags of `tilt theory divergence`.
 const FLAGS: Flags = Flags(&[
@@ -35,19 +35,6 @@ pub struct DivergenceArgs {
     /// Output format.
     #[arg(long, value_enum, default_value_t)]
     format: Format,
-}
-
-/// What `tilt theory divergence` prints ([`Divergences`]: a divergence that is +∞, and
-/// `alpha` for D_∞, is null).
-#[derive(Debug, Serialize)]
-pub struct DivergenceReport {
-    /// Always `"nats"`.
-    pub units: &'static str,
-    /// The divergences.
-    #[serde(flatten)]
-    pub divergences: Divergences,
-    /// The convention of `hellinger_squared`.
-    pub hellinger_convention: &'static str,
 }
 
 fn pmf(flag: &str, text: &str, normalize: bool) -> anyhow::Result<Vec<f64>> {
@@ -87,14 +74,6 @@ pub fn run(args: DivergenceArgs) -> anyhow::Result<()> {
             p.len()
         )));
     }
-    let divergences =
-        tilt_core::divergence::divergences(&q, &p, args.alpha).map_err(flag_error(FLAGS))?;
-    emit(
-        &DivergenceReport {
-            units: "nats",
-            divergences,
-            hellinger_convention: "H² = ½·Σ(√q − √p)² = 1 − Σ√(qp)",
-        },
-        args.format,
-    )
+    let report = divergence_report(&q, &p, args.alpha).map_err(flag_error(FLAGS))?;
+    emit(&report, args.format)
 }
