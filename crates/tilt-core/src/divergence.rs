@@ -258,3 +258,69 @@ pub fn divergences(q: &[f64], p: &[f64], alpha: f64) -> Result<Divergences> {
         hellinger_squared: hellinger_squared(q, p)?,
     })
 }
+
+/// Check a pmf given as `name` (e.g. `q`) for [`divergences`]: every entry finite and
+/// ≥ 0, and the sum 1 within [`PROB_SUM_TOLERANCE`](crate::distribution::PROB_SUM_TOLERANCE)
+/// — or, with `normalize`, rescaled to sum to 1 (the sum must be positive).
+///
+/// # Errors
+/// [`TiltError::InvalidInput`] naming `name`: the first bad entry (1-based), or the sum.
+pub fn checked_pmf(name: &str, mut v: Vec<f64>, normalize: bool) -> Result<Vec<f64>> {
+    use crate::distribution::PROB_SUM_TOLERANCE;
+    if let Some((i, x)) = v
+        .iter()
+        .enumerate()
+        .find(|(_, x)| !x.is_finite() || **x < 0.0)
+    {
+        return Err(TiltError::invalid(
+            name,
+            format!(
+                "entry {} is {x}; probabilities must be finite and ≥ 0",
+                i + 1
+            ),
+        ));
+    }
+    let sum: f64 = v.iter().sum();
+    if normalize {
+        if sum.is_nan() || sum <= 0.0 {
+            return Err(TiltError::invalid(
+                name,
+                format!("sum to {sum}; cannot normalise"),
+            ));
+        }
+        v.iter_mut().for_each(|x| *x /= sum);
+    } else if (sum - 1.0).abs() > PROB_SUM_TOLERANCE {
+        return Err(TiltError::invalid(
+            name,
+            format!(
+                "sum to {sum} (must be 1 within {PROB_SUM_TOLERANCE}; use normalisation to rescale)"
+            ),
+        ));
+    }
+    Ok(v)
+}
+
+#[cfg(test)]
+mod pmf_tests {
+    use super::checked_pmf;
+
+    #[test]
+    fn pmfs_are_checked_or_normalised_naming_the_input() {
+        assert_eq!(
+            checked_pmf("q", vec![0.25, 0.75], false),
+            Ok(vec![0.25, 0.75])
+        );
+        assert_eq!(checked_pmf("q", vec![1.0, 3.0], true), Ok(vec![0.25, 0.75]));
+        let e = checked_pmf("p", vec![0.5, -0.5], false).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "p: entry 2 is -0.5; probabilities must be finite and ≥ 0"
+        );
+        let e = checked_pmf("q", vec![0.5, 0.25], false).unwrap_err();
+        assert!(e
+            .to_string()
+            .starts_with("q: sum to 0.75 (must be 1 within"));
+        let e = checked_pmf("q", vec![0.0, 0.0], true).unwrap_err();
+        assert_eq!(e.to_string(), "q: sum to 0; cannot normalise");
+    }
+}

@@ -14,6 +14,7 @@
 //! |--------------------------------------|---------------------------|
 //! | [`TiltError::InvalidInput`]          | [`ErrorKind::InvalidInput`] |
 //! | [`TiltError::KlBudgetTooLarge`]      | [`ErrorKind::InvalidInput`] |
+//! | [`TiltError::InvalidFile`]           | [`ErrorKind::InvalidInput`] |
 //! | [`TiltError::NumericalFailure`]      | [`ErrorKind::Internal`]     |
 //! | [`TiltError::NoConvergence`]         | [`ErrorKind::Internal`]     |
 //!
@@ -30,6 +31,21 @@ pub enum TiltError {
     InvalidInput {
         /// The name of the offending input, as the user knows it (e.g. `--probs`).
         input: String,
+        /// What is wrong with it.
+        problem: String,
+    },
+    /// An input file is unreadable or malformed: `path` names it, `line` (1-based) the line
+    /// at fault when there is one, `problem` says what is wrong. Shown as `path: problem`
+    /// or `path line N: problem`.
+    #[error(
+        "{path}{}: {problem}",
+        .line.map(|l| format!(" line {l}")).unwrap_or_default()
+    )]
+    InvalidFile {
+        /// The file, as the caller named it.
+        path: String,
+        /// The 1-based line at fault, if one is.
+        line: Option<usize>,
         /// What is wrong with it.
         problem: String,
     },
@@ -89,9 +105,9 @@ impl TiltError {
     /// ```
     pub fn kind(&self) -> ErrorKind {
         match self {
-            TiltError::InvalidInput { .. } | TiltError::KlBudgetTooLarge { .. } => {
-                ErrorKind::InvalidInput
-            }
+            TiltError::InvalidInput { .. }
+            | TiltError::InvalidFile { .. }
+            | TiltError::KlBudgetTooLarge { .. } => ErrorKind::InvalidInput,
             TiltError::NumericalFailure { .. } | TiltError::NoConvergence { .. } => {
                 ErrorKind::Internal
             }

@@ -1,12 +1,13 @@
-//! `tilt theory divergence`: KL both ways, Rényi, TV, χ², squared Hellinger between two pmfs.
+//! `tilt theory divergence`: KL both ways, Rényi, TV, χ², squared Hellinger between two pmfs
+//! ([`tilt_core::report::divergence_report`]).
 
-use super::input::{flag_error, parse_list, Flags};
+use super::input::{flag_error, internal, parse_list, Flags};
 use crate::output::{emit, Format};
 use crate::usage;
 use clap::Args;
-use serde::Serialize;
-use tilt_core::distribution::PROB_SUM_TOLERANCE;
-use tilt_core::divergence::Divergences;
+use tilt_core::divergence::checked_pmf;
+use tilt_core::report::divergence_report;
+use tilt_core::TiltError;
 
 /// The library's input names that are flags of `tilt theory divergence`.
 const FLAGS: Flags = Flags(&[
@@ -37,43 +38,16 @@ pub struct DivergenceArgs {
     format: Format,
 }
 
-/// What `tilt theory divergence` prints ([`Divergences`]: a divergence that is +∞, and
-/// `alpha` for D_∞, is null).
-#[derive(Debug, Serialize)]
-pub struct DivergenceReport {
-    /// Always `"nats"`.
-    pub units: &'static str,
-    /// The divergences.
-    #[serde(flatten)]
-    pub divergences: Divergences,
-    /// The convention of `hellinger_squared`.
-    pub hellinger_convention: &'static str,
-}
-
+/// Parse the pmf given to `flag` and check it ([`checked_pmf`]), naming the flag.
 fn pmf(flag: &str, text: &str, normalize: bool) -> anyhow::Result<Vec<f64>> {
-    let mut v = parse_list(flag, text)?;
-    if let Some((i, x)) = v
-        .iter()
-        .enumerate()
-        .find(|(_, x)| !x.is_finite() || **x < 0.0)
-    {
-        return Err(usage(format!(
-            "{flag}: entry {} is {x}; probabilities must be finite and ≥ 0",
-            i + 1
-        )));
-    }
-    let sum: f64 = v.iter().sum();
-    if normalize {
-        if sum.is_nan() || sum <= 0.0 {
-            return Err(usage(format!("{flag}: sum to {sum}; cannot normalise")));
-        }
-        v.iter_mut().for_each(|x| *x /= sum);
-    } else if (sum - 1.0).abs() > PROB_SUM_TOLERANCE {
-        return Err(usage(format!(
-            "{flag}: sum to {sum} (must be 1 within {PROB_SUM_TOLERANCE}; use --normalize to rescale)"
-        )));
-    }
-    Ok(v)
+    let v = parse_list(flag, text)?;
+    checked_pmf(flag.trim_start_matches("--"), v, normalize).map_err(|e| match e {
+        TiltError::InvalidInput { problem, .. } => usage(format!(
+            "{flag}: {}",
+            problem.replace("use normalisation", "use --normalize")
+        )),
+        other => internal(other),
+    })
 }
 
 /// Run `tilt theory divergence`.
@@ -87,14 +61,6 @@ pub fn run(args: DivergenceArgs) -> anyhow::Result<()> {
             p.len()
         )));
     }
-    let divergences =
-        tilt_core::divergence::divergences(&q, &p, args.alpha).map_err(flag_error(FLAGS))?;
-    emit(
-        &DivergenceReport {
-            units: "nats",
-            divergences,
-            hellinger_convention: "H² = ½·Σ(√q − √p)² = 1 − Σ√(qp)",
-        },
-        args.format,
-    )
+    let report = divergence_report(&q, &p, args.alpha).map_err(flag_error(FLAGS))?;
+    emit(&report, args.format)
 }

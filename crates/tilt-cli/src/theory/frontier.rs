@@ -1,5 +1,6 @@
 //! `tilt theory frontier`: best-of-n for n = 1…N next to the tilt at the same KL, and an
-//! optional SVG of reward and win rate against KL (nats).
+//! optional SVG of reward and win rate against KL (nats). The head and the tilt's drawn
+//! curve come from [`tilt_core::report`]; the points from [`FrontierSolver`].
 //!
 //! The rows are streamed (one `bon` row per n as it is computed, then one `tilt` row per
 //! n), so memory stays at a few numbers per point whatever `--points` is; progress goes to
@@ -9,9 +10,9 @@ use super::input::{check_plot, flag_error, parse_count, plot_error, Distribution
 use super::progress::Progress;
 use crate::output::{Format, Report};
 use clap::Args;
-use serde::Serialize;
 use std::path::{Path, PathBuf};
 use tilt_core::frontier::{frontier_ns, BonPoint, FrontierSolver, TiltPoint};
+use tilt_core::report::{frontier_head, tilt_curve};
 use tilt_plot::{write_svg, Marker, Panel, Series, SeriesStyle};
 
 /// The library's input names that are flags of `tilt theory frontier`.
@@ -36,25 +37,8 @@ pub struct FrontierArgs {
     format: Format,
 }
 
-/// The scalar fields of what `tilt theory frontier` prints; then come the lists `bon`
-/// ([`BonPoint`] per n) and `tilt` ([`TiltPoint`] at each best-of-n's KL: `beta` is null
-/// at KL 0, `lambda` null at the largest achievable KL).
-#[derive(Debug, Serialize)]
-pub struct FrontierHead {
-    /// Always `"nats"`.
-    pub units: &'static str,
-    /// E_p[r].
-    pub reference_expected_reward: f64,
-    /// The largest KL any policy reaches, `−log p(argmax set)` (nats).
-    pub max_kl: f64,
-    /// The SVG written, or null.
-    pub plot: Option<String>,
-}
-
 /// Most best-of-n points drawn (log-spaced among all): more only adds ink.
 const PLOT_POINTS: usize = 400;
-/// Points of the tilt's own curve (a grid of λ).
-const TILT_CURVE_POINTS: usize = 96;
 /// About how many points carry an `n = …` label.
 const N_LABELS: usize = 9;
 
@@ -94,43 +78,13 @@ fn n_labels(bon: &[BonPoint]) -> Vec<String> {
         .collect()
 }
 
-/// The tilt's curve on a grid of λ (0, then log-spaced from a thousandth of the smallest λ
-/// of the tilt points to the largest, then ∞ when the last point is saturated): one
-/// evaluation each, no solve. Starting far below the first point makes the curve leave
-/// the origin as the tilt does (KL ∝ λ² there), not along a chord.
-fn tilt_curve(solver: &FrontierSolver, tilt: &[TiltPoint]) -> anyhow::Result<Vec<TiltPoint>> {
-    let finite: Vec<f64> = tilt
-        .iter()
-        .map(|t| t.lambda)
-        .filter(|l| l.is_finite() && *l > 0.0)
-        .collect();
-    let mut lambdas = vec![0.0];
-    if let (Some(lo), Some(hi)) = (
-        finite.iter().copied().reduce(f64::min),
-        finite.iter().copied().reduce(f64::max),
-    ) {
-        let start = lo * 1e-3;
-        let ratio = (hi / start).max(1.0);
-        for k in 0..TILT_CURVE_POINTS {
-            lambdas.push(start * ratio.powf(k as f64 / (TILT_CURVE_POINTS - 1) as f64));
-        }
-    }
-    if tilt.iter().any(|t| t.lambda == f64::INFINITY) {
-        lambdas.push(f64::INFINITY);
-    }
-    lambdas
-        .into_iter()
-        .map(|l| solver.tilt_at_lambda(l).map_err(flag_error(FLAGS)))
-        .collect()
-}
-
 fn plot(
     path: &Path,
     solver: &FrontierSolver,
     bon: &[BonPoint],
     tilt: &[TiltPoint],
 ) -> anyhow::Result<()> {
-    let curve = tilt_curve(solver, tilt)?;
+    let curve = tilt_curve(solver, tilt).map_err(flag_error(FLAGS))?;
     let labels = n_labels(bon);
     let panel = |title: &str, y_label: &str, y: &dyn Fn(f64, f64) -> f64| {
         let bon_y: Vec<(f64, f64)> = bon
@@ -200,12 +154,8 @@ pub fn run(args: FrontierArgs) -> anyhow::Result<()> {
     let mut progress = Progress::new("theory frontier", ns.len() as u64, "points");
     let mut stdout = std::io::stdout().lock();
     let mut report = Report::new(&mut stdout, args.format)?;
-    report.fields(&FrontierHead {
-        units: "nats",
-        reference_expected_reward: dist.mean_reward(),
-        max_kl: solver.max_kl(),
-        plot: args.plot.as_ref().map(|p| p.display().to_string()),
-    })?;
+    let plot_name = args.plot.as_ref().map(|p| p.display().to_string());
+    report.fields(&frontier_head(&dist, &solver, plot_name))?;
     // Between the two lists only each point's KL is kept (and the points to draw).
     let mut kls = Vec::with_capacity(ns.len());
     let (mut plot_bon, mut plot_tilt) = (Vec::new(), Vec::new());

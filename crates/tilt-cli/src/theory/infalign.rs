@@ -2,20 +2,21 @@
 //! tilts (arXiv 2412.19792) — KL, standard and inference-time win rates by quadrature, the
 //! CTRL transform's `t` optimised per N, and the frontier against identity and best-of-N.
 //!
-//! Every search here is bounded: N, the KL budget and `t` are capped by the library
-//! (`MAX_BON_N`/`MAX_WON_N`, `MAX_KL`, `MAX_T`) and checked before any work, and each
-//! integral has a panel budget, so no input makes a run hang.
+//! The computations are [`tilt_core::report`]'s; this module maps flags to them, warns on
+//! stderr, and draws. Every search here is bounded: N, the KL budget and `t` are capped by
+//! the library (`MAX_BON_N`/`MAX_WON_N`, `MAX_KL`, `MAX_T`) and checked before any work,
+//! and each integral has a panel budget, so no input makes a run hang.
 
 use super::input::{check_plot, flag_error, internal, parse_count, parse_list, plot_error, Flags};
 use super::progress::Progress;
 use crate::output::{emit, Format};
 use crate::usage;
 use clap::{Args, ValueEnum};
-use serde::Serialize;
 use std::path::{Path, PathBuf};
-use tilt_core::infalign::{
-    check_draws, check_kl_budget, check_t_max, evaluate, inference_win_rate, optimize_t,
-    BestOfMPolicy, CalibratedTilt, OptimalT, Procedure, Transform,
+use tilt_core::infalign::{check_draws, check_kl_budget, check_t_max, OptimalT, Procedure};
+use tilt_core::report::{
+    infalign_baselines, infalign_frontier_row, infalign_point, InfalignFrontierReport,
+    InfalignFrontierRow, InfalignPolicy, InfalignReport, TransformKind,
 };
 use tilt_core::TiltError;
 use tilt_plot::{write_svg, Marker, Panel, Series, SeriesStyle};
@@ -49,18 +50,13 @@ pub enum TransformArg {
     NegExp,
 }
 
-fn make(kind: TransformArg, t: f64) -> Transform {
-    match kind {
-        TransformArg::Identity => Transform::Identity,
-        TransformArg::Exp => Transform::Exp { t },
-        TransformArg::NegExp => Transform::NegExp { t },
-    }
-}
-
-fn procedure_name(p: Procedure) -> &'static str {
-    match p {
-        Procedure::Bon => "bon",
-        Procedure::Won => "won",
+impl From<TransformArg> for TransformKind {
+    fn from(t: TransformArg) -> Self {
+        match t {
+            TransformArg::Identity => TransformKind::Identity,
+            TransformArg::Exp => TransformKind::Exp,
+            TransformArg::NegExp => TransformKind::NegExp,
+        }
     }
 }
 
@@ -118,45 +114,6 @@ pub struct InfalignArgs {
     format: Format,
 }
 
-/// What `tilt theory infalign` prints. Fields that do not apply to a run are null: the
-/// `--optimize-t` fields without it, the baselines when the KL is below 1e-12.
-#[derive(Debug, Serialize)]
-pub struct InfalignReport {
-    /// What is in which unit.
-    pub units: &'static str,
-    /// N of the procedure.
-    pub n: u64,
-    /// `bon` or `won`.
-    pub procedure: &'static str,
-    /// The transform, with its t.
-    pub transform: Transform,
-    /// The transform's rate; null for the identity.
-    pub t: Option<f64>,
-    /// β of the normalised transform; null when +∞ (the reference itself, KL 0).
-    pub beta: f64,
-    /// β of the raw transform, β·(Φ(1) − Φ(0)); null when not a finite double (β = ∞, or
-    /// e^(tc) with t > ~709 where Φ(1) − Φ(0) overflows).
-    pub beta_raw: Option<f64>,
-    /// KL(π‖p), nats.
-    pub kl: f64,
-    /// Standard win rate over p.
-    pub win_rate: f64,
-    /// Win rate of T(π) over T(p).
-    pub inference_win_rate: f64,
-    /// `--optimize-t`: the upper end of the t search.
-    pub t_max: Option<f64>,
-    /// `--optimize-t`: whether the optimum sits at `t_max`.
-    pub t_at_edge: Option<bool>,
-    /// `--optimize-t`: values of t skipped because a computation there did not converge.
-    pub t_unconverged: Option<Vec<f64>>,
-    /// Inference-time win rate of the identity transform at the same KL.
-    pub identity_inference_win_rate: Option<f64>,
-    /// The m of the best-of-m policy with the same KL.
-    pub best_of_m_policy_m: Option<f64>,
-    /// Its inference-time win rate.
-    pub best_of_m_policy_inference_win_rate: Option<f64>,
-}
-
 /// Run `tilt theory infalign`.
 pub fn run(args: InfalignArgs) -> anyhow::Result<()> {
     let procedure: Procedure = args.procedure.into();
@@ -175,19 +132,18 @@ pub fn run(args: InfalignArgs) -> anyhow::Result<()> {
     if let Some(kl) = args.kl {
         check_kl_budget(kl).map_err(&err)?;
     }
-    let (point, optimized) = if args.optimize_t {
+    let policy = if args.optimize_t {
         if args.transform == TransformArg::Identity {
             return Err(usage(
                 "--optimize-t: the identity transform has no t; use --transform exp or neg-exp",
             ));
         }
         check_t_max(args.t_max).map_err(&err)?;
-        let kl = args.kl.expect("clap requires --kl");
-        let kind = args.transform;
-        let opt = optimize_t(|t| make(kind, t), args.n, procedure, kl, args.t_max).map_err(&err)?;
-        warn_about(&opt, kl);
-        let point = opt.point.clone();
-        (point, Some(opt))
+        InfalignPolicy::OptimizeT {
+            kind: args.transform.into(),
+            kl: args.kl.expect("clap requires --kl"),
+            t_max: args.t_max,
+        }
     } else {
         let t = match (args.transform, args.t) {
             (TransformArg::Identity, Some(_)) => {
@@ -201,53 +157,27 @@ pub fn run(args: InfalignArgs) -> anyhow::Result<()> {
                 ))
             }
         };
-        let transform = make(args.transform, t);
-        let tilt = match (args.beta, args.kl) {
-            (Some(b), None) => CalibratedTilt::new(transform, b),
-            (None, Some(k)) => CalibratedTilt::with_kl(transform, k),
+        let transform = TransformKind::from(args.transform).at(t);
+        match (args.beta, args.kl) {
+            (Some(beta), None) => InfalignPolicy::Beta { transform, beta },
+            (None, Some(kl)) => InfalignPolicy::Kl { transform, kl },
             _ => unreachable!("clap makes --beta and --kl exclusive"),
         }
-        .map_err(&err)?;
-        (evaluate(&tilt, args.n, procedure).map_err(&err)?, None)
     };
+    let (point, optimized) = infalign_point(policy, args.n, procedure).map_err(&err)?;
+    if let (Some(opt), Some(kl)) = (&optimized, args.kl) {
+        warn_about(opt, kl);
+    }
     // The baselines at the same KL: identity (RLHF on c) and the best-of-m policy. Their
     // inputs are derived (the KL of the tilt above, within the library's limits), so an
     // error here is a failure while running, never blamed on a flag.
     // "The same KL" is the budget the user gave (the tilt's computed KL may round a hair
     // above it, e.g. past MAX_KL), or with --beta the tilt's KL, which CalibratedTilt::new
     // keeps within MAX_KL.
-    let kl = args.kl.unwrap_or(point.kl);
-    let (identity, best_of_m) = if kl >= 1e-12 {
-        let id = CalibratedTilt::with_kl(Transform::Identity, kl)
-            .and_then(|id| inference_win_rate(&id, args.n, procedure))
-            .map_err(baseline_error)?;
-        let bom = BestOfMPolicy::with_kl(kl).map_err(baseline_error)?;
-        let w = inference_win_rate(&bom, args.n, procedure).map_err(baseline_error)?;
-        (Some(id), Some((bom.m(), w)))
-    } else {
-        (None, None)
-    };
+    let kl = policy.kl_budget().unwrap_or(point.kl);
+    let baselines = infalign_baselines(kl, args.n, procedure).map_err(baseline_error)?;
     emit(
-        &InfalignReport {
-            units: "KL in nats; win rates are probabilities (calibrated reward, ties ½)",
-            n: args.n,
-            procedure: procedure_name(procedure),
-            transform: point.transform,
-            t: point.transform.t(),
-            beta: point.beta,
-            beta_raw: point.beta_raw,
-            kl: point.kl,
-            win_rate: point.win_rate,
-            inference_win_rate: point.inference_win_rate,
-            t_max: optimized.as_ref().map(|o| o.t_max),
-            t_at_edge: optimized.as_ref().map(|o| o.at_edge),
-            t_unconverged: optimized
-                .as_ref()
-                .map(|o| o.unconverged.iter().map(|u| u.t).collect()),
-            identity_inference_win_rate: identity,
-            best_of_m_policy_m: best_of_m.map(|b| b.0),
-            best_of_m_policy_inference_win_rate: best_of_m.map(|b| b.1),
-        },
+        &InfalignReport::new(args.n, procedure, &point, optimized.as_ref(), baselines),
         args.format,
     )
 }
@@ -285,46 +215,6 @@ pub struct InfalignFrontierArgs {
     /// Output format.
     #[arg(long, value_enum, default_value_t)]
     format: Format,
-}
-
-/// One KL budget of `tilt theory infalign-frontier` (all finite).
-#[derive(Debug, Clone, Serialize)]
-pub struct InfalignFrontierRow {
-    /// The KL budget, nats.
-    pub kl: f64,
-    /// Inference-time win rate of the identity transform (RLHF on the calibrated reward).
-    pub identity_win_rate: f64,
-    /// The optimised t of the CTRL transform.
-    pub ctrl_t: f64,
-    /// Whether it sits at `t_max`.
-    pub ctrl_t_at_edge: bool,
-    /// β of the normalised CTRL transform.
-    pub ctrl_beta: f64,
-    /// Inference-time win rate of CTRL with the optimised t.
-    pub ctrl_win_rate: f64,
-    /// The m of the best-of-m policy with this KL.
-    pub best_of_m: f64,
-    /// Its inference-time win rate.
-    pub best_of_m_win_rate: f64,
-}
-
-/// What `tilt theory infalign-frontier` prints.
-#[derive(Debug, Serialize)]
-pub struct InfalignFrontierReport {
-    /// What is in which unit.
-    pub units: &'static str,
-    /// N of the procedure.
-    pub n: u64,
-    /// `bon` or `won`.
-    pub procedure: &'static str,
-    /// `exp` (for bon) or `neg-exp` (for won).
-    pub ctrl_transform: &'static str,
-    /// The upper end of the t search.
-    pub t_max: f64,
-    /// One row per KL budget, in the order given.
-    pub rows: Vec<InfalignFrontierRow>,
-    /// The SVG written, or null.
-    pub plot: Option<String>,
 }
 
 fn plot(path: &Path, title: &str, rows: &[InfalignFrontierRow]) -> anyhow::Result<()> {
@@ -386,49 +276,25 @@ pub fn run_frontier(args: InfalignFrontierArgs) -> anyhow::Result<()> {
             other => err(other),
         })?;
     }
-    let kind = match procedure {
-        Procedure::Bon => TransformArg::Exp,
-        Procedure::Won => TransformArg::NegExp,
-    };
     let mut progress = Progress::new("theory infalign-frontier", kls.len() as u64, "KL budgets");
     progress.phase("optimising t", kls.len() as u64);
     let mut rows = Vec::with_capacity(kls.len());
     for &kl in &kls {
-        let id = CalibratedTilt::with_kl(Transform::Identity, kl).map_err(&err)?;
-        let id_w = inference_win_rate(&id, args.n, procedure).map_err(&err)?;
-        let opt = optimize_t(|t| make(kind, t), args.n, procedure, kl, args.t_max).map_err(&err)?;
-        warn_about(&opt, kl);
-        let bom = BestOfMPolicy::with_kl(kl).map_err(&err)?;
-        let bom_w = inference_win_rate(&bom, args.n, procedure).map_err(&err)?;
-        rows.push(InfalignFrontierRow {
-            kl,
-            identity_win_rate: id_w,
-            ctrl_t: opt.t,
-            ctrl_t_at_edge: opt.at_edge,
-            ctrl_beta: opt.point.beta,
-            ctrl_win_rate: opt.point.inference_win_rate,
-            best_of_m: bom.m(),
-            best_of_m_win_rate: bom_w,
-        });
+        let row =
+            infalign_frontier_row(kl, args.n, procedure, args.t_max, |opt| warn_about(opt, kl))
+                .map_err(&err)?;
+        rows.push(row);
         progress.inc();
     }
     progress.finish();
-    emit(
-        &InfalignFrontierReport {
-            units: "KL in nats; win rates of T(π) over T(p) (calibrated reward, ties ½)",
-            n: args.n,
-            procedure: procedure_name(procedure),
-            ctrl_transform: if kind == TransformArg::Exp {
-                "exp"
-            } else {
-                "neg-exp"
-            },
-            t_max: args.t_max,
-            rows: rows.clone(),
-            plot: args.plot.as_ref().map(|p| p.display().to_string()),
-        },
-        args.format,
-    )?;
+    let report = InfalignFrontierReport::new(
+        args.n,
+        procedure,
+        args.t_max,
+        rows,
+        args.plot.as_ref().map(|p| p.display().to_string()),
+    );
+    emit(&report, args.format)?;
     if let Some(path) = &args.plot {
         let title = format!(
             "InfAlign: {} with N = {} (arXiv 2412.19792)",
@@ -439,7 +305,7 @@ pub fn run_frontier(args: InfalignFrontierArgs) -> anyhow::Result<()> {
             },
             args.n
         );
-        plot(path, &title, &rows)?;
+        plot(path, &title, &report.rows)?;
     }
     Ok(())
 }

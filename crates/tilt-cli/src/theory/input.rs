@@ -1,12 +1,13 @@
 //! Where a reference distribution comes from: `--probs/--rewards`, `--dist FILE`, or
 //! `--samples FILE`, turned into one validated [`RewardDistribution`].
 //!
-//! Every error names the flag, or the file and line, and what was wrong with it, so the
-//! binary can print it as one line and exit 2.
+//! The files are read by [`tilt_core::input`]. Every error names the flag, or the file and
+//! line, and what was wrong with it, so the binary can print it as one line and exit 2.
 
 use crate::usage;
 use clap::Args;
 use std::path::{Path, PathBuf};
+use tilt_core::input::{read_dist_file, read_samples};
 use tilt_core::{ErrorKind, RewardDistribution, TiltError};
 
 /// The reference distribution of a theory command.
@@ -152,122 +153,6 @@ pub fn plot_error(e: tilt_plot::PlotError) -> anyhow::Error {
     }
 }
 
-fn read(path: &Path) -> anyhow::Result<String> {
-    std::fs::read_to_string(path)
-        .map_err(|e| usage(format!("{}: cannot read: {e}", path.display())))
-}
-
-/// Check one number from a file: finite, and ≥ 0 when it is a probability.
-fn checked(path: &Path, line: usize, field: &str, x: f64) -> anyhow::Result<f64> {
-    if !x.is_finite() {
-        return Err(usage(format!(
-            "{} line {line}: {field} is {x}, not a finite number",
-            path.display()
-        )));
-    }
-    if field == "prob" && x < 0.0 {
-        return Err(usage(format!(
-            "{} line {line}: prob {x} is negative",
-            path.display()
-        )));
-    }
-    Ok(x)
-}
-
-fn read_dist_file(path: &Path) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
-    let text = read(path)?;
-    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
-    let jsonl = ext == "jsonl" || ext == "json" || text.trim_start().starts_with('{');
-    let (mut probs, mut rewards) = (Vec::new(), Vec::new());
-    let name = path.display();
-    if jsonl {
-        for (i, line) in text.lines().enumerate() {
-            let ln = i + 1;
-            if line.trim().is_empty() {
-                continue;
-            }
-            let v: serde_json::Value = serde_json::from_str(line)
-                .map_err(|e| usage(format!("{name} line {ln}: not JSON: {e}")))?;
-            let field = |k: &str| -> anyhow::Result<f64> {
-                let x = v
-                    .get(k)
-                    .and_then(serde_json::Value::as_f64)
-                    .ok_or_else(|| usage(format!("{name} line {ln}: no number field \"{k}\"")))?;
-                checked(path, ln, k, x)
-            };
-            probs.push(field("prob")?);
-            rewards.push(field("reward")?);
-        }
-    } else {
-        let mut lines = text
-            .lines()
-            .enumerate()
-            .filter(|(_, l)| !l.trim().is_empty());
-        let header: Vec<String> = match lines.next() {
-            Some((_, h)) => h
-                .split(',')
-                .map(|s| s.trim().to_ascii_lowercase())
-                .collect(),
-            None => return Err(usage(format!("{name}: empty file"))),
-        };
-        let (pi, ri) = match (
-            header.iter().position(|h| h == "prob"),
-            header.iter().position(|h| h == "reward"),
-        ) {
-            (Some(p), Some(r)) => (p, r),
-            _ => {
-                return Err(usage(format!(
-                    "{name} line 1: expected a CSV header with columns prob,reward (got {:?})",
-                    header.join(",")
-                )))
-            }
-        };
-        for (i, line) in lines {
-            let ln = i + 1;
-            let cells: Vec<&str> = line.split(',').map(str::trim).collect();
-            if cells.len() != header.len() {
-                return Err(usage(format!(
-                    "{name} line {ln}: {} fields, the header has {}",
-                    cells.len(),
-                    header.len()
-                )));
-            }
-            let num = |k: &str, s: &str| -> anyhow::Result<f64> {
-                let x = s
-                    .parse::<f64>()
-                    .map_err(|_| usage(format!("{name} line {ln}: {k} {s:?} is not a number")))?;
-                checked(path, ln, k, x)
-            };
-            probs.push(num("prob", cells[pi])?);
-            rewards.push(num("reward", cells[ri])?);
-        }
-    }
-    if probs.is_empty() {
-        return Err(usage(format!("{name}: no outcomes")));
-    }
-    Ok((probs, rewards))
-}
-
-fn read_samples(path: &Path) -> anyhow::Result<Vec<f64>> {
-    let text = read(path)?;
-    let name = path.display();
-    let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        let s = line.trim();
-        if s.is_empty() {
-            continue;
-        }
-        let x = s
-            .parse::<f64>()
-            .map_err(|_| usage(format!("{name} line {}: {s:?} is not a number", i + 1)))?;
-        out.push(checked(path, i + 1, "reward", x)?);
-    }
-    if out.is_empty() {
-        return Err(usage(format!("{name}: no reward samples")));
-    }
-    Ok(out)
-}
-
 impl DistributionArgs {
     /// How the user gave the rewards: `--rewards`, or the `--dist`/`--samples` file.
     pub fn rewards_name(&self) -> String {
@@ -289,12 +174,12 @@ impl DistributionArgs {
                 build(probs, rewards, self.normalize, "--probs", "--rewards")
             }
             (None, None, Some(path), None) => {
-                let (probs, rewards) = read_dist_file(path)?;
+                let (probs, rewards) = read_dist_file(path).map_err(usage)?;
                 let n = path.display().to_string();
                 build(probs, rewards, self.normalize, &n, &n)
             }
             (None, None, None, Some(path)) => {
-                let samples = read_samples(path)?;
+                let samples = read_samples(path).map_err(usage)?;
                 let n = path.display().to_string();
                 RewardDistribution::from_samples(&samples).map_err(|e| renamed(e, &n, &n))
             }

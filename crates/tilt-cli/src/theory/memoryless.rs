@@ -1,16 +1,16 @@
 //! `tilt theory memoryless`: the memoryless-model asymptotics of arXiv 2404.01730 — the
 //! rate function, the optimal tilt at budget L·Δ, best-of-N with N = e^(LΔ), and their KL,
-//! exactly at each length, with an optional SVG of the convergence.
+//! exactly at each length ([`tilt_core::report::memoryless_output`]), with an optional SVG
+//! of the convergence.
 
 use super::input::{check_plot, flag_error, parse_count_list, plot_error, DistributionArgs, Flags};
 use super::progress::Progress;
 use crate::output::{emit, Format};
 use crate::usage;
 use clap::Args;
-use serde::Serialize;
 use std::path::{Path, PathBuf};
-use tilt_core::lattice::ConvolutionMethod;
-use tilt_core::memoryless::{MemorylessModel, MemorylessReport, ScaledCgf};
+use tilt_core::memoryless::MemorylessReport;
+use tilt_core::report::memoryless_output;
 use tilt_core::TiltError;
 use tilt_plot::{write_svg, Marker, Panel, Series, SeriesStyle};
 
@@ -44,81 +44,6 @@ pub struct MemorylessArgs {
     /// Output format.
     #[arg(long, value_enum, default_value_t)]
     format: Format,
-}
-
-/// One length of the convergence table (all finite).
-#[derive(Debug, Serialize)]
-pub struct MemorylessRow {
-    /// Sequence length L.
-    pub length: usize,
-    /// log N = LΔ (nats).
-    pub log_n: f64,
-    /// E_BoN[S_L]/L.
-    pub bon_reward_per_token: f64,
-    /// Λ'(λ) = x*, the tilt's reward per token.
-    pub tilt_reward_per_token: f64,
-    /// x* − E_BoN[S_L]/L.
-    pub x_star_minus_bon: f64,
-    /// KL(best-of-N ‖ tilt)/L, nats.
-    pub kl_tilt_bon_per_token: f64,
-    /// KL(best-of-N ‖ q^⊗L)/L, nats.
-    pub bon_kl_per_token: f64,
-    /// How the law of S_L was computed.
-    pub convolution: ConvolutionMethod,
-}
-
-/// What `tilt theory memoryless` prints: the per-token quantities, the last length's
-/// numbers, and `table`, a [`MemorylessRow`] per length (all finite).
-#[derive(Debug, Serialize)]
-pub struct MemorylessOutput {
-    /// What is in which unit.
-    pub units: &'static str,
-    /// Per-token KL budget Δ (nats).
-    pub delta: f64,
-    /// x*(Δ) = Λ'(λ_Δ).
-    pub x_star: f64,
-    /// I(x*) by the Legendre transform (equals Δ).
-    pub rate_function_at_x_star: f64,
-    /// λ_Δ.
-    pub lambda: f64,
-    /// β = 1/λ_Δ.
-    pub beta: f64,
-    /// −log q(argmax r), nats per token.
-    pub max_kl_per_token: f64,
-    /// E_q r.
-    pub reference_reward_per_token: f64,
-    /// max r on the support.
-    pub max_reward_per_token: f64,
-    /// The reward grid step h.
-    pub lattice_step: f64,
-    /// Largest per-token |reward − snapped reward|.
-    pub grid_snap_error_per_token: f64,
-    /// The last length L.
-    pub length: usize,
-    /// LΔ at the last length.
-    pub log_n: f64,
-    /// x*.
-    pub tilt_reward_per_token: f64,
-    /// KL(q_λ‖q) (= Δ).
-    pub tilt_kl_per_token: f64,
-    /// E_BoN[S_L]/L at the last length.
-    pub bon_reward_per_token: f64,
-    /// KL(BoN‖q^⊗L)/L at the last length.
-    pub bon_kl_per_token: f64,
-    /// (log N − (N−1)/N)/L at the last length.
-    pub bon_kl_bound_per_token: f64,
-    /// KL(BoN‖tilt)/L at the last length.
-    pub kl_tilt_bon_per_token: f64,
-    /// The direction of the previous field.
-    pub kl_direction: &'static str,
-    /// The Rényi form of the scaled cumulant generating function at θ = −λ/2, λ/2, λ, 2λ.
-    pub scaled_cgf_renyi: Vec<ScaledCgf>,
-    /// Its formula.
-    pub scaled_cgf_formula: &'static str,
-    /// The SVG written, or null.
-    pub plot: Option<String>,
-    /// One row per length, in the order given.
-    pub table: Vec<MemorylessRow>,
 }
 
 /// The library's input names that are flags of `tilt theory memoryless`, when the lengths
@@ -166,19 +91,6 @@ fn parse_lengths(args: &MemorylessArgs) -> anyhow::Result<(&'static str, Vec<usi
         )));
     }
     Ok((name, lengths.into_iter().map(|l| l as usize).collect()))
-}
-
-fn row(r: &MemorylessReport) -> MemorylessRow {
-    MemorylessRow {
-        length: r.length,
-        log_n: r.log_n,
-        bon_reward_per_token: r.bon_reward_per_token,
-        tilt_reward_per_token: r.tilt_reward_per_token,
-        x_star_minus_bon: r.x_star - r.bon_reward_per_token,
-        kl_tilt_bon_per_token: r.kl_tilt_bon_per_token,
-        bon_kl_per_token: r.bon_kl_per_token,
-        convolution: r.convolution,
-    }
 }
 
 fn plot(path: &Path, reports: &[MemorylessReport], delta: f64) -> anyhow::Result<()> {
@@ -250,52 +162,17 @@ pub fn run(args: MemorylessArgs) -> anyhow::Result<()> {
     let (length_flag, lengths) = parse_lengths(&args)?;
     let rewards_name = args.dist.rewards_name();
     let flag = |e: TiltError| named(e, &rewards_name, length_flag);
-    let model = MemorylessModel::new(&dist, args.grid).map_err(flag)?;
-    let lambda = model.lambda_for_kl(args.delta).map_err(flag)?;
-    for &l in &lengths {
-        model.check_length(l).map_err(flag)?;
-    }
     let mut progress = Progress::new("theory memoryless", lengths.len() as u64, "lengths");
-    let mut reports = Vec::with_capacity(lengths.len());
-    for &l in &lengths {
-        reports.push(model.analyze(l, args.delta).map_err(flag)?);
-        progress.inc();
-    }
+    let (out, reports) = memoryless_output(
+        &dist,
+        args.grid,
+        &lengths,
+        args.delta,
+        args.plot.as_ref().map(|p| p.display().to_string()),
+        || progress.inc(),
+    )
+    .map_err(flag)?;
     progress.finish();
-    let renyi: Vec<ScaledCgf> = [-0.5, 0.5, 1.0, 2.0]
-        .iter()
-        .map(|ratio| model.scaled_cgf_renyi(lambda, ratio * lambda))
-        .collect::<Result<_, _>>()
-        .map_err(flag)?;
-    let last = reports.last().expect("at least one length");
-    let out = MemorylessOutput {
-        units: "KL and rate function in nats (per token where named); rewards per token in \
-                reward units",
-        delta: args.delta,
-        x_star: last.x_star,
-        rate_function_at_x_star: last.rate_function_at_x_star,
-        lambda: last.lambda,
-        beta: last.beta,
-        max_kl_per_token: model.max_kl_per_token(),
-        reference_reward_per_token: last.reference_reward_per_token,
-        max_reward_per_token: last.max_reward_per_token,
-        lattice_step: last.lattice_step,
-        grid_snap_error_per_token: last.grid_snap_error_per_token,
-        length: last.length,
-        log_n: last.log_n,
-        tilt_reward_per_token: last.tilt_reward_per_token,
-        tilt_kl_per_token: last.tilt_kl_per_token,
-        bon_reward_per_token: last.bon_reward_per_token,
-        bon_kl_per_token: last.bon_kl_per_token,
-        bon_kl_bound_per_token: last.bon_kl_bound_per_token,
-        kl_tilt_bon_per_token: last.kl_tilt_bon_per_token,
-        kl_direction: "KL(best-of-N ‖ tilt)",
-        scaled_cgf_renyi: renyi,
-        scaled_cgf_formula: "(1/L) log E_tilt[e^(θ S_L)] = Λ(λ+θ) − Λ(λ) = (θ/λ)(Λ(λ) + \
-                             D_α(q_λ‖q)), α = 1 + θ/λ",
-        plot: args.plot.as_ref().map(|p| p.display().to_string()),
-        table: reports.iter().map(row).collect(),
-    };
     emit(&out, args.format)?;
     if let Some(path) = &args.plot {
         plot(path, &reports, args.delta)?;

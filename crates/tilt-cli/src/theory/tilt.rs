@@ -1,10 +1,10 @@
-//! `tilt theory tilt`: the exact KL-regularised optimum φ_β ∝ p·e^(r/β) (arXiv 2404.01730).
+//! `tilt theory tilt`: the exact KL-regularised optimum φ_β ∝ p·e^(r/β) (arXiv 2404.01730),
+//! computed by [`tilt_core::report::tilt_report`].
 
 use super::input::{flag_error, DistributionArgs, Flags};
 use crate::output::{emit, Format};
 use clap::Args;
-use serde::Serialize;
-use tilt_core::tilt::Tilt;
+use tilt_core::report::{tilt_report, TiltBy};
 
 /// Flags of `tilt theory tilt`.
 #[derive(Debug, Args)]
@@ -22,41 +22,22 @@ pub struct TiltArgs {
     format: Format,
 }
 
-/// What `tilt theory tilt` prints: the tilt (its `beta`, `lambda` and `log_partition` are
-/// null where +∞, see [`Tilt`]) and the reference's expected reward.
-#[derive(Debug, Serialize)]
-pub struct TiltReport {
-    /// Always `"nats"` (KL and log-partition).
-    pub units: &'static str,
-    /// The tilt.
-    #[serde(flatten)]
-    pub tilt: Tilt,
-    /// E_p[r].
-    pub reference_expected_reward: f64,
-}
-
 /// Run `tilt theory tilt`.
 pub fn run(args: TiltArgs) -> anyhow::Result<()> {
-    if args.beta.is_none() && args.kl.is_none() {
-        return Err(crate::usage(
-            "give the regularisation as --beta B (the tilt p·e^(r/B)) or as a KL budget \
-             --kl NATS (the β whose tilt spends exactly that)",
-        ));
-    }
-    let dist = args.dist.load()?;
     // Only the flag the user gave is named by errors.
-    let tilt = match (args.beta, args.kl) {
-        (Some(beta), _) => tilt_core::tilt::tilt_by_beta(&dist, beta)
-            .map_err(flag_error(Flags(&[("beta", "--beta")])))?,
-        (None, kl) => tilt_core::tilt::tilt_by_kl(&dist, kl.unwrap_or_default())
-            .map_err(flag_error(Flags(&[("kl", "--kl")])))?,
+    let (by, flags) = match (args.beta, args.kl) {
+        (Some(beta), _) => (TiltBy::Beta(beta), Flags(&[("beta", "--beta")])),
+        (None, Some(kl)) => (TiltBy::Kl(kl), Flags(&[("kl", "--kl")])),
+        (None, None) => {
+            return Err(crate::usage(
+                "give the regularisation as --beta B (the tilt p·e^(r/B)) or as a KL budget \
+                 --kl NATS (the β whose tilt spends exactly that)",
+            ))
+        }
     };
+    let dist = args.dist.load()?;
     emit(
-        &TiltReport {
-            units: "nats",
-            tilt,
-            reference_expected_reward: dist.mean_reward(),
-        },
+        &tilt_report(&dist, by).map_err(flag_error(flags))?,
         args.format,
     )
 }
