@@ -388,7 +388,7 @@ async fn handle<P: Policy + 'static>(
             ..ApiError::new(
                 StatusCode::TOO_MANY_REQUESTS,
                 format!(
-                    "the server has {} requests in hand (its --max-queue); try again shortly",
+                    "the server has {} requests in hand (its queue bound); try again shortly",
                     app.config.max_queue
                 ),
             )
@@ -465,7 +465,7 @@ async fn handle<P: Policy + 'static>(
                         live.guard.0.iter().for_each(CancelToken::cancel);
                         let e = ApiError::new(
                             StatusCode::GATEWAY_TIMEOUT,
-                            "the request passed its deadline (--request-timeout); its sequences were freed",
+                            "the request passed its deadline (the server's request timeout); its sequences were freed",
                         )
                         .code("timeout");
                         live.ended = true;
@@ -500,7 +500,7 @@ async fn handle<P: Policy + 'static>(
         Err(_) => {
             return Err(ApiError::new(
                 StatusCode::GATEWAY_TIMEOUT,
-                "the request passed its deadline (--request-timeout); its sequences were freed",
+                "the request passed its deadline (the server's request timeout); its sequences were freed",
             )
             .code("timeout"))
         }
