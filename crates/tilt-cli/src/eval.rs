@@ -3,7 +3,6 @@
 //! manifest. The engine is `tilt_engine::eval`; this file parses flags and writes files.
 
 use crate::args::{check_plot, check_writable, cli_error, parse_seed, EngineArgs};
-use crate::output::{emit_to, Format};
 use crate::progress::CliProgress;
 use anyhow::Context;
 use clap::Args;
@@ -15,6 +14,7 @@ use tilt_engine::eval::{parse_strategies, EvalConfig, EvalReport};
 use tilt_engine::manifest::Manifest;
 use tilt_engine::run::{input_files, json_line, run_eval, Run};
 use tilt_engine::Engine;
+use tilt_output::{emit_to, Format};
 use tilt_plot::{write_svg, Panel, Series, SeriesStyle};
 
 /// Flags of `tilt eval`.
@@ -176,7 +176,7 @@ where
             .write_all(canonical)
             .and_then(|()| out.flush())
             .map_err(anyhow::Error::from),
-        Format::Table => emit_to(out, report, format),
+        Format::Table => emit_to(out, report, format).map_err(anyhow::Error::from),
     };
     if let Some((path, write)) = plot {
         if let Err(e) = write(path) {

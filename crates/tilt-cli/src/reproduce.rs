@@ -8,13 +8,13 @@
 //! itself is unreadable.
 
 use crate::args::cli_error;
-use crate::output::{emit, Format};
 use crate::progress::CliProgress;
 use clap::Args;
 use serde_json::json;
 use std::path::PathBuf;
 use tilt_engine::manifest::{Manifest, GIT_COMMIT};
 use tilt_engine::run::replay;
+use tilt_output::{emit, Format};
 
 /// Flags of `tilt reproduce`.
 #[derive(Debug, Clone, Args)]

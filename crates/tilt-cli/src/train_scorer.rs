@@ -5,7 +5,6 @@
 //! `tilt_engine::scorer_training`; this file parses flags and writes the files.
 
 use crate::args::{check_writable, cli_error, parse_seed, EngineArgs};
-use crate::output::{emit, Format};
 use crate::progress::CliProgress;
 use clap::{Args, ValueEnum};
 use std::collections::BTreeMap;
@@ -16,6 +15,7 @@ use tilt_engine::manifest::{Manifest, GIT_COMMIT, TOOL_VERSION};
 use tilt_engine::run::{execute, input_files, output_files, Run};
 use tilt_engine::scorer_training::{head_kind, TrainOutputs, TrainScorerConfig};
 use tilt_engine::Engine;
+use tilt_output::{emit, Format};
 
 /// The kind of head to fit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -178,5 +178,5 @@ pub fn run(args: TrainScorerArgs) -> anyhow::Result<()> {
             outputs.card.display()
         ),
     );
-    emit(&card, args.format)
+    Ok(emit(&card, args.format)?)
 }

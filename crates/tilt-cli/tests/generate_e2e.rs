@@ -337,7 +337,7 @@ fn write_linear_scorer(path: &Path, d: usize) {
         );
     }
     let mut h = serde_json::to_string(&header).unwrap().into_bytes();
-    while h.len() % 8 != 0 {
+    while !h.len().is_multiple_of(8) {
         h.push(b' ');
     }
     let mut bytes = (h.len() as u64).to_le_bytes().to_vec();

@@ -11,9 +11,11 @@
 //! first request to the last answer. Beside it: the same C requests run in-process by
 //! `Engine::generate_many` (the batch the server's worker steps), and the same clients
 //! against llama-cpp-python's server (PyPI `llama-cpp-python[server]==0.3.36`, built from
-//! source into `target/tilt-bench-llamacpp-venv` on first use: about 10 minutes on 2 cores;
+//! source into `target/tilt-bench-llamacpp-venv` on first use, without its AMX kernels (which
+//! crash on this model; see [`LLAMACPP_CMAKE_ARGS`]): about 10 minutes on 2 cores;
 //! `TILT_BENCH_SKIP_LLAMACPP=1` skips it). Then the time to first token of one new streamed
-//! request while 16 others decode, beside its prefill alone plus two steps of the 16.
+//! request sent once 16 others decode (their prefills done), beside its prefill alone plus
+//! two steps of the 16.
 //!
 //! Environment: `TILT_BENCH_THREADS` (default 2), `TILT_BENCH_CLIENTS` (default
 //! `1,4,16,64`), `TILT_BENCH_SKIP_LLAMACPP=1`.
@@ -25,6 +27,13 @@ use tilt_engine::{Engine, EngineConfig, Input, NoProgress, Params, Request, Stra
 
 const NEW_TOKENS: usize = 64;
 const LLAMACPP: &str = "llama-cpp-python[server]==0.3.36";
+/// llama.cpp's CPU build for this kind of machine: every x86 vector extension it has, but
+/// not the AMX kernels. With `-march=native` on a CPU reporting AMX, 0.3.36 crashes
+/// (SIGSEGV in `ggml_backend_amx_mul_mat`) at the first matrix product of this Q4_1 model.
+const LLAMACPP_CMAKE_ARGS: &str = "-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON \
+     -DGGML_F16C=ON -DGGML_AVX_VNNI=ON -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON \
+     -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF \
+     -DGGML_AMX_BF16=OFF";
 
 fn prompt(i: usize) -> String {
     let topics = [
@@ -44,9 +53,28 @@ fn body(i: usize, model: &str, stream: bool) -> serde_json::Value {
     })
 }
 
-/// Send `clients` requests at once; return (completion tokens, wall seconds).
-async fn load(url: &str, model: &str, clients: usize) -> (usize, f64) {
-    let http = reqwest::Client::new();
+/// One load run: completion tokens of the answers, wall seconds, requests that failed.
+#[derive(Clone, Copy)]
+struct Load {
+    tokens: usize,
+    seconds: f64,
+    failed: usize,
+}
+
+impl Load {
+    fn rate(&self) -> f64 {
+        self.tokens as f64 / self.seconds
+    }
+}
+
+/// Send `clients` requests at once to `who` at `url`. A request that fails is counted and
+/// its first error printed (naming the server), so that one server's fault cannot pass for
+/// another's or end the run.
+async fn load(who: &str, url: &str, model: &str, clients: usize) -> Load {
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(600))
+        .build()
+        .expect("client");
     let t0 = Instant::now();
     let mut tasks = Vec::new();
     for i in 0..clients {
@@ -54,23 +82,37 @@ async fn load(url: &str, model: &str, clients: usize) -> (usize, f64) {
         let url = url.to_string();
         let b = body(i, model, false);
         tasks.push(tokio::spawn(async move {
-            let r: serde_json::Value = http
+            let r = http
                 .post(format!("{url}/v1/chat/completions"))
                 .json(&b)
                 .send()
                 .await
-                .expect("send")
-                .json()
-                .await
-                .expect("json");
-            r["usage"]["completion_tokens"].as_u64().unwrap_or(0) as usize
+                .map_err(|e| format!("send: {e:?}"))?;
+            let status = r.status();
+            let v: serde_json::Value = r.json().await.map_err(|e| format!("body: {e:?}"))?;
+            if !status.is_success() {
+                return Err(format!("status {status}: {v}"));
+            }
+            Ok(v["usage"]["completion_tokens"].as_u64().unwrap_or(0) as usize)
         }));
     }
-    let mut tokens = 0;
+    let (mut tokens, mut failed) = (0, 0);
     for t in tasks {
-        tokens += t.await.expect("join");
+        match t.await.expect("join") {
+            Ok(n) => tokens += n,
+            Err(e) => {
+                if failed == 0 {
+                    eprintln!("{who}, {clients} clients: a request failed: {e}");
+                }
+                failed += 1;
+            }
+        }
     }
-    (tokens, t0.elapsed().as_secs_f64())
+    Load {
+        tokens,
+        seconds: t0.elapsed().as_secs_f64(),
+        failed,
+    }
 }
 
 /// The same requests in-process.
@@ -98,10 +140,25 @@ fn in_process(engine: &Engine, clients: usize) -> (usize, f64) {
 async fn ttft_under_load(url: &str, model: &str, busy: usize) -> f64 {
     let background = {
         let (url, model) = (url.to_string(), model.to_string());
-        tokio::spawn(async move { load(&url, &model, busy).await })
+        tokio::spawn(async move { load("tilt serve", &url, &model, busy).await })
     };
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    // Wait until all of them decode (their prefills done: the last step had `busy` rows).
     let http = reqwest::Client::new();
+    let t_wait = Instant::now();
+    loop {
+        let text = match http.get(format!("{url}/metrics")).send().await {
+            Ok(r) => r.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        };
+        let rows = text.lines().find_map(|l| {
+            l.strip_prefix("tilt_batch_rows ")
+                .and_then(|v| v.trim().parse::<f64>().ok())
+        });
+        if rows.is_some_and(|r| r >= busy as f64) || t_wait.elapsed() > Duration::from_secs(30) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     let t0 = Instant::now();
     let mut r = http
         .post(format!("{url}/v1/chat/completions"))
@@ -156,8 +213,9 @@ fn llamacpp_server(model: &Path, threads: usize) -> Option<(Kill, String)> {
             .status()
             .is_ok_and(|s| s.success())
             && Command::new(&python)
-                .args(["-m", "pip", "install", "-q", LLAMACPP])
+                .args(["-m", "pip", "install", "-q", "--no-cache-dir", LLAMACPP])
                 .env("CMAKE_BUILD_PARALLEL_LEVEL", "2")
+                .env("CMAKE_ARGS", LLAMACPP_CMAKE_ARGS)
                 .status()
                 .is_ok_and(|s| s.success());
         if !ok {
@@ -259,28 +317,22 @@ fn main() {
         .await
     });
     std::thread::sleep(Duration::from_millis(300));
-    let served: Vec<(usize, usize, f64)> = clients
+    let served: Vec<Load> = clients
         .iter()
-        .map(|&c| {
-            let (t, s) = rt.block_on(load(&url, &model, c));
-            (c, t, s)
-        })
+        .map(|&c| rt.block_on(load("tilt serve", &url, &model, c)))
         .collect();
     let ttft = rt.block_on(ttft_under_load(&url, &model, 16));
     let _ = stop_tx.send(());
     let _ = rt.block_on(server);
 
-    let llama: Option<Vec<(usize, usize, f64)>> =
+    let llama: Option<Vec<Load>> =
         if std::env::var("TILT_BENCH_SKIP_LLAMACPP").is_ok_and(|v| v == "1") {
             None
         } else {
             llamacpp_server(&model_path, threads).map(|(_guard, url)| {
                 clients
                     .iter()
-                    .map(|&c| {
-                        let (t, s) = rt.block_on(load(&url, "llama", c));
-                        (c, t, s)
-                    })
+                    .map(|&c| rt.block_on(load("llama-cpp-python", &url, "llama", c)))
                     .collect()
             })
         };
@@ -290,19 +342,27 @@ fn main() {
         "| clients | server tok/s | in-process tok/s | server / in-process | llama-cpp-python tok/s | tilt / llama-cpp-python |"
     );
     println!("|---|---|---|---|---|---|");
-    for (i, &(c, t, s)) in served.iter().enumerate() {
-        let rate = t as f64 / s;
+    let failed = |l: &Load| {
+        if l.failed > 0 {
+            format!(" ({} failed)", l.failed)
+        } else {
+            String::new()
+        }
+    };
+    for (i, (&c, l)) in clients.iter().zip(&served).enumerate() {
+        let rate = l.rate();
         let (_, it, is) = inproc[i];
         let irate = it as f64 / is;
-        let (lrate, ratio) = match llama.as_ref().map(|l| l[i]) {
-            Some((_, lt, ls)) => {
-                let l = lt as f64 / ls;
-                (format!("{l:.1}"), format!("{:.2}×", rate / l))
-            }
+        let (lrate, ratio) = match llama.as_ref().map(|ll| ll[i]) {
+            Some(ll) => (
+                format!("{:.1}{}", ll.rate(), failed(&ll)),
+                format!("{:.2}×", rate / ll.rate()),
+            ),
             None => ("-".into(), "-".into()),
         };
         println!(
-            "| {c} | {rate:.1} | {irate:.1} | {:.2}× | {lrate} | {ratio} |",
+            "| {c} | {rate:.1}{} | {irate:.1} | {:.2}× | {lrate} | {ratio} |",
+            failed(l),
             rate / irate
         );
     }

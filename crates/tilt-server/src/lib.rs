@@ -517,6 +517,11 @@ async fn handle<P: Policy + 'static>(
         responses.push(r.map_err(|e| engine_error(&e, endpoint))?);
     }
     drop(outstanding);
+    // serde_json would send a NaN as null; a result that holds one is a fault of ours.
+    if let Err(e) = tilt_output::check_no_nan(&responses) {
+        tracing::error!(field = e.path(), "a response held a NaN");
+        return Err(nan_error(&e));
+    }
     Ok(Json(full_body(
         &id,
         created,
@@ -529,6 +534,17 @@ async fn handle<P: Policy + 'static>(
         app.engine.policy(),
     ))
     .into_response())
+}
+
+/// A result holding a NaN (which serde_json would send as null) is a fault of ours: 500.
+fn nan_error(e: &tilt_output::ValueError) -> ApiError {
+    ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        format!(
+            "internal error: the result's field {} is not a number",
+            e.path()
+        ),
+    )
 }
 
 fn send<P: Policy>(app: &App<P>, w: Work) -> Result<(), ApiError> {
@@ -749,6 +765,10 @@ impl StreamState {
                         ]
                     }
                 };
+                if let Err(e) = tilt_output::check_no_nan(&r) {
+                    tracing::error!(field = e.path(), "a response held a NaN");
+                    return vec![error_event(&nan_error(&e)), Event::default().data("[DONE]")];
+                }
                 let mut out = Vec::new();
                 for o in &r.outputs {
                     let j = o.choice;

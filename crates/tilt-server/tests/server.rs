@@ -153,10 +153,20 @@ fn endless(delay_ms: u64) -> (Engine<Slow>, Arc<AtomicUsize>) {
 }
 
 fn slow_engine(delay_ms: u64, endless: bool) -> (Engine<Slow>, Arc<AtomicUsize>) {
-    let rewards: Vec<(String, Arc<dyn Reward>)> = vec![
+    slow_engine_with(delay_ms, endless, Vec::new())
+}
+
+/// As [`slow_engine`], with `more` rewards after `letters` and `flaky`.
+fn slow_engine_with(
+    delay_ms: u64,
+    endless: bool,
+    more: Vec<(String, Arc<dyn Reward>)>,
+) -> (Engine<Slow>, Arc<AtomicUsize>) {
+    let mut rewards: Vec<(String, Arc<dyn Reward>)> = vec![
         ("letters".into(), Arc::new(Letters)),
         ("flaky".into(), Arc::new(DownForC)),
     ];
+    rewards.extend(more);
     let scorers: Vec<(String, Arc<dyn PrefixScorer>)> = vec![(
         "zero".into(),
         Arc::new(ConstantScorer {
@@ -824,6 +834,101 @@ async fn a_failing_reward_fails_only_the_requests_that_needed_it() {
         .chat(json!({"messages": user("ab"), "max_tokens": 3, "strategy": "bon", "candidates": 2}))
         .await;
     assert_eq!(status, 200);
+    Arc::into_inner(s).unwrap().stop().await;
+}
+
+/// A reward child process (the command protocol, in Python) that writes its pid to `pid`
+/// and answers each request with the response's length after a short pause.
+fn child_reward(pid: &std::path::Path) -> Arc<dyn Reward> {
+    let script = format!(
+        "import json, os, sys, time\n\
+         open({pid:?}, 'w').write(str(os.getpid()))\n\
+         for line in sys.stdin:\n\
+         \x20   r = json.loads(line)\n\
+         \x20   time.sleep(0.002)\n\
+         \x20   print(json.dumps({{'id': r['id'], 'score': len(r['response'])}}), flush=True)\n",
+        pid = pid.display().to_string()
+    );
+    let argv = ["python3".to_string(), "-c".into(), script];
+    Arc::new(tilt_rewards::CommandReward::spawn(&argv, Duration::from_secs(30)).unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reward_child_killed_mid_run_fails_only_its_requests() {
+    let dir = tempfile::tempdir().unwrap();
+    let pid_file = dir.path().join("pid");
+    let child = child_reward(&pid_file);
+    let (engine, _) = slow_engine_with(3, true, vec![("child".into(), child)]);
+    let s = Arc::new(Server::start(engine, ServerConfig::default()).await);
+    let req = |i: u64, reward: &str| {
+        json!({"messages": user("ab"), "max_tokens": 12, "seed": i,
+               "strategy": "bon", "candidates": 2, "reward": reward})
+    };
+    // The child answers before the kill.
+    let (status, first) = s.chat(req(0, "child")).await;
+    assert_eq!(status, 200, "{first}");
+    let pid: String = std::fs::read_to_string(&pid_file).unwrap();
+    // Requests for the child arrive one after another, and the child dies among them.
+    let handles: Vec<_> = (1..=24)
+        .map(|i| {
+            let s = Arc::clone(&s);
+            let body = req(i, if i % 3 == 0 { "letters" } else { "child" });
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(15 * i)).await;
+                (i, s.chat(body).await)
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(120)).await;
+    let killed = std::process::Command::new("kill")
+        .args(["-KILL", pid.trim()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let (mut ok, mut unavailable) = (0, 0);
+    for h in handles {
+        let (i, (status, body)) = h.await.unwrap();
+        if i % 3 == 0 {
+            assert_eq!(status, 200, "a request for another reward: {body}");
+            continue;
+        }
+        match status {
+            200 => ok += 1,
+            503 => {
+                unavailable += 1;
+                let message = body["error"]["message"].as_str().unwrap();
+                assert!(message.contains("command:python3"), "{message}");
+                assert_eq!(body["error"]["type"], "service_unavailable", "{body}");
+            }
+            other => panic!("status {other}: {body}"),
+        }
+    }
+    eprintln!("before the kill {ok} answered, after it {unavailable} failed");
+    assert!(
+        unavailable > 0,
+        "the kill failed no request ({ok} answered)"
+    );
+    // The child stays dead: its requests fail at once, naming that it died; the others,
+    // and the health check, are served as before.
+    let (status, body) = s.chat(req(99, "child")).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body["error"]["message"].as_str().unwrap().contains("died"),
+        "{body}"
+    );
+    let (status, body) = s.chat(req(100, "letters")).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = s
+        .chat(json!({"messages": user("ab"), "max_tokens": 3}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let health = s
+        .http
+        .get(format!("{}/health", s.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.status().as_u16(), 200);
     Arc::into_inner(s).unwrap().stop().await;
 }
 

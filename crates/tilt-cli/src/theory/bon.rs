@@ -2,9 +2,9 @@
 //! computed by [`tilt_core::report::bon_report`].
 
 use super::input::{flag_error, parse_count, DistributionArgs, Flags};
-use crate::output::{emit, Format};
 use clap::Args;
 use tilt_core::report::bon_report;
+use tilt_output::{emit, Format};
 
 /// The library's input names that are flags of `tilt theory bon`.
 const FLAGS: Flags = Flags(&[("n", "--n")]);
@@ -29,5 +29,5 @@ pub struct BonArgs {
 pub fn run(args: BonArgs) -> anyhow::Result<()> {
     let dist = args.dist.load()?;
     let report = bon_report(&dist, args.n, args.worst).map_err(flag_error(FLAGS))?;
-    emit(&report, args.format)
+    Ok(emit(&report, args.format)?)
 }

@@ -5,10 +5,10 @@
 
 use super::input::{flag_error, parse_count, DistributionArgs, Flags};
 use super::progress::Progress;
-use crate::output::{Format, Report};
 use clap::Args;
 use tilt_core::frontier::frontier_ns;
 use tilt_core::report::Bounds;
+use tilt_output::{Format, Report};
 
 /// The library's input names that are flags of `tilt theory bounds`.
 const FLAGS: Flags = Flags(&[("n-max", "--n-max"), ("points", "--points")]);
@@ -45,7 +45,7 @@ pub fn run(args: BoundsArgs) -> anyhow::Result<()> {
         ns.iter().map(|&n| {
             let row = bounds.row(n).map_err(&err)?;
             progress.inc();
-            Ok(row)
+            anyhow::Ok(row)
         }),
     )?;
     report.finish()?;

@@ -2,12 +2,12 @@
 //! ([`tilt_core::report::divergence_report`]).
 
 use super::input::{flag_error, internal, parse_list, Flags};
-use crate::output::{emit, Format};
 use crate::usage;
 use clap::Args;
 use tilt_core::divergence::checked_pmf;
 use tilt_core::report::divergence_report;
 use tilt_core::TiltError;
+use tilt_output::{emit, Format};
 
 /// The library's input names that are flags of `tilt theory divergence`.
 const FLAGS: Flags = Flags(&[
@@ -62,5 +62,5 @@ pub fn run(args: DivergenceArgs) -> anyhow::Result<()> {
         )));
     }
     let report = divergence_report(&q, &p, args.alpha).map_err(flag_error(FLAGS))?;
-    emit(&report, args.format)
+    Ok(emit(&report, args.format)?)
 }

@@ -8,11 +8,11 @@
 
 use super::input::{check_plot, flag_error, parse_count, plot_error, DistributionArgs, Flags};
 use super::progress::Progress;
-use crate::output::{Format, Report};
 use clap::Args;
 use std::path::{Path, PathBuf};
 use tilt_core::frontier::{frontier_ns, BonPoint, FrontierSolver, TiltPoint};
 use tilt_core::report::{frontier_head, tilt_curve};
+use tilt_output::{Format, Report};
 use tilt_plot::{write_svg, Marker, Panel, Series, SeriesStyle};
 
 /// The library's input names that are flags of `tilt theory frontier`.
@@ -169,7 +169,7 @@ pub fn run(args: FrontierArgs) -> anyhow::Result<()> {
                 plot_bon.push(b);
             }
             progress.inc();
-            Ok(b)
+            anyhow::Ok(b)
         }),
     )?;
     progress.phase("tilt at each KL", ns.len() as u64);
@@ -181,7 +181,7 @@ pub fn run(args: FrontierArgs) -> anyhow::Result<()> {
                 plot_tilt.push(t);
             }
             progress.inc();
-            Ok(t)
+            anyhow::Ok(t)
         }),
     )?;
     report.finish()?;

@@ -9,7 +9,6 @@
 
 use super::input::{check_plot, flag_error, internal, parse_count, parse_list, plot_error, Flags};
 use super::progress::Progress;
-use crate::output::{emit, Format};
 use crate::usage;
 use clap::{Args, ValueEnum};
 use std::path::{Path, PathBuf};
@@ -19,6 +18,7 @@ use tilt_core::report::{
     InfalignFrontierRow, InfalignPolicy, InfalignReport, TransformKind,
 };
 use tilt_core::TiltError;
+use tilt_output::{emit, Format};
 use tilt_plot::{write_svg, Marker, Panel, Series, SeriesStyle};
 
 /// The inference-time procedure.
@@ -176,10 +176,10 @@ pub fn run(args: InfalignArgs) -> anyhow::Result<()> {
     // keeps within MAX_KL.
     let kl = policy.kl_budget().unwrap_or(point.kl);
     let baselines = infalign_baselines(kl, args.n, procedure).map_err(baseline_error)?;
-    emit(
+    Ok(emit(
         &InfalignReport::new(args.n, procedure, &point, optimized.as_ref(), baselines),
         args.format,
-    )
+    )?)
 }
 
 fn baseline_error(e: TiltError) -> anyhow::Error {

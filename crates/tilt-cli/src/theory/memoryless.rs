@@ -5,13 +5,13 @@
 
 use super::input::{check_plot, flag_error, parse_count_list, plot_error, DistributionArgs, Flags};
 use super::progress::Progress;
-use crate::output::{emit, Format};
 use crate::usage;
 use clap::Args;
 use std::path::{Path, PathBuf};
 use tilt_core::memoryless::MemorylessReport;
 use tilt_core::report::memoryless_output;
 use tilt_core::TiltError;
+use tilt_output::{emit, Format};
 use tilt_plot::{write_svg, Marker, Panel, Series, SeriesStyle};
 
 /// Longest sequence accepted (the law of S_L is further capped by its number of lattice

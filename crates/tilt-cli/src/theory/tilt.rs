@@ -2,9 +2,9 @@
 //! computed by [`tilt_core::report::tilt_report`].
 
 use super::input::{flag_error, DistributionArgs, Flags};
-use crate::output::{emit, Format};
 use clap::Args;
 use tilt_core::report::{tilt_report, TiltBy};
+use tilt_output::{emit, Format};
 
 /// Flags of `tilt theory tilt`.
 #[derive(Debug, Args)]
@@ -36,8 +36,8 @@ pub fn run(args: TiltArgs) -> anyhow::Result<()> {
         }
     };
     let dist = args.dist.load()?;
-    emit(
+    Ok(emit(
         &tilt_report(&dist, by).map_err(flag_error(flags))?,
         args.format,
-    )
+    )?)
 }

@@ -1,4 +1,6 @@
-//! How every command prints: one JSON object on stdout by default, or a table for people.
+//! How tilt prints a result: one JSON object by default, or a table for people. The CLI
+//! prints every command's result through this crate, and the server checks each response
+//! with [`check_no_nan`] before it is sent.
 //!
 //! # Numbers in the JSON output
 //! JSON has numbers but no infinity and no NaN. tilt's convention, the same for every
@@ -13,8 +15,8 @@
 //!   double. The doc of each field that can be `null` says which, and where a finite
 //!   companion field carries the same information (`lambda = 0` for `beta = null`).
 //! - **NaN is never printed.** A value that could not be computed is an error: [`emit`]
-//!   refuses to print a result holding a NaN, naming the field (exit code 1), rather than
-//!   let it pass as `null`.
+//!   refuses to print a result holding a NaN, naming the field ([`OutputError::Value`]),
+//!   rather than let it pass as `null` (which is what `serde_json` would write).
 //!
 //! Why `null` and not strings: a field that is sometimes `0.5` and sometimes `"inf"`
 //! breaks every typed reader (serde, pandas' dtype, `jq` arithmetic); `null` is JSON's own
@@ -25,13 +27,13 @@
 //! Long row lists (`theory frontier` with 10⁶ points) are streamed with [`Report`]: each
 //! row is written as it is computed, so memory does not grow with the output.
 
-use clap::ValueEnum;
 use serde::ser::{self, Serialize};
 use serde_json::Value;
 use std::io::Write;
 
 /// Output format of a command.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum Format {
     /// One JSON object (or one per line for streaming commands).
     #[default]
@@ -46,7 +48,7 @@ pub enum Format {
 /// # Errors
 /// The value holds a NaN (named by its path, e.g. `rows[3].kl`; nothing is printed), or
 /// stdout fails.
-pub fn emit<T: Serialize + ?Sized>(value: &T, format: Format) -> anyhow::Result<()> {
+pub fn emit<T: Serialize + ?Sized>(value: &T, format: Format) -> Result<(), OutputError> {
     emit_to(&mut std::io::stdout().lock(), value, format)
 }
 
@@ -59,7 +61,7 @@ pub fn emit_to<T: Serialize + ?Sized>(
     out: &mut dyn Write,
     value: &T,
     format: Format,
-) -> anyhow::Result<()> {
+) -> Result<(), OutputError> {
     match format {
         Format::Json => {
             check_no_nan(value)?;
@@ -74,7 +76,6 @@ pub fn emit_to<T: Serialize + ?Sized>(
 /// Render a JSON object as text: scalars as `key  value` lines, nested objects indented,
 /// arrays of objects as column-aligned tables (a `strategy`, `name`, `n` or `length`
 /// column first), arrays of numbers inline as numbers (`[0.52, 0.61]`, also inside rows).
-#[allow(dead_code)] // part of the API the model-running commands print with
 pub fn render_table(value: &Value) -> String {
     render_tree(&Tree::from(value))
 }
@@ -114,7 +115,7 @@ impl<'a> Report<'a> {
     ///
     /// # Errors
     /// Writing fails.
-    pub fn new(out: &'a mut dyn Write, format: Format) -> anyhow::Result<Self> {
+    pub fn new(out: &'a mut dyn Write, format: Format) -> Result<Self, OutputError> {
         if format == Format::Json {
             write!(out, "{{")?;
         }
@@ -129,9 +130,9 @@ impl<'a> Report<'a> {
     ///
     /// # Errors
     /// `value` is not an object or holds a NaN; writing fails.
-    pub fn fields<T: Serialize>(&mut self, value: &T) -> anyhow::Result<()> {
+    pub fn fields<T: Serialize>(&mut self, value: &T) -> Result<(), OutputError> {
         let Tree::Map(entries) = tree_of(value)? else {
-            anyhow::bail!("internal error: report fields must be an object");
+            return Err(OutputError::NotAnObject);
         };
         match self.format {
             Format::Json => {
@@ -157,7 +158,7 @@ impl<'a> Report<'a> {
         Ok(())
     }
 
-    fn json_key(&mut self, key: &str) -> anyhow::Result<()> {
+    fn json_key(&mut self, key: &str) -> Result<(), OutputError> {
         if self.fields > 0 {
             write!(self.out, ",")?;
         }
@@ -169,38 +170,40 @@ impl<'a> Report<'a> {
     /// Write the list `key`, one row at a time as `rows` yields them.
     ///
     /// # Errors
-    /// The first error of `rows` (what was written stays written), a row holding a NaN,
-    /// or writing fails.
-    pub fn rows<T: Serialize>(
+    /// The first error of `rows`, unchanged (what was written stays written), or an
+    /// [`OutputError`] (a row holding a NaN, named `key[i].field`; writing fails).
+    pub fn rows<T: Serialize, E: From<OutputError>>(
         &mut self,
         key: &str,
-        rows: impl IntoIterator<Item = anyhow::Result<T>>,
-    ) -> anyhow::Result<()> {
+        rows: impl IntoIterator<Item = Result<T, E>>,
+    ) -> Result<(), E> {
+        let io = |e: std::io::Error| E::from(OutputError::Io(e));
         match self.format {
             Format::Json => {
                 self.json_key(key)?;
-                write!(self.out, "[")?;
+                write!(self.out, "[").map_err(io)?;
                 for (i, row) in rows.into_iter().enumerate() {
                     let row = row?;
-                    check_no_nan(&row).map_err(|e| anyhow::anyhow!("{key}[{i}]{e}"))?;
+                    check_no_nan(&row)
+                        .map_err(|e| OutputError::Value(e.at(&format!("{key}[{i}]"))))?;
                     if i > 0 {
-                        write!(self.out, ",")?;
+                        write!(self.out, ",").map_err(io)?;
                     }
-                    serde_json::to_writer(&mut *self.out, &row)?;
+                    serde_json::to_writer(&mut *self.out, &row).map_err(OutputError::Json)?;
                 }
-                write!(self.out, "]")?;
+                write!(self.out, "]").map_err(io)?;
             }
             Format::Table => {
-                writeln!(self.out, "{key}:")?;
+                writeln!(self.out, "{key}:").map_err(io)?;
                 let mut table = StreamedTable::default();
                 for row in rows {
-                    let tree = tree_of(&row?)?;
+                    let tree = tree_of(&row?).map_err(OutputError::Value)?;
                     table.push(&mut *self.out, tree, "  ")?;
                 }
                 table.finish(&mut *self.out, "  ")?;
             }
         }
-        self.out.flush()?;
+        self.out.flush().map_err(io)?;
         Ok(())
     }
 
@@ -208,7 +211,7 @@ impl<'a> Report<'a> {
     ///
     /// # Errors
     /// Writing fails.
-    pub fn finish(self) -> anyhow::Result<()> {
+    pub fn finish(self) -> Result<(), OutputError> {
         if self.format == Format::Json {
             writeln!(self.out, "}}")?;
         }
@@ -226,7 +229,7 @@ struct StreamedTable {
 }
 
 impl StreamedTable {
-    fn push(&mut self, out: &mut dyn Write, row: Tree, indent: &str) -> anyhow::Result<()> {
+    fn push(&mut self, out: &mut dyn Write, row: Tree, indent: &str) -> Result<(), OutputError> {
         match &self.layout {
             None => {
                 self.head.push(row);
@@ -242,7 +245,7 @@ impl StreamedTable {
         Ok(())
     }
 
-    fn flush_head(&mut self, out: &mut dyn Write, indent: &str) -> anyhow::Result<()> {
+    fn flush_head(&mut self, out: &mut dyn Write, indent: &str) -> Result<(), OutputError> {
         let head = std::mem::take(&mut self.head);
         let (cols, rows, widths, numeric) = layout(&head);
         write!(
@@ -257,7 +260,7 @@ impl StreamedTable {
         Ok(())
     }
 
-    fn finish(mut self, out: &mut dyn Write, indent: &str) -> anyhow::Result<()> {
+    fn finish(mut self, out: &mut dyn Write, indent: &str) -> Result<(), OutputError> {
         if self.layout.is_none() && !self.head.is_empty() {
             self.flush_head(out, indent)?;
         }
@@ -295,36 +298,56 @@ impl From<&Value> for Tree {
     }
 }
 
+/// Why a result could not be printed.
+#[derive(Debug, thiserror::Error)]
+pub enum OutputError {
+    /// The value holds a NaN (or its `Serialize` failed); nothing of it was printed.
+    #[error(transparent)]
+    Value(#[from] ValueError),
+    /// Writing failed.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    /// `serde_json` failed.
+    #[error(transparent)]
+    Json(#[from] serde_json::Error),
+    /// [`Report::fields`] was given something other than a struct or map.
+    #[error("internal error: report fields must be an object")]
+    NotAnObject,
+}
+
 /// Refuse a value holding a NaN anywhere, naming where (`.rows[3].kl`).
-fn check_no_nan<T: Serialize + ?Sized>(value: &T) -> anyhow::Result<()> {
-    value
-        .serialize(Walker { build: false })
-        .map(|_| ())
-        .map_err(|e| anyhow::anyhow!("{e}"))
+///
+/// # Errors
+/// The first NaN met, with its path.
+pub fn check_no_nan<T: Serialize + ?Sized>(value: &T) -> Result<(), ValueError> {
+    value.serialize(Walker { build: false }).map(|_| ())
 }
 
 /// The [`Tree`] of a value; an error naming the field when a NaN is found.
-fn tree_of<T: Serialize + ?Sized>(value: &T) -> anyhow::Result<Tree> {
-    value
-        .serialize(Walker { build: true })
-        .map_err(|e| anyhow::anyhow!("{e}"))
+fn tree_of<T: Serialize + ?Sized>(value: &T) -> Result<Tree, ValueError> {
+    value.serialize(Walker { build: true })
 }
 
-/// The error of [`Walker`]: a NaN at `path`, or serde's own message.
+/// A value that cannot be printed: a NaN at [`path`](Self::path), or serde's own message.
 #[derive(Debug)]
-struct WalkError {
+pub struct ValueError {
     path: String,
     message: String,
 }
 
-impl WalkError {
+impl ValueError {
+    /// Where in the value: `.rows[3].kl` (empty for the value itself).
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
     fn at(mut self, segment: &str) -> Self {
         self.path.insert_str(0, segment);
         self
     }
 }
 
-impl std::fmt::Display for WalkError {
+impl std::fmt::Display for ValueError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         if self.path.is_empty() {
             write!(f, "internal error: {}", self.message)
@@ -338,11 +361,11 @@ impl std::fmt::Display for WalkError {
     }
 }
 
-impl std::error::Error for WalkError {}
+impl std::error::Error for ValueError {}
 
-impl ser::Error for WalkError {
+impl ser::Error for ValueError {
     fn custom<M: std::fmt::Display>(msg: M) -> Self {
-        WalkError {
+        ValueError {
             path: String::new(),
             message: msg.to_string(),
         }
@@ -356,7 +379,7 @@ struct Walker {
     build: bool,
 }
 
-type WalkResult = Result<Tree, WalkError>;
+type WalkResult = Result<Tree, ValueError>;
 
 struct Compound {
     build: bool,
@@ -378,7 +401,7 @@ impl Compound {
         }
     }
 
-    fn element<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), WalkError> {
+    fn element<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), ValueError> {
         let i = self.items.len();
         let t = value
             .serialize(Walker { build: self.build })
@@ -387,7 +410,7 @@ impl Compound {
         Ok(())
     }
 
-    fn field<T: Serialize + ?Sized>(&mut self, key: &str, value: &T) -> Result<(), WalkError> {
+    fn field<T: Serialize + ?Sized>(&mut self, key: &str, value: &T) -> Result<(), ValueError> {
         let t = value
             .serialize(Walker { build: self.build })
             .map_err(|e| e.at(&format!(".{key}")))?;
@@ -425,7 +448,7 @@ macro_rules! leaf {
 
 impl ser::Serializer for Walker {
     type Ok = Tree;
-    type Error = WalkError;
+    type Error = ValueError;
     type SerializeSeq = Compound;
     type SerializeTuple = Compound;
     type SerializeTupleStruct = Compound;
@@ -451,7 +474,7 @@ impl ser::Serializer for Walker {
     }
     fn serialize_f64(self, v: f64) -> WalkResult {
         if v.is_nan() {
-            return Err(WalkError {
+            return Err(ValueError {
                 path: String::new(),
                 message: "the value is NaN (it could not be computed)".into(),
             });
@@ -503,13 +526,13 @@ impl ser::Serializer for Walker {
             .map_err(|e| e.at(&format!(".{variant}")))?;
         Ok(Tree::Map(vec![(variant.to_string(), inner)]))
     }
-    fn serialize_seq(self, _: Option<usize>) -> Result<Compound, WalkError> {
+    fn serialize_seq(self, _: Option<usize>) -> Result<Compound, ValueError> {
         Ok(Compound::new(self.build, None))
     }
-    fn serialize_tuple(self, _: usize) -> Result<Compound, WalkError> {
+    fn serialize_tuple(self, _: usize) -> Result<Compound, ValueError> {
         Ok(Compound::new(self.build, None))
     }
-    fn serialize_tuple_struct(self, _: &'static str, _: usize) -> Result<Compound, WalkError> {
+    fn serialize_tuple_struct(self, _: &'static str, _: usize) -> Result<Compound, ValueError> {
         Ok(Compound::new(self.build, None))
     }
     fn serialize_tuple_variant(
@@ -518,13 +541,13 @@ impl ser::Serializer for Walker {
         _: u32,
         variant: &'static str,
         _: usize,
-    ) -> Result<Compound, WalkError> {
+    ) -> Result<Compound, ValueError> {
         Ok(Compound::new(self.build, Some(variant)))
     }
-    fn serialize_map(self, _: Option<usize>) -> Result<Compound, WalkError> {
+    fn serialize_map(self, _: Option<usize>) -> Result<Compound, ValueError> {
         Ok(Compound::new(self.build, None))
     }
-    fn serialize_struct(self, _: &'static str, _: usize) -> Result<Compound, WalkError> {
+    fn serialize_struct(self, _: &'static str, _: usize) -> Result<Compound, ValueError> {
         Ok(Compound::new(self.build, None))
     }
     fn serialize_struct_variant(
@@ -533,15 +556,15 @@ impl ser::Serializer for Walker {
         _: u32,
         variant: &'static str,
         _: usize,
-    ) -> Result<Compound, WalkError> {
+    ) -> Result<Compound, ValueError> {
         Ok(Compound::new(self.build, Some(variant)))
     }
 }
 
 impl ser::SerializeSeq for Compound {
     type Ok = Tree;
-    type Error = WalkError;
-    fn serialize_element<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), WalkError> {
+    type Error = ValueError;
+    fn serialize_element<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), ValueError> {
         self.element(value)
     }
     fn end(self) -> WalkResult {
@@ -551,8 +574,8 @@ impl ser::SerializeSeq for Compound {
 
 impl ser::SerializeTuple for Compound {
     type Ok = Tree;
-    type Error = WalkError;
-    fn serialize_element<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), WalkError> {
+    type Error = ValueError;
+    fn serialize_element<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), ValueError> {
         self.element(value)
     }
     fn end(self) -> WalkResult {
@@ -562,8 +585,8 @@ impl ser::SerializeTuple for Compound {
 
 impl ser::SerializeTupleStruct for Compound {
     type Ok = Tree;
-    type Error = WalkError;
-    fn serialize_field<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), WalkError> {
+    type Error = ValueError;
+    fn serialize_field<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), ValueError> {
         self.element(value)
     }
     fn end(self) -> WalkResult {
@@ -573,8 +596,8 @@ impl ser::SerializeTupleStruct for Compound {
 
 impl ser::SerializeTupleVariant for Compound {
     type Ok = Tree;
-    type Error = WalkError;
-    fn serialize_field<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), WalkError> {
+    type Error = ValueError;
+    fn serialize_field<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), ValueError> {
         self.element(value)
     }
     fn end(self) -> WalkResult {
@@ -584,8 +607,8 @@ impl ser::SerializeTupleVariant for Compound {
 
 impl ser::SerializeMap for Compound {
     type Ok = Tree;
-    type Error = WalkError;
-    fn serialize_key<T: Serialize + ?Sized>(&mut self, key: &T) -> Result<(), WalkError> {
+    type Error = ValueError;
+    fn serialize_key<T: Serialize + ?Sized>(&mut self, key: &T) -> Result<(), ValueError> {
         let k = match key.serialize(Walker { build: true })? {
             Tree::Str(s) => s,
             Tree::Int(i) => i.to_string(),
@@ -594,7 +617,7 @@ impl ser::SerializeMap for Compound {
         self.key = Some(k);
         Ok(())
     }
-    fn serialize_value<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), WalkError> {
+    fn serialize_value<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), ValueError> {
         let key = self.key.take().unwrap_or_default();
         self.field(&key, value)
     }
@@ -605,12 +628,12 @@ impl ser::SerializeMap for Compound {
 
 impl ser::SerializeStruct for Compound {
     type Ok = Tree;
-    type Error = WalkError;
+    type Error = ValueError;
     fn serialize_field<T: Serialize + ?Sized>(
         &mut self,
         key: &'static str,
         value: &T,
-    ) -> Result<(), WalkError> {
+    ) -> Result<(), ValueError> {
         self.field(key, value)
     }
     fn end(self) -> WalkResult {
@@ -620,12 +643,12 @@ impl ser::SerializeStruct for Compound {
 
 impl ser::SerializeStructVariant for Compound {
     type Ok = Tree;
-    type Error = WalkError;
+    type Error = ValueError;
     fn serialize_field<T: Serialize + ?Sized>(
         &mut self,
         key: &'static str,
         value: &T,
-    ) -> Result<(), WalkError> {
+    ) -> Result<(), ValueError> {
         self.field(key, value)
     }
     fn end(self) -> WalkResult {
@@ -878,7 +901,8 @@ mod tests {
                 x: 0.5,
             })
             .unwrap();
-            r.rows("bon", rows.iter().cloned().map(Ok)).unwrap();
+            r.rows("bon", rows.iter().cloned().map(Ok::<_, OutputError>))
+                .unwrap();
             r.finish().unwrap();
         }
         let whole = json!({"units": "nats", "x": 0.5, "bon": rows.iter().map(|r| json!({"n": r.n, "kl": r.kl})).collect::<Vec<_>>()});
@@ -918,7 +942,8 @@ mod tests {
                 x: 0.5,
             })
             .unwrap();
-            r.rows("bon", rows.iter().cloned().map(Ok)).unwrap();
+            r.rows("bon", rows.iter().cloned().map(Ok::<_, OutputError>))
+                .unwrap();
             r.finish().unwrap();
         }
         let text = String::from_utf8(table).unwrap();
