@@ -562,6 +562,68 @@ pub enum InfalignPolicy {
 }
 
 impl InfalignPolicy {
+    /// The policy that loose options describe, the way faces receive them: the family
+    /// `kind` with rate `t`, at `beta` or at a KL budget `kl` (exactly one of the two), or,
+    /// with `optimize_t`, the best rate of `kind` at `kl` searched in [0, `t_max`].
+    ///
+    /// # Errors
+    /// [`TiltError::InvalidInput`](crate::TiltError::InvalidInput) naming `t` (given to the
+    /// identity; missing for exp and neg-exp; given with `optimize_t`), `kl` (neither or
+    /// both of `beta` and `kl`; `optimize_t` without `kl`; a budget out of range),
+    /// `transform` (`optimize_t` with the identity) or `t-max`.
+    pub fn from_options(
+        kind: TransformKind,
+        t: Option<f64>,
+        beta: Option<f64>,
+        kl: Option<f64>,
+        optimize_t: bool,
+        t_max: f64,
+    ) -> Result<Self> {
+        let invalid = crate::TiltError::invalid;
+        if let Some(kl) = kl {
+            infalign::check_kl_budget(kl)?;
+        }
+        if optimize_t {
+            if kind == TransformKind::Identity {
+                return Err(invalid(
+                    "transform",
+                    "the identity transform has no t to optimise; use exp or neg-exp",
+                ));
+            }
+            if t.is_some() {
+                return Err(invalid("t", "a given t and optimising t exclude each other"));
+            }
+            let Some(kl) = kl else {
+                return Err(invalid("kl", "optimising t needs a KL budget"));
+            };
+            if beta.is_some() {
+                return Err(invalid("kl", "give beta or a KL budget, not both"));
+            }
+            infalign::check_t_max(t_max)?;
+            return Ok(InfalignPolicy::OptimizeT { kind, kl, t_max });
+        }
+        let t = match (kind, t) {
+            (TransformKind::Identity, Some(_)) => {
+                return Err(invalid("t", "the identity transform takes no t"))
+            }
+            (TransformKind::Identity, None) => 0.0,
+            (_, Some(t)) => t,
+            (_, None) => {
+                return Err(invalid(
+                    "t",
+                    "exp and neg-exp need a rate t ≥ 0 (or optimise t at a KL budget)",
+                ))
+            }
+        };
+        let transform = kind.at(t);
+        match (beta, kl) {
+            (Some(beta), None) => Ok(InfalignPolicy::Beta { transform, beta }),
+            (None, Some(kl)) => Ok(InfalignPolicy::Kl { transform, kl }),
+            (None, None) => Err(invalid("kl", "give beta or a KL budget kl (nats)")),
+            (Some(_), Some(_)) => Err(invalid("kl", "give beta or a KL budget, not both")),
+        }
+    }
+
     /// The KL budget, when the policy is given by one.
     pub fn kl_budget(&self) -> Option<f64> {
         match *self {

@@ -193,6 +193,19 @@ pub struct Engine<P: Policy = LlamaPolicy> {
     threads: usize,
 }
 
+/// A response's log-probability under the policy ([`Engine::log_prob`]).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LogProb {
+    /// Always `"nats"`.
+    pub units: &'static str,
+    /// The response's tokens.
+    pub tokens: Vec<TokenId>,
+    /// log p of each token given the prompt and the tokens before it.
+    pub token_log_probs: Vec<f64>,
+    /// Their sum: log p(response | prompt).
+    pub total: f64,
+}
+
 impl<P: Policy> std::fmt::Debug for Engine<P> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Engine")
@@ -468,6 +481,86 @@ impl<P: Policy> Engine<P> {
     /// A scheduler that runs requests on this engine as one batch.
     pub fn scheduler(&self) -> Scheduler<'_, P> {
         Scheduler::new(self)
+    }
+
+    /// log p(response | prompt) under the policy, token by token (natural log, nats): the
+    /// prompt as `input` renders it ([`Engine::encode`]), the response tokenised on its own
+    /// and appended, as the engine's candidates are. No end token is added: this is the
+    /// probability of the text as a prefix. With the reference's log-probability of the same
+    /// text from another policy, the difference is the per-output log-ratio whose mean over
+    /// a policy's samples is its KL to the reference.
+    ///
+    /// # Errors
+    /// As [`Engine::encode`]; [`EngineError::Invalid`] naming `response` if it is empty or
+    /// does not fit in the context after the prompt; the policy's errors.
+    pub fn log_prob(&self, input: &Input, response: &str) -> Result<LogProb> {
+        let prompt = self.encode(input, 0)?;
+        let tokens = self
+            .policy
+            .encode(response)
+            .map_err(|e| EngineError::invalid("response", e.to_string()))?;
+        if tokens.is_empty() {
+            return Err(EngineError::invalid("response", "encodes to no tokens"));
+        }
+        let ctx = self.policy.context_length();
+        if prompt.len() + tokens.len() > ctx {
+            return Err(EngineError::invalid(
+                "response",
+                format!(
+                    "a prompt of {} tokens + a response of {} tokens exceeds the model's \
+                     context of {ctx} tokens",
+                    prompt.len(),
+                    tokens.len()
+                ),
+            ));
+        }
+        let (mut cache, first) = self.policy.prefill(&prompt)?;
+        let mut outputs = vec![first];
+        if tokens.len() > 1 {
+            outputs.extend(self.policy.extend(&mut cache, &tokens[..tokens.len() - 1])?);
+        }
+        let token_log_probs: Vec<f64> = tokens
+            .iter()
+            .zip(&outputs)
+            .map(|(&t, o)| f64::from(o.log_probs[t as usize]))
+            .collect();
+        let total = token_log_probs.iter().sum();
+        Ok(LogProb {
+            units: "nats",
+            tokens,
+            token_log_probs,
+            total,
+        })
+    }
+
+    /// The reward `name` (None: the default) of each (prompt, response) pair, in order.
+    ///
+    /// # Errors
+    /// `reward` naming an unknown name; [`EngineError::Invalid`] naming `responses` when the
+    /// two lists differ in length; the reward's errors.
+    pub fn score(
+        &self,
+        name: Option<&str>,
+        prompts: &[String],
+        responses: &[String],
+    ) -> Result<Vec<f64>> {
+        if prompts.len() != responses.len() {
+            return Err(EngineError::invalid(
+                "responses",
+                format!(
+                    "{} responses for {} prompts: give one response per prompt",
+                    responses.len(),
+                    prompts.len()
+                ),
+            ));
+        }
+        let reward = self.reward(name)?;
+        let pairs: Vec<(&str, &str)> = prompts
+            .iter()
+            .zip(responses)
+            .map(|(p, r)| (p.as_str(), r.as_str()))
+            .collect();
+        Ok(reward.score(&pairs)?.into_iter().map(f64::from).collect())
     }
 
     /// Run one request to the end.

@@ -36,7 +36,7 @@ pub mod select;
 pub mod stepper;
 pub mod strategy;
 
-pub use engine::{Engine, EngineConfig, RequestId, RewardConfig, Scheduler, ScorerConfig};
+pub use engine::{Engine, EngineConfig, LogProb, RequestId, RewardConfig, Scheduler, ScorerConfig};
 pub use error::{EngineError, ErrorKind, Result};
 pub use progress::{NoProgress, Progress};
 pub use request::{

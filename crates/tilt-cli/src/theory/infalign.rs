@@ -120,50 +120,39 @@ pub fn run(args: InfalignArgs) -> anyhow::Result<()> {
     // Only the flags the user gave are named by errors (a KL derived from --beta is not
     // --kl).
     let flags = match (args.beta, args.optimize_t) {
-        (Some(_), _) => Flags(&[("n", "--n"), ("t", "--t"), ("beta", "--beta")]),
-        (None, false) => Flags(&[("n", "--n"), ("t", "--t"), ("kl", "--kl")]),
-        (None, true) => Flags(&[("n", "--n"), ("kl", "--kl"), ("t-max", "--t-max")]),
+        (Some(_), _) => Flags(&[
+            ("n", "--n"),
+            ("t", "--t"),
+            ("beta", "--beta"),
+            ("transform", "--transform"),
+        ]),
+        (None, false) => Flags(&[
+            ("n", "--n"),
+            ("t", "--t"),
+            ("kl", "--kl"),
+            ("transform", "--transform"),
+        ]),
+        (None, true) => Flags(&[
+            ("n", "--n"),
+            ("kl", "--kl"),
+            ("t-max", "--t-max"),
+            ("transform", "--transform"),
+        ]),
     };
     let err = flag_error(flags);
     check_draws(args.n, procedure).map_err(&err)?;
     if args.beta.is_none() && args.kl.is_none() {
         return Err(usage("give --beta B or --kl D (nats)"));
     }
-    if let Some(kl) = args.kl {
-        check_kl_budget(kl).map_err(&err)?;
-    }
-    let policy = if args.optimize_t {
-        if args.transform == TransformArg::Identity {
-            return Err(usage(
-                "--optimize-t: the identity transform has no t; use --transform exp or neg-exp",
-            ));
-        }
-        check_t_max(args.t_max).map_err(&err)?;
-        InfalignPolicy::OptimizeT {
-            kind: args.transform.into(),
-            kl: args.kl.expect("clap requires --kl"),
-            t_max: args.t_max,
-        }
-    } else {
-        let t = match (args.transform, args.t) {
-            (TransformArg::Identity, Some(_)) => {
-                return Err(usage("--t: the identity transform takes no t"))
-            }
-            (TransformArg::Identity, None) => 0.0,
-            (_, Some(t)) => t,
-            (_, None) => {
-                return Err(usage(
-                    "--t: exp and neg-exp need a rate t ≥ 0 (or --optimize-t with --kl)",
-                ))
-            }
-        };
-        let transform = TransformKind::from(args.transform).at(t);
-        match (args.beta, args.kl) {
-            (Some(beta), None) => InfalignPolicy::Beta { transform, beta },
-            (None, Some(kl)) => InfalignPolicy::Kl { transform, kl },
-            _ => unreachable!("clap makes --beta and --kl exclusive"),
-        }
-    };
+    let policy = InfalignPolicy::from_options(
+        args.transform.into(),
+        args.t,
+        args.beta,
+        args.kl,
+        args.optimize_t,
+        args.t_max,
+    )
+    .map_err(&err)?;
     let (point, optimized) = infalign_point(policy, args.n, procedure).map_err(&err)?;
     if let (Some(opt), Some(kl)) = (&optimized, args.kl) {
         warn_about(opt, kl);
