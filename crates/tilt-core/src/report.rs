@@ -591,7 +591,10 @@ impl InfalignPolicy {
                 ));
             }
             if t.is_some() {
-                return Err(invalid("t", "a given t and optimising t exclude each other"));
+                return Err(invalid(
+                    "t",
+                    "a given t and optimising t exclude each other",
+                ));
             }
             let Some(kl) = kl else {
                 return Err(invalid("kl", "optimising t needs a KL budget"));

@@ -517,7 +517,10 @@ impl<P: Policy> Engine<P> {
         let (mut cache, first) = self.policy.prefill(&prompt)?;
         let mut outputs = vec![first];
         if tokens.len() > 1 {
-            outputs.extend(self.policy.extend(&mut cache, &tokens[..tokens.len() - 1])?);
+            outputs.extend(
+                self.policy
+                    .extend(&mut cache, &tokens[..tokens.len() - 1])?,
+            );
         }
         let token_log_probs: Vec<f64> = tokens
             .iter()

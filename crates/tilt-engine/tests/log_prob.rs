@@ -58,7 +58,10 @@ fn log_prob_is_the_product_of_the_next_token_law() {
         assert_eq!(lp.units, "nats");
         for (got, want) in lp.token_log_probs.iter().zip(&want) {
             // The policy's log-probabilities are f32.
-            assert!((got - want).abs() < 1e-6, "{prompt}/{response}: {got} vs {want}");
+            assert!(
+                (got - want).abs() < 1e-6,
+                "{prompt}/{response}: {got} vs {want}"
+            );
         }
         let total: f64 = want.iter().sum();
         assert!((lp.total - total).abs() < 1e-5, "{} vs {total}", lp.total);
@@ -85,7 +88,10 @@ fn score_scores_each_pair_in_order_and_names_mismatched_lists() {
     let p = vec!["a".to_string(), "b".into(), "c".into()];
     let r = vec!["ccc".to_string(), "".into(), "acb".into()];
     assert_eq!(e.score(None, &p, &r).unwrap(), vec![3.0, 0.0, 1.0]);
-    assert_eq!(e.score(Some("c-count"), &p, &r).unwrap(), vec![3.0, 0.0, 1.0]);
+    assert_eq!(
+        e.score(Some("c-count"), &p, &r).unwrap(),
+        vec![3.0, 0.0, 1.0]
+    );
     let err = e.score(None, &p, &r[..2]).unwrap_err();
     assert!(err.to_string().contains("responses"), "{err}");
     let err = e.score(Some("gold"), &p, &r).unwrap_err();
