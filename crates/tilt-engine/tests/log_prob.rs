@@ -2,30 +2,18 @@
 //! known table: the log-probability of a response is checked against the product of the
 //! table's entries, computed here independently.
 
+mod common;
+
+use common::CountC;
 use std::sync::Arc;
 use tilt_engine::{Engine, ErrorKind, Input};
 use tilt_models::toy::ToyPolicy;
-use tilt_rewards::{Reward, RewardError};
-
-/// Number of `c` in the response.
-struct CCount;
-
-impl Reward for CCount {
-    fn name(&self) -> String {
-        "c-count".into()
-    }
-    fn score(&self, pairs: &[(&str, &str)]) -> Result<Vec<f32>, RewardError> {
-        Ok(pairs
-            .iter()
-            .map(|(_, r)| r.chars().filter(|&c| c == 'c').count() as f32)
-            .collect())
-    }
-}
+use tilt_rewards::Reward;
 
 fn engine() -> Engine<ToyPolicy> {
     Engine::from_parts(
         ToyPolicy::new(),
-        vec![("c-count".into(), Arc::new(CCount) as Arc<dyn Reward>)],
+        vec![("c-count".into(), Arc::new(CountC) as Arc<dyn Reward>)],
         Vec::new(),
         8,
     )
