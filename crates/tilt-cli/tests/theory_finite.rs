@@ -192,6 +192,21 @@ fn bounds_hold_and_name_the_proxy() {
     );
     let ks = 0.8 / (2.0 * 9f64.ln());
     assert!((f(&v, "sigma2") - ks).abs() < 1e-9);
+    assert!((f(&v, "sigma2_two_sided") - ks).abs() < 1e-9);
+    // The mirror image: the rare outcome is the low one, the upper tail is light, and the
+    // one-sided proxy the bound needs is the variance 0.09, below Kearns–Saul's two-sided.
+    let m = json_of(
+        &[
+            &["theory", "bounds", "--n-max", "16", "--points", "3"][..],
+            &["--probs", "0.1,0.9", "--rewards", "0,1"],
+        ]
+        .concat(),
+    );
+    assert!((f(&m, "sigma2") - 0.09).abs() < 1e-9, "{m}");
+    assert!((f(&m, "sigma2_two_sided") - ks).abs() < 1e-9, "{m}");
+    for r in m["rows"].as_array().unwrap() {
+        assert!(f(r, "bon_improvement") <= f(r, "bound_sqrt_2_sigma2_kl") + 1e-12);
+    }
     assert_eq!(f(&v, "sigma2_hoeffding"), 0.25);
     assert!(v["sigma2_method"].as_str().unwrap().contains("optimal"));
     let rows = v["rows"].as_array().unwrap();

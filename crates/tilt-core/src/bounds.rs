@@ -155,7 +155,15 @@ pub fn sub_gaussian_improvement_bound(sigma2: f64, kl: f64) -> Result<f64> {
 /// Sub-Gaussian variance proxies of the reward under a finite reference.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct SubGaussianProxy {
-    /// The optimal (smallest valid) proxy `sup_λ 2(Λ(λ) − λE r)/λ²`.
+    /// The one-sided (upper-tail) proxy `sup_{λ>0} 2(Λ(λ) − λE r)/λ²`: the smallest σ²
+    /// with `Λ(λ) − λE r ≤ λ²σ²/2` for every λ > 0, which is all the improvement bound
+    /// `E_π r − E_p r ≤ √(2σ²·KL)` needs (its Donsker–Varadhan proof takes λ > 0 only;
+    /// arXiv 2406.05883). At most [`optimal`](Self::optimal), and smaller for a reward
+    /// whose upper tail is lighter than its lower one.
+    pub upper: f64,
+    /// The λ > 0 at which `upper` is reached (0 when it is the variance limit).
+    pub upper_lambda: f64,
+    /// The optimal (smallest valid) two-sided proxy `sup_{λ≠0} 2(Λ(λ) − λE r)/λ²`.
     pub optimal: f64,
     /// The λ at which the supremum is reached (0 when it is the variance limit).
     pub optimal_lambda: f64,
@@ -165,13 +173,17 @@ pub struct SubGaussianProxy {
     pub variance: f64,
 }
 
-/// The optimal sub-Gaussian variance proxy of `r − E_p r` under p, with Hoeffding's proxy
-/// and the variance for comparison (used with the bound of arXiv 2406.05883).
+/// The optimal sub-Gaussian variance proxies of `r − E_p r` under p, one-sided (the one the
+/// bound of arXiv 2406.05883 needs) and two-sided, with Hoeffding's proxy and the variance
+/// for comparison.
 ///
 /// ```text
-/// σ²_opt = sup_{λ≠0} 2·(Λ(λ) − λ·E_p r)/λ²,  Λ(λ) = log E_p e^{λ r}
+/// σ²₊   = sup_{λ>0} 2·(Λ(λ) − λ·E_p r)/λ²,  Λ(λ) = log E_p e^{λ r}
+/// σ²_opt = sup_{λ≠0} 2·(Λ(λ) − λ·E_p r)/λ²  ≥ σ²₊ ≥ Var_p(r)
 /// ```
-/// For a Bernoulli(q) reward this is `(1 − 2q)/(2·log((1 − q)/q))` (Kearns–Saul), ¼ at q = ½.
+/// For a Bernoulli(q) reward σ²_opt is `(1 − 2q)/(2·log((1 − q)/q))` (Kearns–Saul), ¼ at
+/// q = ½, reached at λ > 0 when q < ½ (so σ²₊ = σ²_opt there); for q > ½ the upper tail is
+/// the light one and σ²₊ is the variance q(1 − q).
 ///
 /// # Errors
 /// [`TiltError::NoConvergence`] never in practice; the search is a fixed grid plus a
@@ -200,6 +212,8 @@ pub fn optimal_sub_gaussian_proxy(dist: &RewardDistribution) -> Result<SubGaussi
     let hoeffding = range * range / 4.0;
     if support.len() < 2 || range == 0.0 {
         return Ok(SubGaussianProxy {
+            upper: 0.0,
+            upper_lambda: 0.0,
             optimal: 0.0,
             optimal_lambda: 0.0,
             hoeffding,
@@ -239,9 +253,11 @@ pub fn optimal_sub_gaussian_proxy(dist: &RewardDistribution) -> Result<SubGaussi
         };
         2.0 * centred_cgf / (t * t)
     };
-    let mut best = (variance_x, 0.0);
+    // The supremum over t of sign `sign` (the t → 0 limit is the variance): a log-spaced
+    // grid, then a golden-section refinement around its best point.
     let steps = 400;
-    for sign in [-1.0, 1.0] {
+    let sup = |sign: f64| -> (f64, f64) {
+        let mut best = (variance_x, 0.0);
         for i in 0..=steps {
             let t = sign * 10f64.powf(-3.0 + 7.0 * i as f64 / steps as f64);
             let v = g(t);
@@ -249,7 +265,23 @@ pub fn optimal_sub_gaussian_proxy(dist: &RewardDistribution) -> Result<SubGaussi
                 best = (v, t);
             }
         }
-    }
+        refine(&g, best, steps)
+    };
+    let (upper, below) = (sup(1.0), sup(-1.0));
+    let best = if below.0 > upper.0 { below } else { upper };
+    Ok(SubGaussianProxy {
+        upper: upper.0 * range * range,
+        upper_lambda: upper.1 / range,
+        optimal: best.0 * range * range,
+        optimal_lambda: best.1 / range,
+        hoeffding,
+        variance: variance_x * range * range,
+    })
+}
+
+/// Golden-section search of `g` on log|t| within one grid step either side of the grid's
+/// best point `best = (g(t), t)`; the better of the two.
+fn refine(g: &dyn Fn(f64) -> f64, mut best: (f64, f64), steps: usize) -> (f64, f64) {
     if best.1 != 0.0 {
         // Golden-section search on log|t| within one grid step either side.
         let sign = best.1.signum();
@@ -283,12 +315,7 @@ pub fn optimal_sub_gaussian_proxy(dist: &RewardDistribution) -> Result<SubGaussi
             best = (v, t);
         }
     }
-    Ok(SubGaussianProxy {
-        optimal: best.0 * range * range,
-        optimal_lambda: best.1 / range,
-        hoeffding,
-        variance: variance_x * range * range,
-    })
+    best
 }
 
 #[cfg(test)]

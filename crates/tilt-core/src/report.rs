@@ -123,18 +123,23 @@ pub fn divergence_report(q: &[f64], p: &[f64], alpha: f64) -> Result<DivergenceR
 }
 
 /// The scalar fields of the sub-Gaussian bounds report (then a list of [`BoundsRow`], one
-/// per n): the optimal sub-Gaussian variance proxy of r − E_p r (docs/theory.md §11, arXiv
+/// per n): the optimal one-sided sub-Gaussian variance proxy of r − E_p r, which the
+/// improvement bound uses, and the two-sided one beside it (docs/theory.md §11, arXiv
 /// 2406.05883).
 #[derive(Debug, Clone, Serialize)]
 pub struct BoundsHead {
     /// Always `"nats"`.
     pub units: &'static str,
-    /// The optimal sub-Gaussian variance proxy σ² of r − E_p r.
+    /// The optimal one-sided (upper-tail) sub-Gaussian variance proxy σ² of r − E_p r:
+    /// sup over λ > 0 of 2(Λ(λ) − λ·E r)/λ², the smallest σ² the bound is valid with.
     pub sigma2: f64,
     /// How σ² was computed.
     pub sigma2_method: &'static str,
-    /// The λ at which σ² is attained (0: the variance limit).
+    /// The λ > 0 at which σ² is attained (0: the variance limit).
     pub sigma2_lambda: f64,
+    /// The optimal two-sided proxy (sup over every λ ≠ 0), ≥ σ²: what a bound on both
+    /// tails would need.
+    pub sigma2_two_sided: f64,
     /// Hoeffding's proxy (max r − min r)²/4.
     pub sigma2_hoeffding: f64,
     /// Var_p(r).
@@ -207,17 +212,19 @@ impl Bounds {
     /// The scalar fields.
     pub fn head(&self) -> BoundsHead {
         let method = if self.from_samples {
-            "optimal proxy sup_λ 2(Λ(λ) − λ·E r)/λ² of the empirical distribution of the samples \
-             (a plug-in estimate), by a log-spaced λ grid plus golden-section refinement"
+            "optimal one-sided proxy, the sup over λ > 0 of 2(Λ(λ) − λ·E r)/λ², of the empirical \
+             distribution of the samples (a plug-in estimate), by a log-spaced λ grid plus \
+             golden-section refinement"
         } else {
-            "optimal proxy sup_λ 2(Λ(λ) − λ·E r)/λ² of the given distribution, by a log-spaced λ \
-             grid plus golden-section refinement"
+            "optimal one-sided proxy, the sup over λ > 0 of 2(Λ(λ) − λ·E r)/λ², of the given \
+             distribution, by a log-spaced λ grid plus golden-section refinement"
         };
         BoundsHead {
             units: "nats",
-            sigma2: self.proxy.optimal,
+            sigma2: self.proxy.upper,
             sigma2_method: method,
-            sigma2_lambda: self.proxy.optimal_lambda,
+            sigma2_lambda: self.proxy.upper_lambda,
+            sigma2_two_sided: self.proxy.optimal,
             sigma2_hoeffding: self.proxy.hoeffding,
             variance: self.proxy.variance,
             reference_expected_reward: self.mean,
@@ -233,7 +240,7 @@ impl Bounds {
     pub fn row(&self, n: u64) -> Result<BoundsRow> {
         let b = self.solver.bon_point(n)?;
         let t = self.solver.tilt_at_kl(b.kl)?;
-        let (sigma2, mean) = (self.proxy.optimal, self.mean);
+        let (sigma2, mean) = (self.proxy.upper, self.mean);
         Ok(BoundsRow {
             n,
             kl: b.kl,

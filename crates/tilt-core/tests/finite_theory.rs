@@ -514,6 +514,11 @@ fn sub_gaussian_proxy_closed_forms_and_bound() {
         assert_close(s.optimal, ks, 1e-9, &format!("σ² q={q}"));
         assert_eq!(s.hoeffding, 0.25);
         assert_close(s.variance, q * (1.0 - q), 1e-14, "variance");
+        // One-sided: for q < ½ the heavy tail is the upper one and the two agree; for q > ½
+        // 2(Λ(λ) − λq)/λ² decreases on λ > 0 from its limit, the variance.
+        let upper = if q <= 0.5 { ks } else { q * (1.0 - q) };
+        assert_close(s.upper, upper, 1e-9, &format!("σ²₊ q={q}"));
+        assert!(s.upper <= s.optimal * (1.0 + 1e-12));
     }
     // Scaling: rewards ×3 multiply σ² by 9.
     let d = RewardDistribution::new(vec![0.2, 0.5, 0.3], vec![0.0, 1.0, 4.0]).unwrap();

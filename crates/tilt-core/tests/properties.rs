@@ -109,9 +109,12 @@ proptest! {
         let s = optimal_sub_gaussian_proxy(&d).unwrap();
         prop_assert!(s.optimal >= s.variance * (1.0 - 1e-9) - 1e-15);
         prop_assert!(s.optimal <= s.hoeffding * (1.0 + 1e-9) + 1e-15);
+        prop_assert!(s.upper >= s.variance * (1.0 - 1e-9) - 1e-15);
+        prop_assert!(s.upper <= s.optimal * (1.0 + 1e-12) + 1e-15);
+        // The bound holds with the (smaller) one-sided proxy: its proof needs λ > 0 only.
         let t = tilt_by_lambda(&d, lambda).unwrap();
         let gain = t.expected_reward - d.mean_reward();
-        prop_assert!(gain <= (2.0 * s.optimal * t.kl).sqrt() + 1e-9);
+        prop_assert!(gain <= (2.0 * s.upper * t.kl).sqrt() + 1e-9);
     }
 
     #[test]

@@ -144,6 +144,16 @@ def test_bounds_hold_on_random_distributions():
             assert row["bon_improvement"] <= row["tilt_improvement"] + 1e-12
 
 
+def test_the_bound_uses_the_one_sided_proxy():
+    # Bernoulli(0.9): the rare outcome is the low one; sup over λ > 0 is the variance.
+    out = tilt.bounds([0.1, 0.9], [0.0, 1.0], [2, 8])
+    ks = (1 - 2 * 0.1) / (2 * math.log(0.9 / 0.1))
+    assert out["sigma2"] == pytest.approx(0.09, rel=1e-9)
+    assert out["sigma2_two_sided"] == pytest.approx(ks, rel=1e-9)
+    for row in out["rows"]:
+        assert row["bound_sqrt_2_sigma2_kl"] == pytest.approx(math.sqrt(2 * out["sigma2"] * row["kl"]))
+
+
 def test_infalign_finds_t_and_beats_the_identity():
     opt = tilt.infalign(4, transform="exp", kl=0.5, optimize_t=True)
     ident = tilt.infalign(4, transform="identity", kl=0.5)
