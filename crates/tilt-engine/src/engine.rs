@@ -22,7 +22,7 @@ use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use tilt_models::sampling::SequenceSampler;
-use tilt_models::{LlamaPolicy, LoadOptions, ModelError, Policy, TokenId};
+use tilt_models::{LlamaPolicy, LoadOptions, ModelError, Policy, StepOutput, TokenId};
 use tilt_rewards::{MiniLmEmbedder, Reward, RewardSpec};
 
 /// The default number of rows (sequences) stepped at once.
@@ -514,14 +514,7 @@ impl<P: Policy> Engine<P> {
                 ),
             ));
         }
-        let (mut cache, first) = self.policy.prefill(&prompt)?;
-        let mut outputs = vec![first];
-        if tokens.len() > 1 {
-            outputs.extend(
-                self.policy
-                    .extend(&mut cache, &tokens[..tokens.len() - 1])?,
-            );
-        }
+        let outputs = self.forced(&prompt, &tokens)?;
         let token_log_probs: Vec<f64> = tokens
             .iter()
             .zip(&outputs)
@@ -534,6 +527,50 @@ impl<P: Policy> Engine<P> {
             token_log_probs,
             total,
         })
+    }
+
+    /// The policy's outputs at each of `tokens` appended to `prompt` (teacher forcing): the
+    /// next-token law that each token was drawn from.
+    fn forced(&self, prompt: &[TokenId], tokens: &[TokenId]) -> Result<Vec<StepOutput>> {
+        let (mut cache, first) = self.policy.prefill(prompt)?;
+        let mut outputs = vec![first];
+        if tokens.len() > 1 {
+            outputs.extend(
+                self.policy
+                    .extend(&mut cache, &tokens[..tokens.len() - 1])?,
+            );
+        }
+        Ok(outputs)
+    }
+
+    /// The `k` most likely tokens, with their log-probabilities under the policy (nats, at
+    /// temperature 1, as the chosen tokens' are reported), at each position of `tokens`
+    /// drawn after `input`'s prompt: the alternatives OpenAI's `top_logprobs` lists. Most
+    /// likely first, ties by the smaller token id. The model's kernels give the same bits
+    /// whatever the batch, so these are the laws the tokens were drawn from.
+    ///
+    /// # Errors
+    /// As [`Engine::encode`] (the tokens count as its new tokens); the policy's errors.
+    pub fn top_log_probs(
+        &self,
+        input: &Input,
+        tokens: &[TokenId],
+        k: usize,
+    ) -> Result<Vec<Vec<(TokenId, f64)>>> {
+        if tokens.is_empty() {
+            return Ok(Vec::new());
+        }
+        let prompt = self.encode(input, tokens.len())?;
+        let outputs = self.forced(&prompt, tokens)?;
+        Ok(outputs
+            .iter()
+            .map(|o| {
+                crate::cd::token::top_k_candidates(&o.log_probs, k)
+                    .into_iter()
+                    .map(|t| (t, f64::from(o.log_probs[t as usize])))
+                    .collect()
+            })
+            .collect())
     }
 
     /// The reward `name` (None: the default) of each (prompt, response) pair, in order.

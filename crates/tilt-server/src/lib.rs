@@ -50,7 +50,7 @@ use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tilt_engine::{CancelToken, Engine};
-use tilt_models::Policy;
+use tilt_models::{Policy, TokenId};
 use worker::{Reply, StreamMsg, Work};
 
 /// The default most new tokens when a request gives none (capped by the context).
@@ -480,6 +480,12 @@ async fn handle<P: Policy + 'static>(
             .keep_alive(KeepAlive::new().interval(Duration::from_secs(5)))
             .into_response());
     }
+    let top_logprobs = t.top_logprobs;
+    let inputs: Vec<tilt_engine::Input> = if top_logprobs > 0 {
+        t.requests.iter().map(|r| r.input.clone()).collect()
+    } else {
+        Vec::new()
+    };
     let mut pending = Vec::with_capacity(t.requests.len());
     for (request, cancel) in t.requests.into_iter().zip(&tokens) {
         let (tx, rx) = tokio::sync::oneshot::channel();
@@ -522,6 +528,11 @@ async fn handle<P: Policy + 'static>(
         tracing::error!(field = e.path(), "a response held a NaN");
         return Err(nan_error(&e));
     }
+    let alternatives = if top_logprobs > 0 {
+        Some(alternatives_of(app, inputs, &responses, top_logprobs, endpoint).await?)
+    } else {
+        None
+    };
     Ok(Json(full_body(
         &id,
         created,
@@ -530,10 +541,55 @@ async fn handle<P: Policy + 'static>(
         endpoint,
         &responses,
         t.logprobs,
+        alternatives.as_deref(),
         t.return_candidates,
         app.engine.policy(),
     ))
     .into_response())
+}
+
+/// The `k` most likely tokens at each position of each output's answer (per response, per
+/// output, per token), from the policy on a blocking thread.
+type Alternatives = Vec<Vec<Vec<(TokenId, f64)>>>;
+
+async fn alternatives_of<P: Policy + 'static>(
+    app: &Arc<App<P>>,
+    inputs: Vec<tilt_engine::Input>,
+    responses: &[tilt_engine::Response],
+    k: usize,
+    endpoint: Endpoint,
+) -> Result<Vec<Alternatives>, ApiError> {
+    let work: Vec<(tilt_engine::Input, Vec<Vec<TokenId>>)> = inputs
+        .into_iter()
+        .zip(responses)
+        .map(|(input, r)| {
+            let answers = r
+                .outputs
+                .iter()
+                .map(|o| o.candidates[o.selected].tokens.clone())
+                .collect();
+            (input, answers)
+        })
+        .collect();
+    let engine = Arc::clone(&app.engine);
+    let found = tokio::task::spawn_blocking(move || {
+        work.into_iter()
+            .map(|(input, answers)| {
+                answers
+                    .iter()
+                    .map(|tokens| engine.top_log_probs(&input, tokens, k))
+                    .collect::<tilt_engine::Result<Vec<_>>>()
+            })
+            .collect::<tilt_engine::Result<Vec<_>>>()
+    })
+    .await
+    .map_err(|_| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal error: the log-probability pass failed",
+        )
+    })?;
+    found.map_err(|e| engine_error(&e, endpoint))
 }
 
 /// A result holding a NaN (which serde_json would send as null) is a fault of ours: 500.
@@ -566,21 +622,29 @@ fn send<P: Policy>(app: &App<P>, w: Work) -> Result<(), ApiError> {
 }
 
 /// Per-token log-probabilities of an output, in the endpoint's shape.
+/// `alternatives`: the most likely tokens at each position (`top_logprobs`), if asked.
 fn logprobs_json<P: Policy>(
     policy: &P,
     o: &tilt_engine::Output,
     endpoint: Endpoint,
+    alternatives: Option<&[Vec<(TokenId, f64)>]>,
 ) -> serde_json::Value {
     let c = &o.candidates[o.selected];
-    let pieces: Vec<String> = c
-        .tokens
-        .iter()
-        .map(|&t| policy.decode(&[t]).unwrap_or_default())
-        .collect();
+    let piece = |t: TokenId| policy.decode(&[t]).unwrap_or_default();
+    let pieces: Vec<String> = c.tokens.iter().map(|&t| piece(t)).collect();
+    let alts = |i: usize| {
+        alternatives
+            .and_then(|a| a.get(i))
+            .map_or(&[][..], Vec::as_slice)
+    };
     match endpoint {
         Endpoint::Chat => json!({
-            "content": pieces.iter().zip(&c.token_log_probs).map(|(p, lp)| json!({
-                "token": p, "logprob": lp, "bytes": p.as_bytes(), "top_logprobs": [],
+            "content": pieces.iter().zip(&c.token_log_probs).enumerate().map(|(i, (p, lp))| json!({
+                "token": p, "logprob": lp, "bytes": p.as_bytes(),
+                "top_logprobs": alts(i).iter().map(|&(t, alp)| {
+                    let a = piece(t);
+                    json!({"token": a, "logprob": alp, "bytes": a.as_bytes()})
+                }).collect::<Vec<_>>(),
             })).collect::<Vec<_>>(),
         }),
         Endpoint::Completions => {
@@ -593,10 +657,20 @@ fn logprobs_json<P: Policy>(
                     o
                 })
                 .collect();
+            let top = alternatives.map(|_| {
+                (0..pieces.len())
+                    .map(|i| {
+                        alts(i)
+                            .iter()
+                            .map(|&(t, alp)| (piece(t), json!(alp)))
+                            .collect::<serde_json::Map<_, _>>()
+                    })
+                    .collect::<Vec<_>>()
+            });
             json!({
                 "tokens": pieces,
                 "token_logprobs": c.token_log_probs,
-                "top_logprobs": null,
+                "top_logprobs": top,
                 "text_offset": offsets,
             })
         }
@@ -612,15 +686,20 @@ fn full_body<P: Policy>(
     endpoint: Endpoint,
     responses: &[tilt_engine::Response],
     logprobs: bool,
+    alternatives: Option<&[Alternatives]>,
     with_candidates: bool,
     policy: &P,
 ) -> serde_json::Value {
     let mut choices = Vec::new();
-    for r in responses {
-        for o in &r.outputs {
+    for (ri, r) in responses.iter().enumerate() {
+        for (oi, o) in r.outputs.iter().enumerate() {
             let index = choices.len();
+            let alts = alternatives
+                .and_then(|a| a.get(ri))
+                .and_then(|a| a.get(oi))
+                .map(Vec::as_slice);
             let lp = if logprobs {
-                logprobs_json(policy, o, endpoint)
+                logprobs_json(policy, o, endpoint, alts)
             } else {
                 serde_json::Value::Null
             };

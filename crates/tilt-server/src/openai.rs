@@ -16,6 +16,11 @@ use tilt_engine::{
     ChatMessage, EngineError, Input, Output, Params, Response, Role, Strategy, StrategyOptions,
 };
 
+/// Most alternatives per token a chat request may ask (`top_logprobs`), as OpenAI allows.
+pub const MAX_TOP_LOGPROBS: u32 = 20;
+/// Most alternatives per token a completion may ask (`logprobs`), as OpenAI allows.
+pub const MAX_COMPLETION_LOGPROBS: u64 = 5;
+
 /// A string or a list of strings (`prompt`, `stop`).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(untagged)]
@@ -191,6 +196,8 @@ pub struct Translated {
     pub include_usage: bool,
     /// Return per-token log-probabilities.
     pub logprobs: bool,
+    /// With them, this many most likely alternatives per token.
+    pub top_logprobs: usize,
     /// Return every candidate.
     pub return_candidates: bool,
 }
@@ -298,34 +305,55 @@ impl CompletionRequest {
                 ))
             }
         };
-        let logprobs = match (endpoint, &self.logprobs) {
-            (_, None) => false,
-            (Endpoint::Chat, Some(serde_json::Value::Bool(b))) => *b,
+        // Chat: `logprobs: true` and `top_logprobs` 0–20 alternatives; completions: `logprobs`
+        // is itself the number of alternatives, 0–5 (OpenAI's limits).
+        let (logprobs, top_logprobs) = match (endpoint, &self.logprobs) {
+            (Endpoint::Chat, None | Some(serde_json::Value::Null)) => (false, 0),
+            (Endpoint::Chat, Some(serde_json::Value::Bool(b))) => (*b, 0),
             (Endpoint::Completions, Some(v)) if v.is_u64() => {
-                if v.as_u64() != Some(0) {
+                let k = v.as_u64().unwrap_or(0);
+                if k > MAX_COMPLETION_LOGPROBS {
                     return Err(ApiError::invalid(
                         "logprobs",
-                        "alternatives per token are not supported; give 0 (the chosen tokens' log-probabilities)",
+                        format!("{k} alternatives; at most {MAX_COMPLETION_LOGPROBS}"),
                     ));
                 }
-                true
+                (true, k as usize)
             }
-            (Endpoint::Completions, Some(serde_json::Value::Null)) => false,
-            (Endpoint::Chat, Some(serde_json::Value::Null)) => false,
+            (Endpoint::Completions, None | Some(serde_json::Value::Null)) => (false, 0),
             _ => {
                 return Err(ApiError::invalid(
                     "logprobs",
                     match endpoint {
                         Endpoint::Chat => "must be true or false",
-                        Endpoint::Completions => "must be a whole number (0)",
+                        Endpoint::Completions => "must be a whole number from 0 to 5",
                     },
                 ))
             }
         };
-        if self.top_logprobs.is_some_and(|k| k > 0) {
+        let top_logprobs = match (endpoint, self.top_logprobs) {
+            (_, None) => top_logprobs,
+            (Endpoint::Completions, Some(_)) => {
+                return Err(ApiError::invalid(
+                    "top_logprobs",
+                    "a completion takes the number of alternatives as logprobs",
+                ))
+            }
+            (Endpoint::Chat, Some(k)) if k > MAX_TOP_LOGPROBS => {
+                return Err(ApiError::invalid(
+                    "top_logprobs",
+                    format!("{k} alternatives; at most {MAX_TOP_LOGPROBS}"),
+                ))
+            }
+            (Endpoint::Chat, Some(k)) if k > 0 && !logprobs => {
+                return Err(ApiError::invalid("top_logprobs", "needs logprobs: true"))
+            }
+            (Endpoint::Chat, Some(k)) => k as usize,
+        };
+        if top_logprobs > 0 && self.stream == Some(true) {
             return Err(ApiError::invalid(
                 "top_logprobs",
-                "alternatives per token are not supported yet; give 0 or leave it out",
+                "alternatives per token are not available when streaming; leave stream out",
             ));
         }
         let max_new_tokens = match (self.max_tokens, self.max_completion_tokens) {
@@ -383,6 +411,7 @@ impl CompletionRequest {
             stream,
             include_usage: self.stream_options.is_some_and(|o| o.include_usage),
             logprobs,
+            top_logprobs,
             return_candidates: self.return_candidates.unwrap_or(false),
         })
     }
@@ -530,6 +559,12 @@ mod tests {
             (r#""n": 0"#, "n"),
             (r#""max_tokens": 0"#, "max_tokens"),
             (r#""top_logprobs": 2"#, "top_logprobs"),
+            (r#""logprobs": true, "top_logprobs": 21"#, "top_logprobs"),
+            (
+                r#""logprobs": true, "top_logprobs": 2, "stream": true"#,
+                "top_logprobs",
+            ),
+            (r#""logprobs": 2"#, "logprobs"),
             (r#""model": "other""#, "model"),
         ] {
             let e = translate(&format!("{{{chat}, {extra}}}"), Endpoint::Chat).unwrap_err();
@@ -545,6 +580,29 @@ mod tests {
         assert_eq!(p.strategy.label(), "bon:3");
         let t = translate(r#"{"prompt": ["a", "b"]}"#, Endpoint::Completions).unwrap();
         assert_eq!(t.requests.len(), 2);
+        for (body, k) in [(r#""logprobs": 5"#, 5), (r#""logprobs": 0"#, 0)] {
+            let t = translate(
+                &format!(r#"{{"prompt": "a", {body}}}"#),
+                Endpoint::Completions,
+            )
+            .unwrap();
+            assert!(t.logprobs);
+            assert_eq!(t.top_logprobs, k);
+        }
+        for body in [r#""logprobs": 6"#, r#""logprobs": 1, "top_logprobs": 1"#] {
+            let e = translate(
+                &format!(r#"{{"prompt": "a", {body}}}"#),
+                Endpoint::Completions,
+            )
+            .unwrap_err();
+            assert!(e.param.is_some(), "{body}: {}", e.message);
+        }
+        let t = translate(
+            &format!(r#"{{{chat}, "logprobs": true, "top_logprobs": 20}}"#),
+            Endpoint::Chat,
+        )
+        .unwrap();
+        assert_eq!(t.top_logprobs, 20);
         assert_eq!(
             t.requests[0].params.seed, 7,
             "a fresh seed when none is given"

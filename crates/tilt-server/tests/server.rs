@@ -932,6 +932,82 @@ async fn a_reward_child_killed_mid_run_fails_only_its_requests() {
     Arc::into_inner(s).unwrap().stop().await;
 }
 
+/// The toy's next-token law after `prev` (a, b, c = 0, 1, 2; columns a, b, c, end).
+fn toy_row(prev: char) -> [f64; 4] {
+    match prev {
+        'a' => [0.10, 0.40, 0.30, 0.20],
+        'b' => [0.30, 0.10, 0.40, 0.20],
+        _ => [0.40, 0.30, 0.10, 0.20],
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn top_logprobs_are_the_policys_law_at_each_token() {
+    let s = Server::start(engine(0), ServerConfig::default()).await;
+    // Completions on the raw prompt "ab": logprobs = 3 alternatives per token, as a
+    // token → logprob map, the law of the toy after the token before.
+    let (status, body) = s
+        .post(
+            "/v1/completions",
+            &json!({"prompt": "ab", "max_tokens": 6, "seed": 3, "logprobs": 3}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let lp = &body["choices"][0]["logprobs"];
+    let tokens = lp["tokens"].as_array().unwrap();
+    let top = lp["top_logprobs"].as_array().unwrap();
+    assert_eq!(top.len(), tokens.len());
+    let text = body["choices"][0]["text"].as_str().unwrap();
+    let mut prev = 'b';
+    for (i, t) in top.iter().enumerate() {
+        let row = toy_row(prev);
+        let mut want: Vec<(usize, f64)> = row.iter().copied().enumerate().collect();
+        want.sort_by(|a, b| b.1.partial_cmp(&a.1).unwrap().then(a.0.cmp(&b.0)));
+        let map = t.as_object().unwrap();
+        for &(tok, p) in &want[..3] {
+            let piece = ["a", "b", "c", ""][tok];
+            let got = map[piece].as_f64().unwrap();
+            assert!(
+                (got - p.ln()).abs() < 1e-6,
+                "position {i}: {piece} {got} vs {}",
+                p.ln()
+            );
+        }
+        // The chosen token's log-probability is its entry in the law.
+        let chosen = tokens[i].as_str().unwrap();
+        let lp_chosen = lp["token_logprobs"][i].as_f64().unwrap();
+        let col = ["a", "b", "c"]
+            .iter()
+            .position(|&c| c == chosen)
+            .unwrap_or(3);
+        assert!((lp_chosen - row[col].ln()).abs() < 1e-6);
+        if let Some(c) = chosen.chars().next() {
+            prev = c;
+        }
+    }
+    assert!(!text.is_empty());
+    // Chat: per token a list of the k most likely, most likely first.
+    let (status, body) = s
+        .chat(json!({"messages": user("ab"), "max_tokens": 4, "seed": 1,
+                     "logprobs": true, "top_logprobs": 2}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    for entry in body["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .unwrap()
+    {
+        let alts = entry["top_logprobs"].as_array().unwrap();
+        assert_eq!(alts.len(), 2, "{entry}");
+        assert!(alts[0]["logprob"].as_f64() >= alts[1]["logprob"].as_f64());
+        let sum: f64 = alts
+            .iter()
+            .map(|a| a["logprob"].as_f64().unwrap().exp())
+            .sum();
+        assert!(sum <= 1.0 + 1e-9);
+    }
+    s.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_an_api_key_every_v1_request_needs_the_bearer_token() {
     let config = ServerConfig {
