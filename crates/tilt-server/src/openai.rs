@@ -350,10 +350,10 @@ impl CompletionRequest {
             }
             (Endpoint::Chat, Some(k)) => k as usize,
         };
-        if top_logprobs > 0 && self.stream == Some(true) {
+        if logprobs && self.stream == Some(true) {
             return Err(ApiError::invalid(
-                "top_logprobs",
-                "alternatives per token are not available when streaming; leave stream out",
+                "logprobs",
+                "log-probabilities are not sent in streamed chunks yet; leave stream out",
             ));
         }
         let max_new_tokens = match (self.max_tokens, self.max_completion_tokens) {
@@ -562,8 +562,9 @@ mod tests {
             (r#""logprobs": true, "top_logprobs": 21"#, "top_logprobs"),
             (
                 r#""logprobs": true, "top_logprobs": 2, "stream": true"#,
-                "top_logprobs",
+                "logprobs",
             ),
+            (r#""logprobs": true, "stream": true"#, "logprobs"),
             (r#""logprobs": 2"#, "logprobs"),
             (r#""model": "other""#, "model"),
         ] {
