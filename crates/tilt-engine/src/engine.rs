@@ -577,7 +577,8 @@ impl<P: Policy> Engine<P> {
     ///
     /// # Errors
     /// `reward` naming an unknown name; [`EngineError::Invalid`] naming `responses` when the
-    /// two lists differ in length; the reward's errors.
+    /// two lists differ in length; the reward's errors, and a score missing or not finite
+    /// (checked as every other scoring in the engine is).
     pub fn score(
         &self,
         name: Option<&str>,
@@ -595,12 +596,13 @@ impl<P: Policy> Engine<P> {
             ));
         }
         let reward = self.reward(name)?;
-        let pairs: Vec<(&str, &str)> = prompts
-            .iter()
-            .zip(responses)
-            .map(|(p, r)| (p.as_str(), r.as_str()))
-            .collect();
-        Ok(reward.score(&pairs)?.into_iter().map(f64::from).collect())
+        crate::stepper::score_pairs(
+            reward.as_ref(),
+            prompts
+                .iter()
+                .zip(responses)
+                .map(|(p, r)| (p.as_str(), r.as_str())),
+        )
     }
 
     /// Run one request to the end.

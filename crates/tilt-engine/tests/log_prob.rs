@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::CountC;
+use common::{CountC, NanReward};
 use std::sync::Arc;
 use tilt_engine::{Engine, ErrorKind, Input};
 use tilt_models::toy::ToyPolicy;
@@ -13,7 +13,10 @@ use tilt_rewards::Reward;
 fn engine() -> Engine<ToyPolicy> {
     Engine::from_parts(
         ToyPolicy::new(),
-        vec![("c-count".into(), Arc::new(CountC) as Arc<dyn Reward>)],
+        vec![
+            ("c-count".into(), Arc::new(CountC) as Arc<dyn Reward>),
+            ("nan".into(), Arc::new(NanReward) as Arc<dyn Reward>),
+        ],
         Vec::new(),
         8,
     )
@@ -82,6 +85,9 @@ fn score_scores_each_pair_in_order_and_names_mismatched_lists() {
     );
     let err = e.score(None, &p, &r[..2]).unwrap_err();
     assert!(err.to_string().contains("responses"), "{err}");
+    // A score that is not a number is an error naming the reward, never passed on.
+    let err = e.score(Some("nan"), &p, &r).unwrap_err();
+    assert!(err.to_string().contains("nan"), "{err}");
     let err = e.score(Some("gold"), &p, &r).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::InvalidInput);
     assert!(err.to_string().contains("gold"), "{err}");
