@@ -259,6 +259,14 @@ impl Server {
     }
 }
 
+/// After a fault, a plain request is served.
+async fn assert_serves(s: &Server) {
+    let (status, body) = s
+        .chat(json!({"messages": user("ab"), "max_tokens": 2}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+}
+
 fn user(text: &str) -> Value {
     json!([{"role": "user", "content": text}])
 }
@@ -702,10 +710,7 @@ async fn a_full_queue_is_a_429_with_retry_after_and_nothing_is_lost() {
     assert_eq!(ok + busy, 12);
     assert!(ok >= 3 && busy >= 1, "{ok} answered, {busy} refused");
     // Once the queue drains, it serves again.
-    let (status, _) = s
-        .chat(json!({"messages": user("ab"), "max_tokens": 2}))
-        .await;
-    assert_eq!(status, 200);
+    assert_serves(&s).await;
     Arc::into_inner(s).unwrap().stop().await;
 }
 
@@ -762,10 +767,7 @@ async fn past_its_deadline_a_request_is_a_504_and_its_sequences_are_freed() {
         "{err}"
     );
     wait_idle(&s).await;
-    let (status, _) = s
-        .chat(json!({"messages": user("ab"), "max_tokens": 2}))
-        .await;
-    assert_eq!(status, 200);
+    assert_serves(&s).await;
     s.stop().await;
 }
 
@@ -796,10 +798,7 @@ async fn a_client_that_hangs_up_mid_stream_frees_its_sequences() {
         stepped < 20,
         "{stepped} of 28 rows stepped after the hang-up"
     );
-    let (status, _) = s
-        .chat(json!({"messages": user("ab"), "max_tokens": 2}))
-        .await;
-    assert_eq!(status, 200);
+    assert_serves(&s).await;
     s.stop().await;
 }
 
@@ -918,10 +917,7 @@ async fn a_reward_child_killed_mid_run_fails_only_its_requests() {
     );
     let (status, body) = s.chat(req(100, "letters")).await;
     assert_eq!(status, 200, "{body}");
-    let (status, body) = s
-        .chat(json!({"messages": user("ab"), "max_tokens": 3}))
-        .await;
-    assert_eq!(status, 200, "{body}");
+    assert_serves(&s).await;
     let health = s
         .http
         .get(format!("{}/health", s.base))
