@@ -68,6 +68,18 @@ fn bon_on_a_fair_coin_matches_spec_closed_forms() {
     assert_eq!(f(&w, "expected_reward"), 0.0625);
     let big = json_of(&[&["theory", "bon", "--n", "1e15"][..], &COIN].concat());
     assert!(f(&big, "kl") <= 2f64.ln() && f(&big, "kl") > 0.69);
+    // --no-pmf: the same object without the pmf.
+    let mut full = json_of(&[&["theory", "bon", "--n", "4", "--worst"][..], &COIN].concat());
+    let summary = json_of(
+        &[
+            &["theory", "bon", "--n", "4", "--worst", "--no-pmf"][..],
+            &COIN,
+        ]
+        .concat(),
+    );
+    assert!(summary.get("pmf").is_none(), "{summary}");
+    full.as_object_mut().unwrap().remove("pmf");
+    assert_eq!(full, summary);
 }
 
 #[test]

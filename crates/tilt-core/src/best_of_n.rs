@@ -25,7 +25,7 @@
 use crate::bounds::{bon_kl_bound, bon_win_rate_bound, check_n};
 use crate::distribution::RewardDistribution;
 use crate::error::{Result, TiltError};
-use crate::levels::{chunked_sum, Levels, SUM_CHUNK};
+use crate::levels::{Levels, SUM_CHUNK};
 use crate::numerics::{ln_pow_one_minus, non_negative, NeumaierSum, Shown};
 use rayon::prelude::*;
 use serde::Serialize;
@@ -75,7 +75,9 @@ pub struct BestOfN {
     /// `n/(n+1)`, the upper bound on the win rate of best-of-n (Thm 5.3); for worst-of-n,
     /// `1/(n+1)`, the corresponding lower bound.
     pub win_rate_bound: f64,
-    /// π_n over the outcomes, in input order.
+    /// π_n over the outcomes, in input order; empty (and left out of the JSON) in a
+    /// summary ([`best_of_n_summary`]), which never computes it.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub pmf: Vec<f64>,
 }
 
@@ -117,6 +119,20 @@ pub fn order_statistic_levels(
     n: u64,
     selection: Selection,
 ) -> Result<LevelPolicy> {
+    Ok(order_pass(levels, n, selection, false)?.0)
+}
+
+/// The fused pass behind [`order_statistic_levels`]; with `estimate`, it also sums
+/// `E_{L~π_n}[D̂(p(L))]` (the §4 estimator, see [`kl_estimate_per_draw`]) in the same pass,
+/// sharing `log p(L)` and `log1p(−p(L))` with the KL term. The extra sum runs over the same
+/// fixed chunks as every other sum here, so its bits equal those of a separate
+/// `chunked_sum` pass and do not depend on the thread count.
+fn order_pass(
+    levels: &Levels,
+    n: u64,
+    selection: Selection,
+    estimate: bool,
+) -> Result<(LevelPolicy, f64)> {
     let nf = check_n(n)?;
     let (rw, ms, bl, ab) = (
         levels.rewards(),
@@ -124,54 +140,57 @@ pub fn order_statistic_levels(
         levels.below(),
         levels.above(),
     );
+    let est = EstimateConstants::new(nf);
     // One fused pass per fixed chunk of levels: the level's log-mass, its mass (written
-    // out) and the compensated partial sums of KL, E[r] and W, merged in chunk order as
-    // `chunked_sum` does, so the bits do not depend on the thread count.
+    // out) and the compensated partial sums of KL, E[r], W (and the estimator), merged in
+    // chunk order as `chunked_sum` does, so the bits do not depend on the thread count.
     let mut level_pmf = vec![0.0; levels.len()];
-    let partial: Vec<[NeumaierSum; 3]> = level_pmf
+    let partial: Vec<[NeumaierSum; 4]> = level_pmf
         .par_chunks_mut(SUM_CHUNK)
         .enumerate()
         .map(|(c, out)| {
-            let mut s = [NeumaierSum::default(); 3];
+            let mut s = [NeumaierSum::default(); 4];
             for (j, slot) in out.iter_mut().enumerate() {
                 let l = c * SUM_CHUNK + j;
+                let m = ms[l];
+                let log_m = m.ln();
                 let (log_q, q) = if n == 1 {
                     // π_1 = p exactly (the general formula agrees up to rounding).
-                    (ms[l].ln(), ms[l])
+                    (log_m, m)
                 } else {
-                    let log_q = level_log_mass(nf, ms[l], bl[l], ab[l], selection);
+                    let log_q = level_log_mass(nf, m, bl[l], ab[l], selection);
                     (log_q, log_q.exp())
                 };
                 *slot = q;
-                let terms = if q == 0.0 {
-                    [0.0; 3]
-                } else {
-                    [
-                        q * (log_q - ms[l].ln()),
-                        q * rw[l],
-                        q * (bl[l] + 0.5 * ms[l]),
-                    ]
-                };
-                for (sum, t) in s.iter_mut().zip(terms) {
-                    sum.add(t);
+                if q == 0.0 {
+                    continue; // every term is q·(…) = 0: adding zeros changes no sum
+                }
+                s[0].add(q * (log_q - log_m));
+                s[1].add(q * rw[l]);
+                s[2].add(q * (bl[l] + 0.5 * m));
+                if estimate {
+                    s[3].add(q * est.per_draw(m, log_m));
                 }
             }
             s
         })
         .collect();
-    let mut total = [NeumaierSum::default(); 3];
+    let mut total = [NeumaierSum::default(); 4];
     for s in partial {
-        for k in 0..3 {
+        for k in 0..4 {
             total[k].merge(s[k]);
         }
     }
-    let [kl, er, w] = total.map(|s| s.value());
-    Ok(LevelPolicy {
-        level_pmf,
-        kl: non_negative(kl, "KL of best-of-n")?,
-        expected_reward: er,
-        win_rate: w,
-    })
+    let [kl, er, w, kl_estimate] = total.map(|s| s.value());
+    Ok((
+        LevelPolicy {
+            level_pmf,
+            kl: non_negative(kl, "KL of best-of-n")?,
+            expected_reward: er,
+            win_rate: w,
+        },
+        kl_estimate,
+    ))
 }
 
 /// The per-draw KL estimator `D̂(ε)` of arXiv 2401.01879 §4, where ε is the reference
@@ -219,39 +238,71 @@ pub fn kl_estimate_per_draw(epsilon: f64, n: u64) -> Result<f64> {
     Ok(kl_estimate_unchecked(epsilon, nf))
 }
 
-#[inline]
-fn kl_estimate_unchecked(epsilon: f64, nf: f64) -> f64 {
-    let log_q = ln_pow_one_minus(epsilon, nf); // log (1−ε)^n
-    let q = log_q.exp();
-    let one_minus_q = -log_q.exp_m1();
-    let first = if q == 0.0 {
-        0.0
-    } else {
-        q * (nf.ln() + (nf - 1.0) * (-epsilon).ln_1p() - (nf - 1.0) / nf)
-    };
-    let second = if one_minus_q == 0.0 {
-        0.0
-    } else {
-        one_minus_q * (one_minus_q.ln() - epsilon.ln())
-    };
-    first + second
+/// The per-n constants of `D̂` and its evaluation from `ε` and `log ε`.
+struct EstimateConstants {
+    nf: f64,
+    first_const: f64,
 }
 
-fn full(dist: &RewardDistribution, n: u64, selection: Selection) -> Result<BestOfN> {
-    let levels = Levels::new(dist)?;
-    let lp = order_statistic_levels(&levels, n, selection)?;
-    let pmf = levels.spread_to_outcomes(dist.probs(), &lp.level_pmf);
-    let nf = n as f64;
-    // ε = the reference mass of the returned level (see `kl_estimate_per_draw`).
-    let masses = levels.masses();
-    let [kl_estimate] = chunked_sum(levels.len(), |l| {
-        let q = lp.level_pmf[l];
-        if q == 0.0 {
-            [0.0]
-        } else {
-            [q * kl_estimate_unchecked(masses[l], nf)]
+impl EstimateConstants {
+    fn new(nf: f64) -> Self {
+        Self {
+            nf,
+            first_const: nf.ln() - (nf - 1.0) / nf,
         }
-    });
+    }
+
+    /// `D̂(ε)` for ε in (0, 1], given `log_eps = ln ε`.
+    #[inline]
+    fn per_draw(&self, epsilon: f64, log_eps: f64) -> f64 {
+        let nf = self.nf;
+        let log1m = if epsilon >= 1.0 {
+            f64::NEG_INFINITY
+        } else {
+            (-epsilon).ln_1p()
+        };
+        let log_q = if epsilon >= 1.0 {
+            f64::NEG_INFINITY
+        } else {
+            nf * log1m
+        }; // log (1−ε)^n
+           // One exponential for both q and 1 − q: whichever is below ½ is computed, and the
+           // other, being ≥ ½, is its complement to within half an ulp of itself.
+        let (q, one_minus_q) = if log_q < -std::f64::consts::LN_2 {
+            let q = log_q.exp();
+            (q, 1.0 - q)
+        } else {
+            let one_minus_q = -log_q.exp_m1();
+            (1.0 - one_minus_q, one_minus_q)
+        };
+        let first = if q == 0.0 {
+            0.0
+        } else {
+            q * (self.first_const + (nf - 1.0) * log1m)
+        };
+        let second = if one_minus_q == 0.0 {
+            0.0
+        } else {
+            one_minus_q * (one_minus_q.ln() - log_eps)
+        };
+        first + second
+    }
+}
+
+#[inline]
+fn kl_estimate_unchecked(epsilon: f64, nf: f64) -> f64 {
+    EstimateConstants::new(nf).per_draw(epsilon, epsilon.ln())
+}
+
+fn full(dist: &RewardDistribution, n: u64, selection: Selection, pmf: bool) -> Result<BestOfN> {
+    let levels = Levels::new(dist)?;
+    let (lp, kl_estimate) = order_pass(&levels, n, selection, true)?;
+    let pmf = if pmf {
+        levels.spread_to_outcomes(dist.probs(), &lp.level_pmf)
+    } else {
+        Vec::new()
+    };
+    let nf = n as f64;
     Ok(BestOfN {
         n,
         selection,
@@ -284,7 +335,30 @@ fn full(dist: &RewardDistribution, n: u64, selection: Selection) -> Result<BestO
 /// assert!((b.win_rate - 0.625).abs() < 1e-15);
 /// ```
 pub fn best_of_n(dist: &RewardDistribution, n: u64) -> Result<BestOfN> {
-    full(dist, n, Selection::Best)
+    full(dist, n, Selection::Best, true)
+}
+
+/// [`best_of_n`] (or, with [`Selection::Worst`], [`worst_of_n`]) without the per-outcome
+/// pmf: every scalar is the same bits, `pmf` is empty, and the pass that spreads the law
+/// back onto the outcomes is skipped (for large references where only KL, reward and win
+/// rate are wanted).
+///
+/// # Errors
+/// As [`best_of_n`].
+///
+/// ```
+/// use tilt_core::{best_of_n::{best_of_n, best_of_n_summary, Selection}, RewardDistribution};
+/// let p = RewardDistribution::new(vec![0.5, 0.5], vec![0.0, 1.0]).unwrap();
+/// let s = best_of_n_summary(&p, 2, Selection::Best).unwrap();
+/// assert!(s.pmf.is_empty());
+/// assert_eq!(s.kl, best_of_n(&p, 2).unwrap().kl);
+/// ```
+pub fn best_of_n_summary(
+    dist: &RewardDistribution,
+    n: u64,
+    selection: Selection,
+) -> Result<BestOfN> {
+    full(dist, n, selection, false)
 }
 
 /// Exact worst-of-n on `dist`: the lowest reward of n draws (arXiv 2412.19792's best-of-n
@@ -293,5 +367,5 @@ pub fn best_of_n(dist: &RewardDistribution, n: u64) -> Result<BestOfN> {
 /// # Errors
 /// [`TiltError::InvalidInput`] naming `n` when `n = 0`.
 pub fn worst_of_n(dist: &RewardDistribution, n: u64) -> Result<BestOfN> {
-    full(dist, n, Selection::Worst)
+    full(dist, n, Selection::Worst, true)
 }

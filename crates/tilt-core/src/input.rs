@@ -13,6 +13,7 @@
 //! fault, and what is wrong with it.
 
 use crate::{Result, TiltError};
+use rayon::prelude::*;
 use std::path::Path;
 
 fn bad(path: &Path, line: Option<usize>, problem: impl Into<String>) -> TiltError {
@@ -82,12 +83,23 @@ pub fn read_dist_file(path: &Path) -> Result<(Vec<f64>, Vec<f64>)> {
             rewards.push(field("reward")?);
         }
     } else {
-        let mut lines = text
-            .lines()
-            .enumerate()
-            .filter(|(_, l)| !l.trim().is_empty());
-        let header: Vec<String> = match lines.next() {
-            Some((_, h)) => h
+        // The header is the first non-blank line (`header_line`, 1-based); the rows start
+        // after it, at byte `body_start`.
+        let mut offset = 0;
+        let mut header_line = 0;
+        let mut header_text = None;
+        for raw in text.split_inclusive('\n') {
+            header_line += 1;
+            offset += raw.len();
+            let line = raw.trim_end_matches('\n').trim_end_matches('\r');
+            if !line.trim().is_empty() {
+                header_text = Some(line);
+                break;
+            }
+        }
+        let body_start = offset;
+        let header: Vec<String> = match header_text {
+            Some(h) => h
                 .split(',')
                 .map(|s| s.trim().to_ascii_lowercase())
                 .collect(),
@@ -109,28 +121,102 @@ pub fn read_dist_file(path: &Path) -> Result<(Vec<f64>, Vec<f64>)> {
                 ))
             }
         };
-        for (i, line) in lines {
-            let ln = i + 1;
-            let cells: Vec<&str> = line.split(',').map(str::trim).collect();
-            if cells.len() != header.len() {
-                return Err(bad(
-                    path,
-                    Some(ln),
-                    format!("{} fields, the header has {}", cells.len(), header.len()),
-                ));
-            }
-            let num = |k: &str, s: &str| -> Result<f64> {
-                let x = s
-                    .parse::<f64>()
-                    .map_err(|_| bad(path, Some(ln), format!("{k} {s:?} is not a number")))?;
-                checked(path, ln, k, x)
-            };
-            probs.push(num("prob", cells[pi])?);
-            rewards.push(num("reward", cells[ri])?);
+        // The rows after the header, parsed in parallel over spans of whole lines (each
+        // span knows its first line number; the first bad row in file order is the one
+        // reported, so the result does not depend on the thread count).
+        let body_line = header_line + 1;
+        let body = &text[body_start..];
+        let spans = line_spans(body, 1 << 20);
+        let newlines: Vec<usize> = spans
+            .par_iter()
+            .map(|s| s.bytes().filter(|&b| b == b'\n').count())
+            .collect();
+        let mut first_line = Vec::with_capacity(spans.len());
+        let mut at = body_line;
+        for n in &newlines {
+            first_line.push(at);
+            at += n;
+        }
+        let width = header.len();
+        let parsed: Vec<Result<(Vec<f64>, Vec<f64>)>> = spans
+            .par_iter()
+            .zip(first_line)
+            .map(|(span, first)| csv_rows(path, span, first, width, pi, ri))
+            .collect();
+        for part in parsed {
+            let (p, r) = part?;
+            probs.extend_from_slice(&p);
+            rewards.extend_from_slice(&r);
         }
     }
     if probs.is_empty() {
         return Err(bad(path, None, "no outcomes"));
+    }
+    Ok((probs, rewards))
+}
+
+/// `text` cut into spans of about `target` bytes, each ending just after a `\n` (the last
+/// one at the end of `text`).
+fn line_spans(text: &str, target: usize) -> Vec<&str> {
+    let mut spans = Vec::new();
+    let mut rest = text;
+    while !rest.is_empty() {
+        let cut = if rest.len() <= target {
+            rest.len()
+        } else {
+            match rest.as_bytes()[target..].iter().position(|&b| b == b'\n') {
+                Some(i) => target + i + 1,
+                None => rest.len(),
+            }
+        };
+        let (span, tail) = rest.split_at(cut);
+        spans.push(span);
+        rest = tail;
+    }
+    spans
+}
+
+/// The `prob` and `reward` cells (columns `pi`, `ri` of `width`) of the CSV rows in `span`,
+/// whose first line is line `first` of the file; blank lines are skipped.
+fn csv_rows(
+    path: &Path,
+    span: &str,
+    first: usize,
+    width: usize,
+    pi: usize,
+    ri: usize,
+) -> Result<(Vec<f64>, Vec<f64>)> {
+    let (mut probs, mut rewards) = (Vec::new(), Vec::new());
+    for (i, line) in span.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let ln = first + i;
+        let (mut p, mut r, mut count) = ("", "", 0);
+        for (j, cell) in line.split(',').enumerate() {
+            if j == pi {
+                p = cell.trim();
+            }
+            if j == ri {
+                r = cell.trim();
+            }
+            count += 1;
+        }
+        if count != width {
+            return Err(bad(
+                path,
+                Some(ln),
+                format!("{count} fields, the header has {width}"),
+            ));
+        }
+        let num = |k: &str, s: &str| -> Result<f64> {
+            let x = s
+                .parse::<f64>()
+                .map_err(|_| bad(path, Some(ln), format!("{k} {s:?} is not a number")))?;
+            checked(path, ln, k, x)
+        };
+        probs.push(num("prob", p)?);
+        rewards.push(num("reward", r)?);
     }
     Ok((probs, rewards))
 }
@@ -217,6 +303,50 @@ mod tests {
         assert_eq!(read_dist_file(&txt.0).unwrap(), (vec![1.0], vec![0.0]));
         let samples = Temp::new("s.txt", "0.5\n\n -2 \n1e3\n");
         assert_eq!(read_samples(&samples.0).unwrap(), vec![0.5, -2.0, 1000.0]);
+    }
+
+    #[test]
+    fn a_large_csv_parses_in_spans_with_file_line_numbers() {
+        // Well over one parsing span (1 MiB), with blank lines before the header and
+        // between rows, CRLF endings and a third column: values in order, and a bad row
+        // deep inside is named by its line in the file; of two bad rows, the first.
+        let rows = 150_000;
+        let mut text = String::from("\n\nreward,note,prob\r\n");
+        let mut want = (Vec::new(), Vec::new());
+        for i in 0..rows {
+            let (p, r) = (1.0 / rows as f64, (i as f64 * 0.37).sin());
+            text.push_str(&format!("{r:?}, x ,{p:?}\r\n"));
+            if i % 1000 == 0 {
+                text.push('\n');
+            }
+            want.0.push(p);
+            want.1.push(r);
+        }
+        let good = Temp::new("big.csv", &text);
+        assert!(text.len() > 3 << 20);
+        assert_eq!(read_dist_file(&good.0).unwrap(), want);
+        let lines: Vec<&str> = text.split('\n').collect();
+        let bad_at = |n: usize, cell: &str| -> Vec<String> {
+            lines
+                .iter()
+                .enumerate()
+                .map(|(i, l)| {
+                    if i + 1 == n {
+                        format!("{cell}, x ,0.1\r")
+                    } else {
+                        (*l).to_owned()
+                    }
+                })
+                .collect()
+        };
+        let mut two = bad_at(120_001, "oops");
+        two[140_000] = "1,2\r".into(); // a later, different fault
+        let bad = Temp::new("bad_big.csv", &two.join("\n"));
+        let name = bad.0.display().to_string();
+        assert_eq!(
+            message(read_dist_file(&bad.0)),
+            format!("{name} line 120001: reward \"oops\" is not a number")
+        );
     }
 
     #[test]

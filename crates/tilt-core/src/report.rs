@@ -10,7 +10,7 @@
 //!
 //! Every formula is stated with its source in the repository's `docs/theory.md`.
 
-use crate::best_of_n::{best_of_n, worst_of_n, BestOfN};
+use crate::best_of_n::{best_of_n, best_of_n_summary, worst_of_n, BestOfN, Selection};
 use crate::bounds::{
     bon_chi2_bound, bon_hellinger_squared_bound, bon_renyi_bound, bon_tv_bound,
     optimal_sub_gaussian_proxy, sub_gaussian_improvement_bound, SubGaussianProxy,
@@ -93,6 +93,24 @@ pub fn bon_report(dist: &RewardDistribution, n: u64, worst: bool) -> Result<BonR
     Ok(BonReport {
         units: "nats",
         bon,
+        reference_expected_reward: dist.mean_reward(),
+    })
+}
+
+/// [`bon_report`] without the per-outcome pmf (left out of the JSON, never computed): the
+/// same scalars, bit for bit.
+///
+/// # Errors
+/// As [`bon_report`].
+pub fn bon_summary_report(dist: &RewardDistribution, n: u64, worst: bool) -> Result<BonReport> {
+    let selection = if worst {
+        Selection::Worst
+    } else {
+        Selection::Best
+    };
+    Ok(BonReport {
+        units: "nats",
+        bon: best_of_n_summary(dist, n, selection)?,
         reference_expected_reward: dist.mean_reward(),
     })
 }
@@ -904,6 +922,26 @@ mod tests {
             close(json["expected_reward"].as_f64().unwrap(), worst_mean),
             "{json}"
         );
+    }
+
+    #[test]
+    fn a_bon_summary_is_the_full_report_without_its_pmf() {
+        // Ties and a zero-mass outcome, both directions: every scalar the same bits.
+        let dist = RewardDistribution::new(
+            vec![0.1, 0.0, 0.3, 0.2, 0.4],
+            vec![1.0, 3.0, 1.0, 2.0, -1.0],
+        )
+        .unwrap();
+        for worst in [false, true] {
+            let full = serde_json::to_value(bon_report(&dist, 7, worst).unwrap()).unwrap();
+            let summary =
+                serde_json::to_value(bon_summary_report(&dist, 7, worst).unwrap()).unwrap();
+            assert_eq!(full["pmf"].as_array().unwrap().len(), 5);
+            assert!(summary.get("pmf").is_none(), "{summary}");
+            let mut without = full.clone();
+            without.as_object_mut().unwrap().remove("pmf");
+            assert_eq!(without, summary);
+        }
     }
 
     #[test]

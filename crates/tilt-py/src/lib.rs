@@ -17,8 +17,8 @@ use pythonize::{depythonize, pythonize};
 use serde::Serialize;
 use tilt_core::infalign::{check_draws, Procedure};
 use tilt_core::report::{
-    bon_report, divergence_report, infalign_baselines, infalign_point, memoryless_output,
-    tilt_report, Bounds, InfalignPolicy, InfalignReport, TiltBy, TransformKind,
+    bon_report, bon_summary_report, divergence_report, infalign_baselines, infalign_point,
+    memoryless_output, tilt_report, Bounds, InfalignPolicy, InfalignReport, TiltBy, TransformKind,
 };
 use tilt_core::{RewardDistribution, TiltError};
 use tilt_engine::{
@@ -116,22 +116,30 @@ fn dict_of<'py>(
 
 /// Exact best-of-n (or worst-of-n) with ties of the reference `probs` over `rewards`
 /// (arXiv 2401.01879 §2–§4): the pmf, kl, kl_bound (log n − (n−1)/n), kl_estimate,
-/// win_rate, expected_reward.
+/// win_rate, expected_reward; with `pmf=False` the summary alone (no `pmf` key, and the
+/// pass that computes it skipped).
 #[pyfunction]
-#[pyo3(signature = (probs, rewards, n, worst = false))]
+#[pyo3(signature = (probs, rewards, n, worst = false, pmf = true))]
 fn best_of_n<'py>(
     py: Python<'py>,
     probs: &Bound<'py, PyAny>,
     rewards: &Bound<'py, PyAny>,
     n: u64,
     worst: bool,
+    pmf: bool,
 ) -> PyResult<Bound<'py, PyAny>> {
     let dist = distribution(probs, rewards)?;
     let mut report = py
-        .detach(|| bon_report(&dist, n, worst))
+        .detach(|| {
+            if pmf {
+                bon_report(&dist, n, worst)
+            } else {
+                bon_summary_report(&dist, n, worst)
+            }
+        })
         .map_err(core_error)?;
-    let pmf = std::mem::take(&mut report.bon.pmf);
-    dict_of(py, &report, Some(pmf))
+    let law = std::mem::take(&mut report.bon.pmf);
+    dict_of(py, &report, pmf.then_some(law))
 }
 
 /// The KL-regularised optimum p·e^(r/β)/Z (arXiv 2404.01730 §2), given `beta` or a KL

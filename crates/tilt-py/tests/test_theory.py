@@ -63,6 +63,10 @@ def test_best_of_n_against_its_definition(n, worst):
         assert b["kl"] <= b["kl_bound"] + 1e-12
         if not worst:
             assert b["win_rate"] == pytest.approx(win_rate_numpy(want, p, r), rel=1e-10)
+        # The summary: the same dict, bit for bit, without the pmf.
+        s = tilt.best_of_n(p, r, n, worst=worst, pmf=False)
+        assert "pmf" not in s
+        assert s == {k: v for k, v in b.items() if k != "pmf"}
 
 
 def test_tilt_is_p_times_exp_r_over_beta_and_hits_its_kl():

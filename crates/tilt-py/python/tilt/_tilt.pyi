@@ -10,9 +10,12 @@ __version__: str
 
 Floats = Union[npt.NDArray[np.float64], Sequence[float]]
 
-def best_of_n(probs: Floats, rewards: Floats, n: int, worst: bool = False) -> Dict[str, Any]:
+def best_of_n(
+    probs: Floats, rewards: Floats, n: int, worst: bool = False, pmf: bool = True
+) -> Dict[str, Any]:
     """Exact best-of-n (worst-of-n) with ties (arXiv 2401.01879): ``pmf`` (NumPy), ``kl``,
-    ``kl_bound`` = log n − (n−1)/n, ``kl_estimate``, ``win_rate``, ``expected_reward``."""
+    ``kl_bound`` = log n − (n−1)/n, ``kl_estimate``, ``win_rate``, ``expected_reward``;
+    ``pmf=False`` leaves the pmf out (never computed)."""
 
 def tilt(
     probs: Floats, rewards: Floats, *, beta: Optional[float] = None, kl: Optional[float] = None
