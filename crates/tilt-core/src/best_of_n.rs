@@ -256,18 +256,10 @@ impl EstimateConstants {
     #[inline]
     fn per_draw(&self, epsilon: f64, log_eps: f64) -> f64 {
         let nf = self.nf;
-        let log1m = if epsilon >= 1.0 {
-            f64::NEG_INFINITY
-        } else {
-            (-epsilon).ln_1p()
-        };
-        let log_q = if epsilon >= 1.0 {
-            f64::NEG_INFINITY
-        } else {
-            nf * log1m
-        }; // log (1−ε)^n
-           // One exponential for both q and 1 − q: whichever is below ½ is computed, and the
-           // other, being ≥ ½, is its complement to within half an ulp of itself.
+        let log1m = (-epsilon).ln_1p(); // −∞ at ε = 1
+        let log_q = nf * log1m; // log (1−ε)^n
+                                // One exponential for both q and 1 − q: whichever is below ½ is computed, and the
+                                // other, being ≥ ½, is its complement to within half an ulp of itself.
         let (q, one_minus_q) = if log_q < -std::f64::consts::LN_2 {
             let q = log_q.exp();
             (q, 1.0 - q)

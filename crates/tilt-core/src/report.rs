@@ -80,37 +80,22 @@ pub struct BonReport {
     pub reference_expected_reward: f64,
 }
 
-/// The [`BonReport`] of best-of-`n` of `dist` (worst-of-`n` when `worst`).
+/// The [`BonReport`] of best-of-`n` of `dist` (worst-of-`n` when `worst`); without `pmf`,
+/// a summary: the per-outcome pmf is never computed and is left out of the JSON, every
+/// scalar the same bits.
 ///
 /// # Errors
 /// As [`best_of_n`] / [`worst_of_n`] (naming `n`).
-pub fn bon_report(dist: &RewardDistribution, n: u64, worst: bool) -> Result<BonReport> {
-    let bon = if worst {
-        worst_of_n(dist, n)?
-    } else {
-        best_of_n(dist, n)?
+pub fn bon_report(dist: &RewardDistribution, n: u64, worst: bool, pmf: bool) -> Result<BonReport> {
+    let bon = match (worst, pmf) {
+        (false, true) => best_of_n(dist, n)?,
+        (true, true) => worst_of_n(dist, n)?,
+        (false, false) => best_of_n_summary(dist, n, Selection::Best)?,
+        (true, false) => best_of_n_summary(dist, n, Selection::Worst)?,
     };
     Ok(BonReport {
         units: "nats",
         bon,
-        reference_expected_reward: dist.mean_reward(),
-    })
-}
-
-/// [`bon_report`] without the per-outcome pmf (left out of the JSON, never computed): the
-/// same scalars, bit for bit.
-///
-/// # Errors
-/// As [`bon_report`].
-pub fn bon_summary_report(dist: &RewardDistribution, n: u64, worst: bool) -> Result<BonReport> {
-    let selection = if worst {
-        Selection::Worst
-    } else {
-        Selection::Best
-    };
-    Ok(BonReport {
-        units: "nats",
-        bon: best_of_n_summary(dist, n, selection)?,
         reference_expected_reward: dist.mean_reward(),
     })
 }
@@ -899,7 +884,7 @@ mod tests {
         // Rewards 0, 1, 2 with p = ¼, ¼, ½ and n = 2: best-of-2 keeps the larger reward,
         // so P(max = r) = F(r)² − F(r⁻)² with F = ¼, ½, 1: 1/16, 3/16, 12/16.
         let dist = RewardDistribution::new(vec![0.25, 0.25, 0.5], vec![0.0, 1.0, 2.0]).unwrap();
-        let r = bon_report(&dist, 2, false).unwrap();
+        let r = bon_report(&dist, 2, false, true).unwrap();
         assert_eq!(r.units, "nats");
         assert!(close(r.reference_expected_reward, 1.25));
         let pi = [1.0 / 16.0, 3.0 / 16.0, 12.0 / 16.0];
@@ -915,7 +900,7 @@ mod tests {
         assert!(close(json["kl"].as_f64().unwrap(), kl), "{json}");
         assert_eq!(json["units"], "nats");
         // Worst-of-2 keeps the smaller: P(min = r) = S(r)² − S(r⁺)², S = 1, ¾, ½.
-        let w = bon_report(&dist, 2, true).unwrap();
+        let w = bon_report(&dist, 2, true, true).unwrap();
         let json = serde_json::to_value(&w).unwrap();
         let worst_mean = (0.0 * 7.0 + 1.0 * 5.0 + 2.0 * 4.0) / 16.0;
         assert!(
@@ -933,9 +918,9 @@ mod tests {
         )
         .unwrap();
         for worst in [false, true] {
-            let full = serde_json::to_value(bon_report(&dist, 7, worst).unwrap()).unwrap();
+            let full = serde_json::to_value(bon_report(&dist, 7, worst, true).unwrap()).unwrap();
             let summary =
-                serde_json::to_value(bon_summary_report(&dist, 7, worst).unwrap()).unwrap();
+                serde_json::to_value(bon_report(&dist, 7, worst, false).unwrap()).unwrap();
             assert_eq!(full["pmf"].as_array().unwrap().len(), 5);
             assert!(summary.get("pmf").is_none(), "{summary}");
             let mut without = full.clone();

@@ -17,8 +17,8 @@ use pythonize::{depythonize, pythonize};
 use serde::Serialize;
 use tilt_core::infalign::{check_draws, Procedure};
 use tilt_core::report::{
-    bon_report, bon_summary_report, divergence_report, infalign_baselines, infalign_point,
-    memoryless_output, tilt_report, Bounds, InfalignPolicy, InfalignReport, TiltBy, TransformKind,
+    bon_report, divergence_report, infalign_baselines, infalign_point, memoryless_output,
+    tilt_report, Bounds, InfalignPolicy, InfalignReport, TiltBy, TransformKind,
 };
 use tilt_core::{RewardDistribution, TiltError};
 use tilt_engine::{
@@ -130,13 +130,7 @@ fn best_of_n<'py>(
 ) -> PyResult<Bound<'py, PyAny>> {
     let dist = distribution(probs, rewards)?;
     let mut report = py
-        .detach(|| {
-            if pmf {
-                bon_report(&dist, n, worst)
-            } else {
-                bon_summary_report(&dist, n, worst)
-            }
-        })
+        .detach(|| bon_report(&dist, n, worst, pmf))
         .map_err(core_error)?;
     let law = std::mem::take(&mut report.bon.pmf);
     dict_of(py, &report, pmf.then_some(law))

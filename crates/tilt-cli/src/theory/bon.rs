@@ -3,7 +3,7 @@
 
 use super::input::{flag_error, parse_count, DistributionArgs, Flags};
 use clap::Args;
-use tilt_core::report::{bon_report, bon_summary_report};
+use tilt_core::report::bon_report;
 use tilt_output::{emit, Format};
 
 /// The library's input names that are flags of `tilt theory bon`.
@@ -32,11 +32,6 @@ pub struct BonArgs {
 /// Run `tilt theory bon`.
 pub fn run(args: BonArgs) -> anyhow::Result<()> {
     let dist = args.dist.load()?;
-    let report = if args.no_pmf {
-        bon_summary_report(&dist, args.n, args.worst)
-    } else {
-        bon_report(&dist, args.n, args.worst)
-    }
-    .map_err(flag_error(FLAGS))?;
+    let report = bon_report(&dist, args.n, args.worst, !args.no_pmf).map_err(flag_error(FLAGS))?;
     Ok(emit(&report, args.format)?)
 }
