@@ -43,6 +43,12 @@ pub struct EvalArgs {
     /// Prefix scorer file (`tilt train-scorer`), needed by cd-block and cd-token.
     #[arg(long)]
     pub scorer: Option<PathBuf>,
+    /// A second reward (any `--reward` kind), the gold one: every output and reference
+    /// sample is scored by it too, and the report adds each strategy's proxy and gold
+    /// improvement with their bounds and the proxy-to-gold transfer interval (arXiv
+    /// 2406.05883), and the exact best-of-n curve n = 1…64 on the reference samples.
+    #[arg(long, value_name = "SPEC")]
+    pub gold_reward: Option<String>,
     #[command(flatten)]
     pub engine: EngineArgs,
     /// Write win rate vs KL and reward vs KL to this SVG file (checked before any work).
@@ -76,6 +82,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         seed: args.seed,
         chat_template: !args.engine.no_chat_template,
         reward: None,
+        gold_reward: args.gold_reward.clone(),
     };
     config.validate().map_err(|e| cli_error(e, &[]))?;
     let needs_scorer = config.strategies.iter().any(|s| s.scorer().is_some());
@@ -95,7 +102,21 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     }
     // The prompts file is read before the models load, so that a bad line costs nothing.
     tilt_engine::prompts::read_prompts(&args.prompts).map_err(|e| cli_error(e, &[]))?;
-    let engine_config = args.engine.config(args.scorer.as_deref());
+    let mut engine_config = args.engine.config(args.scorer.as_deref());
+    if let Some(gold) = &args.gold_reward {
+        if *gold == args.engine.reward {
+            return Err(crate::usage(format!(
+                "--gold-reward: {gold:?} is also the --reward; the gold reward must be a \
+                 different one"
+            )));
+        }
+        tilt_rewards::RewardSpec::parse(gold)
+            .map_err(|e| crate::usage(format!("--gold-reward: {e}")))?;
+        engine_config.rewards.push(tilt_engine::RewardConfig {
+            name: gold.clone(),
+            spec: gold.clone(),
+        });
+    }
     let progress = CliProgress::new();
     let engine = Engine::load(&engine_config, &progress).map_err(|e| cli_error(e, &[]))?;
     let t_load = t_start.elapsed().as_secs_f64();
@@ -252,7 +273,7 @@ fn write_plot(path: &Path, report: &EvalReport) -> Result<(), tilt_plot::PlotErr
     // Strategies at the same KL (sample and bon:1 at 0) stay side by side, not on top.
     tilt_plot::dodge(&mut win, 8);
     tilt_plot::dodge(&mut rew, 8);
-    let panels = [
+    let mut panels = vec![
         Panel {
             title: "Win rate vs KL".into(),
             x_label: "KL(π‖p) (nats)".into(),
@@ -268,11 +289,73 @@ fn write_plot(path: &Path, report: &EvalReport) -> Result<(), tilt_plot::PlotErr
             series: rew,
         },
     ];
+    if let Some(g) = &report.gold {
+        panels.push(gold_panel(report, g));
+    }
     write_svg(
         path,
         &format!("tilt eval: {} prompts", report.prompts),
         &panels,
     )
+}
+
+/// Proxy and gold improvement against KL (arXiv 2406.05883's over-optimisation picture):
+/// exact best-of-n on the reference samples, n = 1…64 (lines), the two sub-Gaussian bounds
+/// (dashed), the transfer's lower end, and each measured strategy's gold improvement with
+/// its bootstrap interval.
+fn gold_panel(report: &EvalReport, g: &tilt_engine::gold::GoldReport) -> Panel {
+    let curve = |f: &dyn Fn(&tilt_engine::gold::GoldCurvePoint) -> f64| {
+        g.best_of_n.iter().map(|p| (p.kl, f(p))).collect::<Vec<_>>()
+    };
+    let mut series = vec![
+        Series::new(
+            format!("proxy {}: best-of-n, n = 1…64 (exact)", report.reward),
+            curve(&|p| p.proxy_improvement),
+            SeriesStyle::Line,
+        ),
+        Series::new(
+            format!("gold {}: same best-of-n (exact)", g.reward),
+            curve(&|p| p.gold_improvement),
+            SeriesStyle::Line,
+        ),
+        Series::new(
+            "proxy bound √(2σ²₊(r)·KL)",
+            curve(&|p| p.proxy_bound),
+            SeriesStyle::Dashed,
+        ),
+        Series::new(
+            "gold bound √(2σ²₊(r*)·KL)",
+            curve(&|p| p.gold_bound),
+            SeriesStyle::Dashed,
+        ),
+        Series::new(
+            "transfer lower end Δr − √(2σ²₊(r−r*)·KL)",
+            curve(&|p| p.gold_transfer_lower),
+            SeriesStyle::Dashed,
+        ),
+    ];
+    for (i, s) in g.strategies.iter().enumerate() {
+        let mut pt = Series::new(
+            format!("{}: gold, measured", s.strategy),
+            vec![(s.kl, s.gold_improvement)],
+            SeriesStyle::Points,
+        )
+        .with_marker(tilt_plot::Marker::for_index(i))
+        .with_color(i + 5)
+        .hollow();
+        if let Some([lo, hi]) = s.gold_improvement_ci95 {
+            pt = pt.with_error_bars(vec![(lo, hi)]);
+        }
+        series.push(pt);
+    }
+    tilt_plot::dodge(&mut series[5..], 8);
+    Panel {
+        title: "Proxy vs gold improvement".into(),
+        x_label: "KL(π‖p) (nats)".into(),
+        y_label: "improvement over reference samples".into(),
+        log_x: false,
+        series,
+    }
 }
 
 #[cfg(test)]

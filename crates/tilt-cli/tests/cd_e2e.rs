@@ -144,6 +144,14 @@ fn bad_inputs_exit_2_before_loading_models() {
             vec!["--manifest".into(), "does not exist".into()],
         ),
         (
+            vec!["eval".into(), "--gold-reward".into(), "minilm".into()],
+            vec!["--gold-reward".into(), "also the --reward".into()],
+        ),
+        (
+            vec!["eval".into(), "--gold-reward".into(), "bleu:x".into()],
+            vec!["--gold-reward".into(), "unknown reward kind".into()],
+        ),
+        (
             vec![
                 "eval".into(),
                 "--strategies".into(),
@@ -341,9 +349,16 @@ fn train_scorer_then_eval_with_controlled_decoding() {
             manifest.to_str().unwrap(),
             "--threads",
             threads,
+            "--gold-reward",
+            "minilm:target=A kind and polite answer.",
         ]);
         assert!(o.status.success(), "{}", stderr(&o));
         assert!(plot.is_file() && manifest.is_file());
+        let svg = std::fs::read_to_string(&plot).unwrap();
+        assert!(
+            svg.contains("Proxy vs gold improvement"),
+            "the gold panel is drawn"
+        );
         let m: Value = serde_json::from_str(&std::fs::read_to_string(&manifest).unwrap()).unwrap();
         assert_eq!(m["run"]["command"], "eval");
         // The thread count the run used, as given (not the machine's default).
@@ -383,6 +398,39 @@ fn train_scorer_then_eval_with_controlled_decoding() {
         assert!(0.0 <= lo && lo <= w && w <= hi && hi <= 1.0, "{s}");
     }
     assert!(!report["exact_best_of_n"].as_array().unwrap().is_empty());
+    // Proxy against gold: every strategy, and the exact best-of-n curve n = 1…64 whose
+    // bounds hold.
+    let gold = &report["gold"];
+    assert_eq!(
+        gold["reward"],
+        "minilm-relevance(target=\"A kind and polite answer.\")"
+    );
+    assert_eq!(gold["strategies"].as_array().unwrap().len(), 5);
+    let f = |v: &Value| v.as_f64().unwrap();
+    for s in gold["strategies"].as_array().unwrap() {
+        let t = s["gold_transfer_interval"].as_array().unwrap();
+        assert!(f(&t[0]) <= f(&s["proxy_improvement"]) && f(&s["proxy_improvement"]) <= f(&t[1]));
+        assert!(
+            f(&s["gold_bound"]) >= 0.0 && f(&s["proxy_bound"]) >= 0.0,
+            "{s}"
+        );
+    }
+    let curve = gold["best_of_n"].as_array().unwrap();
+    assert_eq!(curve.len(), 64);
+    for pt in curve {
+        assert!(
+            f(&pt["proxy_improvement"]) <= f(&pt["proxy_bound"]) + 1e-9,
+            "{pt}"
+        );
+        assert!(
+            f(&pt["gold_improvement"]) <= f(&pt["gold_bound"]) + 1e-9,
+            "{pt}"
+        );
+        assert!(
+            f(&pt["gold_improvement"]) >= f(&pt["gold_transfer_lower"]) - 1e-9,
+            "{pt}"
+        );
+    }
     // Same seed, another thread count: the same bytes.
     let out2 = run("1", "b");
     assert_eq!(out1, out2);

@@ -252,10 +252,13 @@ impl EstimateConstants {
         }
     }
 
-    /// `D̂(ε)` for ε in (0, 1], given `log_eps = ln ε`.
+    /// `D̂(ε)` for ε in (0, 1], given `log_eps = ln ε`. A level mass a rounding above 1
+    /// (the masses of a validated distribution sum to 1 only within tolerance) is read as
+    /// ε = 1, where `D̂ = 0`; `ln_1p(−ε)` of it would be NaN.
     #[inline]
     fn per_draw(&self, epsilon: f64, log_eps: f64) -> f64 {
         let nf = self.nf;
+        let (epsilon, log_eps) = (epsilon.min(1.0), log_eps.min(0.0));
         let log1m = (-epsilon).ln_1p(); // −∞ at ε = 1
         let log_q = nf * log1m; // log (1−ε)^n
                                 // One exponential for both q and 1 − q: whichever is below ½ is computed, and the

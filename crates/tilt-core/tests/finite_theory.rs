@@ -592,6 +592,25 @@ fn tilt_with_an_underflowing_exponent_is_exact_not_nan() {
 }
 
 #[test]
+fn one_level_whose_mass_rounds_above_one_has_a_zero_estimate_not_nan() {
+    // These probabilities pass validation but sum to 1 + 2⁻⁵²: the single reward level's
+    // mass is a rounding above 1, and ln(1 − ε) of it would be NaN. Best-of-n of one level
+    // is the reference itself, so KL and D̂ are 0 for every n.
+    let d = RewardDistribution::new(
+        vec![0.7740716847110638, 0.16325146636577292, 0.0626768489231634],
+        vec![2.1; 3],
+    )
+    .unwrap();
+    assert!(d.probs().iter().sum::<f64>() > 1.0);
+    for n in [1u64, 2, 16, 1000] {
+        for b in [best_of_n(&d, n).unwrap(), worst_of_n(&d, n).unwrap()] {
+            assert_eq!(b.kl_estimate, 0.0, "D̂ n={n}");
+            assert!(b.kl.abs() < 1e-15, "KL n={n}: {}", b.kl);
+        }
+    }
+}
+
+#[test]
 fn kl_estimate_uses_the_mass_of_the_returned_reward_level() {
     // Splitting a level into several tied outcomes leaves best-of-n's law on rewards, its
     // KL and the estimate unchanged: ε is the level's mass.

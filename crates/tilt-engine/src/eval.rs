@@ -56,6 +56,9 @@ use crate::cd::PrefixScorer;
 use crate::cost::Rule;
 use crate::engine::{make_job, Engine};
 use crate::error::{EngineError, Result};
+use crate::gold::{
+    best_of_n_curve, strategy_gold, summarise_tails, GoldReport, PromptOutcome, ReferenceTails,
+};
 use crate::progress::Progress;
 use crate::request::Input;
 use crate::select::select;
@@ -288,6 +291,11 @@ pub struct EvalConfig {
     /// The reward's name in the engine (None: its default).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reward: Option<String>,
+    /// A second reward of the engine, the *gold* one, that every output and reference
+    /// sample is also scored with: the report then says how much of each strategy's gain
+    /// on the proxy (`reward`) is a gain on the gold ([`crate::gold`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gold_reward: Option<String>,
 }
 
 impl EvalConfig {
@@ -426,6 +434,9 @@ pub struct EvalReport {
     pub exact_best_of_n: Vec<CurvePoint>,
     /// Exact KL-optimal tilt on the same.
     pub exact_tilt: Vec<CurvePoint>,
+    /// Proxy against gold, when the config names a gold reward.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gold: Option<GoldReport>,
     /// What the numbers are.
     pub notes: Vec<String>,
     /// Units of every divergence: `nats`.
@@ -481,23 +492,44 @@ pub fn bootstrap_ci95(xs: &[f64], resamples: usize, seed: u64) -> Option<[f64; 2
 
 #[derive(Default, Clone)]
 struct Acc {
-    /// Per prompt: (sum reward, sum win, sum kl, sum tokens, count).
-    per_prompt: Vec<[f64; 5]>,
+    /// Per prompt: (sum reward, sum win, sum kl, sum tokens, count, sum gold reward).
+    per_prompt: Vec<[f64; 6]>,
     kl_values: Vec<f64>,
 }
 
+/// One output's figures.
+struct Scored {
+    reward: f64,
+    gold: f64,
+    kl: f64,
+    tokens: usize,
+}
+
 impl Acc {
-    fn add(&mut self, prompt: usize, reward: f64, refs: &[f64], kl: f64, tokens: usize) {
+    fn add(&mut self, prompt: usize, o: Scored, refs: &[f64]) {
         if self.per_prompt.len() <= prompt {
-            self.per_prompt.resize(prompt + 1, [0.0; 5]);
+            self.per_prompt.resize(prompt + 1, [0.0; 6]);
         }
         let e = &mut self.per_prompt[prompt];
-        e[0] += reward;
-        e[1] += win_against(reward, refs);
-        e[2] += kl;
-        e[3] += tokens as f64;
+        e[0] += o.reward;
+        e[1] += win_against(o.reward, refs);
+        e[2] += o.kl;
+        e[3] += o.tokens as f64;
         e[4] += 1.0;
-        self.kl_values.push(kl);
+        e[5] += o.gold;
+        self.kl_values.push(o.kl);
+    }
+}
+
+/// The gold scores of `texts` (zeros without a gold reward).
+fn gold_scores<'t>(
+    gold: Option<&Arc<dyn tilt_rewards::Reward>>,
+    prompt: &str,
+    texts: impl ExactSizeIterator<Item = &'t str>,
+) -> Result<Vec<f64>> {
+    match gold {
+        Some(g) => score_pairs(g.as_ref(), texts.map(|t| (prompt, t))),
+        None => Ok(vec![0.0; texts.len()]),
     }
 }
 
@@ -528,6 +560,23 @@ pub fn evaluate<P: Policy>(
     }
     let policy = engine.policy();
     let reward = Arc::clone(engine.reward(config.reward.as_deref())?);
+    let gold = match config.gold_reward.as_deref() {
+        Some(name) => {
+            let g = Arc::clone(
+                engine
+                    .reward(Some(name))
+                    .map_err(|e| EngineError::invalid("gold_reward", format!("{name:?}: {e}")))?,
+            );
+            if Arc::ptr_eq(&g, &reward) {
+                return Err(EngineError::invalid(
+                    "gold_reward",
+                    format!("{name:?} is the proxy reward itself; name a different reward as gold"),
+                ));
+            }
+            Some(g)
+        }
+        None => None,
+    };
     // Every cd strategy's scorer, resolved before any work.
     let mut scorers: Vec<Option<Arc<dyn PrefixScorer>>> = Vec::new();
     for s in &config.strategies {
@@ -572,6 +621,7 @@ pub fn evaluate<P: Policy>(
     let no_stops: Arc<[String]> = Arc::from(Vec::<String>::new());
     let mut accs: Vec<Acc> = vec![Acc::default(); config.strategies.len()];
     let mut ref_rewards_all: Vec<Vec<f64>> = Vec::with_capacity(prompts.len());
+    let mut ref_gold_all: Vec<Vec<f64>> = Vec::with_capacity(prompts.len());
     progress.begin("prompts", prompts.len() as u64);
     for (pi, input) in prompts.iter().enumerate() {
         let index = pi as u64;
@@ -646,10 +696,16 @@ pub fn evaluate<P: Policy>(
             }
         }
         let mut results = run_jobs(policy, jobs, engine.max_batch(), |_| {})?.into_iter();
-        let refs: Vec<f64> = sampled(results.next().ok_or_else(lost)?)?
+        let ref_seqs = sampled(results.next().ok_or_else(lost)?)?;
+        let refs: Vec<f64> = ref_seqs
             .iter()
             .map(|s| s.reward.ok_or_else(lost))
             .collect::<Result<_>>()?;
+        let ref_gold = gold_scores(
+            gold.as_ref(),
+            &prompt,
+            ref_seqs.iter().map(|s| s.text.as_str()),
+        )?;
         if max_n > 0 {
             let mut selectors: Vec<SequenceSampler> = config
                 .strategies
@@ -667,6 +723,11 @@ pub fn evaluate<P: Policy>(
                     .iter()
                     .map(|s| s.reward.ok_or_else(lost))
                     .collect::<Result<_>>()?;
+                let golds = gold_scores(
+                    gold.as_ref(),
+                    &prompt,
+                    cands.iter().map(|s| s.text.as_str()),
+                )?;
                 for (j, st) in config.strategies.iter().enumerate() {
                     let (rule, n, kl) = match *st {
                         Strategy::Sample { .. } => (Rule::Sample, 1, 0.0),
@@ -678,7 +739,13 @@ pub fn evaluate<P: Policy>(
                         _ => continue,
                     };
                     let chosen = select(rule, None, &rewards[..n], &mut selectors[j])?;
-                    accs[j].add(pi, rewards[chosen], &refs, kl, cands[chosen].tokens.len());
+                    let o = Scored {
+                        reward: rewards[chosen],
+                        gold: golds[chosen],
+                        kl,
+                        tokens: cands[chosen].tokens.len(),
+                    };
+                    accs[j].add(pi, o, &refs);
                 }
             }
         }
@@ -696,12 +763,20 @@ pub fn evaluate<P: Policy>(
                 reward.as_ref(),
                 outs.iter().map(|o| (&*prompt, o.text.as_str())),
             )?;
-            for (o, r) in outs.iter().zip(scores) {
+            let golds = gold_scores(gold.as_ref(), &prompt, outs.iter().map(|o| o.text.as_str()))?;
+            for ((o, r), g) in outs.iter().zip(scores).zip(golds) {
                 let kl = o.kl_estimate.or(o.kl_bound).unwrap_or(0.0);
-                accs[j].add(pi, r, &refs, kl, o.tokens.len());
+                let s = Scored {
+                    reward: r,
+                    gold: g,
+                    kl,
+                    tokens: o.tokens.len(),
+                };
+                accs[j].add(pi, s, &refs);
             }
         }
         ref_rewards_all.push(refs);
+        ref_gold_all.push(ref_gold);
         progress.advance("prompts", pi as u64 + 1);
     }
     progress.end("prompts");
@@ -749,6 +824,19 @@ pub fn evaluate<P: Policy>(
         ref_rewards_all.iter().flatten().sum::<f64>() / (p * config.reference_samples) as f64;
     let mut scorer_names: Vec<String> = scorers.iter().flatten().map(|s| s.name()).collect();
     scorer_names.dedup();
+    let gold = match &gold {
+        Some(g) => Some(gold_report(
+            g.name(),
+            config,
+            &accs,
+            ref_rewards_all.iter().cloned().zip(ref_gold_all).collect(),
+        )?),
+        None => None,
+    };
+    let mut notes = eval_notes();
+    if gold.is_some() {
+        notes.push(GOLD_NOTE.into());
+    }
     Ok(EvalReport {
         strategies: results,
         config: config.clone(),
@@ -759,15 +847,63 @@ pub fn evaluate<P: Policy>(
         reference_mean_reward,
         exact_best_of_n,
         exact_tilt,
-        notes: vec![
+        gold,
+        notes,
+        units: "nats".into(),
+    })
+}
+
+/// The proxy-against-gold part of the report (see [`crate::gold`]).
+fn gold_report(
+    name: String,
+    config: &EvalConfig,
+    accs: &[Acc],
+    refs: Vec<(Vec<f64>, Vec<f64>)>,
+) -> Result<GoldReport> {
+    let tails: Vec<ReferenceTails> = refs
+        .iter()
+        .map(|(r, g)| ReferenceTails::new(r, g))
+        .collect::<Result<_>>()?;
+    let mut strategies = Vec::with_capacity(accs.len());
+    for (st, acc) in config.strategies.iter().zip(accs) {
+        let outcomes: Vec<PromptOutcome> = acc
+            .per_prompt
+            .iter()
+            .map(|e| PromptOutcome {
+                proxy: e[0] / e[4],
+                gold: e[5] / e[4],
+                kl: e[2] / e[4],
+            })
+            .collect();
+        let label = st.label();
+        strategies.push(strategy_gold(
+            &label,
+            &outcomes,
+            &tails,
+            strategy_seed(config.seed, &format!("bootstrap gold {label}")),
+        )?);
+    }
+    let count = refs.iter().map(|(_, g)| g.len()).sum::<usize>() as f64;
+    Ok(GoldReport {
+        reward: name,
+        reference_mean_reward: refs.iter().flat_map(|(_, g)| g).sum::<f64>() / count,
+        tails: summarise_tails(&tails),
+        best_of_n: best_of_n_curve(&refs, &tails)?,
+        strategies,
+    })
+}
+
+fn eval_notes() -> Vec<String> {
+    vec![
             "win_rate: share of the prompt's reference samples beaten, ties 1/2, averaged over outputs then prompts; win_rate_stderr: its standard error over per-prompt means; win_rate_ci95: 95% percentile bootstrap over prompts (2000 resamples), within [0, 1], conditional on the reference samples".into(),
             "kl_kind: exact (sample: 0), bound (bon:n and won:n: log n - (n-1)/n, arXiv 2401.01879 Thm 3.1; soft-bon: log n; cd-block: the mean over outputs of B·(log K - (K-1)/K), B an output's number of blocks, which estimates (with kl_stderr) the chain-rule bound E[B]·(log K - (K-1)/K) on the expected KL), estimate (cd-token: mean of the exact log pi(y)/p(y) over outputs, an unbiased Monte-Carlo estimate of KL, with its standard error)".into(),
             "seeds: each strategy's outputs depend only on the run's seed and its own label (not on the other strategies listed or their order); sample, bon, won and soft-bon share candidates".into(),
             "exact_best_of_n / exact_tilt: tilt-core's exact values for the empirical distribution of each prompt's reference rewards, averaged over prompts at equal n / equal KL budget (capped per prompt at -log p(argmax set))".into(),
-        ],
-        units: "nats".into(),
-    })
+        ]
 }
+
+/// What the gold section's numbers are.
+const GOLD_NOTE: &str = "gold: every output and reference sample is also scored by the gold reward r*; improvements are means over prompts of (strategy mean - reference-sample mean), with standard errors and 95% bootstrap intervals over prompts; bounds (arXiv 2406.05883) per prompt with the strategy's KL and one-sided sub-Gaussian proxies sigma2 = sup_{l>0} 2 log E_p e^{l(f - E_p f)}/l^2 estimated on that prompt's reference samples, then averaged: proxy_bound = sqrt(2 sigma2(r) KL), gold_bound = sqrt(2 sigma2(r*) KL), gold_transfer_interval = [D_r - sqrt(2 sigma2(e) KL), D_r + sqrt(2 sigma2(-e) KL)] with e = r - r* and D_r the measured proxy improvement (the gold improvement is also at most gold_bound); best_of_n: exact best-of-n under the proxy on each prompt's reference samples (with replacement, ties uniform), n = 1..64, where every bound holds exactly";
 
 fn lost() -> EngineError {
     EngineError::Internal("an evaluation job's result was missing".into())

@@ -11,6 +11,7 @@
 //! | [`stepper`] | the one batched stepper: jobs of any strategy, prompt and request step as one batch; token events for streaming; cancellation |
 //! | [`engine`] | [`Engine`] (a loaded policy, rewards, scorers, settings) and [`Scheduler`] (many requests as one batch, admitted between steps) |
 //! | [`eval`], [`scorer_training`] | `tilt eval` and CD-FUDGE training, on the stepper |
+//! | [`gold`] | proxy against gold in `tilt eval`: both improvements, the sub-Gaussian bounds and the transfer interval (arXiv 2406.05883) |
 //! | [`run`], [`manifest`] | the three recorded runs, their canonical outputs, manifests and replay |
 //! | [`select`], [`cost`], [`cd`] | the selection rules, what an output costs in KL, controlled decoding's law and scorers |
 //! | [`error`] | [`EngineError`] with an [`ErrorKind`] each face maps the same way |
@@ -25,6 +26,7 @@ pub mod cost;
 pub mod engine;
 pub mod error;
 pub mod eval;
+pub mod gold;
 pub mod manifest;
 pub mod memory;
 pub mod progress;

@@ -48,6 +48,7 @@ fn config(strategies: &str, m: usize, s: usize) -> EvalConfig {
         seed: 5,
         chat_template: true,
         reward: None,
+        gold_reward: None,
     }
 }
 
@@ -407,5 +408,102 @@ fn the_memory_refusal_does_not_blame_the_reference_samples_for_the_strategies_ba
             matches!(err.param(), Some("samples_per_prompt" | "strategies")),
             "reference_samples = {m}: {err}"
         );
+    }
+}
+
+/// An affine function of the letter reward, a·r + c: a gold reward whose relation to the
+/// proxy is known exactly.
+struct AffineLetters(f64, f64);
+
+impl Reward for AffineLetters {
+    fn name(&self) -> String {
+        format!("{}·letters + {}", self.0, self.1)
+    }
+    fn score(&self, pairs: &[(&str, &str)]) -> Result<Vec<f32>, RewardError> {
+        Ok(pairs
+            .iter()
+            .map(|(_, t)| (self.0 * letter_reward(t) + self.1) as f32)
+            .collect())
+    }
+}
+
+#[test]
+fn gold_improvements_follow_a_known_relation_to_the_proxy() {
+    let strategies = "sample; bon:2,4; won:2; cd-token:lambda=1,k=3; cd-block:K=2,M=2";
+    let ps = prompts(&["a", "bc", "cab", "b"]);
+    let run = |a: f64, c: f64| {
+        let e = toy_engine(
+            vec![
+                ("letters", reward(LetterReward)),
+                ("gold", reward(AffineLetters(a, c))),
+            ],
+            vec![("linear", scorer(toy_scorer(W, B)))],
+            4096,
+        );
+        let cfg = EvalConfig {
+            gold_reward: Some("gold".into()),
+            ..config(strategies, 6, 3)
+        };
+        evaluate(&e, &ps, &cfg, &NoProgress).unwrap()
+    };
+    let plain = evaluate(
+        &letters_engine(),
+        &ps,
+        &config(strategies, 6, 3),
+        &NoProgress,
+    )
+    .unwrap();
+    assert!(plain.gold.is_none());
+    for (a, c) in [(1.0, -3.0), (-1.0, 0.0), (0.5, 2.0)] {
+        let r = run(a, c);
+        // The gold scoring changes nothing else in the report.
+        assert_eq!(r.strategies, plain.strategies, "a={a}");
+        let g = r.gold.as_ref().unwrap();
+        assert!((g.reference_mean_reward - (a * r.reference_mean_reward + c)).abs() < 1e-5);
+        for (s, sg) in r.strategies.iter().zip(&g.strategies) {
+            assert_eq!(s.strategy, sg.strategy);
+            // Gold = a·proxy + c output by output, so the improvements scale by a.
+            assert!(
+                (sg.gold_improvement - a * sg.proxy_improvement).abs() < 1e-5,
+                "{a}: {sg:?}"
+            );
+            assert!((sg.gold_mean_reward - (a * s.mean_reward + c)).abs() < 1e-5);
+            assert!((sg.kl - s.kl).abs() < 1e-12 * (1.0 + s.kl), "{sg:?}");
+            // e = (1 − a)·r: the transfer's lower end is Δ_r − |1 − a|·(r's one-sided
+            // bound, of r or of −r as the sign of 1 − a says); with a = 1 it is Δ_r.
+            if a == 1.0 {
+                let [lo, hi] = sg.gold_transfer_interval;
+                assert!((lo - sg.proxy_improvement).abs() < 1e-9, "{sg:?}");
+                assert!(hi >= lo - 1e-9);
+            }
+            if a == 1.0 || a == 0.5 {
+                assert!(
+                    (sg.gold_bound - a * sg.proxy_bound).abs() < 1e-6 * (1.0 + sg.proxy_bound),
+                    "{a}: {sg:?}"
+                );
+            }
+        }
+        // Every bound holds on the exact curve.
+        assert_eq!(g.best_of_n.len(), 64);
+        for pt in &g.best_of_n {
+            assert!(pt.proxy_improvement <= pt.proxy_bound + 1e-9, "{pt:?}");
+            assert!(pt.gold_improvement <= pt.gold_bound + 1e-9, "{pt:?}");
+            assert!(
+                pt.gold_improvement >= pt.gold_transfer_lower - 1e-9,
+                "{pt:?}"
+            );
+            assert!((pt.gold_improvement - a * pt.proxy_improvement).abs() < 1e-5);
+        }
+    }
+    // Naming the proxy itself, or no such reward, as gold is refused by name.
+    let e = letters_engine();
+    for name in ["letters", "nope"] {
+        let cfg = EvalConfig {
+            gold_reward: Some(name.into()),
+            ..config("sample", 2, 1)
+        };
+        let err = evaluate(&e, &ps, &cfg, &NoProgress).unwrap_err();
+        assert_eq!(err.param(), Some("gold_reward"), "{err}");
+        assert_eq!(err.kind(), ErrorKind::InvalidInput, "{err}");
     }
 }

@@ -169,6 +169,7 @@ fn the_recorded_evaluation_is_reproduced() {
         seed: 4,
         chat_template: true,
         reward: None,
+        gold_reward: None,
     };
     for max_batch in [4096, 3] {
         let report = evaluate(&engine(max_batch), &prompts, &config, &NoProgress).unwrap();
