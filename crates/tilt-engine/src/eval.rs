@@ -461,7 +461,7 @@ fn win_against(r: f64, refs: &[f64]) -> f64 {
 }
 
 /// Mean and standard error of per-prompt values.
-fn mean_se(xs: &[f64]) -> (f64, Option<f64>) {
+pub(crate) fn mean_se(xs: &[f64]) -> (f64, Option<f64>) {
     let n = xs.len() as f64;
     let mean = xs.iter().sum::<f64>() / n;
     if xs.len() < 2 {

@@ -26,7 +26,7 @@
 //! rounding at every n — the picture of over-optimisation, from reference samples alone.
 
 use crate::error::{EngineError, Result};
-use crate::eval::bootstrap_ci95;
+use crate::eval::{bootstrap_ci95, mean_se};
 use serde::{Deserialize, Serialize};
 use tilt_core::best_of_n::best_of_n;
 use tilt_core::bounds::{optimal_sub_gaussian_proxy, sub_gaussian_improvement_bound};
@@ -204,16 +204,6 @@ pub struct PromptOutcome {
 fn mean(xs: impl ExactSizeIterator<Item = f64>) -> f64 {
     let n = xs.len() as f64;
     xs.sum::<f64>() / n
-}
-
-fn mean_se(xs: &[f64]) -> (f64, Option<f64>) {
-    let m = mean(xs.iter().copied());
-    if xs.len() < 2 {
-        return (m, None);
-    }
-    let n = xs.len() as f64;
-    let var = xs.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (n - 1.0);
-    (m, Some((var / n).sqrt()))
 }
 
 /// Summarise the tails over prompts.
