@@ -7,7 +7,9 @@ use crate::usage;
 use clap::Args;
 use std::path::{Path, PathBuf};
 use tilt_engine::engine::DEFAULT_MAX_BATCH;
-use tilt_engine::{EngineConfig, EngineError, RewardConfig, ScorerConfig};
+use tilt_engine::{
+    EngineConfig, EngineError, RewardConfig, ScorerConfig, ScorerSpec, WeightedScorer,
+};
 
 /// The flags that say what the engine loads (shared by generate, eval and train-scorer).
 #[derive(Debug, Clone, Args)]
@@ -34,9 +36,9 @@ pub struct EngineArgs {
 }
 
 impl EngineArgs {
-    /// The engine these flags describe, with `scorer` (a file) when given: named by its
-    /// path.
-    pub fn config(&self, scorer: Option<&Path>) -> EngineConfig {
+    /// The engine these flags describe, with the prefix scorer files given, each named by
+    /// its path (the first is the default).
+    pub fn config(&self, scorers: &[PathBuf]) -> EngineConfig {
         EngineConfig {
             model: self.model.clone(),
             chat_template: !self.no_chat_template,
@@ -44,16 +46,129 @@ impl EngineArgs {
                 name: self.reward.clone(),
                 spec: self.reward.clone(),
             }],
-            scorers: scorer
+            scorers: scorers
+                .iter()
                 .map(|p| ScorerConfig {
                     name: p.display().to_string(),
-                    path: p.to_path_buf(),
+                    path: p.clone(),
                 })
-                .into_iter()
                 .collect(),
             threads: self.threads,
             max_batch: self.max_batch,
         }
+    }
+}
+
+/// A `--scorer` value: `FILE` or `FILE:weight=W` (W a finite number).
+///
+/// # Errors
+/// A usage error naming `--scorer` for an empty file or a weight that is not a finite number.
+pub fn parse_scorer_flag(value: &str) -> anyhow::Result<(PathBuf, Option<f64>)> {
+    let (file, weight) = match value.rsplit_once(":weight=") {
+        Some((file, w)) => {
+            let weight: f64 = w.trim().parse().map_err(|_| {
+                usage(format!(
+                    "--scorer {value:?}: the weight {w:?} is not a number (give FILE:weight=W)"
+                ))
+            })?;
+            if !weight.is_finite() {
+                return Err(usage(format!(
+                    "--scorer {value:?}: the weight {weight} is not finite"
+                )));
+            }
+            (file, Some(weight))
+        }
+        None => (value, None),
+    };
+    if file.trim().is_empty() {
+        return Err(usage(format!(
+            "--scorer {value:?}: no file (give FILE or FILE:weight=W)"
+        )));
+    }
+    Ok((PathBuf::from(file), weight))
+}
+
+/// The prefix scorer of the cd strategies from `--scorer` values: one file without a weight
+/// is that scorer; otherwise the weighted sum of the files (weight 1 where none is given),
+/// each named by its path. With the files, in order.
+///
+/// # Errors
+/// As [`parse_scorer_flag`]; a file given twice.
+pub fn scorer_spec(values: &[String]) -> anyhow::Result<(Option<ScorerSpec>, Vec<PathBuf>)> {
+    let parsed = values
+        .iter()
+        .map(|v| parse_scorer_flag(v))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let files: Vec<PathBuf> = parsed.iter().map(|(f, _)| f.clone()).collect();
+    for (i, f) in files.iter().enumerate() {
+        if files[..i].contains(f) {
+            return Err(usage(format!(
+                "--scorer: {} is given twice; give each scorer once with its weight",
+                f.display()
+            )));
+        }
+    }
+    let spec = match &parsed[..] {
+        [] => None,
+        [(f, None)] => Some(ScorerSpec::One(f.display().to_string())),
+        _ => Some(ScorerSpec::Weighted(
+            parsed
+                .iter()
+                .map(|(f, w)| WeightedScorer {
+                    name: f.display().to_string(),
+                    weight: w.unwrap_or(1.0),
+                })
+                .collect(),
+        )),
+    };
+    Ok((spec, files))
+}
+
+#[cfg(test)]
+mod scorer_flag_tests {
+    use super::*;
+
+    #[test]
+    fn scorer_flags_give_one_scorer_or_a_weighted_sum() {
+        assert_eq!(
+            parse_scorer_flag("a/b.safetensors").unwrap(),
+            (PathBuf::from("a/b.safetensors"), None)
+        );
+        assert_eq!(
+            parse_scorer_flag("c:d.safetensors:weight=-0.25").unwrap(),
+            (PathBuf::from("c:d.safetensors"), Some(-0.25))
+        );
+        for (bad, needle) in [
+            ("x:weight=", "not a number"),
+            ("x:weight=inf", "not finite"),
+            (":weight=1", "no file"),
+        ] {
+            let e = parse_scorer_flag(bad).unwrap_err().to_string();
+            assert!(e.contains("--scorer") && e.contains(needle), "{bad}: {e}");
+        }
+        let (one, files) = scorer_spec(&["s.st".into()]).unwrap();
+        assert_eq!(one, Some(ScorerSpec::One("s.st".into())));
+        assert_eq!(files, [PathBuf::from("s.st")]);
+        let (sum, files) = scorer_spec(&["a:weight=2".into(), "b".into()]).unwrap();
+        assert_eq!(
+            sum,
+            Some(ScorerSpec::Weighted(vec![
+                WeightedScorer {
+                    name: "a".into(),
+                    weight: 2.0
+                },
+                WeightedScorer {
+                    name: "b".into(),
+                    weight: 1.0
+                },
+            ]))
+        );
+        assert_eq!(files.len(), 2);
+        // One file with an explicit weight is a weighted sum of one term.
+        let (w, _) = scorer_spec(&["a:weight=0.5".into()]).unwrap();
+        assert!(matches!(w, Some(ScorerSpec::Weighted(t)) if t[0].weight == 0.5));
+        assert_eq!(scorer_spec(&[]).unwrap().0, None);
+        assert!(scorer_spec(&["a".into(), "a:weight=2".into()]).is_err());
     }
 }
 
@@ -90,7 +205,8 @@ pub fn flag_of(param: &str, renames: &[(&str, &str)]) -> Option<String> {
         "learning_rate",
         "epochs",
     ];
-    const MORE: [&str; 5] = [
+    const MORE: [&str; 6] = [
+        "frontier_weights",
         "weight_decay",
         "heldout_fraction",
         "mlp_hidden",

@@ -2,7 +2,7 @@
 //! beside the exact best-of-n and tilt curves; JSON on stdout, an optional SVG, and always a
 //! manifest. The engine is `tilt_engine::eval`; this file parses flags and writes files.
 
-use crate::args::{check_plot, check_writable, cli_error, parse_seed, EngineArgs};
+use crate::args::{check_plot, check_writable, cli_error, parse_seed, scorer_spec, EngineArgs};
 use crate::progress::CliProgress;
 use anyhow::Context;
 use clap::Args;
@@ -10,10 +10,10 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
-use tilt_engine::eval::{parse_strategies, EvalConfig, EvalReport};
+use tilt_engine::eval::{frontier_strategies, parse_strategies, EvalConfig, EvalReport};
 use tilt_engine::manifest::Manifest;
 use tilt_engine::run::{input_files, json_line, run_eval, Run};
-use tilt_engine::Engine;
+use tilt_engine::{Engine, ScorerSpec, Strategy};
 use tilt_output::{emit_to, Format};
 use tilt_plot::{write_svg, Panel, Series, SeriesStyle};
 
@@ -40,14 +40,23 @@ pub struct EvalArgs {
     /// Seed (a whole number from 0 to 2^64 − 1).
     #[arg(long, default_value_t = 0, value_parser = parse_seed, allow_hyphen_values = true)]
     pub seed: u64,
-    /// Prefix scorer file (`tilt train-scorer`), needed by cd-block and cd-token.
+    /// Prefix scorer file (`tilt train-scorer`), needed by cd-block and cd-token; as
+    /// FILE:weight=W and repeated, the cd strategies are guided by the weighted sum Σ W·V;
+    /// two plain files with --frontier-weights sweep the weight between them.
     #[arg(long)]
-    pub scorer: Option<PathBuf>,
+    pub scorer: Vec<String>,
+    /// Sweep the two --scorer files' weight: each cd strategy runs once per w of this
+    /// comma-separated list (e.g. 0,0.25,0.5,0.75,1), guided by (1 − w)·V₁ + w·V₂, and the
+    /// plot draws the two-reward frontier (--reward against --second-reward).
+    #[arg(long, value_delimiter = ',', allow_hyphen_values = true)]
+    pub frontier_weights: Vec<f64>,
     /// A second reward (any `--reward` kind), the gold one: every output and reference
     /// sample is scored by it too, and the report adds each strategy's proxy and gold
     /// improvement with their bounds and the proxy-to-gold transfer interval (arXiv
-    /// 2406.05883), and the exact best-of-n curve n = 1…64 on the reference samples.
-    #[arg(long, value_name = "SPEC")]
+    /// 2406.05883), and the exact best-of-n curve n = 1…64 on the reference samples. Also
+    /// spelt --second-reward (the frontier's second objective: the report's `gold` section
+    /// then holds its numbers).
+    #[arg(long, value_name = "SPEC", visible_alias = "second-reward")]
     pub gold_reward: Option<String>,
     #[command(flatten)]
     pub engine: EngineArgs,
@@ -74,6 +83,35 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         check_plot(p)?;
     }
     let strategies = parse_strategies(&args.strategies).map_err(|e| cli_error(e, &[]))?;
+    let (spec, scorer_files) = scorer_spec(&args.scorer)?;
+    let strategies = if args.frontier_weights.is_empty() {
+        match &spec {
+            // A weighted sum guides every cd strategy; one file is the engine's default.
+            Some(spec @ ScorerSpec::Weighted(_)) => with_scorer(strategies, spec),
+            _ => strategies,
+        }
+    } else {
+        let [a, b] = &args.scorer[..] else {
+            return Err(crate::usage(format!(
+                "--frontier-weights: sweeps the weight between two --scorer files; {} given",
+                args.scorer.len()
+            )));
+        };
+        if args.scorer.iter().any(|s| s.contains(":weight=")) {
+            return Err(crate::usage(
+                "--frontier-weights: give the two --scorer files without weights (the sweep \
+                 sets them)",
+            ));
+        }
+        if args.gold_reward.is_none() {
+            return Err(crate::usage(
+                "--frontier-weights: the frontier is drawn between two rewards; give the \
+                 second as --second-reward SPEC",
+            ));
+        }
+        frontier_strategies(&strategies, a, b, &args.frontier_weights)
+            .map_err(|e| cli_error(e, &[]))?
+    };
     let config = EvalConfig {
         strategies,
         reference_samples: args.reference_samples,
@@ -86,7 +124,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     };
     config.validate().map_err(|e| cli_error(e, &[]))?;
     let needs_scorer = config.strategies.iter().any(|s| s.scorer().is_some());
-    match (&args.scorer, needs_scorer) {
+    match (args.scorer.first(), needs_scorer) {
         (None, true) => {
             return Err(crate::usage(
                 "--scorer: cd-block and cd-token need a prefix scorer file (train one with \
@@ -102,7 +140,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     }
     // The prompts file is read before the models load, so that a bad line costs nothing.
     tilt_engine::prompts::read_prompts(&args.prompts).map_err(|e| cli_error(e, &[]))?;
-    let mut engine_config = args.engine.config(args.scorer.as_deref());
+    let mut engine_config = args.engine.config(&scorer_files);
     if let Some(gold) = &args.gold_reward {
         if *gold == args.engine.reward {
             return Err(crate::usage(format!(
@@ -169,6 +207,26 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         ),
     );
     Ok(())
+}
+
+/// `strategies` with every cd strategy guided by `spec`.
+fn with_scorer(strategies: Vec<Strategy>, spec: &ScorerSpec) -> Vec<Strategy> {
+    strategies
+        .into_iter()
+        .map(|s| match s {
+            Strategy::CdToken { lambda, top_k, .. } => Strategy::CdToken {
+                lambda,
+                top_k,
+                scorer: Some(spec.clone()),
+            },
+            Strategy::CdBlock { k, m, .. } => Strategy::CdBlock {
+                k,
+                m,
+                scorer: Some(spec.clone()),
+            },
+            other => other,
+        })
+        .collect()
 }
 
 /// Write what an evaluation produced, losing as little as possible: print the report to
@@ -291,12 +349,109 @@ fn write_plot(path: &Path, report: &EvalReport) -> Result<(), tilt_plot::PlotErr
     ];
     if let Some(g) = &report.gold {
         panels.push(gold_panel(report, g));
+        if let Some(f) = frontier_panel(report, g) {
+            panels.push(f);
+        }
     }
     write_svg(
         path,
         &format!("tilt eval: {} prompts", report.prompts),
         &panels,
     )
+}
+
+/// The weight of the second scorer of a two-term weighted sum, and the label of the strategy
+/// without it: a point of a frontier sweep.
+fn frontier_point(s: &Strategy) -> Option<(String, f64)> {
+    match s.scorer() {
+        Some(Some(ScorerSpec::Weighted(terms))) if terms.len() == 2 => {
+            let label = s.label();
+            let base = label.split(",w=").next().unwrap_or(&label).to_string();
+            Some((base, terms[1].weight))
+        }
+        _ => None,
+    }
+}
+
+/// The two-reward frontier (`--frontier-weights`): each strategy's improvement over the
+/// reference samples in the first reward (x) and the second (y, with its 95% bootstrap
+/// interval); the cd strategies of one sweep joined in weight order and labelled by w, the
+/// others (and the reference itself, at the origin) as points. None without a sweep.
+fn frontier_panel(report: &EvalReport, g: &tilt_engine::gold::GoldReport) -> Option<Panel> {
+    let by_label: BTreeMap<String, &Strategy> = report
+        .config
+        .strategies
+        .iter()
+        .map(|s| (s.label(), s))
+        .collect();
+    let mut sweeps: Vec<(String, Vec<(f64, &tilt_engine::gold::GoldStrategy)>)> = Vec::new();
+    let mut others = Vec::new();
+    for gs in &g.strategies {
+        match by_label.get(&gs.strategy).and_then(|s| frontier_point(s)) {
+            Some((base, w)) => match sweeps.iter_mut().find(|(b, _)| *b == base) {
+                Some((_, v)) => v.push((w, gs)),
+                None => sweeps.push((base, vec![(w, gs)])),
+            },
+            None => others.push(gs),
+        }
+    }
+    if sweeps.is_empty() {
+        return None;
+    }
+    let mut series = vec![Series::new(
+        "reference p (the origin)",
+        vec![(0.0, 0.0)],
+        SeriesStyle::Points,
+    )
+    .with_marker(tilt_plot::Marker::for_index(0))
+    .with_color(0)];
+    for (i, (base, mut pts)) in sweeps.into_iter().enumerate() {
+        pts.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let bars = pts
+            .iter()
+            .map(|(_, s)| {
+                s.gold_improvement_ci95
+                    .map_or((s.gold_improvement, s.gold_improvement), |[lo, hi]| {
+                        (lo, hi)
+                    })
+            })
+            .collect();
+        series.push(
+            Series::new(
+                format!("{base}: (1 − w)·V₁ + w·V₂"),
+                pts.iter()
+                    .map(|(_, s)| (s.proxy_improvement, s.gold_improvement))
+                    .collect(),
+                SeriesStyle::Line,
+            )
+            .with_marker(tilt_plot::Marker::for_index(i + 1))
+            .with_labels(pts.iter().map(|(w, _)| format!("w = {w}")).collect())
+            .with_error_bars(bars)
+            .with_color(i + 1),
+        );
+    }
+    let first = series.len();
+    for (i, s) in others.iter().enumerate() {
+        let mut pt = Series::new(
+            s.strategy.clone(),
+            vec![(s.proxy_improvement, s.gold_improvement)],
+            SeriesStyle::Points,
+        )
+        .with_marker(tilt_plot::Marker::for_index(first + i))
+        .with_color(first + i)
+        .hollow();
+        if let Some([lo, hi]) = s.gold_improvement_ci95 {
+            pt = pt.with_error_bars(vec![(lo, hi)]);
+        }
+        series.push(pt);
+    }
+    Some(Panel {
+        title: "Two-reward frontier".into(),
+        x_label: format!("improvement in {} over reference samples", report.reward),
+        y_label: format!("improvement in {}", g.reward),
+        log_x: false,
+        series,
+    })
 }
 
 /// Proxy and gold improvement against KL (arXiv 2406.05883's over-optimisation picture):

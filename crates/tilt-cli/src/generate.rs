@@ -11,7 +11,7 @@
 //! JSON error object on stdout for that line; the other prompts still run, and the exit
 //! code is 2 at the end.
 
-use crate::args::{check_writable, cli_error, parse_seed, EngineArgs};
+use crate::args::{check_writable, cli_error, parse_seed, scorer_spec, EngineArgs};
 use crate::progress::CliProgress;
 use crate::usage;
 use clap::{Args, ValueEnum};
@@ -96,9 +96,11 @@ pub struct StrategyFlags {
     /// cd-block's tokens per block M [default: 8].
     #[arg(long)]
     pub block_m: Option<usize>,
-    /// cd-token / cd-block: the prefix scorer file (`tilt train-scorer`).
+    /// cd-token / cd-block: a prefix scorer file (`tilt train-scorer`), as FILE or
+    /// FILE:weight=W; repeat for several: the decoder is guided by Σ W·V (weight 1 where none
+    /// is given), and each output reports each scorer's value.
     #[arg(long)]
-    pub scorer: Option<PathBuf>,
+    pub scorer: Vec<String>,
 }
 
 impl StrategyFlags {
@@ -117,11 +119,11 @@ impl StrategyFlags {
             max_draws: self.max_draws,
             block_k: self.block_k,
             block_m: self.block_m,
-            scorer: self.scorer.as_ref().map(|p| p.display().to_string()),
+            scorer: scorer_spec(&self.scorer)?.0,
         };
         let name = self.strategy.name();
         let s = Strategy::from_options(name, &options).map_err(|e| cli_error(e, &[]))?;
-        if s.scorer().is_some() && self.scorer.is_none() {
+        if s.scorer().is_some() && self.scorer.is_empty() {
             return Err(usage(format!(
                 "--scorer: --strategy {name} needs a prefix scorer file (train one with `tilt \
                  train-scorer`)"
@@ -156,6 +158,10 @@ pub struct GenerateArgs {
     /// A text that ends a candidate (cut before it); repeat for several.
     #[arg(long)]
     pub stop: Vec<String>,
+    /// A further reward (same forms as --reward) each output is scored with too, reported in
+    /// its `rewards`; repeat for several.
+    #[arg(long)]
+    pub report_reward: Vec<String>,
     #[command(flatten)]
     pub engine: EngineArgs,
     /// Write a manifest (engine, request, file hashes, host, wall times, output) here.
@@ -190,6 +196,7 @@ impl GenerateArgs {
             max_new_tokens: self.max_new_tokens,
             stop: self.stop.clone(),
             reward: None,
+            report_rewards: self.report_reward.clone(),
         };
         params.validate().map_err(|e| cli_error(e, &[]))?;
         Ok(Run::Generate {
@@ -201,11 +208,29 @@ impl GenerateArgs {
 
     /// How an engine parameter is spelt here (`prompt` is `--prompt` when one was given).
     fn renames(&self) -> Vec<(&'static str, &'static str)> {
+        let mut r = vec![("report_rewards", "--report-reward")];
         if self.prompt.is_some() {
-            vec![("prompt", "--prompt")]
-        } else {
-            Vec::new()
+            r.push(("prompt", "--prompt"));
         }
+        r
+    }
+
+    /// The engine: the scorer files, and each `--report-reward` beside `--reward`.
+    ///
+    /// # Errors
+    /// A usage error naming `--scorer`.
+    pub fn engine_config(&self) -> anyhow::Result<tilt_engine::EngineConfig> {
+        let (_, files) = scorer_spec(&self.strategy.scorer)?;
+        let mut config = self.engine.config(&files);
+        for spec in &self.report_reward {
+            if !config.rewards.iter().any(|r| &r.name == spec) {
+                config.rewards.push(tilt_engine::RewardConfig {
+                    name: spec.clone(),
+                    spec: spec.clone(),
+                });
+            }
+        }
+        Ok(config)
     }
 }
 
@@ -217,7 +242,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         check_writable("--manifest", path)?;
     }
     let renames = args.renames();
-    let config = args.engine.config(args.strategy.scorer.as_deref());
+    let config = args.engine_config()?;
     let progress = CliProgress::new();
     let engine = Engine::load(&config, &progress).map_err(|e| cli_error(e, &renames))?;
     let load_s = t0.elapsed().as_secs_f64();

@@ -119,7 +119,7 @@ pub fn run(args: TrainScorerArgs) -> anyhow::Result<()> {
             prompts.len()
         )));
     }
-    let engine_config = args.engine.config(None);
+    let engine_config = args.engine.config(&[]);
     let progress = CliProgress::new();
     let engine = Engine::load(&engine_config, &progress).map_err(|e| cli_error(e, RENAMES))?;
     let t_load = t_start.elapsed().as_secs_f64();

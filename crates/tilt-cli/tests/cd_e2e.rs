@@ -445,4 +445,183 @@ fn train_scorer_then_eval_with_controlled_decoding() {
     let verdict: Value = serde_json::from_slice(&rep.stdout).unwrap();
     assert_eq!(verdict["command"], "eval");
     assert_eq!(verdict["reproduced"], true);
+
+    // Several rewards at once: a second scorer, trained on a second reward.
+    let second = "minilm:target=A kind and polite answer.";
+    let scorer2 = dir.path().join("polite.safetensors");
+    let o = tilt(&[
+        "train-scorer",
+        "--prompts",
+        train.to_str().unwrap(),
+        "--rollouts",
+        "2",
+        "--max-new-tokens",
+        "6",
+        "--epochs",
+        "20",
+        "--reward",
+        second,
+        "--out",
+        scorer2.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (s1, s2) = (scorer.to_str().unwrap(), scorer2.to_str().unwrap());
+    // generate, guided by 0.3·V₁ + 0.7·V₂, reports each scorer's value and each reward.
+    let w1 = format!("{s1}:weight=0.3");
+    let w2 = format!("{s2}:weight=0.7");
+    let gen_manifest = dir.path().join("gen.manifest.json");
+    let o = tilt(&[
+        "generate",
+        "--prompt",
+        "Say thanks.",
+        "--strategy",
+        "cd-block",
+        "--block-k",
+        "2",
+        "--block-m",
+        "3",
+        "--max-new-tokens",
+        "6",
+        "--choices",
+        "2",
+        "--scorer",
+        &w1,
+        "--scorer",
+        &w2,
+        "--report-reward",
+        second,
+        "--manifest",
+        gen_manifest.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let lines: Vec<Value> = String::from_utf8(o.stdout.clone())
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    for line in &lines {
+        let sv = line["scorer_values"].as_array().unwrap();
+        assert_eq!(sv.len(), 2, "{line}");
+        assert_eq!(
+            (sv[0]["name"].as_str(), f(&sv[0]["weight"])),
+            (Some(s1), 0.3)
+        );
+        assert_eq!(
+            (sv[1]["name"].as_str(), f(&sv[1]["weight"])),
+            (Some(s2), 0.7)
+        );
+        assert!(sv.iter().all(|v| f(&v["value"]).is_finite()));
+        let rw = line["rewards"].as_array().unwrap();
+        assert_eq!(rw.len(), 1, "{line}");
+        assert_eq!(rw[0]["name"], second);
+        let r2 = f(&rw[0]["value"]);
+        assert!((-1.0..=1.0).contains(&r2), "{line}");
+    }
+    let rep = tilt(&["reproduce", gen_manifest.to_str().unwrap()]);
+    assert!(rep.status.success(), "{}", stderr(&rep));
+    let verdict: Value = serde_json::from_slice(&rep.stdout).unwrap();
+    assert_eq!(verdict["reproduced"], true);
+    // eval sweeps the weight and draws the two-reward frontier.
+    let plot = dir.path().join("frontier.svg");
+    let fm = dir.path().join("frontier.manifest.json");
+    let o = tilt(&[
+        "eval",
+        "--prompts",
+        eval_prompts.to_str().unwrap(),
+        "--strategies",
+        "sample; cd-block:K=2,M=3",
+        "--reference-samples",
+        "3",
+        "--max-new-tokens",
+        "6",
+        "--scorer",
+        s1,
+        "--scorer",
+        s2,
+        "--frontier-weights",
+        "0,0.5,1",
+        "--second-reward",
+        second,
+        "--plot",
+        plot.to_str().unwrap(),
+        "--manifest",
+        fm.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let report: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let labels: Vec<&str> = report["strategies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["strategy"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        labels,
+        [
+            "sample",
+            "cd-block:K=2,M=3,w=1/0",
+            "cd-block:K=2,M=3,w=0.5/0.5",
+            "cd-block:K=2,M=3,w=0/1"
+        ]
+    );
+    assert_eq!(report["gold"]["strategies"].as_array().unwrap().len(), 4);
+    assert_eq!(report["scorers"], serde_json::json!([s1, s2]));
+    let svg = std::fs::read_to_string(&plot).unwrap();
+    assert!(
+        svg.contains("Two-reward frontier"),
+        "the frontier panel is drawn"
+    );
+    assert!(svg.contains("w = 0.5"));
+    let rep = tilt(&["reproduce", fm.to_str().unwrap()]);
+    assert!(rep.status.success(), "{}", stderr(&rep));
+    // Bad combinations are refused before any model loads.
+    for (args, needle) in [
+        (
+            vec![
+                "--scorer",
+                s1,
+                "--frontier-weights",
+                "0,1",
+                "--second-reward",
+                second,
+            ],
+            "two --scorer",
+        ),
+        (
+            vec!["--scorer", s1, "--scorer", s2, "--frontier-weights", "0,1"],
+            "--second-reward",
+        ),
+        (
+            vec![
+                "--scorer",
+                s1,
+                "--scorer",
+                s2,
+                "--frontier-weights",
+                "0,0",
+                "--second-reward",
+                second,
+            ],
+            "twice",
+        ),
+        (
+            vec!["--scorer", &w1, "--scorer", "x:weight=nan"],
+            "not finite",
+        ),
+        (vec!["--scorer", "x:weight=abc"], "not a number"),
+        (vec!["--scorer", s1, "--scorer", s1], "twice"),
+    ] {
+        let mut argv = vec![
+            "eval",
+            "--prompts",
+            eval_prompts.to_str().unwrap(),
+            "--strategies",
+            "cd-block:K=2,M=3",
+        ];
+        argv.extend(args.iter().copied());
+        let o = tilt(&argv);
+        assert_eq!(o.status.code(), Some(2), "{argv:?}: {}", stderr(&o));
+        assert!(stderr(&o).contains(needle), "{needle}: {}", stderr(&o));
+    }
 }

@@ -6,17 +6,17 @@
 //! (tilt-assets), and a fetch is a step of [`Engine::load`] reported through the caller's
 //! [`Progress`], never a side effect hidden in a reward's constructor.
 
-use crate::cd::{check_scorer_fits, PrefixScorer, ScorerFile};
+use crate::cd::{check_scorer_fits, PrefixScorer, ScorerFile, WeightedSum};
 use crate::cost::Rule;
 use crate::error::{EngineError, Result};
 use crate::progress::Progress;
-use crate::request::{Input, Output, Request, Response, Usage, MAX_CHOICES};
+use crate::request::{Input, Output, Request, Response, RewardValue, Usage, MAX_CHOICES};
 use crate::stepper::{
-    draw_stream, selection_stream, CancelToken, CdBlockJob, CdSpec, CdTokenJob, EventSink,
-    Finished, GroupSpec, Job, JobId, JobOutput, OutputSpec, Prefilled, RewindJob, SelectJob,
-    Stepper, TokenEvent, TokenSink,
+    draw_stream, score_pairs, selection_stream, CancelToken, CdBlockJob, CdSpec, CdTokenJob,
+    EventSink, Finished, GroupSpec, Job, JobId, JobOutput, OutputSpec, Prefilled, RewindJob,
+    SelectJob, Stepper, TokenEvent, TokenSink,
 };
-use crate::strategy::{Strategy, MAX_DRAWS, MAX_N};
+use crate::strategy::{ScorerSpec, Strategy, MAX_DRAWS, MAX_N};
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
@@ -378,6 +378,27 @@ impl<P: Policy> Engine<P> {
             ));
         }
         find_named(&self.scorers, name, "scorer")
+    }
+
+    /// The prefix scorer a cd strategy guides by: the one it names (None: the default) or
+    /// the weighted sum of those it lists, each term named as in the engine.
+    ///
+    /// # Errors
+    /// As [`Engine::scorer`] for each name; [`ScorerSpec::validate`].
+    pub fn cd_scorer(&self, spec: Option<&ScorerSpec>) -> Result<Arc<WeightedSum>> {
+        let Some(spec) = spec else {
+            let s = self.scorer(None)?;
+            return Ok(Arc::new(WeightedSum::single(
+                self.scorers[0].0.clone(),
+                Arc::clone(s),
+            )));
+        };
+        spec.validate()?;
+        let mut terms = Vec::new();
+        for (name, w) in spec.terms() {
+            terms.push((name.to_string(), w, Arc::clone(self.scorer(Some(name))?)));
+        }
+        Ok(Arc::new(WeightedSum::new(terms)?))
     }
 
     /// Every file whose bytes determine this engine's outputs, with its role (`policy`,
@@ -747,7 +768,8 @@ struct Queued<'e> {
     tokens: Vec<TokenId>,
     rows: usize,
     reward: Arc<dyn Reward>,
-    scorer: Option<Arc<dyn PrefixScorer>>,
+    scorer: Option<Arc<WeightedSum>>,
+    report: Vec<(String, Arc<dyn Reward>)>,
     events: Option<TokenSink<'e>>,
     cancel: CancelToken,
 }
@@ -759,6 +781,8 @@ struct Active {
     remaining: usize,
     usage: Usage,
     rows: usize,
+    /// The request's `report_rewards`, resolved.
+    report: Vec<(String, Arc<dyn Reward>)>,
     error: Option<EngineError>,
     /// The caller's token.
     cancel: CancelToken,
@@ -811,9 +835,17 @@ impl<'e, P: Policy> Scheduler<'e, P> {
         let p = &request.params;
         let reward = Arc::clone(self.engine.reward(p.reward.as_deref())?);
         let scorer = match p.strategy.scorer() {
-            Some(name) => Some(Arc::clone(self.engine.scorer(name)?)),
+            Some(spec) => Some(self.engine.cd_scorer(spec)?),
             None => None,
         };
+        let mut report = Vec::with_capacity(p.report_rewards.len());
+        for name in &p.report_rewards {
+            let r = self
+                .engine
+                .reward(Some(name))
+                .map_err(|e| EngineError::invalid("report_rewards", e.to_string()))?;
+            report.push((name.clone(), Arc::clone(r)));
+        }
         let tokens = self.engine.encode(&request.input, p.max_new_tokens)?;
         let per_choice = p.strategy.rows(self.engine.policy.vocab_size());
         let rows = per_choice.saturating_mul(p.choices);
@@ -844,6 +876,7 @@ impl<'e, P: Policy> Scheduler<'e, P> {
             rows,
             reward,
             scorer,
+            report,
             events,
             cancel,
         });
@@ -956,6 +989,7 @@ impl<'e, P: Policy> Scheduler<'e, P> {
             rows,
             reward,
             scorer,
+            report,
             events,
             cancel,
         } = q;
@@ -1008,6 +1042,7 @@ impl<'e, P: Policy> Scheduler<'e, P> {
                     completion_tokens: 0,
                 },
                 rows,
+                report,
                 error: None,
                 cancel,
                 stop,
@@ -1021,11 +1056,24 @@ fn finish_request(a: Active) -> Result<Response> {
     if let Some(e) = a.error {
         return Err(e);
     }
-    let outputs = a
+    let mut outputs = a
         .outputs
         .into_iter()
         .map(|o| o.ok_or_else(|| EngineError::Internal("a choice has no output".into())))
         .collect::<Result<Vec<_>>>()?;
+    // The further rewards, each in one call over the request's outputs.
+    for (name, reward) in &a.report {
+        let values = score_pairs(
+            reward.as_ref(),
+            outputs.iter().map(|o| (a.prompt.as_str(), o.text.as_str())),
+        )?;
+        for (o, value) in outputs.iter_mut().zip(values) {
+            o.rewards.push(RewardValue {
+                name: name.clone(),
+                value,
+            });
+        }
+    }
     Ok(Response {
         index: a.index,
         prompt: a.prompt,
@@ -1049,7 +1097,7 @@ pub(crate) fn make_job<'a, P: Policy>(
     max_new_tokens: usize,
     stops: &Arc<[String]>,
     out: OutputSpec,
-    scorer: Option<&Arc<dyn PrefixScorer>>,
+    scorer: Option<&Arc<WeightedSum>>,
     score: bool,
 ) -> Result<Box<dyn Job<P> + 'a>>
 where

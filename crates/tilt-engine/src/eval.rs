@@ -52,7 +52,7 @@
 //! (one per job, the cd outputs of a strategy together), so the numbers do not depend on
 //! the batching.
 
-use crate::cd::PrefixScorer;
+use crate::cd::WeightedSum;
 use crate::cost::Rule;
 use crate::engine::{make_job, Engine};
 use crate::error::{EngineError, Result};
@@ -66,7 +66,7 @@ use crate::stepper::{
     draw_stream, run_jobs, score_pairs, selection_stream, Finished, Group, GroupSpec, Job,
     JobOutput, OutputSpec, Prefilled, SampleJob,
 };
-use crate::strategy::{Strategy, MAX_N};
+use crate::strategy::{ScorerSpec, Strategy, WeightedScorer, MAX_N};
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -115,6 +115,103 @@ fn parse_number(what: &str, v: &str) -> Result<f64> {
     v.trim()
         .parse()
         .map_err(|_| bad_spec(format!("{what} = {v:?} is not a number")))
+}
+
+/// The most weights a frontier sweeps.
+pub const MAX_FRONTIER_WEIGHTS: usize = 64;
+
+/// The two-reward frontier of controlled decoding: every cd strategy of `strategies` that
+/// names no scorer becomes one strategy per weight w of `weights`, guided by
+/// (1 − w)·V_a + w·V_b (`a`, `b` scorer names in the engine, typically trained on two
+/// rewards); the other strategies stay as they are. Scored by both rewards (the second as
+/// `gold_reward`), the outputs trace how much of one reward each weight trades for the other
+/// (arXiv 2310.17022 §2: scorers of several rewards combine linearly).
+///
+/// # Errors
+/// [`EngineError::Invalid`] naming `frontier_weights`: no weight, more than
+/// [`MAX_FRONTIER_WEIGHTS`], a non-finite or repeated weight, or no cd strategy to sweep;
+/// naming `scorer` when `a` and `b` are the same.
+pub fn frontier_strategies(
+    strategies: &[Strategy],
+    a: &str,
+    b: &str,
+    weights: &[f64],
+) -> Result<Vec<Strategy>> {
+    if weights.is_empty() || weights.len() > MAX_FRONTIER_WEIGHTS {
+        return Err(EngineError::invalid(
+            "frontier_weights",
+            format!(
+                "{} weights; give 1 to {MAX_FRONTIER_WEIGHTS}",
+                weights.len()
+            ),
+        ));
+    }
+    for (i, w) in weights.iter().enumerate() {
+        if !w.is_finite() {
+            return Err(EngineError::invalid(
+                "frontier_weights",
+                format!("{w} is not a finite weight"),
+            ));
+        }
+        if weights[..i].contains(w) {
+            return Err(EngineError::invalid(
+                "frontier_weights",
+                format!("{w} is listed twice"),
+            ));
+        }
+    }
+    if a == b {
+        return Err(EngineError::invalid(
+            "scorer",
+            format!("the frontier needs two different scorers, {a:?} is given twice"),
+        ));
+    }
+    let spec = |w: f64| {
+        Some(ScorerSpec::Weighted(vec![
+            WeightedScorer {
+                name: a.to_string(),
+                weight: 1.0 - w,
+            },
+            WeightedScorer {
+                name: b.to_string(),
+                weight: w,
+            },
+        ]))
+    };
+    let mut out = Vec::new();
+    let mut swept = false;
+    for s in strategies {
+        match s {
+            Strategy::CdToken {
+                lambda,
+                top_k,
+                scorer: None,
+            } => {
+                swept = true;
+                out.extend(weights.iter().map(|&w| Strategy::CdToken {
+                    lambda: *lambda,
+                    top_k: *top_k,
+                    scorer: spec(w),
+                }));
+            }
+            Strategy::CdBlock { k, m, scorer: None } => {
+                swept = true;
+                out.extend(weights.iter().map(|&w| Strategy::CdBlock {
+                    k: *k,
+                    m: *m,
+                    scorer: spec(w),
+                }));
+            }
+            other => out.push(other.clone()),
+        }
+    }
+    if !swept {
+        return Err(EngineError::invalid(
+            "frontier_weights",
+            "no cd-block or cd-token strategy to sweep the weight of",
+        ));
+    }
+    Ok(out)
 }
 
 /// Parse a strategies list such as
@@ -578,10 +675,10 @@ pub fn evaluate<P: Policy>(
         None => None,
     };
     // Every cd strategy's scorer, resolved before any work.
-    let mut scorers: Vec<Option<Arc<dyn PrefixScorer>>> = Vec::new();
+    let mut scorers: Vec<Option<Arc<WeightedSum>>> = Vec::new();
     for s in &config.strategies {
         scorers.push(match s.scorer() {
-            Some(name) => Some(Arc::clone(engine.scorer(name)?)),
+            Some(spec) => Some(engine.cd_scorer(spec)?),
             None => None,
         });
     }
@@ -822,8 +919,12 @@ pub fn evaluate<P: Policy>(
     let (exact_best_of_n, exact_tilt) = exact_curves(&ref_rewards_all, max_n.max(16))?;
     let reference_mean_reward =
         ref_rewards_all.iter().flatten().sum::<f64>() / (p * config.reference_samples) as f64;
-    let mut scorer_names: Vec<String> = scorers.iter().flatten().map(|s| s.name()).collect();
-    scorer_names.dedup();
+    let mut scorer_names: Vec<String> = Vec::new();
+    for name in scorers.iter().flatten().flat_map(|s| s.names()) {
+        if !scorer_names.iter().any(|n| n == name) {
+            scorer_names.push(name.to_string());
+        }
+    }
     let gold = match &gold {
         Some(g) => Some(gold_report(
             g.name(),
@@ -973,6 +1074,58 @@ pub fn exact_curves(refs: &[Vec<f64>], n_max: usize) -> Result<(Vec<CurvePoint>,
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_frontier_sweeps_each_cd_strategy_over_the_weights() {
+        let base =
+            parse_strategies("sample; bon:2; cd-block:K=2,M=3; cd-token:lambda=2,k=3").unwrap();
+        let out = frontier_strategies(&base, "a", "b", &[0.0, 0.25, 1.0]).unwrap();
+        let labels: Vec<String> = out.iter().map(Strategy::label).collect();
+        assert_eq!(
+            labels,
+            [
+                "sample",
+                "bon:2",
+                "cd-block:K=2,M=3,w=1/0",
+                "cd-block:K=2,M=3,w=0.75/0.25",
+                "cd-block:K=2,M=3,w=0/1",
+                "cd-token:lambda=2,k=3,w=1/0",
+                "cd-token:lambda=2,k=3,w=0.75/0.25",
+                "cd-token:lambda=2,k=3,w=0/1",
+            ]
+        );
+        match out[3].scorer() {
+            Some(Some(ScorerSpec::Weighted(t))) => {
+                assert_eq!((t[0].name.as_str(), t[0].weight), ("a", 0.75));
+                assert_eq!((t[1].name.as_str(), t[1].weight), ("b", 0.25));
+            }
+            other => panic!("{other:?}"),
+        }
+        // Distinct labels: each point is seeded on its own, and the config validates.
+        let config = EvalConfig {
+            strategies: out,
+            reference_samples: 2,
+            samples_per_prompt: 1,
+            max_new_tokens: 2,
+            seed: 0,
+            chat_template: false,
+            reward: None,
+            gold_reward: Some("g".into()),
+        };
+        config.validate().unwrap();
+        for (weights, a, b, param) in [
+            (vec![], "a", "b", "frontier_weights"),
+            (vec![0.5, 0.5], "a", "b", "frontier_weights"),
+            (vec![f64::NAN], "a", "b", "frontier_weights"),
+            (vec![0.5], "a", "a", "scorer"),
+        ] {
+            let e = frontier_strategies(&base, a, b, &weights).unwrap_err();
+            assert_eq!(e.param(), Some(param), "{e}");
+        }
+        let none = parse_strategies("sample; bon:2").unwrap();
+        let e = frontier_strategies(&none, "a", "b", &[0.5]).unwrap_err();
+        assert!(e.to_string().contains("no cd-block or cd-token"), "{e}");
+    }
 
     #[test]
     fn parses_the_strategy_list_and_rejects_bad_specs() {

@@ -42,8 +42,8 @@ pub use engine::{Engine, EngineConfig, LogProb, RequestId, RewardConfig, Schedul
 pub use error::{EngineError, ErrorKind, Result};
 pub use progress::{NoProgress, Progress};
 pub use request::{
-    Candidate, FinishReason, Input, KlNote, Output, Params, Request, Response, Usage,
+    Candidate, FinishReason, Input, KlNote, Output, Params, Request, Response, RewardValue, Usage,
 };
 pub use stepper::{CancelToken, TokenEvent, TokenSink};
-pub use strategy::{Strategy, StrategyOptions};
+pub use strategy::{ScorerSpec, Strategy, StrategyOptions, WeightedScorer};
 pub use tilt_models::{ChatMessage, Role};

@@ -15,6 +15,7 @@
 //! assert!(serde_json::from_str::<Request>(r#"{"input": {"prompt": "x"}, "params": {"strategy": {"name": "sample"}, "sed": 3}}"#).is_err());
 //! ```
 
+use crate::cd::ScorerValue;
 use crate::error::{EngineError, Result};
 use crate::Strategy;
 use serde::{Deserialize, Serialize};
@@ -112,6 +113,10 @@ pub struct Params {
     /// The reward's name in the engine (None: its default reward).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reward: Option<String>,
+    /// Further rewards (names in the engine) each output is scored with too, reported in its
+    /// `rewards`: what a run guided by several objectives bought in each.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub report_rewards: Vec<String>,
 }
 
 impl Params {
@@ -124,6 +129,7 @@ impl Params {
             max_new_tokens: DEFAULT_MAX_NEW_TOKENS,
             stop: Vec::new(),
             reward: None,
+            report_rewards: Vec::new(),
         }
     }
 
@@ -155,6 +161,26 @@ impl Params {
         }
         if self.stop.iter().any(String::is_empty) {
             return Err(EngineError::invalid("stop", "an empty stop sequence"));
+        }
+        if self.report_rewards.len() > MAX_STOP {
+            return Err(EngineError::invalid(
+                "report_rewards",
+                format!("{} rewards; at most {MAX_STOP}", self.report_rewards.len()),
+            ));
+        }
+        for (i, name) in self.report_rewards.iter().enumerate() {
+            if name.trim().is_empty() {
+                return Err(EngineError::invalid(
+                    "report_rewards",
+                    "an empty reward name",
+                ));
+            }
+            if self.report_rewards[..i].contains(name) {
+                return Err(EngineError::invalid(
+                    "report_rewards",
+                    format!("reward {name:?} is listed twice"),
+                ));
+            }
         }
         Ok(())
     }
@@ -401,6 +427,22 @@ pub struct Output {
     pub units: String,
     /// Every candidate, in draw order (for cd strategies, the output itself).
     pub candidates: Vec<Candidate>,
+    /// cd strategies: each prefix scorer's value at the output's last drawn token, with its
+    /// weight (the guide was Σ weight·value).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub scorer_values: Vec<ScorerValue>,
+    /// The output's value under each reward of the request's `report_rewards`, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rewards: Vec<RewardValue>,
+}
+
+/// An output's value under one named reward.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RewardValue {
+    /// The reward's name in the engine.
+    pub name: String,
+    /// The output's reward under it.
+    pub value: f64,
 }
 
 /// Token counts of a request.
@@ -449,6 +491,7 @@ mod tests {
                 max_new_tokens: 9,
                 stop: vec!["\n".into()],
                 reward: Some("minilm".into()),
+                report_rewards: vec!["other".into()],
             },
         };
         let j = serde_json::to_string(&r).unwrap();

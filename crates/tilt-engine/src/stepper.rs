@@ -33,7 +33,7 @@
 //! [`selection_stream`]; a candidate's tokens therefore depend only on (seed, index, draw)
 //! and on the model, not on n, the batch it ran in, or the thread count.
 
-use crate::cd::{cd_token_step_law, top_k_candidates, PrefixScorer};
+use crate::cd::{cd_token_step_law, top_k_candidates, PrefixScorer, WeightedSum};
 use crate::cost::{cost, Cost, Rule};
 use crate::error::{EngineError, Result};
 use crate::request::{Candidate, FinishReason, KlNote, Output};
@@ -867,6 +867,8 @@ fn output_of(
         kl_note: cost.kl_note,
         units: "nats".into(),
         candidates,
+        scorer_values: Vec::new(),
+        rewards: Vec::new(),
     }
 }
 
@@ -1187,7 +1189,7 @@ pub(crate) struct CdSpec {
     pub(crate) seed: u64,
     pub(crate) max_new_tokens: usize,
     pub(crate) stops: Arc<[String]>,
-    pub(crate) scorer: Arc<dyn PrefixScorer>,
+    pub(crate) scorer: Arc<WeightedSum>,
     /// Score the output with this reward when it is done (eval scores its cd outputs in
     /// batches of its own instead).
     pub(crate) out: OutputSpec,
@@ -1227,10 +1229,13 @@ impl CdSpec {
 
 /// The output of a cd job: its one sequence is its one candidate. `kl` is (bound,
 /// estimate). Without scoring (see [`CdSpec::score`]) the reward is 0, filled in later.
+/// `last_hidden` is the hidden state at its last drawn token, where each scorer's value is
+/// reported.
 #[allow(clippy::too_many_arguments)]
 fn cd_output(
     spec: &CdSpec,
     seq: CdSequence,
+    last_hidden: &[f32],
     strategy: &str,
     policy_text: String,
     reward: f64,
@@ -1238,7 +1243,8 @@ fn cd_output(
     kl_note: KlNote,
     draws: usize,
     blocks: Option<usize>,
-) -> Output {
+) -> Result<Output> {
+    let scorer_values = spec.scorer.values_at(last_hidden)?;
     let finish = seq.finish.unwrap_or(FinishReason::Length);
     let candidate = Candidate {
         text: policy_text.clone(),
@@ -1249,7 +1255,7 @@ fn cd_output(
         tokens: seq.tokens.clone(),
         token_log_probs: seq.token_log_probs,
     };
-    Output {
+    Ok(Output {
         choice: spec.out.choice,
         text: policy_text,
         tokens: seq.tokens,
@@ -1268,7 +1274,9 @@ fn cd_output(
         kl_note,
         units: "nats".into(),
         candidates: vec![candidate],
-    }
+        scorer_values,
+        rewards: Vec::new(),
+    })
 }
 
 /// Token-level controlled decoding for one output (arXiv 2310.17022 §3; see
@@ -1317,11 +1325,12 @@ impl<C: Clone + Send> CdTokenJob<C> {
         }
     }
 
-    fn output(&mut self, text: String, reward: f64) -> Output {
+    fn output(&mut self, text: String, reward: f64) -> Result<Output> {
         let seq = std::mem::replace(&mut self.seq, CdSequence::new());
         cd_output(
             &self.spec,
             seq,
+            &self.last.hidden,
             "cd-token",
             text,
             reward,
@@ -1360,7 +1369,7 @@ impl<P: Policy> Job<P> for CdTokenJob<P::Cache> {
                 Ok(poll)
             }
             CdEnd::Unscored(text) => {
-                self.result = Some(self.output(text, 0.0));
+                self.result = Some(self.output(text, 0.0)?);
                 Ok(Poll::Done)
             }
         }
@@ -1398,7 +1407,7 @@ impl<P: Policy> Job<P> for CdTokenJob<P::Cache> {
 
     fn scored(&mut self, scores: Vec<f64>) -> Result<()> {
         let (text, r) = self.spec.scored(self.text.take(), &scores)?;
-        self.result = Some(self.output(text, r));
+        self.result = Some(self.output(text, r)?);
         Ok(())
     }
 
@@ -1494,12 +1503,13 @@ impl<C: Clone + Send> CdBlockJob<C> {
         k.ln() - (k - 1.0) / k
     }
 
-    fn output(&mut self, text: String, reward: f64) -> Output {
+    fn output(&mut self, text: String, reward: f64) -> Result<Output> {
         let seq = std::mem::replace(&mut self.seq, CdSequence::new());
         let bound = self.blocks as f64 * self.block_kl_bound();
         cd_output(
             &self.spec,
             seq,
+            &self.last.hidden,
             "cd-block",
             text,
             reward,
@@ -1595,7 +1605,7 @@ impl<P: Policy> Job<P> for CdBlockJob<P::Cache> {
                 Ok(poll)
             }
             CdEnd::Unscored(text) => {
-                self.result = Some(self.output(text, 0.0));
+                self.result = Some(self.output(text, 0.0)?);
                 Ok(Poll::Done)
             }
         }
@@ -1624,7 +1634,7 @@ impl<P: Policy> Job<P> for CdBlockJob<P::Cache> {
 
     fn scored(&mut self, scores: Vec<f64>) -> Result<()> {
         let (text, r) = self.spec.scored(self.text.take(), &scores)?;
-        self.result = Some(self.output(text, r));
+        self.result = Some(self.output(text, r)?);
         Ok(())
     }
 

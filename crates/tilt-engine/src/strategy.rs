@@ -44,6 +44,157 @@ pub const DEFAULT_CD_TOP_K: usize = 10;
 pub const DEFAULT_BLOCK_K: usize = 4;
 /// The default M of cd-block.
 pub const DEFAULT_BLOCK_M: usize = 8;
+/// The most prefix scorers one cd strategy sums.
+pub const MAX_SCORERS: usize = 16;
+
+/// One term of a weighted sum of prefix scorers: a scorer's name in the engine and its
+/// weight.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WeightedScorer {
+    /// The scorer's name in the engine.
+    pub name: String,
+    /// Its weight w (finite; negative steers away from the scorer's reward).
+    #[serde(default = "unit_weight")]
+    pub weight: f64,
+}
+
+fn unit_weight() -> f64 {
+    1.0
+}
+
+/// The prefix scorer of cd-token and cd-block: one scorer by name, or a weighted sum
+/// V = Σᵢ wᵢ·Vᵢ of several. Controlled decoding for several rewards at once needs nothing
+/// more: the value of the weighted reward Σᵢ wᵢ·rᵢ is Σᵢ wᵢ·Vᵢ by linearity of expectation,
+/// so guiding by the sum targets the tilt of p by the weighted reward (arXiv 2310.17022 §2,
+/// "multi-objective": the scorers of the rewards combine linearly).
+///
+/// As JSON, a name (`"scorer": "helpful"`) or a list of terms
+/// (`"scorer": [{"name": "helpful", "weight": 0.7}, {"name": "short", "weight": 0.3}]`; a term
+/// without a weight has weight 1).
+#[derive(Debug, Clone, PartialEq)]
+pub enum ScorerSpec {
+    /// One scorer, weight 1.
+    One(String),
+    /// A weighted sum, summed in the listed order.
+    Weighted(Vec<WeightedScorer>),
+}
+
+impl From<&str> for ScorerSpec {
+    fn from(name: &str) -> Self {
+        ScorerSpec::One(name.to_string())
+    }
+}
+
+impl From<String> for ScorerSpec {
+    fn from(name: String) -> Self {
+        ScorerSpec::One(name)
+    }
+}
+
+impl Serialize for ScorerSpec {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        match self {
+            ScorerSpec::One(name) => s.serialize_str(name),
+            ScorerSpec::Weighted(terms) => terms.serialize(s),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for ScorerSpec {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = ScorerSpec;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a scorer name or a list of {\"name\", \"weight\"} terms")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> std::result::Result<ScorerSpec, E> {
+                Ok(ScorerSpec::One(v.to_string()))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> std::result::Result<ScorerSpec, A::Error> {
+                let mut terms = Vec::new();
+                while let Some(t) = seq.next_element::<WeightedScorer>()? {
+                    terms.push(t);
+                }
+                Ok(ScorerSpec::Weighted(terms))
+            }
+        }
+        d.deserialize_any(Visit)
+    }
+}
+
+impl ScorerSpec {
+    /// The terms (name, weight) in order; [`ScorerSpec::One`] is one term of weight 1.
+    pub fn terms(&self) -> Vec<(&str, f64)> {
+        match self {
+            ScorerSpec::One(name) => vec![(name.as_str(), 1.0)],
+            ScorerSpec::Weighted(terms) => {
+                terms.iter().map(|t| (t.name.as_str(), t.weight)).collect()
+            }
+        }
+    }
+
+    /// Check the names and weights.
+    ///
+    /// # Errors
+    /// [`EngineError::Invalid`] naming `scorer`: an empty name, an empty list, more than
+    /// [`MAX_SCORERS`] terms, a name listed twice, a non-finite weight.
+    pub fn validate(&self) -> Result<()> {
+        let terms = self.terms();
+        if terms.is_empty() {
+            return Err(EngineError::invalid(
+                "scorer",
+                "an empty list of scorers; give at least one",
+            ));
+        }
+        if terms.len() > MAX_SCORERS {
+            return Err(EngineError::invalid(
+                "scorer",
+                format!(
+                    "{} scorers; at most {MAX_SCORERS} can be summed",
+                    terms.len()
+                ),
+            ));
+        }
+        for (i, (name, w)) in terms.iter().enumerate() {
+            if name.trim().is_empty() {
+                return Err(EngineError::invalid("scorer", "an empty scorer name"));
+            }
+            if !w.is_finite() {
+                return Err(EngineError::invalid(
+                    "scorer",
+                    format!("scorer {name:?} has weight {w}; a weight must be a finite number"),
+                ));
+            }
+            if terms[..i].iter().any(|(n, _)| n == name) {
+                return Err(EngineError::invalid(
+                    "scorer",
+                    format!(
+                        "scorer {name:?} is listed twice; give each scorer once with its weight"
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// What [`Strategy::label`] appends for a weighted sum: the weights in order,
+    /// `,w=0.7/0.3` (nothing for one scorer, so that labels of single-scorer runs are
+    /// unchanged).
+    fn label_suffix(&self) -> String {
+        match self {
+            ScorerSpec::One(_) => String::new(),
+            ScorerSpec::Weighted(terms) => {
+                let parts: Vec<String> = terms.iter().map(|t| t.weight.to_string()).collect();
+                format!(",w={}", parts.join("/"))
+            }
+        }
+    }
+}
 
 /// An inference-time alignment strategy with its parameters (see the module docs).
 ///
@@ -114,9 +265,10 @@ pub enum Strategy {
         lambda: f64,
         /// Candidates per step, ≥ 1 (at least the vocabulary: no truncation).
         top_k: usize,
-        /// The prefix scorer's name in the engine (None: its only or first scorer).
+        /// The prefix scorer: a name in the engine or a weighted sum of several (None: the
+        /// engine's only or first scorer).
         #[serde(default, skip_serializing_if = "Option::is_none")]
-        scorer: Option<String>,
+        scorer: Option<ScorerSpec>,
     },
     /// Blockwise controlled decoding: draw K continuations of M tokens from p, keep the one
     /// the prefix scorer values most, repeat (arXiv 2310.17022 §3).
@@ -125,9 +277,10 @@ pub enum Strategy {
         k: usize,
         /// M ≥ 1 tokens per block.
         m: usize,
-        /// The prefix scorer's name in the engine (None: its only or first scorer).
+        /// The prefix scorer: a name in the engine or a weighted sum of several (None: the
+        /// engine's only or first scorer).
         #[serde(default, skip_serializing_if = "Option::is_none")]
-        scorer: Option<String>,
+        scorer: Option<ScorerSpec>,
     },
 }
 
@@ -159,8 +312,8 @@ pub struct StrategyOptions {
     pub block_k: Option<usize>,
     /// cd-block's M.
     pub block_m: Option<usize>,
-    /// The prefix scorer of cd-token and cd-block (a name in the engine).
-    pub scorer: Option<String>,
+    /// The prefix scorer of cd-token and cd-block (a name in the engine, or a weighted sum).
+    pub scorer: Option<ScorerSpec>,
 }
 
 impl StrategyOptions {
@@ -295,7 +448,8 @@ impl Strategy {
     /// # Errors
     /// [`EngineError::Invalid`] naming the parameter: n = 0 or above [`MAX_N`]; λ not finite
     /// (or ≤ 0 for soft-bon, < 0 for cd-token); a non-finite threshold; max_draws = 0 or above
-    /// [`MAX_DRAWS`]; top_k = 0; K = 0 or above [`MAX_N`]; M = 0; an empty scorer name.
+    /// [`MAX_DRAWS`]; top_k = 0; K = 0 or above [`MAX_N`]; M = 0; a bad scorer (see
+    /// [`ScorerSpec::validate`]).
     pub fn validate(&self) -> Result<()> {
         let count = |param: &str, v: usize, what: &str| -> Result<()> {
             if v == 0 {
@@ -315,13 +469,8 @@ impl Strategy {
             }
             Ok(())
         };
-        let scorer_name = |s: &Option<String>| -> Result<()> {
-            match s {
-                Some(name) if name.trim().is_empty() => {
-                    Err(EngineError::invalid("scorer", "an empty scorer name"))
-                }
-                _ => Ok(()),
-            }
+        let scorer_name = |s: &Option<ScorerSpec>| -> Result<()> {
+            s.as_ref().map_or(Ok(()), ScorerSpec::validate)
         };
         match self {
             Strategy::Sample { .. } => Ok(()),
@@ -433,11 +582,12 @@ impl Strategy {
         }
     }
 
-    /// The prefix scorer it names (None: the engine's default), for the cd strategies.
-    pub fn scorer(&self) -> Option<Option<&str>> {
+    /// The prefix scorer it names (None inside: the engine's default), for the cd
+    /// strategies; None for the others.
+    pub fn scorer(&self) -> Option<Option<&ScorerSpec>> {
         match self {
             Strategy::CdToken { scorer, .. } | Strategy::CdBlock { scorer, .. } => {
-                Some(scorer.as_deref())
+                Some(scorer.as_ref())
             }
             _ => None,
         }
@@ -468,10 +618,24 @@ impl Strategy {
                 max_draws,
                 ..
             } => format!("rewind:n={n},threshold={threshold},max_draws={max_draws}"),
-            Strategy::CdBlock { k, m, .. } => format!("cd-block:K={k},M={m}"),
-            Strategy::CdToken { lambda, top_k, .. } => {
-                format!("cd-token:lambda={lambda},k={top_k}")
-            }
+            Strategy::CdBlock { k, m, scorer } => format!(
+                "cd-block:K={k},M={m}{}",
+                scorer
+                    .as_ref()
+                    .map(ScorerSpec::label_suffix)
+                    .unwrap_or_default()
+            ),
+            Strategy::CdToken {
+                lambda,
+                top_k,
+                scorer,
+            } => format!(
+                "cd-token:lambda={lambda},k={top_k}{}",
+                scorer
+                    .as_ref()
+                    .map(ScorerSpec::label_suffix)
+                    .unwrap_or_default()
+            ),
         }
     }
 }

@@ -20,7 +20,8 @@ use tilt_engine::cd::{
 use tilt_engine::scorer_training::{collect_rollouts, TrainScorerConfig};
 use tilt_engine::stepper::draw_stream;
 use tilt_engine::{
-    Engine, EngineError, ErrorKind, FinishReason, Input, KlNote, NoProgress, Output, Strategy,
+    Engine, EngineError, ErrorKind, FinishReason, Input, KlNote, NoProgress, Output, ScorerSpec,
+    Strategy, WeightedScorer,
 };
 use tilt_models::sampling::{SamplingParams, SequenceSampler};
 use tilt_models::toy::{ToyPolicy, TOY_EOS};
@@ -66,13 +67,28 @@ fn law_by_hand(
     lambda: f64,
     k: usize,
 ) -> HashMap<TokenId, f64> {
+    law_with(&v_by_hand, toy, last, pos_child, lambda, k)
+}
+
+/// The value function of a prefix (its last token, its position).
+type ValueFn<'a> = &'a dyn Fn(TokenId, usize) -> f64;
+
+/// [`law_by_hand`] under the value function `v`.
+fn law_with(
+    v: ValueFn<'_>,
+    toy: &ToyPolicy,
+    last: TokenId,
+    pos_child: usize,
+    lambda: f64,
+    k: usize,
+) -> HashMap<TokenId, f64> {
     let p = p_next(toy, last);
     let mut order: Vec<usize> = (0..4).collect();
     order.sort_by(|&a, &b| p[b].partial_cmp(&p[a]).unwrap().then(a.cmp(&b)));
     let top: Vec<usize> = order.into_iter().take(k).collect();
     let w: Vec<f64> = top
         .iter()
-        .map(|&z| p[z] * (lambda * v_by_hand(z as TokenId, pos_child)).exp())
+        .map(|&z| p[z] * (lambda * v(z as TokenId, pos_child)).exp())
         .collect();
     let z: f64 = w.iter().sum();
     top.iter()
@@ -89,6 +105,18 @@ fn sequence_law_by_hand(
     lambda: f64,
     k: usize,
 ) -> Vec<(Vec<TokenId>, f64, f64)> {
+    sequence_law_with(&v_by_hand, toy, prompt, max_new, lambda, k)
+}
+
+/// [`sequence_law_by_hand`] under the value function `v`.
+fn sequence_law_with(
+    v: ValueFn<'_>,
+    toy: &ToyPolicy,
+    prompt: &[TokenId],
+    max_new: usize,
+    lambda: f64,
+    k: usize,
+) -> Vec<(Vec<TokenId>, f64, f64)> {
     // (sequence, π(y), p(y))
     let mut out = Vec::new();
     let mut stack = vec![(
@@ -99,7 +127,7 @@ fn sequence_law_by_hand(
     )];
     while let Some((seq, last, pi, p)) = stack.pop() {
         let pos_child = prompt.len() + seq.len();
-        let law = law_by_hand(toy, last, pos_child, lambda, k);
+        let law = law_with(v, toy, last, pos_child, lambda, k);
         let pn = p_next(toy, last);
         for (&tok, &q) in &law {
             let mut s = seq.clone();
@@ -500,6 +528,258 @@ fn direct_cd_block(
         }
         cache = caches.swap_remove(best);
         last = lasts.swap_remove(best);
+    }
+}
+
+/// A second linear head on the toy's hidden states, and its value by hand.
+const W2: [f32; HIDDEN] = [-0.8, 0.9, 0.1, 1.4, -1.5];
+const B2: f32 = -0.3;
+
+fn v2_by_hand(last: TokenId, pos: usize) -> f64 {
+    W2[last as usize] as f64 + W2[HIDDEN - 1] as f64 * (pos as f32 / CTX as f32) as f64 + B2 as f64
+}
+
+/// cd-token guided by `w1·V1 + w2·V2`.
+fn weighted(strategy: Strategy, w1: f64, w2: f64) -> Strategy {
+    let spec = ScorerSpec::Weighted(vec![
+        WeightedScorer {
+            name: "s".into(),
+            weight: w1,
+        },
+        WeightedScorer {
+            name: "s2".into(),
+            weight: w2,
+        },
+    ]);
+    match strategy {
+        Strategy::CdToken { lambda, top_k, .. } => Strategy::CdToken {
+            lambda,
+            top_k,
+            scorer: Some(spec),
+        },
+        Strategy::CdBlock { k, m, .. } => Strategy::CdBlock {
+            k,
+            m,
+            scorer: Some(spec),
+        },
+        other => other,
+    }
+}
+
+fn two_scorer_engine() -> Engine<ToyPolicy> {
+    toy_engine(
+        vec![
+            ("length", reward(LengthReward)),
+            ("count-c", reward(CountC)),
+        ],
+        vec![
+            ("s", scorer(toy_scorer(W, B))),
+            ("s2", scorer(toy_scorer(W2, B2))),
+        ],
+        4096,
+    )
+}
+
+#[test]
+fn weighted_scorers_follow_the_exact_law_of_the_weighted_tilt() {
+    // Multi-objective cd-token: guided by V = w1·V1 + w2·V2, its sequences follow the exact
+    // law of π ∝ p·e^{λ(w1·V1 + w2·V2)} per step, and each output reports both values.
+    let toy = ToyPolicy::new();
+    let e = two_scorer_engine();
+    let prompt = toy.encode("ab").unwrap();
+    let (lambda, k, max_new) = (1.1, 3, 3);
+    let (w1, w2) = (0.4, 1.7);
+    let v = |t: TokenId, pos: usize| w1 * v_by_hand(t, pos) + w2 * v2_by_hand(t, pos);
+    let n = 6000;
+    let strategy = weighted(cd_token(lambda, k), w1, w2);
+    let samples = cd_outputs(&e, &strategy, "ab", 11, max_new, n);
+    let law = sequence_law_with(&v, &toy, &prompt, max_new, lambda, k);
+    let mut counts: HashMap<Vec<TokenId>, usize> = HashMap::new();
+    for s in &samples {
+        *counts.entry(s.tokens.clone()).or_default() += 1;
+        let (_, pi, p) = law.iter().find(|(seq, _, _)| *seq == s.tokens).unwrap();
+        assert!((s.kl_estimate.unwrap() - (pi / p).ln()).abs() < 1e-5);
+        // Each scorer's value at the last drawn token, with its name and weight.
+        let last = *s.tokens.last().unwrap();
+        // (the position a child is scored at: the prompt's length plus the tokens before it)
+        let pos = prompt.len() + s.tokens.len() - 1;
+        let sv = &s.scorer_values;
+        assert_eq!(sv.len(), 2);
+        assert_eq!((sv[0].name.as_str(), sv[0].weight), ("s", w1));
+        assert_eq!((sv[1].name.as_str(), sv[1].weight), ("s2", w2));
+        assert!((sv[0].value - v_by_hand(last, pos)).abs() < 1e-6, "{sv:?}");
+        assert!((sv[1].value - v2_by_hand(last, pos)).abs() < 1e-6, "{sv:?}");
+    }
+    let exact: Vec<(Vec<TokenId>, f64)> = law.iter().map(|(s, pi, _)| (s.clone(), *pi)).collect();
+    // Wrong laws: either scorer alone, and the unweighted sum.
+    for (what, wv) in [
+        (
+            "V1 alone",
+            &(|t: TokenId, p: usize| v_by_hand(t, p)) as ValueFn<'_>,
+        ),
+        (
+            "V2 alone",
+            &(|t: TokenId, p: usize| v2_by_hand(t, p)) as ValueFn<'_>,
+        ),
+        (
+            "V1 + V2",
+            &(|t: TokenId, p: usize| v_by_hand(t, p) + v2_by_hand(t, p)) as ValueFn<'_>,
+        ),
+    ] {
+        let wrong: Vec<(Vec<TokenId>, f64)> =
+            sequence_law_with(wv, &toy, &prompt, max_new, lambda, k)
+                .into_iter()
+                .map(|(s, pi, _)| (s, pi))
+                .collect();
+        check_law(
+            &format!("weighted cd-token against {what}"),
+            &counts,
+            &exact,
+            &wrong,
+            n,
+        );
+    }
+}
+
+#[test]
+fn one_scorer_of_weight_one_is_the_scorer_itself_bit_for_bit() {
+    let e = two_scorer_engine();
+    for base in [cd_token(1.3, 3), cd_block(2, 2)] {
+        let named = match &base {
+            Strategy::CdToken { lambda, top_k, .. } => Strategy::CdToken {
+                lambda: *lambda,
+                top_k: *top_k,
+                scorer: Some("s2".into()),
+            },
+            Strategy::CdBlock { k, m, .. } => Strategy::CdBlock {
+                k: *k,
+                m: *m,
+                scorer: Some("s2".into()),
+            },
+            _ => unreachable!(),
+        };
+        let listed = weighted(base.clone(), 0.0, 1.0);
+        let only = match weighted(base, 1.0, 1.0) {
+            Strategy::CdToken {
+                lambda,
+                top_k,
+                scorer: Some(ScorerSpec::Weighted(mut t)),
+            } => Strategy::CdToken {
+                lambda,
+                top_k,
+                scorer: Some(ScorerSpec::Weighted(vec![t.remove(1)])),
+            },
+            Strategy::CdBlock {
+                k,
+                m,
+                scorer: Some(ScorerSpec::Weighted(mut t)),
+            } => Strategy::CdBlock {
+                k,
+                m,
+                scorer: Some(ScorerSpec::Weighted(vec![t.remove(1)])),
+            },
+            _ => unreachable!(),
+        };
+        let a = cd_outputs(&e, &named, "ab", 3, 4, 200);
+        let b = cd_outputs(&e, &only, "ab", 3, 4, 200);
+        let c = cd_outputs(&e, &listed, "ab", 3, 4, 200);
+        for ((x, y), z) in a.iter().zip(&b).zip(&c) {
+            assert_eq!(x.tokens, y.tokens);
+            assert_eq!(
+                x.kl_estimate.map(f64::to_bits),
+                y.kl_estimate.map(f64::to_bits)
+            );
+            assert_eq!(x.scorer_values, y.scorer_values);
+            // 0·V1 + 1·V2 guides as V2 (the same choices), and reports both terms.
+            assert_eq!(x.tokens, z.tokens);
+            assert_eq!(z.scorer_values.len(), 2);
+            assert_eq!(z.scorer_values[1], x.scorer_values[0]);
+        }
+        assert!(a.iter().any(|o| o.tokens != a[0].tokens), "the draws vary");
+    }
+}
+
+#[test]
+fn an_output_reports_each_requested_reward() {
+    let e = two_scorer_engine();
+    let mut r = choices(req("ab", weighted(cd_block(2, 2), 0.5, 0.5), 1, 4), 3);
+    r.params.report_rewards = vec!["count-c".into(), "length".into()];
+    let resp = e.generate(&r).unwrap();
+    for o in &resp.outputs {
+        let names: Vec<&str> = o.rewards.iter().map(|v| v.name.as_str()).collect();
+        assert_eq!(names, ["count-c", "length"]);
+        assert_eq!(o.rewards[0].value, o.text.matches('c').count() as f64);
+        assert_eq!(
+            o.rewards[1].value, o.reward,
+            "length is also the request's reward"
+        );
+        assert_eq!(o.rewards[1].value, o.text.chars().count() as f64);
+    }
+    // Unknown or repeated names are refused before any model work.
+    let prefills = e.policy().prefill_calls();
+    for (bad, needle) in [
+        (vec!["nope".to_string()], "nope"),
+        (vec!["length".into(), "length".into()], "twice"),
+        (vec![" ".into()], "empty"),
+    ] {
+        let mut r = req("ab", cd_block(2, 2), 1, 4);
+        r.params.report_rewards = bad;
+        let err = e.generate(&r).unwrap_err();
+        assert_eq!(err.param(), Some("report_rewards"), "{err}");
+        assert!(err.to_string().contains(needle), "{err}");
+    }
+    assert_eq!(e.policy().prefill_calls(), prefills);
+}
+
+#[test]
+fn bad_weights_and_scorer_lists_are_clear_errors() {
+    let e = two_scorer_engine();
+    let terms = |t: &[(&str, f64)]| Strategy::CdToken {
+        lambda: 1.0,
+        top_k: 2,
+        scorer: Some(ScorerSpec::Weighted(
+            t.iter()
+                .map(|(n, w)| WeightedScorer {
+                    name: n.to_string(),
+                    weight: *w,
+                })
+                .collect(),
+        )),
+    };
+    for (bad, needle) in [
+        (terms(&[("s", f64::NAN)]), "finite"),
+        (terms(&[("s", 1.0), ("s2", f64::INFINITY)]), "finite"),
+        (terms(&[]), "empty list"),
+        (terms(&[("s", 1.0), ("s", 2.0)]), "twice"),
+        (terms(&[("s", 1.0), ("zzz", 2.0)]), "zzz"),
+        (terms(&[("", 1.0)]), "empty scorer name"),
+        (terms(&[("s", f64::MAX), ("s2", f64::MAX)]), "overflows"),
+    ] {
+        let err = e.generate(&req("ab", bad, 0, 3)).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidInput, "{err}");
+        assert_eq!(err.param(), Some("scorer"), "{err}");
+        assert!(err.to_string().contains(needle), "{needle}: {err}");
+    }
+    // As JSON: a name or a list of terms (weight 1 when absent); anything else is refused.
+    let s: Strategy = serde_json::from_str(
+        r#"{"name":"cd-block","k":2,"m":2,"scorer":[{"name":"s","weight":0.25},{"name":"s2"}]}"#,
+    )
+    .unwrap();
+    assert_eq!(s, weighted(cd_block(2, 2), 0.25, 1.0));
+    let back = serde_json::to_string(&s).unwrap();
+    assert_eq!(serde_json::from_str::<Strategy>(&back).unwrap(), s);
+    let one: Strategy =
+        serde_json::from_str(r#"{"name":"cd-block","k":2,"m":2,"scorer":"s"}"#).unwrap();
+    assert_eq!(
+        serde_json::to_string(&one).unwrap(),
+        r#"{"name":"cd-block","k":2,"m":2,"scorer":"s"}"#
+    );
+    for bad in [
+        r#"{"name":"cd-block","k":2,"m":2,"scorer":3}"#,
+        r#"{"name":"cd-block","k":2,"m":2,"scorer":[{"name":"s","weight":"x"}]}"#,
+        r#"{"name":"cd-block","k":2,"m":2,"scorer":[{"name":"s","w":1}]}"#,
+    ] {
+        assert!(serde_json::from_str::<Strategy>(bad).is_err(), "{bad}");
     }
 }
 

@@ -77,6 +77,7 @@ fn a_request_round_trips_through_json_and_unknown_fields_are_refused() {
                         vec!["bc".into(), "\n".into()]
                     },
                     reward: (k == 2).then(|| "letters".to_string()),
+                    report_rewards: vec![],
                 },
             };
             r.validate().unwrap();
@@ -120,6 +121,7 @@ fn a_request_round_trips_through_json_and_unknown_fields_are_refused() {
                 max_new_tokens: 9,
                 stop: vec!["bc".into()],
                 reward: Some("letters".into()),
+                report_rewards: vec![],
             },
         }
     );

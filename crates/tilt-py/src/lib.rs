@@ -23,7 +23,7 @@ use tilt_core::report::{
 use tilt_core::{RewardDistribution, TiltError};
 use tilt_engine::{
     ChatMessage, EngineConfig, EngineError, ErrorKind, Input, NoProgress, Params, Request,
-    RewardConfig, ScorerConfig, Strategy, StrategyOptions,
+    RewardConfig, ScorerConfig, ScorerSpec, Strategy, StrategyOptions,
 };
 
 // ---------------------------------------------------------------------------------------
@@ -425,12 +425,16 @@ impl Engine {
     /// Run one request: `prompt` (a user message, or raw text with `raw=True`) or
     /// `messages` (a list of `{"role", "content"}`), with `strategy` and its parameters.
     /// Returns the engine's response as a dict: `outputs` (each with text, tokens,
-    /// finish_reason, reward, the KL fields in nats, candidates), `usage`.
+    /// finish_reason, reward, the KL fields in nats, candidates; the cd strategies'
+    /// `scorer_values`; `rewards` for `report_rewards`), `usage`. `scorer` is a configured
+    /// scorer's name or a list of `(name, weight)` pairs (or `{"name", "weight"}` dicts):
+    /// cd-token and cd-block are then guided by Σ weight·V (arXiv 2310.17022 §2).
     #[pyo3(signature = (prompt = None, *, messages = None, raw = false, strategy = "bon",
                         n = None, temperature = None, top_k = None, top_p = None,
                         lam = None, threshold = None, max_draws = None, block_k = None,
                         block_m = None, scorer = None, choices = 1, seed = 0,
-                        max_new_tokens = 64, stop = None, reward = None))]
+                        max_new_tokens = 64, stop = None, reward = None,
+                        report_rewards = None))]
     #[allow(clippy::too_many_arguments)]
     fn generate<'py>(
         &self,
@@ -448,14 +452,27 @@ impl Engine {
         max_draws: Option<usize>,
         block_k: Option<usize>,
         block_m: Option<usize>,
-        scorer: Option<String>,
+        scorer: Option<&Bound<'py, PyAny>>,
         choices: usize,
         seed: u64,
         max_new_tokens: usize,
         stop: Option<Vec<String>>,
         reward: Option<String>,
+        report_rewards: Option<Vec<String>>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let input = input_of(prompt, messages, raw)?;
+        let scorer: Option<ScorerSpec> = match scorer {
+            None => None,
+            Some(s) => Some(depythonize(s).map_err(|e| {
+                invalid(
+                    "scorer",
+                    format!(
+                        "{e}; give a scorer's name or a list of (name, weight) pairs or \
+                         {{\"name\", \"weight\"}} dicts"
+                    ),
+                )
+            })?),
+        };
         let options = StrategyOptions {
             n,
             temperature,
@@ -475,6 +492,7 @@ impl Engine {
             max_new_tokens,
             stop: stop.unwrap_or_default(),
             reward,
+            report_rewards: report_rewards.unwrap_or_default(),
         };
         params.validate().map_err(engine_error)?;
         let request = Request::new(input, params);

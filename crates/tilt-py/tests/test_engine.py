@@ -124,3 +124,33 @@ def test_trl_reward_with_the_engine_as_reference(engine):
     out = f(prompts=[PROMPT, PROMPT], completions=["An apple.", "Zebra crossing."])
     t = tilt.infalign(4, transform="exp", kl=0.5, optimize_t=True)["t"]
     assert all(1.0 <= v <= math.exp(t) for v in out)
+
+
+SCORER = os.path.join(os.path.dirname(__file__), "..", "..", "..", "examples", "cd",
+                      "scorer.safetensors")
+
+
+def test_weighted_scorers_and_reported_rewards():
+    polite = "minilm:target=A kind and polite answer."
+    e = tilt.Engine(reward={"minilm": "minilm", "polite": polite},
+                    scorers={"a": SCORER, "b": SCORER}, threads=2)
+    common = dict(strategy="cd-block", block_k=2, block_m=3, max_new_tokens=6, seed=1)
+    for scorer in ([("a", 0.25), ("b", 0.75)],
+                   [{"name": "a", "weight": 0.25}, {"name": "b", "weight": 0.75}]):
+        r = e.generate(PROMPT, scorer=scorer, report_rewards=["polite"], **common)
+        (o,) = r["outputs"]
+        sv = o["scorer_values"]
+        assert [(v["name"], v["weight"]) for v in sv] == [("a", 0.25), ("b", 0.75)]
+        # The same file under two names: the same value at the same last token.
+        assert sv[0]["value"] == sv[1]["value"] and math.isfinite(sv[0]["value"])
+        assert [v["name"] for v in o["rewards"]] == ["polite"]
+        assert o["rewards"][0]["value"] == e.score([PROMPT], [o["text"]], reward="polite")[0]
+    one = e.generate(PROMPT, scorer="b", **common)["outputs"][0]
+    assert [(v["name"], v["weight"]) for v in one["scorer_values"]] == [("b", 1.0)]
+    assert "rewards" not in one
+    for bad, name in [([("a", float("nan"))], "scorer"), (5, "scorer"), ([], "scorer"),
+                      ([("a", 1.0), ("zzz", 1.0)], "zzz")]:
+        with pytest.raises(ValueError, match=name):
+            e.generate(PROMPT, scorer=bad, **common)
+    with pytest.raises(ValueError, match="report_rewards"):
+        e.generate(PROMPT, strategy="sample", report_rewards=["nope"])

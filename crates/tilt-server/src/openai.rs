@@ -6,14 +6,17 @@
 //! Alignment parameters sit at the top level of the request, which is where the openai
 //! Python client's `extra_body` puts them: `strategy` (`sample` by default, `bon`, `won`,
 //! `soft-bon`, `rewind`, `cd-token`, `cd-block`), `candidates` (the strategy's n),
-//! `lambda`, `threshold`, `max_draws`, `top_k`, `block_k`, `block_m`, `scorer`, `reward`,
+//! `lambda`, `threshold`, `max_draws`, `top_k`, `block_k`, `block_m`, `scorer` (a name or a
+//! list of `{name, weight}`: the weighted sum), `reward`, `report_rewards`,
 //! `return_candidates`.
 
 use crate::api_error::ApiError;
 use serde::{Deserialize, Serialize};
+use tilt_engine::cd::ScorerValue;
 use tilt_engine::request::FinishReason;
 use tilt_engine::{
-    ChatMessage, EngineError, Input, Output, Params, Response, Role, Strategy, StrategyOptions,
+    ChatMessage, EngineError, Input, Output, Params, Response, RewardValue, Role, ScorerSpec,
+    Strategy, StrategyOptions,
 };
 
 /// Most alternatives per token a chat request may ask (`top_logprobs`), as OpenAI allows.
@@ -113,10 +116,13 @@ pub struct CompletionRequest {
     pub block_k: Option<usize>,
     /// cd-block's M.
     pub block_m: Option<usize>,
-    /// A configured prefix scorer's name.
-    pub scorer: Option<String>,
+    /// A configured prefix scorer's name, or a weighted sum of several:
+    /// `[{"name": "a", "weight": 0.7}, {"name": "b", "weight": 0.3}]`.
+    pub scorer: Option<ScorerSpec>,
     /// A configured reward's name.
     pub reward: Option<String>,
+    /// Further configured rewards each choice is scored with, reported in its `tilt.rewards`.
+    pub report_rewards: Option<Vec<String>>,
     /// Return every candidate (text and reward) in each choice's `tilt` object.
     pub return_candidates: Option<bool>,
 }
@@ -389,6 +395,7 @@ impl CompletionRequest {
             max_new_tokens,
             stop: self.stop.map(OneOrMany::into_vec).unwrap_or_default(),
             reward: self.reward.clone(),
+            report_rewards: self.report_rewards.clone().unwrap_or_default(),
         };
         params
             .validate()
@@ -466,6 +473,12 @@ pub struct TiltInfo {
     /// Every candidate, with `return_candidates`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub candidates: Option<Vec<TiltCandidate>>,
+    /// cd strategies: each prefix scorer's value at the answer's last token, with its weight.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub scorer_values: Vec<ScorerValue>,
+    /// The answer's value under each of `report_rewards`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub rewards: Vec<RewardValue>,
 }
 
 impl TiltInfo {
@@ -493,6 +506,8 @@ impl TiltInfo {
                     })
                     .collect()
             }),
+            scorer_values: o.scorer_values.clone(),
+            rewards: o.rewards.clone(),
         }
     }
 }

@@ -409,6 +409,12 @@ async fn every_strategy_is_reachable_through_the_extra_fields() {
             json!({"strategy": "cd-block", "block_k": 3, "block_m": 2}),
             "cd-block",
         ),
+        (
+            json!({"strategy": "cd-block", "block_k": 2, "block_m": 2,
+                   "scorer": [{"name": "zero", "weight": 0.5}],
+                   "report_rewards": ["letters"]}),
+            "cd-block",
+        ),
     ] {
         let mut body =
             json!({"messages": user("ab"), "max_tokens": 6, "seed": 3, "reward": "letters"});
@@ -421,6 +427,25 @@ async fn every_strategy_is_reachable_through_the_extra_fields() {
         assert_eq!(tilt["strategy"], name, "{got}");
         assert_eq!(tilt["units"], "nats");
         assert!(tilt["kl_note"].is_string());
+        if name.starts_with("cd-") {
+            // Each scorer's value (with its weight) at the answer's last token.
+            let sv = tilt["scorer_values"].as_array().unwrap();
+            assert_eq!(sv.len(), 1, "{got}");
+            assert_eq!(sv[0]["name"], "zero");
+            assert_eq!(sv[0]["value"], 0.0);
+            let w = if extra.get("scorer").is_some_and(|v| v.is_array()) {
+                0.5
+            } else {
+                1.0
+            };
+            assert_eq!(sv[0]["weight"], w, "{got}");
+        }
+        if extra.get("report_rewards").is_some() {
+            assert_eq!(tilt["rewards"][0]["name"], "letters", "{got}");
+            assert_eq!(tilt["rewards"][0]["value"], tilt["reward"], "{got}");
+        } else {
+            assert!(tilt.get("rewards").is_none(), "{got}");
+        }
     }
     s.stop().await;
 }
@@ -464,6 +489,32 @@ async fn bad_requests_are_400s_naming_the_field_in_openai_error_objects() {
         (
             json!({"messages": m, "strategy": "cd-token", "lambda": 1, "top_k": 2, "scorer": "v"}),
             "scorer",
+        ),
+        (
+            json!({"messages": m, "strategy": "cd-block", "scorer": 3}),
+            "scorer",
+        ),
+        (
+            json!({"messages": m, "strategy": "cd-block",
+                   "scorer": [{"name": "zero", "weight": "x"}]}),
+            "scorer[0].weight",
+        ),
+        (
+            json!({"messages": m, "strategy": "cd-block", "scorer": []}),
+            "scorer",
+        ),
+        (
+            json!({"messages": m, "strategy": "cd-block",
+                   "scorer": [{"name": "zero"}, {"name": "zero"}]}),
+            "scorer",
+        ),
+        (
+            json!({"messages": m, "report_rewards": ["gold"]}),
+            "report_rewards",
+        ),
+        (
+            json!({"messages": m, "report_rewards": "letters"}),
+            "report_rewards",
         ),
         (json!({"messages": m, "temperature": -1}), "temperature"),
         (json!({"messages": user("xyz")}), "messages"),

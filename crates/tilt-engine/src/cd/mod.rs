@@ -35,7 +35,10 @@ pub mod token;
 pub mod train;
 
 pub use block::block_kl_bound;
-pub use scorer::{ConstantScorer, LinearHead, MlpHead, PrefixScorer, ScorerFile, ScorerHead};
+pub use scorer::{
+    ConstantScorer, LinearHead, MlpHead, PrefixScorer, ScorerFile, ScorerHead, ScorerValue,
+    WeightedSum,
+};
 pub use token::{cd_token_step_law, top_k_candidates, CdTokenStepLaw};
 pub use train::{fit_head, HeadKind, LossPoint, PrefixDataset, TrainCard, TrainConfig};
 

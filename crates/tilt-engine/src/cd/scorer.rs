@@ -78,6 +78,151 @@ impl PrefixScorer for ConstantScorer {
     }
 }
 
+/// A weighted sum of prefix scorers, V = Σᵢ wᵢ·Vᵢ, summed term by term in the listed order
+/// (so the same hidden states give the same bits). Controlled decoding for several rewards
+/// at once: Vᵢ estimates E[rᵢ | prefix] under p, so Σᵢ wᵢ·Vᵢ estimates the value of the
+/// weighted reward Σᵢ wᵢ·rᵢ by linearity of expectation (arXiv 2310.17022 §2). One term of
+/// weight 1 gives the scorer's own values bit for bit.
+#[derive(Clone)]
+pub struct WeightedSum {
+    terms: Vec<(String, f64, std::sync::Arc<dyn PrefixScorer>)>,
+}
+
+/// One term's value at one prefix, as reported per output.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ScorerValue {
+    /// The scorer's name in the engine.
+    pub name: String,
+    /// Its weight in the sum.
+    pub weight: f64,
+    /// Its value Vᵢ at the output's last drawn token (reward units).
+    pub value: f64,
+}
+
+impl WeightedSum {
+    /// The sum of `terms` (name, weight, scorer), all reading the same hidden size.
+    ///
+    /// # Errors
+    /// [`EngineError::Invalid`] naming `scorer`: no term, a non-finite weight, or two
+    /// scorers that read different hidden sizes.
+    pub fn new(terms: Vec<(String, f64, std::sync::Arc<dyn PrefixScorer>)>) -> Result<Self> {
+        let Some((_, _, first)) = terms.first() else {
+            return Err(EngineError::invalid("scorer", "a sum of no scorers"));
+        };
+        let d = first.hidden_size();
+        for (name, w, s) in &terms {
+            if !w.is_finite() {
+                return Err(EngineError::invalid(
+                    "scorer",
+                    format!("scorer {name:?} has weight {w}; a weight must be finite"),
+                ));
+            }
+            if s.hidden_size() != d {
+                return Err(EngineError::invalid(
+                    "scorer",
+                    format!(
+                        "scorer {name:?} reads hidden states of size {}, the first reads {d}",
+                        s.hidden_size()
+                    ),
+                ));
+            }
+        }
+        Ok(WeightedSum { terms })
+    }
+
+    /// The one scorer `s` (named `name`) with weight 1.
+    pub fn single(name: impl Into<String>, s: std::sync::Arc<dyn PrefixScorer>) -> Self {
+        WeightedSum {
+            terms: vec![(name.into(), 1.0, s)],
+        }
+    }
+
+    /// The terms' names, in order.
+    pub fn names(&self) -> Vec<&str> {
+        self.terms.iter().map(|(n, _, _)| n.as_str()).collect()
+    }
+
+    /// Each term's value at each hidden state: `values[i][j]` is term i at state j.
+    ///
+    /// # Errors
+    /// As [`PrefixScorer::score`]; a non-finite value names its scorer.
+    pub fn parts(&self, hidden: &[&[f32]]) -> Result<Vec<Vec<f64>>> {
+        self.terms
+            .iter()
+            .map(|(name, _, s)| {
+                let v = s.score(hidden)?;
+                if let Some(j) = v.iter().position(|x| !x.is_finite()) {
+                    return Err(EngineError::invalid(
+                        format!("scorer {name}"),
+                        format!("a non-finite value {} at prefix {j}", v[j]),
+                    ));
+                }
+                Ok(v)
+            })
+            .collect()
+    }
+
+    /// Each term's value at one hidden state, with its name and weight.
+    ///
+    /// # Errors
+    /// As [`WeightedSum::parts`].
+    pub fn values_at(&self, hidden: &[f32]) -> Result<Vec<ScorerValue>> {
+        let parts = self.parts(&[hidden])?;
+        Ok(self
+            .terms
+            .iter()
+            .zip(parts)
+            .map(|((name, weight, _), v)| ScorerValue {
+                name: name.clone(),
+                weight: *weight,
+                value: v[0],
+            })
+            .collect())
+    }
+}
+
+impl PrefixScorer for WeightedSum {
+    fn name(&self) -> String {
+        match &self.terms[..] {
+            [(name, w, _)] if *w == 1.0 => name.clone(),
+            terms => terms
+                .iter()
+                .map(|(n, w, _)| format!("{w}·{n}"))
+                .collect::<Vec<_>>()
+                .join(" + "),
+        }
+    }
+    fn hidden_size(&self) -> usize {
+        self.terms[0].2.hidden_size()
+    }
+    fn score(&self, hidden: &[&[f32]]) -> Result<Vec<f64>> {
+        if let [(_, w, s)] = &self.terms[..] {
+            if *w == 1.0 {
+                return s.score(hidden);
+            }
+        }
+        let parts = self.parts(hidden)?;
+        let mut total = vec![0.0; hidden.len()];
+        for (j, t) in total.iter_mut().enumerate() {
+            let mut acc = self.terms[0].1 * parts[0][j];
+            for (i, (_, w, _)) in self.terms.iter().enumerate().skip(1) {
+                acc += w * parts[i][j];
+            }
+            *t = acc;
+        }
+        if let Some(j) = total.iter().position(|x| !x.is_finite()) {
+            return Err(EngineError::invalid(
+                "scorer",
+                format!(
+                    "the weighted sum {} overflows at prefix {j}; use smaller weights",
+                    self.name()
+                ),
+            ));
+        }
+        Ok(total)
+    }
+}
+
 /// Per-feature standardisation u = (h − mean) / std, fitted on the training prefixes.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Standardizer {

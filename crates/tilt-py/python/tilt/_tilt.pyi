@@ -1,7 +1,7 @@
 """Type stubs of tilt's compiled module (see the package docstring for the sources)."""
 
 from os import PathLike
-from typing import Any, Dict, List, Literal, Optional, Sequence, Union
+from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import numpy.typing as npt
@@ -65,11 +65,17 @@ class Engine:
         top_k: Optional[int] = None, top_p: Optional[float] = None, lam: Optional[float] = None,
         threshold: Optional[float] = None, max_draws: Optional[int] = None,
         block_k: Optional[int] = None, block_m: Optional[int] = None,
-        scorer: Optional[str] = None, choices: int = 1, seed: int = 0,
+        scorer: Union[str, Sequence[Tuple[str, float]], Sequence[Dict[str, Any]], None] = None,
+        choices: int = 1, seed: int = 0,
         max_new_tokens: int = 64, stop: Optional[List[str]] = None,
-        reward: Optional[str] = None,
+        reward: Optional[str] = None, report_rewards: Optional[List[str]] = None,
     ) -> Dict[str, Any]:
-        """One request; the engine's response (outputs with text, reward, KL in nats)."""
+        """One request; the engine's response (outputs with text, reward, KL in nats).
+
+        ``scorer``: a scorer's name, or ``[(name, weight), ...]`` for cd-token/cd-block
+        guided by the weighted sum of several prefix scorers (arXiv 2310.17022 §2); each
+        output then reports ``scorer_values``. ``report_rewards``: further configured
+        rewards each output is scored with, reported in its ``rewards``."""
     def score(
         self, prompts: Sequence[str], responses: Sequence[str], reward: Optional[str] = None
     ) -> npt.NDArray[np.float64]: ...
