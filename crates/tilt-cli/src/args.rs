@@ -205,13 +205,15 @@ pub fn flag_of(param: &str, renames: &[(&str, &str)]) -> Option<String> {
         "learning_rate",
         "epochs",
     ];
-    const MORE: [&str; 6] = [
+    const MORE: [&str; 8] = [
         "frontier_weights",
         "weight_decay",
         "heldout_fraction",
         "mlp_hidden",
         "head",
         "out",
+        "method",
+        "q_rounds",
     ];
     FLAGS
         .iter()
@@ -308,6 +310,8 @@ mod tests {
             .as_deref(),
             Some("--rollouts")
         );
+        assert_eq!(flag_of("q_rounds", &[]).as_deref(), Some("--q-rounds"));
+        assert_eq!(flag_of("method", &[]).as_deref(), Some("--method"));
         assert_eq!(flag_of("messages", &[]), None);
         assert!(parse_seed("-1")
             .unwrap_err()

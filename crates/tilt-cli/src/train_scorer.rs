@@ -1,7 +1,8 @@
-//! `tilt train-scorer`: CD-FUDGE (arXiv 2310.17022 §2.2). Draw K reference rollouts per
-//! prompt, score their final reward, fit a small head on the policy's hidden state at every
-//! prefix, hold out a share of the prompts, and save the head (safetensors) with a JSON card
-//! (data, seed, loss curve, held-out MSE against the constant predictor). The engine is
+//! `tilt train-scorer`: CD-FUDGE or CD-Q (arXiv 2310.17022 §2). Draw K reference rollouts
+//! per prompt, score their final reward, fit a small head on the policy's hidden state at
+//! every prefix (to the final reward, or for CD-Q to the previous round's value of the next
+//! prefix), hold out a share of the prompts, and save the head (safetensors) with a JSON
+//! card (data, seed, loss curve, held-out MSE against the constant predictor). The engine is
 //! `tilt_engine::scorer_training`; this file parses flags and writes the files.
 
 use crate::args::{check_writable, cli_error, parse_seed, EngineArgs};
@@ -13,7 +14,7 @@ use std::time::Instant;
 use tilt_engine::cd::TrainConfig;
 use tilt_engine::manifest::{Manifest, GIT_COMMIT, TOOL_VERSION};
 use tilt_engine::run::{execute, input_files, output_files, Run};
-use tilt_engine::scorer_training::{head_kind, TrainOutputs, TrainScorerConfig};
+use tilt_engine::scorer_training::{head_kind, train_method, TrainOutputs, TrainScorerConfig};
 use tilt_engine::Engine;
 use tilt_output::{emit, Format};
 
@@ -24,6 +25,16 @@ pub enum HeadArg {
     Linear,
     /// V = w2·tanh(W1 u + b1) + b2.
     Mlp,
+}
+
+/// How the scorer's regression targets are formed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum MethodArg {
+    /// CD-FUDGE: every prefix regressed on its rollout's final reward.
+    Fudge,
+    /// CD-Q: after the FUDGE fit, --q-rounds refits on the previous fit's value of the next
+    /// prefix (the final reward at a rollout's last prefix).
+    Q,
 }
 
 /// Flags of `tilt train-scorer`.
@@ -59,6 +70,13 @@ pub struct TrainScorerArgs {
     /// Share of prompts held out.
     #[arg(long, default_value_t = 0.25, allow_hyphen_values = true)]
     pub heldout_fraction: f64,
+    /// Training method: fudge (regress on the final reward) or q (CD-Q's Bellman rounds).
+    #[arg(long, value_enum, default_value_t = MethodArg::Fudge)]
+    pub method: MethodArg,
+    /// CD-Q's Bellman rounds after the FUDGE fit, each of --epochs steps (default 8; only
+    /// with --method q).
+    #[arg(long)]
+    pub q_rounds: Option<usize>,
     /// Seed (rollouts, split, initialisation).
     #[arg(long, default_value_t = 0, value_parser = parse_seed, allow_hyphen_values = true)]
     pub seed: u64,
@@ -96,6 +114,11 @@ pub fn run(args: TrainScorerArgs) -> anyhow::Result<()> {
         HeadArg::Mlp => head_kind("mlp", args.mlp_hidden),
     }
     .map_err(|e| cli_error(e, RENAMES))?;
+    let method = match args.method {
+        MethodArg::Fudge => train_method("fudge", args.q_rounds),
+        MethodArg::Q => train_method("q", args.q_rounds),
+    }
+    .map_err(|e| cli_error(e, RENAMES))?;
     let config = TrainScorerConfig {
         rollouts_per_prompt: args.rollouts,
         max_new_tokens: args.max_new_tokens,
@@ -106,6 +129,7 @@ pub fn run(args: TrainScorerArgs) -> anyhow::Result<()> {
             weight_decay: args.weight_decay,
             heldout_fraction: args.heldout_fraction,
             seed: args.seed,
+            method,
         },
         reward: None,
     };

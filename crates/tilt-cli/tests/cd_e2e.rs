@@ -132,6 +132,28 @@ fn bad_inputs_exit_2_before_loading_models() {
             vec!["--rollouts".into(), "cap".into()],
         ),
         (
+            vec![
+                "train-scorer".into(),
+                "--out".into(),
+                out.display().to_string(),
+                "--q-rounds".into(),
+                "3".into(),
+            ],
+            vec!["--q-rounds".into(), "method q".into()],
+        ),
+        (
+            vec![
+                "train-scorer".into(),
+                "--out".into(),
+                out.display().to_string(),
+                "--method".into(),
+                "q".into(),
+                "--q-rounds".into(),
+                "0".into(),
+            ],
+            vec!["--q-rounds".into(), "1 to 256".into()],
+        ),
+        (
             vec!["eval".into(), "--plot".into(), in_missing("p.svg")],
             vec![
                 "--plot".into(),

@@ -1,4 +1,4 @@
-//! Training a prefix scorer by CD-FUDGE on an engine (arXiv 2310.17022 §2.2): draw K
+//! Training a prefix scorer by CD-FUDGE or CD-Q on an engine (arXiv 2310.17022 §2): draw K
 //! reference rollouts per prompt on the stepper, score their final reward, record the
 //! hidden state at every prefix, and fit a head ([`crate::cd::train::fit_head`]).
 //!
@@ -6,7 +6,9 @@
 //! prompt's rollouts are one job with one reward call, so the data do not depend on the
 //! batching. Rollout j of prompt i draws from stream i·K + j of the seed.
 
-use crate::cd::train::{fit_head, HeadKind, PrefixDataset, TrainCard, TrainConfig};
+use crate::cd::train::{
+    fit_head, HeadKind, PrefixDataset, TrainCard, TrainConfig, TrainMethod, MAX_Q_ROUNDS,
+};
 use crate::cd::{PrefixScorer, ScorerHead};
 use crate::engine::Engine;
 use crate::error::{EngineError, Result};
@@ -66,7 +68,8 @@ impl TrainScorerConfig {
 }
 
 /// Draw K reference rollouts per prompt, score their final reward, and record every prefix
-/// (CD-FUDGE data). Prompts are user messages (the chat template is applied).
+/// (the data of both CD-FUDGE and CD-Q). Prompts are user messages (the chat template is
+/// applied).
 ///
 /// # Errors
 /// No prompts; the policy or reward failing.
@@ -261,7 +264,8 @@ fn relative_to(path: &std::path::Path, dir: &std::path::Path) -> PathBuf {
         .map_or_else(|_| path.to_path_buf(), std::path::Path::to_path_buf)
 }
 
-/// Collect rollouts and fit a scorer (CD-FUDGE); nothing is written (the face writes
+/// Collect rollouts and fit a scorer (CD-FUDGE or CD-Q, as `config.fit.method` says);
+/// nothing is written (the face writes
 /// [`Trained::bytes`] and the card).
 ///
 /// # Errors
@@ -348,9 +352,99 @@ pub fn head_kind(name: &str, mlp_hidden: usize) -> Result<HeadKind> {
     }
 }
 
+/// The training method of a name (`fudge`, `q`) and, for `q`, its number of Bellman rounds
+/// (`q_rounds`; None: [`DEFAULT_Q_ROUNDS`]).
+///
+/// # Errors
+/// [`EngineError::Invalid`] naming `method` for another name, or `q_rounds` when it is given
+/// with `fudge` (which has no rounds), is 0 or is above [`MAX_Q_ROUNDS`].
+pub fn train_method(name: &str, q_rounds: Option<usize>) -> Result<TrainMethod> {
+    let method = match (name, q_rounds) {
+        ("fudge", None) => TrainMethod::Fudge,
+        ("fudge", Some(r)) => {
+            return Err(EngineError::invalid(
+                "q_rounds",
+                format!("{r} given, but rounds apply only to method q (CD-Q), not fudge"),
+            ))
+        }
+        ("q", r) => TrainMethod::Q {
+            rounds: r.unwrap_or(DEFAULT_Q_ROUNDS),
+        },
+        (other, _) => {
+            return Err(EngineError::invalid(
+                "method",
+                format!("{other:?} is not a training method (fudge or q)"),
+            ))
+        }
+    };
+    if let TrainMethod::Q { rounds } = method {
+        if rounds == 0 || rounds > MAX_Q_ROUNDS {
+            return Err(EngineError::invalid(
+                "q_rounds",
+                format!("is {rounds}; CD-Q takes 1 to {MAX_Q_ROUNDS} Bellman rounds"),
+            ));
+        }
+    }
+    Ok(method)
+}
+
+/// CD-Q's Bellman rounds when none are given. A default, not a convergence guarantee: each
+/// round moves information one prefix back, so reaching the fixed point of 48-token
+/// rollouts can take more; the card's `q_rounds[].max_change` says how far V still moved in
+/// the last round.
+pub const DEFAULT_Q_ROUNDS: usize = 8;
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn manifests_written_before_cd_q_replay_as_fudge_and_cd_q_ones_round_trip() {
+        // A train-scorer manifest's run, as written before CD-Q (no `method`).
+        let old = r#"{"command":"train-scorer","prompts":"p.jsonl","config":{
+            "rollouts_per_prompt":8,"max_new_tokens":48,"fit":{"head":"linear","epochs":300,
+            "learning_rate":0.01,"weight_decay":0.05,"heldout_fraction":0.25,"seed":0}},
+            "outputs":{"scorer":"s.safetensors","card":"s.json"}}"#;
+        let run: crate::run::Run = serde_json::from_str(old).unwrap();
+        let crate::run::Run::TrainScorer { config, .. } = &run else {
+            panic!("a train-scorer run")
+        };
+        assert_eq!(config.fit.method, TrainMethod::Fudge);
+        let mut q = config.clone();
+        q.fit.method = TrainMethod::Q { rounds: 5 };
+        let text = serde_json::to_string(&q).unwrap();
+        assert_eq!(serde_json::from_str::<TrainScorerConfig>(&text).unwrap(), q);
+        assert!(!serde_json::to_string(config).unwrap().contains("method"));
+        // An unknown method in a manifest is refused, not read as FUDGE.
+        let bad = text.replace(r#"{"q":{"rounds":5}}"#, r#""sarsa""#);
+        assert!(serde_json::from_str::<TrainScorerConfig>(&bad).is_err());
+    }
+
+    #[test]
+    fn methods_are_named_and_bad_rounds_refused_naming_the_parameter() {
+        assert_eq!(train_method("fudge", None).unwrap(), TrainMethod::Fudge);
+        assert_eq!(
+            train_method("q", None).unwrap(),
+            TrainMethod::Q {
+                rounds: DEFAULT_Q_ROUNDS
+            }
+        );
+        assert_eq!(
+            train_method("q", Some(3)).unwrap(),
+            TrainMethod::Q { rounds: 3 }
+        );
+        for (name, rounds, param, needle) in [
+            ("sarsa", None, "method", "fudge or q"),
+            ("Q", Some(2), "method", "fudge or q"),
+            ("fudge", Some(4), "q_rounds", "only to method q"),
+            ("q", Some(0), "q_rounds", "1 to"),
+            ("q", Some(MAX_Q_ROUNDS + 1), "q_rounds", "1 to"),
+        ] {
+            let e = train_method(name, rounds).unwrap_err();
+            assert_eq!(e.param(), Some(param), "{name} {rounds:?}: {e}");
+            assert!(e.to_string().contains(needle), "{e}");
+        }
+    }
 
     #[test]
     fn the_card_can_never_overwrite_the_scorer() {

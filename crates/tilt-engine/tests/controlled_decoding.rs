@@ -838,6 +838,7 @@ fn cd_fudge_training_beats_the_constant_predictor_on_heldout_prompts() {
         weight_decay: 1e-3,
         heldout_fraction: 0.25,
         seed,
+        method: Default::default(),
     };
     // The fit's seed seeds the rollouts too now; the rollouts are drawn with seed 1 (as
     // before) and the heads fitted with seed 3 (as before) by fit_head.
@@ -1077,6 +1078,7 @@ fn bad_parameters_are_clear_errors() {
         weight_decay: 0.0,
         heldout_fraction: 0.25,
         seed: 0,
+        method: Default::default(),
     };
     let rollouts = |k: usize| TrainScorerConfig {
         rollouts_per_prompt: k,

@@ -237,6 +237,7 @@ fn the_recorded_rollouts_and_fit_are_reproduced() {
             weight_decay: 0.01,
             heldout_fraction: 0.25,
             seed: 9,
+            method: Default::default(),
         },
         reward: None,
     };

@@ -20,7 +20,8 @@
 //!   expected KL, not on one sequence's log-ratio.
 //!
 //! The scorer is a small head over the policy's last hidden state ([`scorer`]), trained by
-//! CD-FUDGE ([`train`]): regress the final reward of reference rollouts on every prefix. The
+//! CD-FUDGE or CD-Q ([`train`]): regress every prefix of reference rollouts on the final
+//! reward, or (CD-Q) on the previous fit's value of the next prefix. The
 //! head is evaluated here in plain `f64` (it is a dot product or a two-layer MLP), not with
 //! candle: decoding then has no tensor-backend state, and the same hidden states give the
 //! same values bit for bit whatever the thread count. candle's autodiff is used only to fit it.
@@ -40,7 +41,10 @@ pub use scorer::{
     WeightedSum,
 };
 pub use token::{cd_token_step_law, top_k_candidates, CdTokenStepLaw};
-pub use train::{fit_head, HeadKind, LossPoint, PrefixDataset, TrainCard, TrainConfig};
+pub use train::{
+    fit_head, next_prefix_rows, HeadKind, LossPoint, PrefixDataset, QRound, TrainCard, TrainConfig,
+    TrainMethod, MAX_Q_ROUNDS,
+};
 
 use crate::error::{EngineError, Result};
 use tilt_models::Policy;
