@@ -125,7 +125,8 @@ pub const MAX_FRONTIER_WEIGHTS: usize = 64;
 /// (1 − w)·V_a + w·V_b (`a`, `b` scorer names in the engine, typically trained on two
 /// rewards); the other strategies stay as they are. Scored by both rewards (the second as
 /// `gold_reward`), the outputs trace how much of one reward each weight trades for the other
-/// (arXiv 2310.17022 §2: scorers of several rewards combine linearly).
+/// (arXiv 2310.17022, multi-objective CD: scorers of several rewards combine linearly;
+/// docs/theory.md §8).
 ///
 /// # Errors
 /// [`EngineError::Invalid`] naming `frontier_weights`: no weight, more than

@@ -66,8 +66,8 @@ fn unit_weight() -> f64 {
 /// The prefix scorer of cd-token and cd-block: one scorer by name, or a weighted sum
 /// V = Σᵢ wᵢ·Vᵢ of several. Controlled decoding for several rewards at once needs nothing
 /// more: the value of the weighted reward Σᵢ wᵢ·rᵢ is Σᵢ wᵢ·Vᵢ by linearity of expectation,
-/// so guiding by the sum targets the tilt of p by the weighted reward (arXiv 2310.17022 §2,
-/// "multi-objective": the scorers of the rewards combine linearly).
+/// so guiding by the sum targets the tilt of p by the weighted reward (arXiv 2310.17022,
+/// multi-objective CD: the scorers of the rewards combine linearly; docs/theory.md §8).
 ///
 /// As JSON, a name (`"scorer": "helpful"`) or a list of terms
 /// (`"scorer": [{"name": "helpful", "weight": 0.7}, {"name": "short", "weight": 0.3}]`; a term

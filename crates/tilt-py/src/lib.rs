@@ -49,6 +49,31 @@ fn invalid(name: &str, problem: impl std::fmt::Display) -> PyErr {
     PyValueError::new_err(format!("{name}: {problem}"))
 }
 
+/// A `scorer` argument: a scorer's name, or a list whose items are `(name, weight)` pairs
+/// or `{"name", "weight"}` dicts (the weighted sum; the engine validates the terms).
+fn scorer_spec(obj: &Bound<'_, PyAny>) -> PyResult<ScorerSpec> {
+    const FORMS: &str =
+        "give a scorer's name or a list of (name, weight) pairs or {\"name\", \"weight\"} dicts";
+    if let Ok(name) = obj.extract::<String>() {
+        return Ok(ScorerSpec::One(name));
+    }
+    let items = obj
+        .try_iter()
+        .map_err(|_| invalid("scorer", format!("a {}; {FORMS}", obj.get_type())))?;
+    let mut terms = Vec::new();
+    for (i, item) in items.enumerate() {
+        let item = item?;
+        let term = if let Ok((name, weight)) = item.extract::<(String, f64)>() {
+            tilt_engine::WeightedScorer { name, weight }
+        } else {
+            depythonize(&item)
+                .map_err(|e| invalid(&format!("scorer[{i}]"), format!("{e}; {FORMS}")))?
+        };
+        terms.push(term);
+    }
+    Ok(ScorerSpec::Weighted(terms))
+}
+
 // ---------------------------------------------------------------------------------------
 // Arrays in, dicts out
 // ---------------------------------------------------------------------------------------
@@ -428,7 +453,7 @@ impl Engine {
     /// finish_reason, reward, the KL fields in nats, candidates; the cd strategies'
     /// `scorer_values`; `rewards` for `report_rewards`), `usage`. `scorer` is a configured
     /// scorer's name or a list of `(name, weight)` pairs (or `{"name", "weight"}` dicts):
-    /// cd-token and cd-block are then guided by Σ weight·V (arXiv 2310.17022 §2).
+    /// cd-token and cd-block are then guided by Σ weight·V (arXiv 2310.17022, multi-objective CD).
     #[pyo3(signature = (prompt = None, *, messages = None, raw = false, strategy = "bon",
                         n = None, temperature = None, top_k = None, top_p = None,
                         lam = None, threshold = None, max_draws = None, block_k = None,
@@ -461,18 +486,7 @@ impl Engine {
         report_rewards: Option<Vec<String>>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let input = input_of(prompt, messages, raw)?;
-        let scorer: Option<ScorerSpec> = match scorer {
-            None => None,
-            Some(s) => Some(depythonize(s).map_err(|e| {
-                invalid(
-                    "scorer",
-                    format!(
-                        "{e}; give a scorer's name or a list of (name, weight) pairs or \
-                         {{\"name\", \"weight\"}} dicts"
-                    ),
-                )
-            })?),
-        };
+        let scorer = scorer.map(scorer_spec).transpose()?;
         let options = StrategyOptions {
             n,
             temperature,

@@ -81,7 +81,8 @@ impl PrefixScorer for ConstantScorer {
 /// A weighted sum of prefix scorers, V = Σᵢ wᵢ·Vᵢ, summed term by term in the listed order
 /// (so the same hidden states give the same bits). Controlled decoding for several rewards
 /// at once: Vᵢ estimates E[rᵢ | prefix] under p, so Σᵢ wᵢ·Vᵢ estimates the value of the
-/// weighted reward Σᵢ wᵢ·rᵢ by linearity of expectation (arXiv 2310.17022 §2). One term of
+/// weighted reward Σᵢ wᵢ·rᵢ by linearity of expectation (arXiv 2310.17022,
+/// multi-objective CD; docs/theory.md §8). One term of
 /// weight 1 gives the scorer's own values bit for bit.
 #[derive(Clone)]
 pub struct WeightedSum {

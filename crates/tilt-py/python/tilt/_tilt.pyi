@@ -73,7 +73,7 @@ class Engine:
         """One request; the engine's response (outputs with text, reward, KL in nats).
 
         ``scorer``: a scorer's name, or ``[(name, weight), ...]`` for cd-token/cd-block
-        guided by the weighted sum of several prefix scorers (arXiv 2310.17022 §2); each
+        guided by the weighted sum of several prefix scorers (arXiv 2310.17022, multi-objective CD); each
         output then reports ``scorer_values``. ``report_rewards``: further configured
         rewards each output is scored with, reported in its ``rewards``."""
     def score(
