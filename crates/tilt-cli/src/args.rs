@@ -88,13 +88,24 @@ pub fn parse_scorer_flag(value: &str) -> anyhow::Result<(PathBuf, Option<f64>)> 
     Ok((PathBuf::from(file), weight))
 }
 
-/// The prefix scorer of the cd strategies from `--scorer` values: one file without a weight
-/// is that scorer; otherwise the weighted sum of the files (weight 1 where none is given),
-/// each named by its path. With the files, in order.
+/// What `--scorer` values say.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScorerFlags {
+    /// The prefix scorer of the cd strategies: one file without a weight is that scorer;
+    /// otherwise the weighted sum of the files (weight 1 where none is given), each named by
+    /// its path.
+    pub spec: Option<ScorerSpec>,
+    /// The files, in order.
+    pub files: Vec<PathBuf>,
+    /// Whether any value gave an explicit weight.
+    pub weighted: bool,
+}
+
+/// Parse `--scorer` values (see [`ScorerFlags`]).
 ///
 /// # Errors
 /// As [`parse_scorer_flag`]; a file given twice.
-pub fn scorer_spec(values: &[String]) -> anyhow::Result<(Option<ScorerSpec>, Vec<PathBuf>)> {
+pub fn scorer_spec(values: &[String]) -> anyhow::Result<ScorerFlags> {
     let parsed = values
         .iter()
         .map(|v| parse_scorer_flag(v))
@@ -121,7 +132,11 @@ pub fn scorer_spec(values: &[String]) -> anyhow::Result<(Option<ScorerSpec>, Vec
                 .collect(),
         )),
     };
-    Ok((spec, files))
+    Ok(ScorerFlags {
+        spec,
+        files,
+        weighted: parsed.iter().any(|(_, w)| w.is_some()),
+    })
 }
 
 #[cfg(test)]
@@ -146,12 +161,14 @@ mod scorer_flag_tests {
             let e = parse_scorer_flag(bad).unwrap_err().to_string();
             assert!(e.contains("--scorer") && e.contains(needle), "{bad}: {e}");
         }
-        let (one, files) = scorer_spec(&["s.st".into()]).unwrap();
-        assert_eq!(one, Some(ScorerSpec::One("s.st".into())));
-        assert_eq!(files, [PathBuf::from("s.st")]);
-        let (sum, files) = scorer_spec(&["a:weight=2".into(), "b".into()]).unwrap();
+        let one = scorer_spec(&["s.st".into()]).unwrap();
+        assert_eq!(one.spec, Some(ScorerSpec::One("s.st".into())));
+        assert_eq!(one.files, [PathBuf::from("s.st")]);
+        assert!(!one.weighted);
+        let sum = scorer_spec(&["a:weight=2".into(), "b".into()]).unwrap();
+        assert!(sum.weighted);
         assert_eq!(
-            sum,
+            sum.spec,
             Some(ScorerSpec::Weighted(vec![
                 WeightedScorer {
                     name: "a".into(),
@@ -163,11 +180,13 @@ mod scorer_flag_tests {
                 },
             ]))
         );
-        assert_eq!(files.len(), 2);
+        assert_eq!(sum.files.len(), 2);
+        // Two files without weights: their sum, no weight given.
+        assert!(!scorer_spec(&["a".into(), "b".into()]).unwrap().weighted);
         // One file with an explicit weight is a weighted sum of one term.
-        let (w, _) = scorer_spec(&["a:weight=0.5".into()]).unwrap();
-        assert!(matches!(w, Some(ScorerSpec::Weighted(t)) if t[0].weight == 0.5));
-        assert_eq!(scorer_spec(&[]).unwrap().0, None);
+        let w = scorer_spec(&["a:weight=0.5".into()]).unwrap();
+        assert!(matches!(w.spec, Some(ScorerSpec::Weighted(t)) if t[0].weight == 0.5));
+        assert_eq!(scorer_spec(&[]).unwrap().spec, None);
         assert!(scorer_spec(&["a".into(), "a:weight=2".into()]).is_err());
     }
 }

@@ -83,21 +83,24 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         check_plot(p)?;
     }
     let strategies = parse_strategies(&args.strategies).map_err(|e| cli_error(e, &[]))?;
-    let (spec, scorer_files) = scorer_spec(&args.scorer)?;
+    let scorers = scorer_spec(&args.scorer)?;
     let strategies = if args.frontier_weights.is_empty() {
-        match &spec {
+        match &scorers.spec {
             // A weighted sum guides every cd strategy; one file is the engine's default.
-            Some(spec @ ScorerSpec::Weighted(_)) => with_scorer(strategies, spec),
+            Some(spec @ ScorerSpec::Weighted(_)) => strategies
+                .iter()
+                .map(|s| s.with_scorer(Some(spec.clone())))
+                .collect(),
             _ => strategies,
         }
     } else {
-        let [a, b] = &args.scorer[..] else {
+        let [a, b] = &scorers.files[..] else {
             return Err(crate::usage(format!(
                 "--frontier-weights: sweeps the weight between two --scorer files; {} given",
-                args.scorer.len()
+                scorers.files.len()
             )));
         };
-        if args.scorer.iter().any(|s| s.contains(":weight=")) {
+        if scorers.weighted {
             return Err(crate::usage(
                 "--frontier-weights: give the two --scorer files without weights (the sweep \
                  sets them)",
@@ -109,7 +112,8 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
                  second as --second-reward SPEC",
             ));
         }
-        frontier_strategies(&strategies, a, b, &args.frontier_weights)
+        let name = |f: &PathBuf| f.display().to_string();
+        frontier_strategies(&strategies, &name(a), &name(b), &args.frontier_weights)
             .map_err(|e| cli_error(e, &[]))?
     };
     let config = EvalConfig {
@@ -140,7 +144,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     }
     // The prompts file is read before the models load, so that a bad line costs nothing.
     tilt_engine::prompts::read_prompts(&args.prompts).map_err(|e| cli_error(e, &[]))?;
-    let mut engine_config = args.engine.config(&scorer_files);
+    let mut engine_config = args.engine.config(&scorers.files);
     if let Some(gold) = &args.gold_reward {
         if *gold == args.engine.reward {
             return Err(crate::usage(format!(
@@ -207,26 +211,6 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         ),
     );
     Ok(())
-}
-
-/// `strategies` with every cd strategy guided by `spec`.
-fn with_scorer(strategies: Vec<Strategy>, spec: &ScorerSpec) -> Vec<Strategy> {
-    strategies
-        .into_iter()
-        .map(|s| match s {
-            Strategy::CdToken { lambda, top_k, .. } => Strategy::CdToken {
-                lambda,
-                top_k,
-                scorer: Some(spec.clone()),
-            },
-            Strategy::CdBlock { k, m, .. } => Strategy::CdBlock {
-                k,
-                m,
-                scorer: Some(spec.clone()),
-            },
-            other => other,
-        })
-        .collect()
 }
 
 /// Write what an evaluation produced, losing as little as possible: print the report to
@@ -365,9 +349,7 @@ fn write_plot(path: &Path, report: &EvalReport) -> Result<(), tilt_plot::PlotErr
 fn frontier_point(s: &Strategy) -> Option<(String, f64)> {
     match s.scorer() {
         Some(Some(ScorerSpec::Weighted(terms))) if terms.len() == 2 => {
-            let label = s.label();
-            let base = label.split(",w=").next().unwrap_or(&label).to_string();
-            Some((base, terms[1].weight))
+            Some((s.with_scorer(None).label(), terms[1].weight))
         }
         _ => None,
     }

@@ -119,7 +119,7 @@ impl StrategyFlags {
             max_draws: self.max_draws,
             block_k: self.block_k,
             block_m: self.block_m,
-            scorer: scorer_spec(&self.scorer)?.0,
+            scorer: scorer_spec(&self.scorer)?.spec,
         };
         let name = self.strategy.name();
         let s = Strategy::from_options(name, &options).map_err(|e| cli_error(e, &[]))?;
@@ -220,7 +220,7 @@ impl GenerateArgs {
     /// # Errors
     /// A usage error naming `--scorer`.
     pub fn engine_config(&self) -> anyhow::Result<tilt_engine::EngineConfig> {
-        let (_, files) = scorer_spec(&self.strategy.scorer)?;
+        let files = scorer_spec(&self.strategy.scorer)?.files;
         let mut config = self.engine.config(&files);
         for spec in &self.report_reward {
             if !config.rewards.iter().any(|r| &r.name == spec) {

@@ -8,7 +8,7 @@
 
 use crate::cd::{check_scorer_fits, PrefixScorer, ScorerFile, WeightedSum};
 use crate::cost::Rule;
-use crate::error::{EngineError, Result};
+use crate::error::{check_names, EngineError, Result};
 use crate::progress::Progress;
 use crate::request::{Input, Output, Request, Response, RewardValue, Usage, MAX_CHOICES};
 use crate::stepper::{
@@ -736,27 +736,6 @@ fn find_named<'a, T: ?Sized>(
             ),
         )
     })
-}
-
-/// Refuse an empty or repeated name among `names` (of `param`s).
-fn check_names<'a>(names: impl Iterator<Item = &'a str>, param: &str) -> Result<()> {
-    let mut seen: Vec<&str> = Vec::new();
-    for n in names {
-        if n.trim().is_empty() {
-            return Err(EngineError::invalid(
-                param,
-                format!("an empty {param} name"),
-            ));
-        }
-        if seen.contains(&n) {
-            return Err(EngineError::invalid(
-                param,
-                format!("the name {n:?} is given twice"),
-            ));
-        }
-        seen.push(n);
-    }
-    Ok(())
 }
 
 /// A request's handle within a [`Scheduler`].

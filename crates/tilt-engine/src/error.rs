@@ -184,6 +184,27 @@ impl EngineError {
     }
 }
 
+/// Refuse an empty or repeated name among `names` (of `param`s).
+pub(crate) fn check_names<'a>(names: impl Iterator<Item = &'a str>, param: &str) -> Result<()> {
+    let mut seen: Vec<&str> = Vec::new();
+    for n in names {
+        if n.trim().is_empty() {
+            return Err(EngineError::invalid(
+                param,
+                format!("an empty {param} name"),
+            ));
+        }
+        if seen.contains(&n) {
+            return Err(EngineError::invalid(
+                param,
+                format!("the name {n:?} is given twice"),
+            ));
+        }
+        seen.push(n);
+    }
+    Ok(())
+}
+
 impl From<tilt_models::sampling::SamplingError> for EngineError {
     fn from(e: tilt_models::sampling::SamplingError) -> Self {
         EngineError::invalid(e.param, e.problem)

@@ -182,28 +182,11 @@ pub fn frontier_strategies(
     let mut out = Vec::new();
     let mut swept = false;
     for s in strategies {
-        match s {
-            Strategy::CdToken {
-                lambda,
-                top_k,
-                scorer: None,
-            } => {
-                swept = true;
-                out.extend(weights.iter().map(|&w| Strategy::CdToken {
-                    lambda: *lambda,
-                    top_k: *top_k,
-                    scorer: spec(w),
-                }));
-            }
-            Strategy::CdBlock { k, m, scorer: None } => {
-                swept = true;
-                out.extend(weights.iter().map(|&w| Strategy::CdBlock {
-                    k: *k,
-                    m: *m,
-                    scorer: spec(w),
-                }));
-            }
-            other => out.push(other.clone()),
+        if s.scorer() == Some(None) {
+            swept = true;
+            out.extend(weights.iter().map(|&w| s.with_scorer(spec(w))));
+        } else {
+            out.push(s.clone());
         }
     }
     if !swept {

@@ -16,7 +16,7 @@
 //! ```
 
 use crate::cd::ScorerValue;
-use crate::error::{EngineError, Result};
+use crate::error::{check_names, EngineError, Result};
 use crate::Strategy;
 use serde::{Deserialize, Serialize};
 use tilt_models::{ChatMessage, Role, TokenId};
@@ -168,21 +168,10 @@ impl Params {
                 format!("{} rewards; at most {MAX_STOP}", self.report_rewards.len()),
             ));
         }
-        for (i, name) in self.report_rewards.iter().enumerate() {
-            if name.trim().is_empty() {
-                return Err(EngineError::invalid(
-                    "report_rewards",
-                    "an empty reward name",
-                ));
-            }
-            if self.report_rewards[..i].contains(name) {
-                return Err(EngineError::invalid(
-                    "report_rewards",
-                    format!("reward {name:?} is listed twice"),
-                ));
-            }
-        }
-        Ok(())
+        check_names(
+            self.report_rewards.iter().map(String::as_str),
+            "report_rewards",
+        )
     }
 }
 

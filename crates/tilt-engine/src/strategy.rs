@@ -17,7 +17,7 @@
 //! cd-block   best-of-K per block of M tokens under the scorer    arXiv 2310.17022 §3
 //! ```
 
-use crate::error::{EngineError, Result};
+use crate::error::{check_names, EngineError, Result};
 use serde::{Deserialize, Serialize};
 use tilt_models::sampling::SamplingParams;
 
@@ -160,26 +160,14 @@ impl ScorerSpec {
                 ),
             ));
         }
-        for (i, (name, w)) in terms.iter().enumerate() {
-            if name.trim().is_empty() {
-                return Err(EngineError::invalid("scorer", "an empty scorer name"));
-            }
-            if !w.is_finite() {
-                return Err(EngineError::invalid(
-                    "scorer",
-                    format!("scorer {name:?} has weight {w}; a weight must be a finite number"),
-                ));
-            }
-            if terms[..i].iter().any(|(n, _)| n == name) {
-                return Err(EngineError::invalid(
-                    "scorer",
-                    format!(
-                        "scorer {name:?} is listed twice; give each scorer once with its weight"
-                    ),
-                ));
-            }
+        check_names(terms.iter().map(|(name, _)| *name), "scorer")?;
+        match terms.iter().find(|(_, w)| !w.is_finite()) {
+            Some((name, w)) => Err(EngineError::invalid(
+                "scorer",
+                format!("scorer {name:?} has weight {w}; a weight must be a finite number"),
+            )),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// What [`Strategy::label`] appends for a weighted sum: the weights in order,
@@ -590,6 +578,24 @@ impl Strategy {
                 Some(scorer.as_ref())
             }
             _ => None,
+        }
+    }
+
+    /// The same strategy guided by the prefix scorer `scorer`, for the cd strategies; any
+    /// other strategy unchanged.
+    pub fn with_scorer(&self, scorer: Option<ScorerSpec>) -> Strategy {
+        match self {
+            Strategy::CdToken { lambda, top_k, .. } => Strategy::CdToken {
+                lambda: *lambda,
+                top_k: *top_k,
+                scorer,
+            },
+            Strategy::CdBlock { k, m, .. } => Strategy::CdBlock {
+                k: *k,
+                m: *m,
+                scorer,
+            },
+            other => other.clone(),
         }
     }
 

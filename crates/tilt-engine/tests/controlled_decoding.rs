@@ -539,7 +539,7 @@ fn v2_by_hand(last: TokenId, pos: usize) -> f64 {
     W2[last as usize] as f64 + W2[HIDDEN - 1] as f64 * (pos as f32 / CTX as f32) as f64 + B2 as f64
 }
 
-/// cd-token guided by `w1·V1 + w2·V2`.
+/// `strategy` (cd-token or cd-block) guided by `w1·V1 + w2·V2`.
 fn weighted(strategy: Strategy, w1: f64, w2: f64) -> Strategy {
     let spec = ScorerSpec::Weighted(vec![
         WeightedScorer {
@@ -551,19 +551,7 @@ fn weighted(strategy: Strategy, w1: f64, w2: f64) -> Strategy {
             weight: w2,
         },
     ]);
-    match strategy {
-        Strategy::CdToken { lambda, top_k, .. } => Strategy::CdToken {
-            lambda,
-            top_k,
-            scorer: Some(spec),
-        },
-        Strategy::CdBlock { k, m, .. } => Strategy::CdBlock {
-            k,
-            m,
-            scorer: Some(spec),
-        },
-        other => other,
-    }
+    strategy.with_scorer(Some(spec))
 }
 
 fn two_scorer_engine() -> Engine<ToyPolicy> {
@@ -645,41 +633,12 @@ fn weighted_scorers_follow_the_exact_law_of_the_weighted_tilt() {
 fn one_scorer_of_weight_one_is_the_scorer_itself_bit_for_bit() {
     let e = two_scorer_engine();
     for base in [cd_token(1.3, 3), cd_block(2, 2)] {
-        let named = match &base {
-            Strategy::CdToken { lambda, top_k, .. } => Strategy::CdToken {
-                lambda: *lambda,
-                top_k: *top_k,
-                scorer: Some("s2".into()),
-            },
-            Strategy::CdBlock { k, m, .. } => Strategy::CdBlock {
-                k: *k,
-                m: *m,
-                scorer: Some("s2".into()),
-            },
-            _ => unreachable!(),
-        };
+        let named = base.with_scorer(Some("s2".into()));
         let listed = weighted(base.clone(), 0.0, 1.0);
-        let only = match weighted(base, 1.0, 1.0) {
-            Strategy::CdToken {
-                lambda,
-                top_k,
-                scorer: Some(ScorerSpec::Weighted(mut t)),
-            } => Strategy::CdToken {
-                lambda,
-                top_k,
-                scorer: Some(ScorerSpec::Weighted(vec![t.remove(1)])),
-            },
-            Strategy::CdBlock {
-                k,
-                m,
-                scorer: Some(ScorerSpec::Weighted(mut t)),
-            } => Strategy::CdBlock {
-                k,
-                m,
-                scorer: Some(ScorerSpec::Weighted(vec![t.remove(1)])),
-            },
-            _ => unreachable!(),
-        };
+        let only = base.with_scorer(Some(ScorerSpec::Weighted(vec![WeightedScorer {
+            name: "s2".into(),
+            weight: 1.0,
+        }])));
         let a = cd_outputs(&e, &named, "ab", 3, 4, 200);
         let b = cd_outputs(&e, &only, "ab", 3, 4, 200);
         let c = cd_outputs(&e, &listed, "ab", 3, 4, 200);
