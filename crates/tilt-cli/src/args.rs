@@ -33,6 +33,11 @@ pub struct EngineArgs {
     /// does not depend on it.
     #[arg(long, default_value_t = DEFAULT_MAX_BATCH)]
     pub max_batch: usize,
+    /// Draw candidates from a remote OpenAI-compatible engine instead of the local model:
+    /// openai:URL[,model=NAME][,api-key-env=VAR][,max-concurrency=K][,timeout=SECS][,retries=R]
+    /// (URL the API base, e.g. http://127.0.0.1:8000/v1).
+    #[arg(long, value_name = "SPEC")]
+    pub engine: Option<String>,
 }
 
 impl EngineArgs {
@@ -55,6 +60,7 @@ impl EngineArgs {
                 .collect(),
             threads: self.threads,
             max_batch: self.max_batch,
+            engine: self.engine.clone(),
         }
     }
 }

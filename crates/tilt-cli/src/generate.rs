@@ -20,8 +20,10 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
 use tilt_engine::manifest::Manifest;
-use tilt_engine::run::{input_files, json_line, run_generate, PromptSource, Run};
-use tilt_engine::{Engine, Input, Params, Strategy, StrategyOptions};
+use tilt_engine::run::{
+    input_files, json_line, remote_input_files, run_generate, Generator, PromptSource, Run,
+};
+use tilt_engine::{Engine, Input, Params, RemoteEngine, Strategy, StrategyOptions};
 use tilt_output::{emit_to, Format};
 
 /// The strategies on the command line.
@@ -244,7 +246,25 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let renames = args.renames();
     let config = args.engine_config()?;
     let progress = CliProgress::new();
-    let engine = Engine::load(&config, &progress).map_err(|e| cli_error(e, &renames))?;
+    config.validate().map_err(|e| cli_error(e, &renames))?;
+    let (local, remote) = match &config.engine {
+        Some(spec) => (
+            None,
+            Some(
+                RemoteEngine::connect(spec, &config.rewards, &progress)
+                    .map_err(|e| cli_error(e, &renames))?,
+            ),
+        ),
+        None => (
+            Some(Engine::load(&config, &progress).map_err(|e| cli_error(e, &renames))?),
+            None,
+        ),
+    };
+    let engine: &dyn Generator = match (&local, &remote) {
+        (Some(l), _) => l,
+        (None, Some(r)) => r,
+        (None, None) => unreachable!("one engine is loaded"),
+    };
     let load_s = t0.elapsed().as_secs_f64();
     let Run::Generate {
         prompts,
@@ -259,37 +279,32 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let mut canonical = Vec::new();
     let mut printed: anyhow::Result<()> = Ok(());
     let t1 = Instant::now();
-    let summary = run_generate(
-        &engine,
-        prompts,
-        *chat_template,
-        params,
-        &progress,
-        |line| {
-            let bytes = json_line(line)?;
-            canonical.extend_from_slice(&bytes);
-            if let tilt_engine::run::GenerateLine::Error { error, .. } = line {
-                progress_note(&progress, error);
-            }
-            // Printing failures (a closed pipe) stop the printing, not the recording.
-            if printed.is_ok() {
-                printed = match args.format {
-                    Format::Json => out
-                        .write_all(&bytes)
-                        .and_then(|()| out.flush())
-                        .map_err(anyhow::Error::from),
-                    Format::Table => {
-                        emit_to(&mut out, line, args.format).map_err(anyhow::Error::from)
-                    }
-                };
-            }
-            Ok(())
-        },
-    );
+    let summary = run_generate(engine, prompts, *chat_template, params, &progress, |line| {
+        let bytes = json_line(line)?;
+        canonical.extend_from_slice(&bytes);
+        if let tilt_engine::run::GenerateLine::Error { error, .. } = line {
+            progress_note(&progress, error);
+        }
+        // Printing failures (a closed pipe) stop the printing, not the recording.
+        if printed.is_ok() {
+            printed = match args.format {
+                Format::Json => out
+                    .write_all(&bytes)
+                    .and_then(|()| out.flush())
+                    .map_err(anyhow::Error::from),
+                Format::Table => emit_to(&mut out, line, args.format).map_err(anyhow::Error::from),
+            };
+        }
+        Ok(())
+    });
     let generate_s = t1.elapsed().as_secs_f64();
     // Whatever happened, a manifest of what was done is written when asked for.
     if let (Some(path), Ok(_)) = (&args.manifest, &summary) {
-        let files = input_files(&engine, &run).map_err(|e| cli_error(e, &renames))?;
+        let files = match &local {
+            Some(l) => input_files(l, &run),
+            None => remote_input_files(&run),
+        }
+        .map_err(|e| cli_error(e, &renames))?;
         let wall: BTreeMap<String, f64> = [
             ("load".to_string(), load_s),
             ("generate".to_string(), generate_s),
@@ -301,7 +316,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
             run.clone(),
             files,
             Vec::new(),
-            engine.threads(),
+            local.as_ref().map_or(1, Engine::threads),
             wall,
             &canonical,
         )

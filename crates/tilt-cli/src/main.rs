@@ -14,6 +14,7 @@ mod generate;
 mod models;
 mod progress;
 mod reproduce;
+mod score;
 mod serve;
 mod theory;
 mod train_scorer;
@@ -53,6 +54,9 @@ enum Command {
     /// Re-run a manifest (of generate, eval or train-scorer) and say whether the output is
     /// identical and the input files the same, or exactly what differs.
     Reproduce(reproduce::ReproduceArgs),
+    /// log p(response | prompt) of given responses under the local model or a remote engine
+    /// (--engine), one JSON line each (nats).
+    Score(score::ScoreArgs),
     /// What each output's `kl_note` means (every code, or one).
     Explain(explain::ExplainArgs),
     /// Serve the engine over the OpenAI API (chat and text completions, every strategy via
@@ -121,6 +125,7 @@ fn try_main(cli: Cli) -> anyhow::Result<()> {
         Command::Generate(args) => generate::run(args),
         Command::Reproduce(args) => reproduce::run(args),
         Command::Explain(args) => explain::run(args),
+        Command::Score(args) => score::run(args),
         Command::Serve(args) => serve::run(args),
     }
 }

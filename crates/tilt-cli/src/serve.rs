@@ -106,6 +106,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         scorers,
         threads: args.threads,
         max_batch: args.max_batch,
+        engine: None,
     };
     let progress = CliProgress::new();
     let engine = Engine::load(&config, &progress).map_err(|e| cli_error(e, &[]))?;

@@ -92,6 +92,11 @@ pub struct EngineConfig {
     /// Outputs do not depend on it.
     #[serde(default = "default_max_batch")]
     pub max_batch: usize,
+    /// A remote engine to draw candidates from instead of the local model
+    /// (`openai:URL[,…]`, see [`tilt_remote::EngineSpec`]); run by
+    /// [`crate::RemoteEngine`], not [`Engine::load`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub engine: Option<String>,
 }
 
 impl Default for EngineConfig {
@@ -103,6 +108,7 @@ impl Default for EngineConfig {
             scorers: Vec::new(),
             threads: 0,
             max_batch: DEFAULT_MAX_BATCH,
+            engine: None,
         }
     }
 }
@@ -125,6 +131,16 @@ impl EngineConfig {
         check_names(self.scorers.iter().map(|s| s.name.as_str()), "scorer")?;
         if self.max_batch == 0 {
             return Err(EngineError::invalid("max_batch", "0 rows; use at least 1"));
+        }
+        if let Some(e) = &self.engine {
+            tilt_remote::EngineSpec::parse(e)?;
+            if self.model.is_some() {
+                return Err(EngineError::invalid(
+                    "engine",
+                    "a remote engine and a local model are both given; candidates come from \
+                     one of them: give either",
+                ));
+            }
         }
         Ok(())
     }
@@ -233,6 +249,12 @@ impl Engine<LlamaPolicy> {
     /// (unavailable).
     pub fn load(config: &EngineConfig, progress: &dyn Progress) -> Result<Self> {
         config.validate()?;
+        if let Some(e) = &config.engine {
+            return Err(EngineError::invalid(
+                "engine",
+                format!("{e} is a remote engine: this command runs on the local model only"),
+            ));
+        }
         let (threads, note) = resolve_threads(config.threads);
         if let Some(note) = note {
             tracing::warn!("{note}");
@@ -266,20 +288,7 @@ impl Engine<LlamaPolicy> {
             })?;
             scorers.push((name, Arc::new(file)));
         }
-        let mut embedder: Option<Arc<MiniLmEmbedder>> = None;
-        let mut rewards: Vec<(String, Arc<dyn Reward>)> = Vec::new();
-        for r in &config.rewards {
-            let spec = RewardSpec::parse(&r.spec)
-                .map_err(|e| EngineError::invalid("reward", e.to_string()))?;
-            let needs_embedder =
-                matches!(spec, RewardSpec::MiniLm { .. } | RewardSpec::Head { .. });
-            if needs_embedder && embedder.is_none() {
-                let dir = crate::progress::fetch_default_reward(progress)?;
-                embedder = Some(Arc::new(MiniLmEmbedder::load(&dir)?));
-            }
-            let built = spec.build_with(embedder.clone().filter(|_| needs_embedder))?;
-            rewards.push((r.name.clone(), Arc::from(built)));
-        }
+        let rewards = build_rewards(&config.rewards, progress)?;
         Ok(Engine {
             policy,
             rewards,
@@ -289,6 +298,31 @@ impl Engine<LlamaPolicy> {
             threads,
         })
     }
+}
+
+/// Build the rewards `configs` describe, the MiniLM model (fetched on first use, reported to
+/// `progress`) loaded once and shared by every reward over it.
+///
+/// # Errors
+/// [`EngineError`] naming the reward: a bad spec or file, a fetch that failed.
+pub(crate) fn build_rewards(
+    configs: &[RewardConfig],
+    progress: &dyn Progress,
+) -> Result<Vec<(String, Arc<dyn Reward>)>> {
+    let mut embedder: Option<Arc<MiniLmEmbedder>> = None;
+    let mut rewards: Vec<(String, Arc<dyn Reward>)> = Vec::new();
+    for r in configs {
+        let spec = RewardSpec::parse(&r.spec)
+            .map_err(|e| EngineError::invalid("reward", e.to_string()))?;
+        let needs_embedder = matches!(spec, RewardSpec::MiniLm { .. } | RewardSpec::Head { .. });
+        if needs_embedder && embedder.is_none() {
+            let dir = crate::progress::fetch_default_reward(progress)?;
+            embedder = Some(Arc::new(MiniLmEmbedder::load(&dir)?));
+        }
+        let built = spec.build_with(embedder.clone().filter(|_| needs_embedder))?;
+        rewards.push((r.name.clone(), Arc::from(built)));
+    }
+    Ok(rewards)
 }
 
 impl<P: Policy> Engine<P> {
@@ -716,7 +750,7 @@ impl<P: Policy> Engine<P> {
 
 /// The entry named `name` of `list` (None: the first), or an error naming `param` that lists
 /// the names there are.
-fn find_named<'a, T: ?Sized>(
+pub(crate) fn find_named<'a, T: ?Sized>(
     list: &'a [(String, Arc<T>)],
     name: Option<&str>,
     param: &str,
@@ -1031,6 +1065,28 @@ impl<'e, P: Policy> Scheduler<'e, P> {
     }
 }
 
+/// Score `outputs` with each of a request's `report_rewards` (one call per reward over the
+/// request's outputs) and add the values to their `rewards`.
+pub(crate) fn add_reported_rewards(
+    outputs: &mut [Output],
+    prompt: &str,
+    report: &[(String, Arc<dyn Reward>)],
+) -> Result<()> {
+    for (name, reward) in report {
+        let values = score_pairs(
+            reward.as_ref(),
+            outputs.iter().map(|o| (prompt, o.text.as_str())),
+        )?;
+        for (o, value) in outputs.iter_mut().zip(values) {
+            o.rewards.push(RewardValue {
+                name: name.clone(),
+                value,
+            });
+        }
+    }
+    Ok(())
+}
+
 fn finish_request(a: Active) -> Result<Response> {
     if let Some(e) = a.error {
         return Err(e);
@@ -1040,19 +1096,7 @@ fn finish_request(a: Active) -> Result<Response> {
         .into_iter()
         .map(|o| o.ok_or_else(|| EngineError::Internal("a choice has no output".into())))
         .collect::<Result<Vec<_>>>()?;
-    // The further rewards, each in one call over the request's outputs.
-    for (name, reward) in &a.report {
-        let values = score_pairs(
-            reward.as_ref(),
-            outputs.iter().map(|o| (a.prompt.as_str(), o.text.as_str())),
-        )?;
-        for (o, value) in outputs.iter_mut().zip(values) {
-            o.rewards.push(RewardValue {
-                name: name.clone(),
-                value,
-            });
-        }
-    }
+    add_reported_rewards(&mut outputs, &a.prompt, &a.report)?;
     Ok(Response {
         index: a.index,
         prompt: a.prompt,

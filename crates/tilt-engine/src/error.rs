@@ -8,7 +8,7 @@
 //! | kind | what it means | CLI | HTTP | Python |
 //! |---|---|---|---|---|
 //! | [`ErrorKind::InvalidInput`] | the caller's input is wrong (a parameter, a prompt, a file it named) | exit 2 | 400 | `ValueError` |
-//! | [`ErrorKind::Unavailable`] | a resource failed or is missing (a reward backend, a download, the disk) | exit 1 | 503 | `RuntimeError` |
+//! | [`ErrorKind::Unavailable`] | a resource failed or is missing (a reward backend, a remote engine, a download, the disk) | exit 1 | 503 | `RuntimeError` |
 //! | [`ErrorKind::Cancelled`] | the caller cancelled the work | exit 1 | (no reply) | `RuntimeError` |
 //! | [`ErrorKind::Internal`] | a bug, or a numerical routine that did not converge | exit 1 | 500 | `RuntimeError` |
 //!
@@ -77,6 +77,10 @@ pub enum EngineError {
     /// candle failed while fitting a scorer.
     #[error("tensor backend: {0}")]
     Candle(#[from] candle_core::Error),
+    /// A remote engine failed or answered something unusable (its message names the
+    /// engine and quotes what it said).
+    #[error("{0}")]
+    Remote(String),
     /// The caller cancelled the work.
     #[error("cancelled")]
     Cancelled,
@@ -131,9 +135,10 @@ impl EngineError {
                 ModelError::Candle(_) | ModelError::Internal(_) => ErrorKind::Internal,
             },
             EngineError::Reward(r) if r.is_invalid_input() => ErrorKind::InvalidInput,
-            EngineError::Reward(_) | EngineError::Asset(_) | EngineError::Io { .. } => {
-                ErrorKind::Unavailable
-            }
+            EngineError::Reward(_)
+            | EngineError::Asset(_)
+            | EngineError::Io { .. }
+            | EngineError::Remote(_) => ErrorKind::Unavailable,
             EngineError::Theory(t) if t.is_input_error() => ErrorKind::InvalidInput,
             EngineError::Theory(_) | EngineError::Candle(_) | EngineError::Internal(_) => {
                 ErrorKind::Internal

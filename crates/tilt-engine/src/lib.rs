@@ -10,6 +10,7 @@
 //! | [`strategy`] | the seven strategies as one enum, each variant with exactly the parameters it reads, and one constructor from loose options |
 //! | [`stepper`] | the one batched stepper: jobs of any strategy, prompt and request step as one batch; token events for streaming; cancellation |
 //! | [`engine`] | [`Engine`] (a loaded policy, rewards, scorers, settings) and [`Scheduler`] (many requests as one batch, admitted between steps) |
+//! | [`remote`] | [`RemoteEngine`]: the selection strategies on candidates from an OpenAI-compatible engine (vLLM, SGLang, llama.cpp, another tilt) |
 //! | [`eval`], [`scorer_training`] | `tilt eval` and CD-FUDGE training, on the stepper |
 //! | [`gold`] | proxy against gold in `tilt eval`: both improvements, the sub-Gaussian bounds and the transfer interval (arXiv 2406.05883) |
 //! | [`run`], [`manifest`] | the three recorded runs, their canonical outputs, manifests and replay |
@@ -31,6 +32,7 @@ pub mod manifest;
 pub mod memory;
 pub mod progress;
 pub mod prompts;
+pub mod remote;
 pub mod request;
 pub mod run;
 pub mod scorer_training;
@@ -41,8 +43,10 @@ pub mod strategy;
 pub use engine::{Engine, EngineConfig, LogProb, RequestId, RewardConfig, Scheduler, ScorerConfig};
 pub use error::{EngineError, ErrorKind, Result};
 pub use progress::{NoProgress, Progress};
+pub use remote::RemoteEngine;
 pub use request::{
-    Candidate, FinishReason, Input, KlNote, Output, Params, Request, Response, RewardValue, Usage,
+    Candidate, FinishReason, Input, KlNote, Output, Params, RemoteNote, Request, Response,
+    RewardValue, Usage,
 };
 pub use stepper::{CancelToken, TokenEvent, TokenSink};
 pub use strategy::{ScorerSpec, Strategy, StrategyOptions, WeightedScorer};

@@ -423,6 +423,27 @@ pub struct Output {
     /// The output's value under each reward of the request's `report_rewards`, in order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub rewards: Vec<RewardValue>,
+    /// Drawn from a remote engine: which, and what its numbers rest on (absent for the
+    /// local model).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub engine: Option<RemoteNote>,
+}
+
+/// What an output drawn from a remote engine rests on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemoteNote {
+    /// The engine's API base.
+    pub url: String,
+    /// The model it served.
+    pub model: String,
+    /// How the candidates were drawn: `"n"` (one request with `n`, the engine's own
+    /// seeding) or `"per-candidate"` (one request per candidate, each with its seed,
+    /// because the engine ignores `n`).
+    pub requests: String,
+    /// Where each candidate's `log_prob` comes from: always `"engine"` (the sum of the
+    /// token log-probabilities the engine returned). The KL numbers of the strategies that
+    /// select among candidates (bon, won, soft-bon, rewind) do not depend on them.
+    pub log_probs: String,
 }
 
 /// An output's value under one named reward.

@@ -12,6 +12,7 @@ use crate::eval::{evaluate, EvalConfig, EvalReport};
 use crate::manifest::{check_files, compare_outputs, sha256_hex, Comparison, FileCheck, Manifest};
 use crate::progress::Progress;
 use crate::prompts::{read_prompt_lines, read_prompts, PromptLine};
+use crate::remote::RemoteEngine;
 use crate::request::{Input, Output, Params, Request};
 use crate::scorer_training::{train_scorer, CardFile, TrainOutputs, TrainScorerConfig, Trained};
 use serde::{Deserialize, Serialize};
@@ -164,6 +165,37 @@ pub struct GenerateSummary {
     pub failures: Vec<String>,
 }
 
+/// What runs a batch of requests: the local [`Engine`] or a [`RemoteEngine`].
+pub trait Generator {
+    /// Run `requests`, handing each result to `on_response` in input order; it returns
+    /// false to stop the run.
+    fn generate_all(
+        &self,
+        requests: Vec<Request>,
+        on_response: &mut dyn FnMut(usize, Result<crate::request::Response>) -> bool,
+    );
+}
+
+impl<P: Policy> Generator for Engine<P> {
+    fn generate_all(
+        &self,
+        requests: Vec<Request>,
+        on_response: &mut dyn FnMut(usize, Result<crate::request::Response>) -> bool,
+    ) {
+        self.generate_many(requests, on_response)
+    }
+}
+
+impl Generator for RemoteEngine {
+    fn generate_all(
+        &self,
+        requests: Vec<Request>,
+        on_response: &mut dyn FnMut(usize, Result<crate::request::Response>) -> bool,
+    ) {
+        self.generate_many(requests, on_response)
+    }
+}
+
 /// Run generate: every prompt of `prompts` with `params`, many at once on the engine's
 /// stepper, handing each line to `on_line` in input order as soon as it is done.
 ///
@@ -174,8 +206,8 @@ pub struct GenerateSummary {
 ///
 /// # Errors
 /// As above; the file's errors; `on_line`'s.
-pub fn run_generate<P: Policy>(
-    engine: &Engine<P>,
+pub fn run_generate<G: Generator + ?Sized>(
+    engine: &G,
     prompts: &PromptSource,
     chat_template: bool,
     params: &Params,
@@ -276,7 +308,7 @@ pub fn run_generate<P: Policy>(
         Ok(true)
     };
     flush(&mut results, &mut next_line, &mut summary)?;
-    engine.generate_many(requests, |i, r| {
+    engine.generate_all(requests, &mut |i, r| {
         results[i] = Some(r);
         match flush(&mut results, &mut next_line, &mut summary) {
             Ok(go) => go,
@@ -445,6 +477,9 @@ pub fn replay(
     if let Some(t) = threads {
         config.threads = t;
     }
+    if let Some(spec) = &config.engine {
+        return replay_remote(manifest, spec, &config, progress);
+    }
     let engine = Engine::load(&config, progress)?;
     let out = execute(&engine, &manifest.run, progress)?;
     let comparison = compare_outputs(&manifest.output, &out.bytes);
@@ -465,6 +500,57 @@ pub fn replay(
         outputs: check_files(&manifest.outputs, &current_outputs),
         threads: engine.threads(),
     })
+}
+
+/// [`replay`] of a generate run drawn from a remote engine: connect again and compare. The
+/// same bytes come back only if the engine is deterministic under the seeds tilt sends.
+fn replay_remote(
+    manifest: &Manifest,
+    spec: &str,
+    config: &EngineConfig,
+    progress: &dyn Progress,
+) -> Result<Replay> {
+    let Run::Generate {
+        prompts,
+        chat_template,
+        params,
+    } = &manifest.run
+    else {
+        return Err(EngineError::invalid(
+            "engine",
+            format!(
+                "a {} run cannot use a remote engine",
+                manifest.run.command()
+            ),
+        ));
+    };
+    let engine = RemoteEngine::connect(spec, &config.rewards, progress)?;
+    let mut bytes = Vec::new();
+    run_generate(&engine, prompts, *chat_template, params, progress, |l| {
+        bytes.extend(json_line(l)?);
+        Ok(())
+    })?;
+    let comparison = compare_outputs(&manifest.output, &bytes);
+    let current_inputs = remote_input_files(&manifest.run)?;
+    Ok(Replay {
+        command: manifest.run.command().into(),
+        comparison,
+        inputs: check_files(&manifest.inputs, &current_inputs),
+        outputs: Vec::new(),
+        threads: manifest.host.threads,
+    })
+}
+
+/// The files a run on a remote engine read, hashed: the prompts file (the engine's model is
+/// not a file here; the manifest records its spec).
+///
+/// # Errors
+/// A file that cannot be read.
+pub fn remote_input_files(run: &Run) -> Result<Vec<HashedFile>> {
+    run.prompts_file()
+        .map(|p| HashedFile::of("prompts", p))
+        .into_iter()
+        .collect()
 }
 
 /// A run's output files as manifest entries.

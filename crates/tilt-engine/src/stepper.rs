@@ -838,7 +838,7 @@ fn candidates_of(seqs: Vec<SampledSequence>, rewards: &[f64]) -> Vec<Candidate> 
 }
 
 /// Build an output from scored candidates and the selected one.
-fn output_of(
+pub(crate) fn output_of(
     out: &OutputSpec,
     strategy: &str,
     n: Option<usize>,
@@ -869,6 +869,7 @@ fn output_of(
         candidates,
         scorer_values: Vec::new(),
         rewards: Vec::new(),
+        engine: None,
     }
 }
 
@@ -1276,6 +1277,7 @@ fn cd_output(
         candidates: vec![candidate],
         scorer_values,
         rewards: Vec::new(),
+        engine: None,
     })
 }
 

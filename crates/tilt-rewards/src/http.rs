@@ -25,6 +25,10 @@
 //! `HTTP_PROXY`/`NO_PROXY` are honoured except for loopback hosts. This build speaks plain
 //! `http://` only (no TLS library is linked): put a local TLS-terminating proxy in front of
 //! an `https://` service.
+//!
+//! The transport (`new_agent`, `answer`: proxy, redirects, body limit, timeout, the
+//! quoted body of an error status) is shared with the served rewards of
+//! [`crate::served`], which add retries on top of it.
 
 use crate::json::{self, Sent};
 use crate::{quote, quote_excerpt, Reward, RewardError};
@@ -34,7 +38,7 @@ use std::time::Duration;
 pub const DEFAULT_HTTP_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// At most this many characters of an answer's body are quoted in an error.
-const QUOTED_BODY: usize = 300;
+pub(crate) const QUOTED_BODY: usize = 300;
 
 /// The longest answer body read, in bytes (ureq's default limit, stated).
 pub const MAX_ANSWER_BYTES: u64 = 10 << 20;
@@ -85,8 +89,9 @@ fn is_loopback(url: &str) -> bool {
             .is_ok_and(|a| a.is_loopback())
 }
 
-/// Why `url` is not a URL this reward can post to, if it is not.
-fn check_url(url: &str) -> Result<(), String> {
+/// Why `url` is not a URL a reward can post to, if it is not (shared with the served
+/// rewards of [`crate::served`]).
+pub(crate) fn check_url(url: &str) -> Result<(), String> {
     if url.starts_with("https://") {
         return Err(
             "https is not supported by this build (no TLS library); use http:// or a \
@@ -114,6 +119,115 @@ fn check_url(url: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// The agent every HTTP reward sends with: `timeout` for a whole request (connect, send,
+/// answer with its body), statuses as answers rather than errors, no redirects followed,
+/// and no proxy for a loopback `url`.
+pub(crate) fn new_agent(url: &str, timeout: Duration) -> ureq::Agent {
+    let mut config = ureq::Agent::config_builder()
+        .timeout_global(Some(timeout))
+        .http_status_as_error(false)
+        .max_redirects(0);
+    if is_loopback(url) {
+        config = config.proxy(None);
+    }
+    config.build().new_agent()
+}
+
+/// Why an exchange with a service failed: what to say, and whether asking again may help.
+#[derive(Debug)]
+pub(crate) struct Failure {
+    /// What happened, for a [`RewardError::Failed`] message.
+    pub(crate) message: String,
+    /// A timeout, a refused, reset or closed connection, or HTTP 429, 502, 503 or 504:
+    /// what a service that is starting, restarting or overloaded answers. Never a 4xx other
+    /// than 429, and never an answer that arrived whole.
+    pub(crate) transient: bool,
+}
+
+/// Whether a transport error is one that asking again may cure.
+fn transient(e: &ureq::Error) -> bool {
+    use std::io::ErrorKind as K;
+    match e {
+        ureq::Error::Timeout(_) => true,
+        ureq::Error::Io(io) => matches!(
+            io.kind(),
+            K::ConnectionRefused
+                | K::ConnectionReset
+                | K::ConnectionAborted
+                | K::BrokenPipe
+                | K::TimedOut
+                | K::UnexpectedEof
+        ),
+        _ => false,
+    }
+}
+
+/// The body of the answer to a request `agent` sent (`sent`: what `send_json` or `call`
+/// returned), if its status is 2xx. Everything else is a [`Failure`] saying what came
+/// back: a transport error, no complete answer within `timeout`, a body longer than
+/// [`MAX_ANSWER_BYTES`] or unreadable, a redirect (never followed: a POST may be
+/// redirected as a GET), or another status with the first [`QUOTED_BODY`] characters of
+/// its body quoted.
+pub(crate) fn answer(
+    sent: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+    timeout: Duration,
+) -> Result<String, Failure> {
+    let timed_out = |what: &str| Failure {
+        message: format!("no {what} within {:.3} s (timeout)", timeout.as_secs_f64()),
+        transient: true,
+    };
+    let mut response = sent.map_err(|e| match e {
+        ureq::Error::Timeout(_) => timed_out("answer"),
+        other => Failure {
+            transient: transient(&other),
+            message: format!("request failed: {other}"),
+        },
+    })?;
+    let status = response.status();
+    let location = response
+        .headers()
+        .get("location")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let text = response
+        .body_mut()
+        .with_config()
+        .limit(MAX_ANSWER_BYTES)
+        .read_to_string()
+        .map_err(|e| match e {
+            ureq::Error::Timeout(_) => timed_out("complete answer"),
+            ureq::Error::BodyExceedsLimit(_) => Failure {
+                message: format!(
+                    "the answer (HTTP {status}) is longer than {MAX_ANSWER_BYTES} bytes"
+                ),
+                transient: false,
+            },
+            other => Failure {
+                transient: transient(&other),
+                message: format!("cannot read the answer (HTTP {status}): {other}"),
+            },
+        })?;
+    if status.is_redirection() {
+        return Err(Failure {
+            message: format!(
+                "HTTP {status}, a redirect to {}: tilt does not follow redirects (a POST may \
+                 be redirected as a GET); give the final URL",
+                location
+                    .as_deref()
+                    .map_or_else(|| "nowhere".to_string(), quote)
+            ),
+            transient: false,
+        });
+    }
+    if !status.is_success() {
+        return Err(Failure {
+            message: format!("HTTP {status}: {}", quote_excerpt(&text, QUOTED_BODY)),
+            transient: matches!(status.as_u16(), 429 | 502 | 503 | 504),
+        });
+    }
+    Ok(text)
+}
+
 impl HttpReward {
     /// A reward posting to `url` (an `http://` URL), each request allowed `timeout`.
     ///
@@ -125,17 +239,10 @@ impl HttpReward {
             reward: format!("http:{url}"),
             message,
         })?;
-        let mut config = ureq::Agent::config_builder()
-            .timeout_global(Some(timeout))
-            .http_status_as_error(false)
-            .max_redirects(0);
-        if is_loopback(url) {
-            config = config.proxy(None);
-        }
         Ok(Self {
             url: url.to_string(),
             timeout,
-            agent: config.build().new_agent(),
+            agent: new_agent(url, timeout),
         })
     }
 
@@ -149,13 +256,6 @@ impl HttpReward {
             reward: self.name(),
             message,
         }
-    }
-
-    fn timed_out(&self, what: &str) -> RewardError {
-        self.fail(format!(
-            "no {what} within {:.3} s (timeout)",
-            self.timeout.as_secs_f64()
-        ))
     }
 }
 
@@ -174,45 +274,9 @@ impl Reward for HttpReward {
                 .map(|&(prompt, response)| Pair { prompt, response })
                 .collect(),
         };
-        let mut response = self
-            .agent
-            .post(&self.url)
-            .send_json(&body)
-            .map_err(|e| match e {
-                ureq::Error::Timeout(_) => self.timed_out("answer"),
-                other => self.fail(format!("request failed: {other}")),
-            })?;
-        let status = response.status();
-        let location = response
-            .headers()
-            .get("location")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
-        let text = response
-            .body_mut()
-            .with_config()
-            .limit(MAX_ANSWER_BYTES)
-            .read_to_string()
-            .map_err(|e| match e {
-                ureq::Error::Timeout(_) => self.timed_out("complete answer"),
-                ureq::Error::BodyExceedsLimit(_) => self.fail(format!(
-                    "the answer (HTTP {status}) is longer than {MAX_ANSWER_BYTES} bytes"
-                )),
-                other => self.fail(format!("cannot read the answer (HTTP {status}): {other}")),
-            })?;
+        let sent = self.agent.post(&self.url).send_json(&body);
+        let text = answer(sent, self.timeout).map_err(|f| self.fail(f.message))?;
         let quoted = || quote_excerpt(&text, QUOTED_BODY);
-        if status.is_redirection() {
-            return Err(self.fail(format!(
-                "HTTP {status}, a redirect to {}: tilt does not follow redirects (a POST may \
-                 be redirected as a GET); give the final URL",
-                location
-                    .as_deref()
-                    .map_or_else(|| "nowhere".to_string(), quote)
-            )));
-        }
-        if !status.is_success() {
-            return Err(self.fail(format!("HTTP {status}: {}", quoted())));
-        }
         // Python's json.dumps writes NaN/Infinity for non-finite floats: accepted here so
         // that the score is named by its index, as for the command reward.
         let value = json::parse(&text)

@@ -10,6 +10,9 @@
 //! | `head:PATH` | [`HeadReward`] | a trained head (safetensors) over MiniLM embeddings |
 //! | `command:CMD` | [`CommandReward`] | a long-lived child `sh -c CMD`, JSON lines |
 //! | `http:URL` (or a bare `http://…`) | [`HttpReward`] | POST JSON to a service |
+//! | `vllm:URL[,options]` | [`ServedReward`] | vLLM's pooling runner, `POST URL/classify` (a logit) |
+//! | `tei:URL[,options]` | [`ServedReward`] | text-embeddings-inference, `POST URL/predict` (a label's raw score) or `URL/rerank` |
+//! | `openrlhf:URL[,options]` | [`ServedReward`] | OpenRLHF's `serve_rm`, `POST URL/get_reward` |
 //!
 //! Rewards are traits and data ([`RewardSpec`]), not flags: a decoding strategy takes a
 //! `&dyn Reward` and never knows which it has. Everything that can fail from outside (a
@@ -17,8 +20,9 @@
 //! reward, and every score is checked (one per pair, finite, within `f32`'s range) before
 //! it leaves this crate. [`RewardError::is_invalid_input`] tells a configuration the user
 //! must fix (a malformed spec, a missing `head:` file, an invalid URL, a command that
-//! cannot start) from a reward failing while it runs. The protocols of the command and
-//! HTTP rewards are in this crate's `README.md`.
+//! cannot start) from a reward failing while it runs. The protocols of the command, HTTP
+//! and served rewards are in this crate's `README.md` (and in [`command`], [`http`],
+//! [`served`]).
 #![deny(missing_docs)]
 
 pub mod command;
@@ -26,11 +30,13 @@ pub mod head;
 pub mod http;
 mod json;
 pub mod minilm;
+pub mod served;
 
 pub use command::{CommandReward, DEFAULT_COMMAND_TIMEOUT, MAX_REPLY_BYTES};
 pub use head::{Head, HeadInput, HeadReward};
 pub use http::{HttpReward, DEFAULT_HTTP_TIMEOUT, MAX_ANSWER_BYTES};
 pub use minilm::{MiniLmEmbedder, MiniLmRelevance, MINILM_DIM};
+pub use served::{ServedApi, ServedOptions, ServedReward, TeiEndpoint, PAIR_SEPARATOR};
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -206,7 +212,19 @@ pub fn check_scores(
 /// - `minilm:target=TEXT`: relevance of the response to the fixed `TEXT`;
 /// - `head:PATH`: a trained head over MiniLM embeddings (format in [`head`]);
 /// - `command:CMD`: an external command run as `sh -c CMD` (protocol in [`command`]);
-/// - `http:URL`, or a bare `http://…` URL: a service (protocol in [`http`]).
+/// - `http:URL`, or a bare `http://…` URL: a service (protocol in [`http`]);
+/// - `vllm:URL[,model=NAME][,label=I][,COMMON]`: vLLM's `POST URL/classify`, the raw
+///   logit of label `I` (default: the only one);
+/// - `tei:URL[,label=NAME][,COMMON]`: text-embeddings-inference's `POST URL/predict`, the
+///   raw score of label `NAME` (default: the only one);
+///   `tei:URL,endpoint=rerank[,COMMON]`: its `POST URL/rerank`;
+/// - `openrlhf:URL[,COMMON]`: OpenRLHF's `POST URL/get_reward`;
+///
+/// where `COMMON` is any of `batch=B` (pairs per request, 1 to 4096, default 32),
+/// `concurrency=K` (requests in flight, 1 to 64, default 4), `timeout=SECS` (per request,
+/// default 60) and `retries=R` (0 to 10, default 2), comma-separated (protocols in
+/// [`served`]). Only the first `:` separates the kind, so `vllm:http://host:8000` is the
+/// kind `vllm` and the URL `http://host:8000`.
 ///
 /// ```
 /// use tilt_rewards::RewardSpec;
@@ -219,7 +237,17 @@ pub fn check_scores(
 ///     RewardSpec::parse("http://127.0.0.1:8000/score").unwrap(),
 ///     RewardSpec::Http { url: "http://127.0.0.1:8000/score".into() }
 /// );
+/// assert_eq!(
+///     RewardSpec::parse("tei:http://127.0.0.1:8080,label=toxic,batch=16").unwrap(),
+///     RewardSpec::Tei {
+///         url: "http://127.0.0.1:8080".into(),
+///         endpoint: tilt_rewards::TeiEndpoint::Predict,
+///         label: Some("toxic".into()),
+///         options: tilt_rewards::ServedOptions { batch: 16, ..Default::default() },
+///     }
+/// );
 /// assert!(RewardSpec::parse("bleu").is_err());
+/// assert!(RewardSpec::parse("vllm:http://127.0.0.1:8000,batch=0").is_err());
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RewardSpec {
@@ -243,13 +271,43 @@ pub enum RewardSpec {
         /// Its URL.
         url: String,
     },
+    /// vLLM's pooling runner (`POST URL/classify`).
+    Vllm {
+        /// The server's base URL, as given.
+        url: String,
+        /// The model name to send; `None`: the first of `GET URL/v1/models`.
+        model: Option<String>,
+        /// Which entry of `probs` is the score; `None`: the only one.
+        label: Option<usize>,
+        /// Batch, concurrency, timeout, retries.
+        options: ServedOptions,
+    },
+    /// text-embeddings-inference (`POST URL/predict` or `URL/rerank`).
+    Tei {
+        /// The server's base URL, as given.
+        url: String,
+        /// `/predict` or `/rerank`.
+        endpoint: TeiEndpoint,
+        /// The label whose raw score is the reward (`/predict`); `None`: the only one.
+        label: Option<String>,
+        /// Batch, concurrency, timeout, retries.
+        options: ServedOptions,
+    },
+    /// OpenRLHF's `serve_rm` (`POST URL/get_reward`).
+    OpenRlhf {
+        /// The server's base URL, as given.
+        url: String,
+        /// Batch, concurrency, timeout, retries.
+        options: ServedOptions,
+    },
 }
 
 /// What [`RewardSpec::parse`] rejects: the spec and why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
     "invalid reward spec {}: {reason} (expected minilm, minilm:target=TEXT, head:PATH, \
-     command:CMD or http:URL)",
+     command:CMD, http:URL, vllm:URL[,options], tei:URL[,options] or \
+     openrlhf:URL[,options])",
     quote(.spec)
 )]
 pub struct RewardSpecError {
@@ -294,7 +352,10 @@ impl RewardSpec {
                 command: c.to_string(),
             }),
             ("http", Some(u)) if !u.is_empty() => Ok(Self::Http { url: u.to_string() }),
-            ("head" | "command" | "http", _) => {
+            ("vllm" | "tei" | "openrlhf", Some(a)) => {
+                served::parse_spec(kind, a).map_err(|reason| err(&reason))
+            }
+            ("head" | "command" | "http" | "vllm" | "tei" | "openrlhf", _) => {
                 Err(err(&format!("{kind} needs an argument after ':'")))
             }
             _ => Err(err(&format!("unknown reward kind {}", quote(kind)))),
@@ -306,7 +367,8 @@ impl RewardSpec {
     /// # Errors
     /// [`RewardError::Invalid`] if the head file, command or URL cannot be set up as given
     /// (the head file is checked before the model is loaded);
-    /// [`RewardError::Failed`] if the default model cannot be fetched or loaded.
+    /// [`RewardError::Failed`] if the default model cannot be fetched or loaded, or if a
+    /// `vllm:` reward without `model=` cannot learn the model name from `GET URL/v1/models`.
     pub fn build(&self) -> Result<Box<dyn Reward>, RewardError> {
         self.build_with(None)
     }
@@ -337,6 +399,37 @@ impl RewardSpec {
                 DEFAULT_COMMAND_TIMEOUT,
             )?),
             Self::Http { url } => Box::new(HttpReward::new(url, DEFAULT_HTTP_TIMEOUT)?),
+            Self::Vllm {
+                url,
+                model,
+                label,
+                options,
+            } => Box::new(ServedReward::new(
+                ServedApi::Vllm {
+                    model: model.clone(),
+                    label: *label,
+                },
+                url,
+                options.clone(),
+            )?),
+            Self::Tei {
+                url,
+                endpoint,
+                label,
+                options,
+            } => Box::new(ServedReward::new(
+                ServedApi::Tei {
+                    endpoint: *endpoint,
+                    label: label.clone(),
+                },
+                url,
+                options.clone(),
+            )?),
+            Self::OpenRlhf { url, options } => Box::new(ServedReward::new(
+                ServedApi::OpenRlhf,
+                url,
+                options.clone(),
+            )?),
         })
     }
 }
@@ -392,6 +485,48 @@ mod spec_tests {
         ] {
             let e = RewardSpec::parse(bad).unwrap_err();
             assert!(e.to_string().contains("invalid reward spec"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn served_specs_split_on_the_first_colon_and_name_their_options() {
+        assert_eq!(
+            RewardSpec::parse("vllm:http://127.0.0.1:8000,model=a/b,label=2").unwrap(),
+            RewardSpec::Vllm {
+                url: "http://127.0.0.1:8000".into(),
+                model: Some("a/b".into()),
+                label: Some(2),
+                options: ServedOptions::default(),
+            }
+        );
+        assert_eq!(
+            RewardSpec::parse("openrlhf:http://localhost:5000/").unwrap(),
+            RewardSpec::OpenRlhf {
+                url: "http://localhost:5000/".into(),
+                options: ServedOptions::default(),
+            }
+        );
+        assert!(matches!(
+            RewardSpec::parse("tei:http://h:1,endpoint=rerank,timeout=2").unwrap(),
+            RewardSpec::Tei { endpoint: TeiEndpoint::Rerank, label: None, options, .. }
+                if options.timeout == std::time::Duration::from_secs(2)
+        ));
+        for (bad, expected) in [
+            ("vllm", "vllm needs an argument after ':'"),
+            ("tei:", "tei needs a URL"),
+            ("openrlhf:http://h:1,bogus=1", "unknown option \"bogus=1\""),
+            ("tei:http://h:1,batch=x", "option \"batch=x\""),
+            ("vllm:ftp://h", "must start with http://"),
+        ] {
+            let e = RewardSpec::parse(bad).unwrap_err();
+            let msg = e.to_string();
+            assert!(
+                msg.contains(&format!("invalid reward spec {}", quote(bad)))
+                    && msg.contains(expected)
+                    && msg.contains("tei:URL[,options]"),
+                "{bad}: {msg}"
+            );
+            assert!(RewardError::from(e).is_invalid_input());
         }
     }
 

@@ -1,0 +1,441 @@
+//! [`RemoteEngine`]: the strategies run on candidates drawn from an engine tilt does not
+//! run itself (vLLM, SGLang, a llama.cpp server, another `tilt serve`), through
+//! [`tilt_remote::RemotePolicy`].
+//!
+//! The selection strategies need of a policy only what an OpenAI-compatible engine gives:
+//! n candidates for a prompt. tilt draws them from the engine, scores them with its own
+//! rewards, and selects and prices them with exactly the rules the local engine uses
+//! ([`crate::select`], [`crate::cost`]), so `sample`, `bon`, `won`, `soft-bon` and `rewind`
+//! mean the same thing on either. Their KL numbers (the bound log n − (n−1)/n, the §4
+//! estimate on the candidates' empirical law, rewind's log(draws/accepted)) rest on the
+//! candidates and their rewards only, not on the engine's log-probabilities; each
+//! candidate's `log_prob` is the engine's own (the sum of the token log-probabilities it
+//! returned), and every output says in `engine` how it was drawn.
+//!
+//! `cd-token` is refused: it needs the full next-token distribution at every step and a
+//! scorer on the model's hidden states, which no such API exposes. `cd-block` is refused
+//! too in this version (it needs prefix continuations under the model's own chat template).
+//!
+//! Randomness: candidate d of choice j (draw j·MAX_N + d, rewind's j·MAX_DRAWS + d, as
+//! locally) is asked with seed [`candidate_seed`]`(seed, index, draw)`; where the engine
+//! honours `n`, one request asks for all of a batch with the first of them, and what the
+//! engine does with it is the engine's. The selection rule draws from the same stream as
+//! locally (`selection_stream(index, j)`).
+
+use crate::cost::{cost, Rule};
+use crate::engine::{add_reported_rewards, build_rewards, find_named, RewardConfig};
+use crate::error::{EngineError, Result};
+use crate::progress::Progress;
+use crate::request::{Candidate, FinishReason, Input, RemoteNote, Request, Response, Usage};
+use crate::select::{first_accepted, select};
+use crate::stepper::{draw_stream, output_of, score_pairs, selection_stream, OutputSpec};
+use crate::strategy::{Strategy, MAX_DRAWS, MAX_N};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
+use tilt_models::sampling::{SamplingParams, SequenceSampler};
+use tilt_remote::{
+    Ask, Completion, EngineSpec, Finish, Message, OpenAiEngine, Prompt, RemoteError, RemotePolicy,
+};
+use tilt_rewards::Reward;
+
+impl From<RemoteError> for EngineError {
+    fn from(e: RemoteError) -> Self {
+        if e.is_invalid_input() {
+            EngineError::invalid("engine", e.to_string())
+        } else {
+            EngineError::Remote(e.to_string())
+        }
+    }
+}
+
+/// The seed candidate `draw` of the request with `index` is asked with: a 31-bit mix of the
+/// request's seed and the draw's stream (31 bits because some engines keep seeds in a
+/// signed 32-bit integer).
+pub fn candidate_seed(seed: u64, index: u64, draw: u64) -> u64 {
+    fn mix(mut z: u64) -> u64 {
+        // splitmix64's finaliser (Steele, Lea & Flood 2014).
+        z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    mix(seed ^ mix(draw_stream(index, draw))) & 0x7FFF_FFFF
+}
+
+/// A remote policy with tilt's rewards: what the faces hold when given `--engine`.
+pub struct RemoteEngine {
+    policy: Arc<dyn RemotePolicy>,
+    rewards: Vec<(String, Arc<dyn Reward>)>,
+    spec: Option<EngineSpec>,
+    /// Requests run at once by [`RemoteEngine::generate_many`].
+    parallel: usize,
+}
+
+impl std::fmt::Debug for RemoteEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RemoteEngine")
+            .field("engine", self.policy.info())
+            .field(
+                "rewards",
+                &self.rewards.iter().map(|(n, _)| n).collect::<Vec<_>>(),
+            )
+            .finish()
+    }
+}
+
+impl RemoteEngine {
+    /// Connect to the engine `spec` names (`openai:URL[,…]`, see [`EngineSpec`]), probe it,
+    /// and build the rewards.
+    ///
+    /// # Errors
+    /// [`EngineError::Invalid`] naming `engine` for a bad spec, a model it does not serve or
+    /// an unset key variable; [`EngineError::Remote`] when the probe fails; the rewards'
+    /// errors.
+    pub fn connect(
+        spec: &str,
+        rewards: &[RewardConfig],
+        progress: &dyn Progress,
+    ) -> Result<RemoteEngine> {
+        let spec = EngineSpec::parse(spec)?;
+        if rewards.is_empty() {
+            return Err(EngineError::invalid("reward", "no reward configured"));
+        }
+        crate::error::check_names(rewards.iter().map(|r| r.name.as_str()), "reward")?;
+        let built = build_rewards(rewards, progress)?;
+        progress.note(&format!("probing the engine at {}", spec.url));
+        let policy = OpenAiEngine::connect(&spec)?;
+        let parallel = spec.max_concurrency;
+        Ok(RemoteEngine {
+            policy: Arc::new(policy),
+            rewards: built,
+            spec: Some(spec),
+            parallel,
+        })
+    }
+
+    /// An engine over a policy already made (a test double, another implementation).
+    ///
+    /// # Errors
+    /// [`EngineError::Invalid`] when there is no reward or a name repeats.
+    pub fn from_parts(
+        policy: Arc<dyn RemotePolicy>,
+        rewards: Vec<(String, Arc<dyn Reward>)>,
+        parallel: usize,
+    ) -> Result<RemoteEngine> {
+        if rewards.is_empty() {
+            return Err(EngineError::invalid("reward", "no reward given"));
+        }
+        crate::error::check_names(rewards.iter().map(|(n, _)| n.as_str()), "reward")?;
+        Ok(RemoteEngine {
+            policy,
+            rewards,
+            spec: None,
+            parallel: parallel.max(1),
+        })
+    }
+
+    /// What the probe found.
+    pub fn info(&self) -> &tilt_remote::EngineInfo {
+        self.policy.info()
+    }
+
+    /// The spec it was connected with (None for [`RemoteEngine::from_parts`]).
+    pub fn spec(&self) -> Option<&EngineSpec> {
+        self.spec.as_ref()
+    }
+
+    /// The names of its rewards.
+    pub fn reward_names(&self) -> Vec<&str> {
+        self.rewards.iter().map(|(n, _)| n.as_str()).collect()
+    }
+
+    /// log p(response | prompt) under the engine, token by token (where it can score a
+    /// given text).
+    ///
+    /// # Errors
+    /// [`EngineError::Invalid`] naming `engine` when it cannot; [`EngineError::Remote`].
+    pub fn log_prob(&self, prompt: &str, response: &str) -> Result<tilt_remote::TextLogProb> {
+        Ok(self.policy.log_prob(prompt, response)?)
+    }
+
+    /// Score (prompt, response) pairs with the reward named `reward` (None: the first).
+    ///
+    /// # Errors
+    /// An unknown name; the reward's errors.
+    pub fn score(&self, reward: Option<&str>, pairs: &[(&str, &str)]) -> Result<Vec<f64>> {
+        let r = find_named(&self.rewards, reward, "reward")?;
+        score_pairs(r.as_ref(), pairs.iter().copied())
+    }
+
+    /// Run one request: every choice, its candidates drawn from the engine.
+    ///
+    /// # Errors
+    /// A bad request (as locally), a strategy a remote engine cannot run (naming
+    /// `strategy`), the engine's or a reward's failure. Nothing partial is returned.
+    pub fn generate(&self, request: &Request) -> Result<Response> {
+        request.validate()?;
+        let p = &request.params;
+        let (n, rule, name, sampling, rewind) = match &p.strategy {
+            Strategy::Sample { sampling } => (1, Rule::Sample, "sample", sampling, None),
+            Strategy::Bon { n, sampling } => (*n, Rule::Best, "bon", sampling, None),
+            Strategy::Won { n, sampling } => (*n, Rule::Worst, "won", sampling, None),
+            Strategy::SoftBon {
+                n,
+                lambda,
+                sampling,
+            } => (
+                *n,
+                Rule::Soft { lambda: *lambda },
+                "soft-bon",
+                sampling,
+                None,
+            ),
+            Strategy::Rewind {
+                n,
+                threshold,
+                max_draws,
+                sampling,
+            } => (
+                *n,
+                Rule::Sample,
+                "rewind",
+                sampling,
+                Some((*threshold, *max_draws)),
+            ),
+            Strategy::CdToken { .. } => {
+                return Err(EngineError::invalid(
+                    "strategy",
+                    "cd-token cannot run on a remote engine: it needs the full next-token \
+                     distribution at every step and a prefix scorer on the model's hidden \
+                     states, which an OpenAI-style API does not expose (use bon, soft-bon or \
+                     rewind, or cd-token on a local model)",
+                ))
+            }
+            Strategy::CdBlock { .. } => {
+                return Err(EngineError::invalid(
+                    "strategy",
+                    "cd-block on a remote engine is not supported in this version (its \
+                     blocks continue a partial answer, which needs the model's chat template \
+                     on the tilt side); use bon, soft-bon or rewind, or cd-block on a local model",
+                ))
+            }
+        };
+        let reward = Arc::clone(find_named(&self.rewards, p.reward.as_deref(), "reward")?);
+        let mut report = Vec::with_capacity(p.report_rewards.len());
+        for r in &p.report_rewards {
+            let found = find_named(&self.rewards, Some(r), "reward")
+                .map_err(|e| EngineError::invalid("report_rewards", e.problem()))?;
+            report.push((r.clone(), Arc::clone(found)));
+        }
+        let prompt = match &request.input {
+            Input::Raw(t) => Prompt::Text(t.clone()),
+            Input::Prompt(t) => Prompt::Chat(vec![Message {
+                role: "user".into(),
+                content: t.clone(),
+            }]),
+            Input::Messages(m) => Prompt::Chat(
+                m.iter()
+                    .map(|m| Message {
+                        role: m.role.as_str().into(),
+                        content: m.content.clone(),
+                    })
+                    .collect(),
+            ),
+        };
+        let reward_prompt: Arc<str> = Arc::from(request.input.reward_prompt());
+        let info = self.policy.info();
+        let per_candidate = !match prompt {
+            Prompt::Text(_) => info.completions.honours_n,
+            Prompt::Chat(_) => info.chat.honours_n,
+        };
+        let note = RemoteNote {
+            url: info.url.clone(),
+            model: info.model.clone(),
+            requests: if per_candidate { "per-candidate" } else { "n" }.into(),
+            log_probs: "engine".into(),
+        };
+        let mut usage = Usage::default();
+        let mut outputs = Vec::with_capacity(p.choices);
+        for choice in 0..p.choices {
+            let j = choice as u64;
+            let out = OutputSpec {
+                choice,
+                seed: p.seed,
+                reward: Arc::clone(&reward),
+                prompt: Arc::clone(&reward_prompt),
+            };
+            let mut selector = SequenceSampler::new(p.seed, selection_stream(request.index, j));
+            let draw = |first: u64, count: usize, usage: &mut Usage| -> Result<Vec<Candidate>> {
+                let seeds: Vec<u64> = (0..count as u64)
+                    .map(|d| candidate_seed(p.seed, request.index, first + d))
+                    .collect();
+                self.draw(&prompt, sampling, p, &seeds, &reward, &reward_prompt, usage)
+            };
+            let mut o = match rewind {
+                None => {
+                    let candidates = draw(j * MAX_N as u64, n, &mut usage)?;
+                    let rewards: Vec<f64> = candidates.iter().map(|c| c.reward).collect();
+                    let selected = select(rule, None, &rewards, &mut selector)?;
+                    let texts: Vec<&str> = candidates.iter().map(|c| c.text.as_str()).collect();
+                    let c = cost(rule, &texts, &rewards, n)?;
+                    let size = (rule != Rule::Sample).then_some(n);
+                    output_of(&out, name, size, candidates, selected, c, None)
+                }
+                Some((threshold, max_draws)) => {
+                    // As the local rewind: batches of n until one holds an acceptance, the
+                    // first accepted in draw order returned, else the best.
+                    let mut all: Vec<Candidate> = Vec::new();
+                    let mut chosen = None;
+                    while all.len() < max_draws && chosen.is_none() {
+                        let batch = n.min(max_draws - all.len());
+                        let first = j * MAX_DRAWS as u64 + all.len() as u64;
+                        let mut got = draw(first, batch, &mut usage)?;
+                        let rewards: Vec<f64> = got.iter().map(|c| c.reward).collect();
+                        chosen = first_accepted(&rewards, threshold).map(|i| all.len() + i);
+                        all.append(&mut got);
+                    }
+                    let rewards: Vec<f64> = all.iter().map(|c| c.reward).collect();
+                    // Earlier batches held no acceptance, so this counts the last batch's.
+                    let accepted = rewards.iter().filter(|&&r| r >= threshold).count();
+                    let rule = Rule::Rewind {
+                        draws: all.len(),
+                        accepted,
+                    };
+                    let selected = match chosen {
+                        Some(i) => i,
+                        None => select(rule, Some(threshold), &rewards, &mut selector)?,
+                    };
+                    let texts: Vec<&str> = all.iter().map(|c| c.text.as_str()).collect();
+                    let c = cost(rule, &texts, &rewards, n)?;
+                    output_of(
+                        &out,
+                        "rewind",
+                        Some(n),
+                        all,
+                        selected,
+                        c,
+                        Some(accepted > 0),
+                    )
+                }
+            };
+            o.engine = Some(note.clone());
+            outputs.push(o);
+        }
+        add_reported_rewards(&mut outputs, &reward_prompt, &report)?;
+        Ok(Response {
+            index: request.index,
+            prompt: reward_prompt.to_string(),
+            outputs,
+            usage,
+        })
+    }
+
+    /// Candidates for `seeds`, scored.
+    #[allow(clippy::too_many_arguments)]
+    fn draw(
+        &self,
+        prompt: &Prompt,
+        sampling: &SamplingParams,
+        p: &crate::request::Params,
+        seeds: &[u64],
+        reward: &Arc<dyn Reward>,
+        reward_prompt: &str,
+        usage: &mut Usage,
+    ) -> Result<Vec<Candidate>> {
+        let ask = Ask {
+            prompt,
+            max_tokens: p.max_new_tokens,
+            temperature: sampling.temperature(),
+            top_p: sampling.top_p(),
+            top_k: sampling.top_k(),
+            stop: &p.stop,
+            seeds,
+        };
+        let got = self.policy.complete(&ask)?;
+        if got.candidates.len() != seeds.len() {
+            return Err(EngineError::Remote(format!(
+                "engine {}: {} candidates for {} asked",
+                self.policy.info().url,
+                got.candidates.len(),
+                seeds.len()
+            )));
+        }
+        usage.prompt_tokens = got.prompt_tokens;
+        usage.completion_tokens += got.completion_tokens;
+        let rewards = score_pairs(
+            reward.as_ref(),
+            got.candidates
+                .iter()
+                .map(|c| (reward_prompt, c.text.as_str())),
+        )?;
+        Ok(got
+            .candidates
+            .into_iter()
+            .zip(rewards)
+            .map(|(c, reward)| candidate(c, reward, !p.stop.is_empty()))
+            .collect())
+    }
+
+    /// Run many requests, up to the engine's `max-concurrency` at once, handing each result
+    /// to `on_response` in input order; `on_response` returning false stops the run.
+    pub fn generate_many(
+        &self,
+        requests: Vec<Request>,
+        mut on_response: impl FnMut(usize, Result<Response>) -> bool,
+    ) {
+        let total = requests.len();
+        let next = AtomicUsize::new(0);
+        let stop = AtomicBool::new(false);
+        let (tx, rx) = mpsc::channel::<(usize, Result<Response>)>();
+        std::thread::scope(|s| {
+            for _ in 0..self.parallel.min(total) {
+                let tx = tx.clone();
+                let (next, stop, requests) = (&next, &stop, &requests);
+                s.spawn(move || loop {
+                    if stop.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    let i = next.fetch_add(1, Ordering::SeqCst);
+                    if i >= total {
+                        break;
+                    }
+                    if tx.send((i, self.generate(&requests[i]))).is_err() {
+                        break;
+                    }
+                });
+            }
+            drop(tx);
+            let mut done: std::collections::HashMap<usize, Result<Response>> = Default::default();
+            let mut next_out = 0;
+            for (i, r) in rx {
+                done.insert(i, r);
+                while let Some(r) = done.remove(&next_out) {
+                    if !on_response(next_out, r) {
+                        stop.store(true, Ordering::SeqCst);
+                        return;
+                    }
+                    next_out += 1;
+                }
+            }
+        });
+    }
+}
+
+fn candidate(c: Completion, reward: f64, had_stops: bool) -> Candidate {
+    let log_prob = c.log_prob();
+    Candidate {
+        new_tokens: c.token_log_probs.len(),
+        finish: match c.finish {
+            Finish::Length => FinishReason::Length,
+            // OpenAI's "stop" is an end token or a stop sequence; without stop sequences
+            // it can only be the end token.
+            Finish::Stop if had_stops => FinishReason::Stop,
+            Finish::Stop => FinishReason::Eos,
+        },
+        text: c.text,
+        reward,
+        log_prob,
+        tokens: Vec::new(),
+        token_log_probs: c.token_log_probs,
+    }
+}

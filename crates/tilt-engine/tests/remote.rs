@@ -1,0 +1,355 @@
+//! The strategies on a remote engine, through a scripted `RemotePolicy`: each candidate's
+//! text is a function of the seed tilt sends, so what the engine library does with the
+//! candidates (selection, ties, KL accounting, rewind's batches, seeds, refusals) is checked
+//! exactly, and best-of-n's output law against tilt-core's exact one.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use tilt_engine::cost::{cost, Rule};
+use tilt_engine::remote::candidate_seed;
+use tilt_engine::{ErrorKind, Input, Params, RemoteEngine, Request, Strategy};
+use tilt_models::sampling::SamplingParams;
+use tilt_remote::{
+    Ask, Completion, Completions, EndpointInfo, EngineInfo, Finish, RemoteError, RemotePolicy,
+    TextLogProb,
+};
+use tilt_rewards::{Reward, RewardError};
+
+/// Outcome k ("y0".."y3") with probabilities 0.4, 0.3, 0.2, 0.1, chosen by the seed.
+const P: [f64; 4] = [0.4, 0.3, 0.2, 0.1];
+
+fn outcome(seed: u64) -> usize {
+    // The seeds are 31-bit mixes already; a second mix spreads them over [0, 1).
+    let u = (seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 11) as f64 / (1u64 << 53) as f64;
+    let mut acc = 0.0;
+    for (k, p) in P.iter().enumerate() {
+        acc += p;
+        if u < acc {
+            return k;
+        }
+    }
+    3
+}
+
+struct Scripted {
+    info: EngineInfo,
+    seeds: Mutex<Vec<u64>>,
+    /// Return one candidate too few.
+    short: bool,
+    asks: AtomicUsize,
+}
+
+impl Scripted {
+    fn new(short: bool) -> Arc<Scripted> {
+        let e = EndpointInfo {
+            available: true,
+            honours_n: false,
+            log_probs: true,
+        };
+        Arc::new(Scripted {
+            info: EngineInfo {
+                url: "http://fake/v1".into(),
+                model: "fake".into(),
+                completions: e,
+                chat: e,
+                scores_text: false,
+            },
+            seeds: Mutex::new(Vec::new()),
+            short,
+            asks: AtomicUsize::new(0),
+        })
+    }
+}
+
+impl RemotePolicy for Scripted {
+    fn info(&self) -> &EngineInfo {
+        &self.info
+    }
+    fn complete(&self, ask: &Ask<'_>) -> Result<Completions, RemoteError> {
+        self.asks.fetch_add(1, Ordering::SeqCst);
+        self.seeds.lock().unwrap().extend_from_slice(ask.seeds);
+        let mut candidates: Vec<Completion> = ask
+            .seeds
+            .iter()
+            .map(|&s| {
+                let k = outcome(s);
+                Completion {
+                    text: format!("y{k}"),
+                    finish: Finish::Stop,
+                    token_log_probs: vec![P[k].ln()],
+                    tokens: vec![format!("y{k}")],
+                }
+            })
+            .collect();
+        if self.short {
+            candidates.pop();
+        }
+        Ok(Completions {
+            completion_tokens: candidates.len(),
+            candidates,
+            prompt_tokens: 3,
+            requests: ask.seeds.len(),
+        })
+    }
+    fn log_prob(&self, _: &str, _: &str) -> Result<TextLogProb, RemoteError> {
+        Err(RemoteError::Invalid {
+            engine: self.info.url.clone(),
+            message: "cannot score".into(),
+        })
+    }
+}
+
+/// The reward of "yk" is k, but y2 and y3 tie (both 2): ties must be split uniformly.
+struct Digit;
+impl Reward for Digit {
+    fn name(&self) -> String {
+        "digit".into()
+    }
+    fn score(&self, pairs: &[(&str, &str)]) -> Result<Vec<f32>, RewardError> {
+        Ok(pairs
+            .iter()
+            .map(|(_, r)| (r[1..].parse::<f32>().unwrap()).min(2.0))
+            .collect())
+    }
+}
+
+struct Length;
+impl Reward for Length {
+    fn name(&self) -> String {
+        "length".into()
+    }
+    fn score(&self, pairs: &[(&str, &str)]) -> Result<Vec<f32>, RewardError> {
+        Ok(pairs
+            .iter()
+            .map(|(p, r)| (p.len() + r.len()) as f32)
+            .collect())
+    }
+}
+
+fn engine(policy: Arc<Scripted>) -> RemoteEngine {
+    RemoteEngine::from_parts(
+        policy,
+        vec![
+            ("digit".into(), Arc::new(Digit) as Arc<dyn Reward>),
+            ("length".into(), Arc::new(Length)),
+        ],
+        4,
+    )
+    .unwrap()
+}
+
+fn request(strategy: Strategy, seed: u64) -> Request {
+    let mut p = Params::new(strategy);
+    p.seed = seed;
+    p.max_new_tokens = 4;
+    Request::new(Input::Prompt("q".into()), p)
+}
+
+fn bon(n: usize) -> Strategy {
+    Strategy::Bon {
+        n,
+        sampling: SamplingParams::default(),
+    }
+}
+
+#[test]
+fn bon_selects_prices_and_seeds_as_the_local_rules_do() {
+    let policy = Scripted::new(false);
+    let e = engine(Arc::clone(&policy));
+    let mut r = request(bon(6), 42);
+    r.index = 3;
+    r.params.choices = 2;
+    r.params.report_rewards = vec!["length".into()];
+    let resp = e.generate(&r).unwrap();
+    assert_eq!(resp.outputs.len(), 2);
+    // The seeds: candidate d of choice j is draw j·MAX_N + d of the request.
+    let sent = policy.seeds.lock().unwrap().clone();
+    let expected: Vec<u64> = (0..2u64)
+        .flat_map(|j| {
+            (0..6u64)
+                .map(move |d| candidate_seed(42, 3, j * tilt_engine::strategy::MAX_N as u64 + d))
+        })
+        .collect();
+    assert_eq!(sent, expected);
+    for o in &resp.outputs {
+        let rewards: Vec<f64> = o.candidates.iter().map(|c| c.reward).collect();
+        let best = rewards.iter().cloned().fold(f64::MIN, f64::max);
+        assert_eq!(o.reward, best);
+        assert_eq!(o.candidates[o.selected].reward, best);
+        let texts: Vec<&str> = o.candidates.iter().map(|c| c.text.as_str()).collect();
+        let c = cost(Rule::Best, &texts, &rewards, 6).unwrap();
+        assert_eq!(
+            (o.kl_bound, o.kl_estimate, o.kl_note),
+            (c.kl_bound, c.kl_estimate, c.kl_note)
+        );
+        assert_eq!(o.kl_bound, Some(6f64.ln() - 5.0 / 6.0));
+        assert_eq!(o.distinct_candidates, c.distinct);
+        // The engine's log-probabilities, the note of what the numbers rest on.
+        for cand in &o.candidates {
+            let k: usize = cand.text[1..].parse().unwrap();
+            assert_eq!(cand.log_prob, P[k].ln());
+        }
+        let note = o.engine.as_ref().unwrap();
+        assert_eq!(
+            (note.url.as_str(), note.requests.as_str()),
+            ("http://fake/v1", "per-candidate")
+        );
+        assert_eq!(o.rewards[0].name, "length");
+        assert_eq!(o.rewards[0].value, (1 + o.text.len()) as f64);
+    }
+    // Same request, same bytes; another seed, other candidates.
+    let again = engine(Scripted::new(false)).generate(&r).unwrap();
+    assert_eq!(
+        serde_json::to_string(&again).unwrap(),
+        serde_json::to_string(&resp).unwrap()
+    );
+    r.params.seed = 43;
+    let other = engine(Scripted::new(false)).generate(&r).unwrap();
+    assert_ne!(other.outputs[0].candidates, resp.outputs[0].candidates);
+}
+
+#[test]
+fn bon_on_a_remote_engine_follows_the_exact_best_of_n_law() {
+    // Outcomes y0..y3 with p = (0.4, 0.3, 0.2, 0.1) and rewards (0, 1, 2, 2): y2 and y3 tie.
+    // The exact law of bon:3 (tilt-core, ties uniform in proportion to p) against 3000
+    // requests of different seeds, by Pearson's chi-square (3 degrees of freedom).
+    let n = 3;
+    let dist = tilt_core::RewardDistribution::new_normalized(P.to_vec(), vec![0.0, 1.0, 2.0, 2.0])
+        .unwrap();
+    let exact = tilt_core::best_of_n::best_of_n(&dist, n as u64)
+        .unwrap()
+        .pmf;
+    let e = engine(Scripted::new(false));
+    let runs = 3000;
+    let mut counts = [0u64; 4];
+    for seed in 0..runs {
+        let o = &e.generate(&request(bon(n), seed)).unwrap().outputs[0];
+        counts[o.text[1..].parse::<usize>().unwrap()] += 1;
+    }
+    let chi2: f64 = (0..4)
+        .map(|k| {
+            let ex = exact[k] * runs as f64;
+            (counts[k] as f64 - ex).powi(2) / ex
+        })
+        .sum();
+    // 0.999 quantile of chi-square with 3 degrees of freedom: 16.27.
+    assert!(
+        chi2 < 16.27,
+        "chi2 {chi2}, counts {counts:?}, exact {exact:?}"
+    );
+    // And not the law of plain sampling (the test can fail).
+    let chi2_p: f64 = (0..4)
+        .map(|k| {
+            let ex = P[k] * runs as f64;
+            (counts[k] as f64 - ex).powi(2) / ex
+        })
+        .sum();
+    assert!(chi2_p > 100.0, "{chi2_p}");
+}
+
+#[test]
+fn rewind_draws_in_batches_until_a_candidate_clears_the_threshold() {
+    let policy = Scripted::new(false);
+    let e = engine(Arc::clone(&policy));
+    let r = request(
+        Strategy::Rewind {
+            n: 2,
+            threshold: 2.0,
+            max_draws: 40,
+            sampling: SamplingParams::default(),
+        },
+        5,
+    );
+    let o = e.generate(&r).unwrap().outputs.remove(0);
+    let rewards: Vec<f64> = o.candidates.iter().map(|c| c.reward).collect();
+    let first = rewards
+        .iter()
+        .position(|&r| r >= 2.0)
+        .expect("accepted within 40");
+    assert_eq!(o.selected, first);
+    assert_eq!(o.accepted, Some(true));
+    assert_eq!(o.draws, first / 2 * 2 + 2);
+    let accepted = rewards.iter().filter(|&&r| r >= 2.0).count();
+    assert_eq!(o.kl_estimate, Some((o.draws as f64 / accepted as f64).ln()));
+    assert_eq!(policy.asks.load(Ordering::SeqCst), o.draws / 2);
+    // Rewind's draw d of choice 0 is draw_stream's d (MAX_DRAWS apart per choice).
+    let sent = policy.seeds.lock().unwrap().clone();
+    let expected: Vec<u64> = (0..o.draws as u64)
+        .map(|d| candidate_seed(5, 0, d))
+        .collect();
+    assert_eq!(sent, expected);
+}
+
+#[test]
+fn what_a_remote_engine_cannot_do_is_refused_clearly() {
+    let e = engine(Scripted::new(false));
+    let cd = request(
+        Strategy::CdToken {
+            lambda: 1.0,
+            top_k: 8,
+            scorer: None,
+        },
+        0,
+    );
+    let err = e.generate(&cd).unwrap_err();
+    assert_eq!(
+        (err.kind(), err.param()),
+        (ErrorKind::InvalidInput, Some("strategy"))
+    );
+    assert!(err.to_string().contains("next-token distribution"), "{err}");
+    let block = request(
+        Strategy::CdBlock {
+            k: 2,
+            m: 4,
+            scorer: None,
+        },
+        0,
+    );
+    assert_eq!(e.generate(&block).unwrap_err().param(), Some("strategy"));
+    let mut bad = request(bon(2), 0);
+    bad.params.reward = Some("nope".into());
+    assert_eq!(e.generate(&bad).unwrap_err().param(), Some("reward"));
+    bad.params.reward = None;
+    bad.params.report_rewards = vec!["nope".into()];
+    assert_eq!(
+        e.generate(&bad).unwrap_err().param(),
+        Some("report_rewards")
+    );
+    // An engine that returns fewer candidates than asked: a failure, nothing partial.
+    let short = engine(Scripted::new(true));
+    let err = short.generate(&request(bon(3), 0)).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Unavailable);
+    assert!(
+        err.to_string().contains("2 candidates for 3 asked"),
+        "{err}"
+    );
+    // A text the engine cannot score.
+    let err = e.log_prob("a", "b").unwrap_err();
+    assert_eq!(err.param(), Some("engine"));
+}
+
+#[test]
+fn many_requests_come_back_in_order() {
+    let e = engine(Scripted::new(false));
+    let requests: Vec<Request> = (0..20)
+        .map(|i| {
+            let mut r = request(bon(2), 9);
+            r.index = i;
+            r
+        })
+        .collect();
+    let lone: Vec<String> = requests
+        .iter()
+        .map(|r| serde_json::to_string(&e.generate(r).unwrap()).unwrap())
+        .collect();
+    let mut got = Vec::new();
+    e.generate_many(requests, |i, r| {
+        got.push((i, serde_json::to_string(&r.unwrap()).unwrap()));
+        true
+    });
+    assert_eq!(
+        got.iter().map(|(i, _)| *i).collect::<Vec<_>>(),
+        (0..20).collect::<Vec<_>>()
+    );
+    assert_eq!(got.into_iter().map(|(_, s)| s).collect::<Vec<_>>(), lone);
+}

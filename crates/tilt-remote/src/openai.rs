@@ -1,0 +1,609 @@
+//! [`OpenAiEngine`]: a [`RemotePolicy`] over an OpenAI-compatible HTTP API.
+//!
+//! Requests follow OpenAI's API reference for `/v1/completions` and `/v1/chat/completions`
+//! (<https://platform.openai.com/docs/api-reference/completions>), which vLLM, SGLang,
+//! llama.cpp's server, llama-cpp-python and `tilt serve` implement:
+//!
+//! ```text
+//! POST {url}/completions       {"model", "prompt", "max_tokens", "temperature", "n", "seed",
+//!                               "logprobs": 1, "stop", ["top_p"], ["top_k"]}
+//!   → {"choices": [{"index", "text", "finish_reason",
+//!                   "logprobs": {"tokens": [..], "token_logprobs": [..]}}], "usage"}
+//! POST {url}/chat/completions  {"model", "messages", …, "logprobs": true}
+//!   → {"choices": [{"index", "message": {"content"}, "finish_reason",
+//!                   "logprobs": {"content": [{"token", "logprob"}, …]}}], "usage"}
+//! POST {url}/completions       {"prompt": PROMPT + RESPONSE, "echo": true, "logprobs": 1,
+//!                               "max_tokens": 1}       (scoring a given text)
+//!   → "logprobs": {"tokens", "token_logprobs", "text_offset"} over the prompt and the
+//!     generated token
+//! ```
+
+use crate::http::{Client, QUOTED};
+use crate::{
+    quote, quote_excerpt, Ask, Completion, Completions, EndpointInfo, EngineInfo, EngineSpec,
+    Finish, Prompt, RemoteError, RemotePolicy, TextLogProb,
+};
+use serde_json::{json, Value};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// An engine behind an OpenAI-compatible API (see the [module docs](self)).
+pub struct OpenAiEngine {
+    spec: EngineSpec,
+    client: Client,
+    info: EngineInfo,
+}
+
+impl std::fmt::Debug for OpenAiEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpenAiEngine")
+            .field("info", &self.info)
+            .finish()
+    }
+}
+
+/// Which endpoint a request goes to.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Route {
+    Completions,
+    Chat,
+}
+
+impl Route {
+    fn path(self) -> &'static str {
+        match self {
+            Route::Completions => "/completions",
+            Route::Chat => "/chat/completions",
+        }
+    }
+}
+
+impl OpenAiEngine {
+    /// Connect to the engine `spec` describes and probe what it offers (module docs of the
+    /// crate): `GET /models`, then one-token completions on both endpoints with `n = 2` and
+    /// log-probabilities, then an `echo` request.
+    ///
+    /// # Errors
+    /// [`RemoteError::Invalid`] when the API key variable is not set or the engine does not
+    /// serve the model asked for; [`RemoteError::Failed`] when `/models` fails or neither
+    /// endpoint answers.
+    pub fn connect(spec: &EngineSpec) -> Result<OpenAiEngine, RemoteError> {
+        let api_key = match &spec.api_key_env {
+            None => None,
+            Some(var) => match std::env::var(var) {
+                Ok(k) if !k.is_empty() => Some(k),
+                _ => {
+                    return Err(RemoteError::Invalid {
+                        engine: spec.url.clone(),
+                        message: format!(
+                            "api-key-env={var}, but the environment variable {var} is not set"
+                        ),
+                    })
+                }
+            },
+        };
+        let client = Client::new(
+            &spec.url,
+            api_key,
+            Duration::from_secs(spec.timeout_s),
+            spec.retries,
+            spec.max_concurrency,
+        );
+        let fail = |message: String| RemoteError::Failed {
+            engine: spec.url.clone(),
+            message,
+        };
+        let (models, _) = client
+            .json("/models", None)
+            .map_err(|m| fail(format!("probe: {m}")))?;
+        let ids: Vec<String> = models
+            .get("data")
+            .and_then(Value::as_array)
+            .map(|d| {
+                d.iter()
+                    .filter_map(|m| m.get("id").and_then(Value::as_str).map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let model = match &spec.model {
+            Some(m) if ids.contains(m) => m.clone(),
+            Some(m) => {
+                return Err(RemoteError::Invalid {
+                    engine: spec.url.clone(),
+                    message: format!(
+                        "model {} is not among the models it serves ({})",
+                        quote(m),
+                        ids.iter().map(|i| quote(i)).collect::<Vec<_>>().join(", ")
+                    ),
+                })
+            }
+            None => ids.first().cloned().ok_or_else(|| {
+                fail(format!(
+                    "probe: /models lists no model: {}",
+                    quote_excerpt(&models.to_string(), QUOTED)
+                ))
+            })?,
+        };
+        let mut engine = OpenAiEngine {
+            spec: spec.clone(),
+            client,
+            info: EngineInfo {
+                url: spec.url.clone(),
+                model,
+                completions: EndpointInfo::default(),
+                chat: EndpointInfo::default(),
+                scores_text: false,
+            },
+        };
+        engine.info.completions = engine.probe(Route::Completions);
+        engine.info.chat = engine.probe(Route::Chat);
+        if !engine.info.completions.available && !engine.info.chat.available {
+            return Err(fail(
+                "probe: neither /completions nor /chat/completions answered a one-token request \
+                 (see the log for what they said)"
+                    .into(),
+            ));
+        }
+        engine.info.scores_text =
+            engine.info.completions.available && engine.log_prob("The cat", " sat").is_ok();
+        tracing::info!(info = ?engine.info, "remote engine probed");
+        Ok(engine)
+    }
+
+    /// The spec it was made from.
+    pub fn spec(&self) -> &EngineSpec {
+        &self.spec
+    }
+
+    fn fail(&self, message: String) -> RemoteError {
+        RemoteError::Failed {
+            engine: self.info.url.clone(),
+            message,
+        }
+    }
+
+    fn probe(&self, route: Route) -> EndpointInfo {
+        let prompt = match route {
+            Route::Completions => Prompt::Text("Hello".into()),
+            Route::Chat => Prompt::Chat(vec![crate::Message {
+                role: "user".into(),
+                content: "Hello".into(),
+            }]),
+        };
+        let ask = Ask {
+            prompt: &prompt,
+            max_tokens: 1,
+            temperature: 1.0,
+            top_p: None,
+            top_k: None,
+            stop: &[],
+            seeds: &[1, 2],
+        };
+        let body = self.body(route, &ask, 2, 1, true);
+        match self.client.json(route.path(), Some(&body)) {
+            Ok((v, _)) => {
+                let choices = v.get("choices").and_then(Value::as_array);
+                let n = choices.map_or(0, Vec::len);
+                let log_probs = choices
+                    .and_then(|c| c.first())
+                    .is_some_and(|c| parse_choice(route, c, true).is_ok());
+                EndpointInfo {
+                    available: n > 0,
+                    honours_n: n == 2,
+                    log_probs,
+                }
+            }
+            Err(m) => {
+                tracing::info!(endpoint = route.path(), error = %m, "probe: endpoint not usable");
+                EndpointInfo::default()
+            }
+        }
+    }
+
+    fn body(&self, route: Route, ask: &Ask<'_>, n: usize, seed: u64, log_probs: bool) -> Value {
+        let mut b = json!({
+            "model": self.info.model,
+            "max_tokens": ask.max_tokens,
+            "temperature": ask.temperature,
+            "n": n,
+            "seed": seed,
+        });
+        match (route, ask.prompt) {
+            (Route::Completions, Prompt::Text(t)) => {
+                b["prompt"] = json!(t);
+                if log_probs {
+                    b["logprobs"] = json!(1);
+                }
+            }
+            (_, Prompt::Chat(m)) => {
+                b["messages"] = json!(m);
+                if log_probs {
+                    b["logprobs"] = json!(true);
+                }
+            }
+            (Route::Chat, Prompt::Text(t)) => {
+                b["messages"] = json!([{"role": "user", "content": t}]);
+                if log_probs {
+                    b["logprobs"] = json!(true);
+                }
+            }
+        }
+        if !ask.stop.is_empty() {
+            b["stop"] = json!(ask.stop);
+        }
+        if let Some(p) = ask.top_p {
+            b["top_p"] = json!(p);
+        }
+        if let Some(k) = ask.top_k {
+            b["top_k"] = json!(k);
+        }
+        b
+    }
+
+    /// One request for `seeds.len()` candidates; checked complete.
+    fn request(
+        &self,
+        route: Route,
+        ask: &Ask<'_>,
+        n: usize,
+        seed: u64,
+    ) -> Result<(Vec<Completion>, usize, usize, usize), RemoteError> {
+        let body = self.body(route, ask, n, seed, true);
+        let (v, attempts) = self
+            .client
+            .json(route.path(), Some(&body))
+            .map_err(|m| self.fail(m))?;
+        let choices = v.get("choices").and_then(Value::as_array).ok_or_else(|| {
+            self.fail(format!(
+                "{}: the answer has no \"choices\" array: {}",
+                route.path(),
+                quote_excerpt(&v.to_string(), QUOTED)
+            ))
+        })?;
+        if choices.len() != n {
+            return Err(self.fail(format!(
+                "{}: returned {} choices for n = {n}",
+                route.path(),
+                choices.len()
+            )));
+        }
+        let mut out: Vec<Option<Completion>> = vec![None; n];
+        for (j, c) in choices.iter().enumerate() {
+            let i = match c.get("index") {
+                None => j,
+                Some(x) => x.as_u64().map_or(usize::MAX, |x| x as usize),
+            };
+            if i >= n || out[i].is_some() {
+                return Err(self.fail(format!(
+                    "{}: choice {j} has index {}, not a new index below n = {n}",
+                    route.path(),
+                    c.get("index").map_or("none".into(), Value::to_string)
+                )));
+            }
+            out[i] = Some(
+                parse_choice(route, c, true)
+                    .map_err(|m| self.fail(format!("{}: choice {i}: {m}", route.path())))?,
+            );
+        }
+        let usage = |k: &str| {
+            v.get("usage")
+                .and_then(|u| u.get(k))
+                .and_then(Value::as_u64)
+                .unwrap_or(0) as usize
+        };
+        let completions: Vec<Completion> = out.into_iter().flatten().collect();
+        let generated = match usage("completion_tokens") {
+            0 => completions.iter().map(|c| c.tokens.len()).sum(),
+            u => u,
+        };
+        Ok((completions, usage("prompt_tokens"), generated, attempts))
+    }
+
+    fn route_for(&self, prompt: &Prompt) -> Result<Route, RemoteError> {
+        let (route, e) = match prompt {
+            Prompt::Text(_) => (Route::Completions, self.info.completions),
+            Prompt::Chat(_) => (Route::Chat, self.info.chat),
+        };
+        if !e.available {
+            return Err(RemoteError::Invalid {
+                engine: self.info.url.clone(),
+                message: format!(
+                    "{} did not answer the probe, so {} prompts cannot be sent to it",
+                    route.path(),
+                    if route == Route::Chat {
+                        "chat"
+                    } else {
+                        "raw-text"
+                    }
+                ),
+            });
+        }
+        if !e.log_probs {
+            return Err(RemoteError::Invalid {
+                engine: self.info.url.clone(),
+                message: format!(
+                    "{} returns no token log-probabilities; tilt reports log p(y) of every \
+                     candidate and needs them",
+                    route.path()
+                ),
+            });
+        }
+        Ok(route)
+    }
+}
+
+/// A choice's text, finish and token log-probabilities.
+fn parse_choice(route: Route, c: &Value, need_log_probs: bool) -> Result<Completion, String> {
+    let text = match route {
+        Route::Completions => c.get("text").and_then(Value::as_str),
+        Route::Chat => c
+            .get("message")
+            .and_then(|m| m.get("content"))
+            .and_then(Value::as_str),
+    }
+    .ok_or_else(|| {
+        format!(
+            "no text ({}): {}",
+            if route == Route::Chat {
+                "message.content"
+            } else {
+                "text"
+            },
+            quote_excerpt(&c.to_string(), QUOTED)
+        )
+    })?
+    .to_string();
+    let finish = match c.get("finish_reason").and_then(Value::as_str) {
+        Some("stop") | Some("eos") => Finish::Stop,
+        Some("length") => Finish::Length,
+        other => {
+            return Err(format!(
+                "finish_reason is {}, not \"stop\" or \"length\" (a candidate that did not \
+                 finish is not a candidate)",
+                other.map_or("missing".into(), quote)
+            ))
+        }
+    };
+    let lp = c.get("logprobs").filter(|l| !l.is_null());
+    let (tokens, token_log_probs) = match (route, lp) {
+        (_, None) if !need_log_probs => (Vec::new(), Vec::new()),
+        (_, None) => return Err("no logprobs, though they were asked for".into()),
+        (Route::Completions, Some(l)) => {
+            let toks = l.get("tokens").and_then(Value::as_array);
+            let lps = l.get("token_logprobs").and_then(Value::as_array);
+            match (toks, lps) {
+                (Some(t), Some(p)) if t.len() == p.len() => (
+                    t.iter()
+                        .map(|x| x.as_str().unwrap_or("").to_string())
+                        .collect(),
+                    numbers(p)?,
+                ),
+                _ => {
+                    return Err(format!(
+                        "logprobs has no tokens and token_logprobs of one length: {}",
+                        quote_excerpt(&l.to_string(), QUOTED)
+                    ))
+                }
+            }
+        }
+        (Route::Chat, Some(l)) => {
+            let content = l.get("content").and_then(Value::as_array).ok_or_else(|| {
+                format!(
+                    "logprobs has no content array: {}",
+                    quote_excerpt(&l.to_string(), QUOTED)
+                )
+            })?;
+            let mut toks = Vec::with_capacity(content.len());
+            let mut lps = Vec::with_capacity(content.len());
+            for e in content {
+                toks.push(
+                    e.get("token")
+                        .and_then(Value::as_str)
+                        .unwrap_or("")
+                        .to_string(),
+                );
+                lps.push(e.get("logprob").cloned().unwrap_or(Value::Null));
+            }
+            (toks, numbers(&lps)?)
+        }
+    };
+    if need_log_probs && token_log_probs.is_empty() && !text.is_empty() {
+        return Err("a non-empty text with no token log-probabilities".into());
+    }
+    Ok(Completion {
+        text,
+        finish,
+        token_log_probs,
+        tokens,
+    })
+}
+
+/// Finite log-probabilities (≤ 0, allowing rounding) or an error naming the first bad one.
+fn numbers(values: &[Value]) -> Result<Vec<f64>, String> {
+    values
+        .iter()
+        .enumerate()
+        .map(|(i, v)| match v.as_f64() {
+            Some(x) if x.is_finite() && x <= 1e-6 => Ok(x.min(0.0)),
+            _ => Err(format!(
+                "token log-probability {i} is {v}, not a finite number ≤ 0"
+            )),
+        })
+        .collect()
+}
+
+impl RemotePolicy for OpenAiEngine {
+    fn info(&self) -> &EngineInfo {
+        &self.info
+    }
+
+    fn complete(&self, ask: &Ask<'_>) -> Result<Completions, RemoteError> {
+        let route = self.route_for(ask.prompt)?;
+        let k = ask.seeds.len();
+        if k == 0 {
+            return Ok(Completions {
+                candidates: Vec::new(),
+                prompt_tokens: 0,
+                completion_tokens: 0,
+                requests: 0,
+            });
+        }
+        let honours_n = match route {
+            Route::Completions => self.info.completions.honours_n,
+            Route::Chat => self.info.chat.honours_n,
+        };
+        if honours_n || k == 1 {
+            let (candidates, prompt_tokens, completion_tokens, requests) =
+                self.request(route, ask, k, ask.seeds[0])?;
+            return Ok(Completions {
+                candidates,
+                prompt_tokens,
+                completion_tokens,
+                requests,
+            });
+        }
+        // One request per candidate, each with its seed, at most max-concurrency in flight
+        // (the client's slots bound them across callers too).
+        let next = AtomicUsize::new(0);
+        let results: Mutex<Vec<Option<Result<_, RemoteError>>>> =
+            Mutex::new((0..k).map(|_| None).collect());
+        let workers = self.spec.max_concurrency.min(k);
+        std::thread::scope(|s| {
+            for _ in 0..workers {
+                s.spawn(|| loop {
+                    let i = next.fetch_add(1, Ordering::SeqCst);
+                    if i >= k {
+                        break;
+                    }
+                    let r = self.request(route, ask, 1, ask.seeds[i]);
+                    let failed = r.is_err();
+                    results.lock().unwrap_or_else(|e| e.into_inner())[i] = Some(r);
+                    if failed {
+                        // Stop handing out work: the whole ask fails anyway.
+                        next.store(k, Ordering::SeqCst);
+                    }
+                });
+            }
+        });
+        let mut out = Completions {
+            candidates: Vec::with_capacity(k),
+            prompt_tokens: 0,
+            completion_tokens: 0,
+            requests: 0,
+        };
+        for (i, r) in results
+            .into_inner()
+            .unwrap_or_else(|e| e.into_inner())
+            .into_iter()
+            .enumerate()
+        {
+            match r {
+                Some(Ok((mut c, p, g, a))) => {
+                    out.candidates.append(&mut c);
+                    out.prompt_tokens = p;
+                    out.completion_tokens += g;
+                    out.requests += a;
+                }
+                Some(Err(e)) => {
+                    return Err(match e {
+                        RemoteError::Failed { engine, message } => RemoteError::Failed {
+                            engine,
+                            message: format!("candidate {i} of {k}: {message}"),
+                        },
+                        other => other,
+                    })
+                }
+                None => continue, // not started after another candidate failed
+            }
+        }
+        if out.candidates.len() != k {
+            return Err(self.fail(format!(
+                "{} of {k} candidates came back",
+                out.candidates.len()
+            )));
+        }
+        Ok(out)
+    }
+
+    fn log_prob(&self, prompt: &str, response: &str) -> Result<TextLogProb, RemoteError> {
+        if !self.info.completions.available {
+            return Err(RemoteError::Invalid {
+                engine: self.info.url.clone(),
+                message: "/completions did not answer the probe: it cannot score a given text"
+                    .into(),
+            });
+        }
+        let full = format!("{prompt}{response}");
+        let body = json!({
+            "model": self.info.model,
+            "prompt": full,
+            "max_tokens": 1,
+            "temperature": 1.0,
+            "echo": true,
+            "logprobs": 1,
+        });
+        let (v, _) = self
+            .client
+            .json("/completions", Some(&body))
+            .map_err(|m| self.fail(format!("scoring a text: {m}")))?;
+        let l = v
+            .pointer("/choices/0/logprobs")
+            .filter(|l| !l.is_null())
+            .ok_or_else(|| {
+                self.fail(format!(
+                    "scoring a text: the answer has no choices[0].logprobs (the engine does \
+                     not support echo with logprobs?): {}",
+                    quote_excerpt(&v.to_string(), QUOTED)
+                ))
+            })?;
+        let arr = |k: &str| l.get(k).and_then(Value::as_array);
+        let (Some(toks), Some(lps), Some(offs)) =
+            (arr("tokens"), arr("token_logprobs"), arr("text_offset"))
+        else {
+            return Err(self.fail(format!(
+                "scoring a text: logprobs lacks tokens, token_logprobs or text_offset: {}",
+                quote_excerpt(&l.to_string(), QUOTED)
+            )));
+        };
+        if toks.len() != lps.len() || toks.len() != offs.len() {
+            return Err(self.fail(
+                "scoring a text: tokens, token_logprobs and text_offset differ in length".into(),
+            ));
+        }
+        // text_offset counts characters of the echoed text (OpenAI's convention); the
+        // response is the tokens from the prompt's end to the end of the echo.
+        let start = prompt.chars().count() as u64;
+        let end = full.chars().count() as u64;
+        let offsets: Vec<u64> = offs
+            .iter()
+            .map(|o| o.as_u64().unwrap_or(u64::MAX))
+            .collect();
+        if !response.is_empty() && !offsets.contains(&start) {
+            return Err(RemoteError::Invalid {
+                engine: self.info.url.clone(),
+                message: format!(
+                    "the engine's tokens of the prompt followed by the response do not split at \
+                     the prompt's end (character {start}); end the prompt where a token ends \
+                     (e.g. before a space)"
+                ),
+            });
+        }
+        let mut tokens = Vec::new();
+        let mut values = Vec::new();
+        for i in 0..toks.len() {
+            if offsets[i] >= start && offsets[i] < end {
+                tokens.push(toks[i].as_str().unwrap_or("").to_string());
+                values.push(lps[i].clone());
+            }
+        }
+        let token_log_probs =
+            numbers(&values).map_err(|m| self.fail(format!("scoring a text: {m}")))?;
+        let total = token_log_probs.iter().sum();
+        Ok(TextLogProb {
+            tokens,
+            token_log_probs,
+            total,
+        })
+    }
+}
