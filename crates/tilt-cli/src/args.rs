@@ -17,8 +17,10 @@ pub struct EngineArgs {
     /// Policy GGUF file (default: SmolLM2-135M-Instruct, fetched on first use).
     #[arg(long)]
     pub model: Option<PathBuf>,
-    /// Reward: minilm (relevance to the prompt), minilm:target=TEXT, head:PATH, command:CMD
-    /// or http:URL.
+    /// Reward: minilm (relevance to the prompt), minilm:target=TEXT, head:PATH, command:CMD,
+    /// http:URL, or a served reward model: vllm:URL, tei:URL (,endpoint=rerank), openrlhf:URL
+    /// (options ,batch=B,concurrency=K,timeout=SECS,retries=R; vllm ,model=M,label=I; tei
+    /// ,label=NAME).
     #[arg(long, default_value = "minilm")]
     pub reward: String,
     /// CPU threads (0: TILT_NUM_THREADS, RAYON_NUM_THREADS or the number of cores; capped at

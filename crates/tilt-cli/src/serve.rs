@@ -9,7 +9,7 @@ use clap::Args;
 use std::path::PathBuf;
 use std::time::Duration;
 use tilt_engine::engine::DEFAULT_MAX_BATCH;
-use tilt_engine::{Engine, EngineConfig, RewardConfig, ScorerConfig};
+use tilt_engine::{Engine, EngineConfig, RemoteEngine, RewardConfig, ScorerConfig};
 use tilt_server::ServerConfig;
 
 /// Flags of `tilt serve`.
@@ -51,6 +51,11 @@ pub struct ServeArgs {
     /// Do not load the model's chat template (chat requests then take one user message).
     #[arg(long)]
     pub no_chat_template: bool,
+    /// Serve in front of a remote OpenAI-compatible engine: candidates come from it, rewards,
+    /// selection and KL accounting from here (openai:URL[,model=NAME][,api-key-env=VAR]
+    /// [,max-concurrency=K][,timeout=SECS][,retries=R]).
+    #[arg(long, value_name = "SPEC", conflicts_with_all = ["model", "scorer"])]
+    pub engine: Option<String>,
 }
 
 fn named(flag: &str, v: &str) -> anyhow::Result<(String, String)> {
@@ -106,10 +111,9 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         scorers,
         threads: args.threads,
         max_batch: args.max_batch,
-        engine: None,
+        engine: args.engine.clone(),
     };
     let progress = CliProgress::new();
-    let engine = Engine::load(&config, &progress).map_err(|e| cli_error(e, &[]))?;
     let server = ServerConfig {
         max_queue: args.max_queue,
         request_timeout: Duration::from_secs(args.request_timeout),
@@ -117,6 +121,17 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         ..ServerConfig::default()
     };
     let addr = std::net::SocketAddr::new(args.host, args.port);
+    if let Some(spec) = &args.engine {
+        config.validate().map_err(|e| cli_error(e, &[]))?;
+        let engine = RemoteEngine::connect(spec, &config.rewards, &progress)
+            .map_err(|e| cli_error(e, &[("engine", "--engine")]))?;
+        let (model, url) = (engine.info().model.clone(), engine.info().url.clone());
+        return tilt_server::run_remote(engine, server, addr, |bound| {
+            eprintln!("tilt: serving {model} from {url} on http://{bound} (OpenAI API under /v1)");
+        })
+        .map_err(|e| crate::failure(format!("serving on {addr}: {e}")));
+    }
+    let engine = Engine::load(&config, &progress).map_err(|e| cli_error(e, &[]))?;
     let model = tilt_server::model_id(&engine);
     tilt_server::run(engine, server, addr, |bound| {
         // The one line a script waits for.

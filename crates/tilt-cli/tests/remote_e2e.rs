@@ -43,7 +43,18 @@ fn stderr(out: &Output) -> String {
 struct Server(Child);
 
 impl Drop for Server {
+    /// The child is `timeout`, which passes SIGTERM on to the server (a SIGKILL would leave
+    /// the server running without it): TERM, a bounded wait, then KILL.
     fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        for _ in 0..100 {
+            if matches!(self.0.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
@@ -206,46 +217,68 @@ fn tilt_serve_is_the_engine_of_another_tilt() {
 /// The llama-cpp-python server the test drives.
 const LLAMA_CPP: &str = "llama-cpp-python[server]==0.3.36";
 
-/// A venv with llama-cpp-python's server, built on first use (from source: about ten
-/// minutes) and cached. Built for AVX2 without AVX-512: the native build of 0.3.36 crashed
-/// in `llama_decode` on this machine's AVX-512 cores.
-fn llama_cpp_python() -> PathBuf {
-    let venv = tilt_assets::tilt_home().join("test-venvs/llama-cpp-python-0.3.36-avx2");
-    let python = venv.join("bin/python");
+/// A venv under `$TILT_HOME/test-venvs/NAME` with `requirement` pip-installed (with `env`),
+/// made once: built under a temporary name, marked complete, then renamed into place (so an
+/// interrupted build is never taken for a finished one).
+fn test_venv(name: &str, requirement: &str, env: &[(&str, &str)]) -> PathBuf {
+    let root = tilt_assets::tilt_home().join("test-venvs");
+    let venv = root.join(name);
     let ready = venv.join(".installed");
     if !ready.exists() {
-        let _ = std::fs::remove_dir_all(&venv);
+        std::fs::create_dir_all(&root).unwrap();
+        let partial = root.join(format!(".{name}.partial-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&partial);
         let ok = Command::new("python3")
             .args(["-m", "venv"])
-            .arg(&venv)
+            .arg(&partial)
             .status()
             .expect("python3 -m venv")
             .success();
-        assert!(ok, "creating the venv {}", venv.display());
-        let out = Command::new(&python)
-            .args([
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-                LLAMA_CPP,
-            ])
-            .env(
-                "CMAKE_ARGS",
-                "-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
-                 -DGGML_AVX512=OFF",
-            )
-            .output()
-            .expect("pip install llama-cpp-python");
-        assert!(
-            out.status.success(),
-            "pip install {LLAMA_CPP}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        std::fs::write(&ready, LLAMA_CPP).unwrap();
+        assert!(ok, "creating the venv {}", partial.display());
+        let mut pip = Command::new(partial.join("bin/python"));
+        pip.args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            requirement,
+        ]);
+        for (k, v) in env {
+            pip.env(k, v);
+        }
+        let out = pip.output().expect("pip install");
+        if !out.status.success() {
+            let _ = std::fs::remove_dir_all(&partial);
+            panic!(
+                "pip install {requirement}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::fs::write(partial.join(".installed"), requirement).unwrap();
+        let _ = std::fs::remove_dir_all(&venv);
+        if std::fs::rename(&partial, &venv).is_err() {
+            let _ = std::fs::remove_dir_all(&partial);
+            assert!(ready.exists(), "cannot move the venv to {}", venv.display());
+        }
     }
-    python
+    venv.join("bin/python")
+}
+
+/// llama-cpp-python's server, built from source on first use (about ten minutes) for AVX2
+/// and without llama.cpp's AMX kernels: the native build of 0.3.36 crashes on a CPU that
+/// reports AMX (SIGSEGV in `ggml_backend_amx_mul_mat` at the first matrix product of this
+/// Q4_1 model, seen here).
+fn llama_cpp_python() -> PathBuf {
+    test_venv(
+        "llama-cpp-python-0.3.36-avx2",
+        "llama-cpp-python[server]==0.3.36",
+        &[(
+            "CMAKE_ARGS",
+            "-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
+             -DGGML_AVX512=OFF",
+        )],
+    )
 }
 
 fn free_port() -> u16 {
@@ -360,4 +393,242 @@ fn llama_cpp_pythons_server_is_an_engine_that_ignores_n() {
         "llama.cpp {rt} vs tilt {lt}"
     );
     eprintln!("log p(response | prompt): llama.cpp {rt:.4} nats, tilt {lt:.4} nats");
+}
+
+/// The TEI-shaped server over PyPI's `alt-profanity-check` classifier (tilt-rewards' test
+/// fixture), on a free port; stops by itself after 60 s idle.
+fn profanity_server() -> (Server, String, PathBuf, PathBuf) {
+    let python = test_venv(
+        "alt-profanity-check-1.9.1",
+        "alt-profanity-check==1.9.1",
+        &[],
+    );
+    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tilt-rewards/tests/fixtures/tei_profanity_server.py");
+    let mut child = Command::new("timeout")
+        .arg("600")
+        .arg(&python)
+        .arg(&script)
+        .args(["0", "--idle-seconds", "60"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start the TEI profanity server");
+    let stdout = child.stdout.take().unwrap();
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line).unwrap();
+    let port: u16 = line.trim().parse().expect("the server prints its port");
+    (
+        Server(child),
+        format!("http://127.0.0.1:{port}"),
+        python,
+        script,
+    )
+}
+
+#[test]
+fn a_remote_engine_with_a_served_classifier_as_its_reward() {
+    // Candidates from one server (tilt serve), rewards from another (a learned classifier
+    // behind TEI's /predict): worst-of-4 under the profanity logit returns the least
+    // profane, and every candidate's reward is the classifier's own value for its text.
+    let (_engine, url) = tilt_serve();
+    let (_tei, tei, python, script) = profanity_server();
+    let reward = format!("tei:{tei},label=profane,batch=2,concurrency=2");
+    let out = tilt(&[
+        "generate",
+        "--engine",
+        &format!("openai:{url}"),
+        "--reward",
+        &reward,
+        "--prompt",
+        "Tell me what you think of my neighbour.",
+        "--strategy",
+        "won",
+        "--n",
+        "4",
+        "--max-new-tokens",
+        "16",
+        "--seed",
+        "1",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let l = &lines(&out)[0];
+    let cands = l["candidates"].as_array().unwrap();
+    assert_eq!(cands.len(), 4);
+    let texts: Vec<&str> = cands.iter().map(|c| c["text"].as_str().unwrap()).collect();
+    let own = Command::new(&python)
+        .arg(&script)
+        .arg("--print-scores")
+        .args(&texts)
+        .output()
+        .unwrap();
+    assert!(
+        own.status.success(),
+        "{}",
+        String::from_utf8_lossy(&own.stderr)
+    );
+    let own: Vec<f64> = String::from_utf8(own.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["profane_logit"]
+                .as_f64()
+                .unwrap()
+        })
+        .collect();
+    for (c, o) in cands.iter().zip(&own) {
+        let r = c["reward"].as_f64().unwrap();
+        assert!((r - o).abs() < 1e-4 * o.abs().max(1.0), "{r} vs {o}");
+    }
+    let least = own.iter().cloned().fold(f64::MAX, f64::min);
+    assert!((l["reward"].as_f64().unwrap() - least).abs() < 1e-4 * least.abs().max(1.0));
+    // The reward server gone: a failure naming it, exit 1, nothing printed as complete.
+    drop(_tei);
+    let out = tilt(&[
+        "generate",
+        "--engine",
+        &format!("openai:{url}"),
+        "--reward",
+        &format!("tei:{tei},retries=0"),
+        "--prompt",
+        "hi",
+        "--strategy",
+        "bon",
+        "--n",
+        "2",
+        "--max-new-tokens",
+        "4",
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains(&tei), "{}", stderr(&out));
+    assert!(out.stdout.is_empty());
+}
+
+/// POST `body` to `url` with Python's urllib; returns (status, JSON answer).
+fn post_json(url: &str, body: &Value) -> (u16, Value) {
+    let script = r#"
+import json, sys, urllib.request, urllib.error
+req = urllib.request.Request(sys.argv[1], data=sys.argv[2].encode(),
+                             headers={"Content-Type": "application/json"})
+try:
+    with urllib.request.urlopen(req, timeout=300) as r:
+        print(r.status); print(r.read().decode())
+except urllib.error.HTTPError as e:
+    print(e.code); print(e.read().decode())
+"#;
+    let out = Command::new("python3")
+        .args(["-c", script, url, &body.to_string()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let (status, json) = text.split_once('\n').unwrap();
+    (
+        status.trim().parse().unwrap(),
+        serde_json::from_str(json).unwrap(),
+    )
+}
+
+#[test]
+fn tilt_serve_in_front_of_a_remote_engine() {
+    // A serves the model; B serves the OpenAI API in front of A, with its own reward.
+    let (_a, a) = tilt_serve();
+    let mut child = Command::new("timeout")
+        .arg("600")
+        .arg(binary())
+        .args(["serve", "--port", "0", "--engine", &format!("openai:{a}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start tilt serve --engine");
+    let stderr_lines = child.stderr.take().unwrap();
+    let mut lines_it = BufReader::new(stderr_lines).lines();
+    let b = loop {
+        let line = lines_it.next().expect("tilt serve --engine ended").unwrap();
+        if let Some(rest) = line.split(" on http://").nth(1) {
+            assert!(line.contains(&format!("from {a}")), "{line}");
+            break format!("http://{}/v1", rest.split_whitespace().next().unwrap());
+        }
+    };
+    std::thread::spawn(move || lines_it.for_each(drop));
+    let _b = Server(child);
+    let body = serde_json::json!({
+        "messages": [{"role": "user", "content": "Name a fruit that is rich in vitamin C."}],
+        "max_tokens": 12, "seed": 4, "strategy": "bon", "candidates": 4,
+        "return_candidates": true,
+    });
+    let (status, r) = post_json(&format!("{b}/chat/completions"), &body);
+    assert_eq!(status, 200, "{r}");
+    let t = &r["choices"][0]["tilt"];
+    assert_eq!(t["strategy"], "bon");
+    assert_eq!(t["engine"]["url"], a.as_str());
+    let cands = t["candidates"].as_array().unwrap();
+    assert_eq!(cands.len(), 4);
+    let best = cands
+        .iter()
+        .map(|c| c["reward"].as_f64().unwrap())
+        .fold(f64::MIN, f64::max);
+    assert_eq!(t["reward"].as_f64().unwrap(), best);
+    assert!(cands.iter().all(|c| c["log_prob"].as_f64().unwrap() < 0.0));
+    assert_eq!(
+        r["choices"][0]["message"]["content"],
+        t["candidates"][t["selected"].as_u64().unwrap() as usize]["text"]
+    );
+    // The same request, the same answer (seeded all the way down).
+    let (_, again) = post_json(&format!("{b}/chat/completions"), &body);
+    assert_eq!(again["choices"], r["choices"]);
+    // What cannot be served in front of a remote engine: 400s naming the field.
+    let mut cd = body.clone();
+    cd["strategy"] = "cd-token".into();
+    cd.as_object_mut().unwrap().remove("candidates");
+    let (status, e) = post_json(&format!("{b}/chat/completions"), &cd);
+    assert_eq!(status, 400, "{e}");
+    assert_eq!(e["error"]["param"], "strategy", "{e}");
+    let mut lp = body.clone();
+    lp["logprobs"] = true.into();
+    lp["top_logprobs"] = 2.into();
+    let (status, e) = post_json(&format!("{b}/chat/completions"), &lp);
+    assert_eq!(status, 400, "{e}");
+    assert_eq!(e["error"]["param"], "top_logprobs", "{e}");
+    // Each returned token's log-probability is passed on from the engine: they sum to the
+    // chosen candidate's log_prob.
+    lp.as_object_mut().unwrap().remove("top_logprobs");
+    let (status, r2) = post_json(&format!("{b}/chat/completions"), &lp);
+    assert_eq!(status, 200, "{r2}");
+    let sum: f64 = r2["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["logprob"].as_f64().unwrap())
+        .sum();
+    let t2 = &r2["choices"][0]["tilt"];
+    let chosen = t2["candidates"][t2["selected"].as_u64().unwrap() as usize]["log_prob"]
+        .as_f64()
+        .unwrap();
+    assert!((sum - chosen).abs() < 1e-9, "{sum} vs {chosen}");
+    // And tilt as a client of tilt in front of tilt: generate --engine B.
+    let out = tilt(&[
+        "generate",
+        "--engine",
+        &format!("openai:{b}"),
+        "--prompt",
+        "How do I boil an egg?",
+        "--strategy",
+        "bon",
+        "--n",
+        "2",
+        "--max-new-tokens",
+        "8",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(lines(&out)[0]["engine"]["url"], b.as_str());
+    // The server in front keeps serving after its engine is gone: each request a 503.
+    drop(_a);
+    let (status, e) = post_json(&format!("{b}/chat/completions"), &body);
+    assert_eq!(status, 503, "{e}");
+    assert!(e["error"]["message"].as_str().unwrap().contains(&a), "{e}");
 }

@@ -48,7 +48,18 @@ fn client_python() -> PathBuf {
 struct Serve(Child);
 
 impl Drop for Serve {
+    /// The child is `timeout`, which passes SIGTERM on to the server (a SIGKILL would leave
+    /// the server running without it): TERM, a bounded wait, then KILL.
     fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        for _ in 0..100 {
+            if matches!(self.0.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
     }

@@ -437,5 +437,6 @@ fn candidate(c: Completion, reward: f64, had_stops: bool) -> Candidate {
         log_prob,
         tokens: Vec::new(),
         token_log_probs: c.token_log_probs,
+        token_texts: c.tokens,
     }
 }

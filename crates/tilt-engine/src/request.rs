@@ -251,6 +251,10 @@ pub struct Candidate {
     /// OpenAI-style `logprobs` answer reports).
     #[serde(skip)]
     pub token_log_probs: Vec<f64>,
+    /// The tokens as text, where there are no ids (a remote engine's candidates; empty for
+    /// the local model, whose `tokens` decode). Not serialised.
+    #[serde(skip)]
+    pub token_texts: Vec<String>,
 }
 
 /// What an output's KL numbers are: a short code in every output, explained once by

@@ -833,6 +833,7 @@ fn candidates_of(seqs: Vec<SampledSequence>, rewards: &[f64]) -> Vec<Candidate> 
             log_prob: s.log_prob,
             tokens: s.tokens,
             token_log_probs: s.token_log_probs,
+            token_texts: Vec::new(),
         })
         .collect()
 }
@@ -1255,6 +1256,7 @@ fn cd_output(
         log_prob: seq.log_prob,
         tokens: seq.tokens.clone(),
         token_log_probs: seq.token_log_probs,
+        token_texts: Vec::new(),
     };
     Ok(Output {
         choice: spec.out.choice,

@@ -49,7 +49,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-use tilt_engine::{CancelToken, Engine};
+use tilt_engine::{CancelToken, Engine, RemoteEngine};
 use tilt_models::{Policy, TokenId};
 use worker::{Reply, StreamMsg, Work};
 
@@ -88,7 +88,8 @@ impl Default for ServerConfig {
 
 /// What a handler needs.
 struct App<P: Policy> {
-    engine: Arc<Engine<P>>,
+    /// The local engine, or None in front of a remote one (which its worker holds).
+    engine: Option<Arc<Engine<P>>>,
     work: SyncSender<Work>,
     metrics: Arc<Metrics>,
     config: ServerConfig,
@@ -134,12 +135,57 @@ pub async fn serve<P: Policy + 'static>(
     let app = Arc::new(App {
         model_id: model_id(&engine),
         fingerprint: format!("tilt-{}-{sha}", env!("CARGO_PKG_VERSION")),
-        engine,
+        engine: Some(engine),
         work: tx,
         metrics,
         config: config.clone(),
         next_id: AtomicU64::new(0),
     });
+    serve_app(app, worker, listener, shutdown).await
+}
+
+/// [`serve`] in front of a remote engine: the same API, every candidate drawn from the
+/// engine ([`RemoteEngine`]), the rewards, selection and KL accounting here. The model is
+/// listed under the remote model's id. Per-token `logprobs` are refused (400), and a
+/// streamed request receives its answer whole once it is chosen.
+///
+/// # Errors
+/// The listener failing.
+pub async fn serve_remote(
+    engine: RemoteEngine,
+    config: ServerConfig,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let engine = Arc::new(engine);
+    let metrics = Arc::new(Metrics::default());
+    let (tx, rx) = sync_channel::<Work>(config.max_queue.max(1));
+    let worker = {
+        let engine = Arc::clone(&engine);
+        let metrics = Arc::clone(&metrics);
+        std::thread::Builder::new()
+            .name("tilt-remote-worker".into())
+            .spawn(move || worker::run_remote(engine, rx, metrics))?
+    };
+    let app: Arc<App<tilt_models::LlamaPolicy>> = Arc::new(App {
+        model_id: engine.info().model.clone(),
+        fingerprint: format!("tilt-{}-remote", env!("CARGO_PKG_VERSION")),
+        engine: None,
+        work: tx,
+        metrics,
+        config: config.clone(),
+        next_id: AtomicU64::new(0),
+    });
+    serve_app(app, worker, listener, shutdown).await
+}
+
+async fn serve_app<P: Policy + 'static>(
+    app: Arc<App<P>>,
+    worker: std::thread::JoinHandle<()>,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let config = app.config.clone();
     let router = Router::new()
         .route("/v1/chat/completions", post(chat::<P>))
         .route("/v1/completions", post(completions::<P>))
@@ -168,6 +214,27 @@ pub async fn serve<P: Policy + 'static>(
     // The worker ends once its channel closes and what it runs is answered.
     let _ = tokio::task::spawn_blocking(move || worker.join()).await;
     Ok(())
+}
+
+/// [`run`] in front of a remote engine ([`serve_remote`]).
+///
+/// # Errors
+/// Binding or serving failed.
+pub fn run_remote(
+    engine: RemoteEngine,
+    config: ServerConfig,
+    addr: std::net::SocketAddr,
+    on_ready: impl FnOnce(std::net::SocketAddr),
+) -> std::io::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        on_ready(listener.local_addr()?);
+        serve_remote(engine, config, listener, shutdown_signal()).await
+    })
 }
 
 /// Serve on a new tokio runtime until SIGTERM or Ctrl-C (for the CLI).
@@ -361,17 +428,27 @@ async fn handle<P: Policy + 'static>(
         app.config.default_max_tokens,
         fresh_seed,
     )?;
-    if !max_given {
-        // No budget given: the default, within what the context leaves after the prompt.
-        let ctx = app.engine.policy().context_length();
-        for r in &mut t.requests {
-            let len = app
-                .engine
-                .encode(&r.input, 0)
-                .map_err(|e| engine_error(&e, endpoint))?
-                .len();
-            r.params.max_new_tokens = r.params.max_new_tokens.min(ctx.saturating_sub(len)).max(1);
+    match &app.engine {
+        Some(engine) if !max_given => {
+            // No budget given: the default, within what the context leaves after the prompt.
+            let ctx = engine.policy().context_length();
+            for r in &mut t.requests {
+                let len = engine
+                    .encode(&r.input, 0)
+                    .map_err(|e| engine_error(&e, endpoint))?
+                    .len();
+                r.params.max_new_tokens =
+                    r.params.max_new_tokens.min(ctx.saturating_sub(len)).max(1);
+            }
         }
+        None if t.top_logprobs > 0 => {
+            return Err(ApiError::invalid(
+                "top_logprobs",
+                "alternatives per token are not served in front of a remote engine (each \
+                 returned token's own log-probability is, as the engine reported it)",
+            ))
+        }
+        _ => {}
     }
     if t.stream && t.requests.len() > 1 {
         return Err(ApiError::invalid(
@@ -406,7 +483,8 @@ async fn handle<P: Policy + 'static>(
     if t.stream {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let request = t.requests.remove(0);
-        let streams_tokens = request.params.strategy.streams_tokens();
+        // A remote engine's answers arrive whole.
+        let streams_tokens = app.engine.is_some() && request.params.strategy.streams_tokens();
         let choices = request.params.choices;
         send(
             app,
@@ -543,7 +621,7 @@ async fn handle<P: Policy + 'static>(
         t.logprobs,
         alternatives.as_deref(),
         t.return_candidates,
-        app.engine.policy(),
+        app.engine.as_deref().map(Engine::policy),
     ))
     .into_response())
 }
@@ -571,7 +649,9 @@ async fn alternatives_of<P: Policy + 'static>(
             (input, answers)
         })
         .collect();
-    let engine = Arc::clone(&app.engine);
+    let engine = app.engine.clone().ok_or_else(|| {
+        ApiError::invalid("top_logprobs", "not served in front of a remote engine")
+    })?;
     let found = tokio::task::spawn_blocking(move || {
         work.into_iter()
             .map(|(input, answers)| {
@@ -624,14 +704,18 @@ fn send<P: Policy>(app: &App<P>, w: Work) -> Result<(), ApiError> {
 /// Per-token log-probabilities of an output, in the endpoint's shape.
 /// `alternatives`: the most likely tokens at each position (`top_logprobs`), if asked.
 fn logprobs_json<P: Policy>(
-    policy: &P,
+    policy: Option<&P>,
     o: &tilt_engine::Output,
     endpoint: Endpoint,
     alternatives: Option<&[Vec<(TokenId, f64)>]>,
 ) -> serde_json::Value {
     let c = &o.candidates[o.selected];
-    let piece = |t: TokenId| policy.decode(&[t]).unwrap_or_default();
-    let pieces: Vec<String> = c.tokens.iter().map(|&t| piece(t)).collect();
+    let piece = |t: TokenId| policy.and_then(|p| p.decode(&[t]).ok()).unwrap_or_default();
+    // A remote engine's tokens come as text (no ids).
+    let pieces: Vec<String> = match policy {
+        Some(_) => c.tokens.iter().map(|&t| piece(t)).collect(),
+        None => c.token_texts.clone(),
+    };
     let alts = |i: usize| {
         alternatives
             .and_then(|a| a.get(i))
@@ -688,7 +772,7 @@ fn full_body<P: Policy>(
     logprobs: bool,
     alternatives: Option<&[Alternatives]>,
     with_candidates: bool,
-    policy: &P,
+    policy: Option<&P>,
 ) -> serde_json::Value {
     let mut choices = Vec::new();
     for (ri, r) in responses.iter().enumerate() {

@@ -441,6 +441,9 @@ pub struct TiltCandidate {
     pub reward: f64,
     /// Its tokens generated.
     pub new_tokens: usize,
+    /// log p(text | prompt) under the policy at temperature 1 (a remote engine's: as it
+    /// reported it), nats.
+    pub log_prob: f64,
 }
 
 /// The per-choice `tilt` object: what the answer cost (KL, nats) and bought (reward).
@@ -479,6 +482,9 @@ pub struct TiltInfo {
     /// The answer's value under each of `report_rewards`.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub rewards: Vec<RewardValue>,
+    /// In front of a remote engine: which, and how the candidates were drawn.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub engine: Option<tilt_engine::RemoteNote>,
 }
 
 impl TiltInfo {
@@ -503,11 +509,13 @@ impl TiltInfo {
                         text: c.text.clone(),
                         reward: c.reward,
                         new_tokens: c.new_tokens,
+                        log_prob: c.log_prob,
                     })
                     .collect()
             }),
             scorer_values: o.scorer_values.clone(),
             rewards: o.rewards.clone(),
+            engine: o.engine.clone(),
         }
     }
 }

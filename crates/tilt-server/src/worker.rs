@@ -183,3 +183,40 @@ fn answer(reply: Reply, result: Result<Response, EngineError>, metrics: &Metrics
         }
     }
 }
+
+/// Run the worker of a server in front of a remote engine until the channel closes and
+/// every request is answered: each request runs on a thread of its own (the remote
+/// engine's client bounds what is in flight to it; the server's `max_queue` bounds the
+/// threads), and is answered whole. A request cancelled before it starts is not sent.
+pub fn run_remote(
+    engine: Arc<tilt_engine::RemoteEngine>,
+    rx: Receiver<Work>,
+    metrics: Arc<Metrics>,
+) {
+    std::thread::scope(|s| {
+        for w in rx {
+            let (engine, metrics) = (Arc::clone(&engine), Arc::clone(&metrics));
+            s.spawn(move || {
+                let Work {
+                    request,
+                    reply,
+                    cancel,
+                    ..
+                } = w;
+                metrics.running.fetch_add(1, Ordering::Relaxed);
+                let result = if cancel.is_cancelled() {
+                    Err(EngineError::Cancelled)
+                } else {
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        engine.generate(&request)
+                    }))
+                    .unwrap_or_else(|_| {
+                        Err(EngineError::Internal("the remote request panicked".into()))
+                    })
+                };
+                metrics.running.fetch_sub(1, Ordering::Relaxed);
+                answer(reply, result, &metrics);
+            });
+        }
+    });
+}
