@@ -106,11 +106,12 @@ pub struct StrategyFlags {
 }
 
 impl StrategyFlags {
-    /// The strategy these flags describe.
+    /// The strategy these flags describe (`remote`: drawn from a remote engine, where
+    /// cd-block is guided by the reward and takes no scorer file).
     ///
     /// # Errors
     /// A usage error naming the flag.
-    pub fn strategy(&self) -> anyhow::Result<Strategy> {
+    pub fn strategy(&self, remote: bool) -> anyhow::Result<Strategy> {
         let options = StrategyOptions {
             n: self.n,
             temperature: self.temperature,
@@ -125,7 +126,7 @@ impl StrategyFlags {
         };
         let name = self.strategy.name();
         let s = Strategy::from_options(name, &options).map_err(|e| cli_error(e, &[]))?;
-        if s.scorer().is_some() && self.scorer.is_empty() {
+        if s.scorer().is_some() && self.scorer.is_empty() && !remote {
             return Err(usage(format!(
                 "--scorer: --strategy {name} needs a prefix scorer file (train one with `tilt \
                  train-scorer`)"
@@ -192,7 +193,7 @@ impl GenerateArgs {
             )),
         };
         let params = Params {
-            strategy: self.strategy.strategy()?,
+            strategy: self.strategy.strategy(self.engine.engine.is_some())?,
             choices: self.choices,
             seed: self.seed,
             max_new_tokens: self.max_new_tokens,

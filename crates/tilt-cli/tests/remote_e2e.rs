@@ -149,6 +149,31 @@ fn tilt_serve_is_the_engine_of_another_tilt() {
     assert!(r.status.success(), "{}", stderr(&r));
     let m: Value = serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
     assert_eq!(m["engine"]["engine"], engine.as_str());
+    // cd-block on a raw prompt: blocks continued through /completions, valued by the reward.
+    let out = tilt(&[
+        "generate",
+        "--engine",
+        &engine,
+        "--no-chat-template",
+        "--prompt",
+        "Q: How do I boil an egg?\nA:",
+        "--strategy",
+        "cd-block",
+        "--block-k",
+        "2",
+        "--block-m",
+        "4",
+        "--max-new-tokens",
+        "12",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let l = &lines(&out)[0];
+    let b = l["blocks"].as_u64().unwrap();
+    assert!((1..=3).contains(&b), "{l}");
+    assert_eq!(l["draws"].as_u64().unwrap(), 2 * b);
+    assert_eq!(l["kl_note"], "cd-block-chain-bound");
+    let bound = b as f64 * (2f64.ln() - 0.5);
+    assert!((l["kl_bound"].as_f64().unwrap() - bound).abs() < 1e-12);
     // What a remote engine cannot do: clear errors, exit 2 (bad input) or 1 (the engine).
     let bad = tilt(&[
         "generate",
@@ -213,9 +238,6 @@ fn tilt_serve_is_the_engine_of_another_tilt() {
     assert_ne!(bad.status.code(), Some(0));
     assert!(stderr(&bad).contains(&url), "{}", stderr(&bad));
 }
-
-/// The llama-cpp-python server the test drives.
-const LLAMA_CPP: &str = "llama-cpp-python[server]==0.3.36";
 
 /// A venv under `$TILT_HOME/test-venvs/NAME` with `requirement` pip-installed (with `env`),
 /// made once: built under a temporary name, marked complete, then renamed into place (so an
@@ -331,12 +353,32 @@ fn llama_cpp_pythons_server_is_an_engine_that_ignores_n() {
     }
     let url = format!("http://127.0.0.1:{port}/v1");
     let engine = format!("openai:{url},max-concurrency=2");
+    // Its chat endpoint returns no log-probabilities (logprobs: null): refused, saying
+    // that /completions does; a raw prompt goes there.
     let out = tilt(&[
         "generate",
         "--engine",
         &engine,
         "--prompt",
-        "Name a fruit that is rich in vitamin C.",
+        "Name a fruit.",
+        "--max-new-tokens",
+        "4",
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("/completions does"),
+        "{}",
+        stderr(&out)
+    );
+    let prompt = "<|im_start|>user\nName a fruit that is rich in vitamin C.<|im_end|>\n\
+                  <|im_start|>assistant\n";
+    let out = tilt(&[
+        "generate",
+        "--engine",
+        &engine,
+        "--no-chat-template",
+        "--prompt",
+        prompt,
         "--strategy",
         "bon",
         "--n",
@@ -358,14 +400,33 @@ fn llama_cpp_pythons_server_is_an_engine_that_ignores_n() {
         let lp = c["log_prob"].as_f64().unwrap();
         assert!(lp.is_finite() && lp < 0.0, "{c}");
     }
-    // log p of a given text: llama.cpp's against tilt's own kernels on the same file (the
-    // model adds no BOS token, so both score the raw text from its first token).
+    // log p of a given text: llama.cpp's against tilt's own kernels on the same file. Its
+    // echo is shifted by one position unless the text starts with the BOS token: tilt sees
+    // that (the generated token is missing) and refuses; with echo-prefix=<|im_start|> the
+    // two agree with tilt scoring the same text.
     let prompt = "The capital of France is";
     let response = " Paris, a city on the Seine.";
-    let remote = tilt(&[
+    let shifted = tilt(&[
         "score",
         "--engine",
         &engine,
+        "--no-chat-template",
+        "--prompt",
+        prompt,
+        "--response",
+        response,
+    ]);
+    assert_eq!(shifted.status.code(), Some(2), "{}", stderr(&shifted));
+    assert!(
+        stderr(&shifted).contains("echo-prefix"),
+        "{}",
+        stderr(&shifted)
+    );
+    let with_bos = format!("{engine},echo-prefix=<|im_start|>");
+    let remote = tilt(&[
+        "score",
+        "--engine",
+        &with_bos,
         "--no-chat-template",
         "--prompt",
         prompt,
@@ -377,7 +438,7 @@ fn llama_cpp_pythons_server_is_an_engine_that_ignores_n() {
         "score",
         "--no-chat-template",
         "--prompt",
-        prompt,
+        &format!("<|im_start|>{prompt}"),
         "--response",
         response,
     ]);
@@ -388,11 +449,21 @@ fn llama_cpp_pythons_server_is_an_engine_that_ignores_n() {
         r["log_prob"].as_f64().unwrap(),
         l["log_prob"].as_f64().unwrap(),
     );
+    let worst = r["token_log_probs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(l["token_log_probs"].as_array().unwrap())
+        .map(|(a, b)| (a.as_f64().unwrap() - b.as_f64().unwrap()).abs())
+        .fold(0.0, f64::max);
+    eprintln!(
+        "log p(response | prompt): llama.cpp {rt:.4} nats, tilt {lt:.4} nats, largest per-token \
+         difference {worst:.4}"
+    );
     assert!(
         (rt - lt).abs() < 0.05 * lt.abs().max(1.0),
         "llama.cpp {rt} vs tilt {lt}"
     );
-    eprintln!("log p(response | prompt): llama.cpp {rt:.4} nats, tilt {lt:.4} nats");
 }
 
 /// The TEI-shaped server over PyPI's `alt-profanity-check` classifier (tilt-rewards' test

@@ -13,8 +13,10 @@
 //! returned), and every output says in `engine` how it was drawn.
 //!
 //! `cd-token` is refused: it needs the full next-token distribution at every step and a
-//! scorer on the model's hidden states, which no such API exposes. `cd-block` is refused
-//! too in this version (it needs prefix continuations under the model's own chat template).
+//! scorer on the model's hidden states, which no such API exposes. `cd-block` runs on raw
+//! prompts: each block continues the text so far through `/completions`, and the value of a
+//! prefix is the request's reward of the partial answer (a prefix scorer, which reads hidden
+//! states, is refused); its KL note is the local one (B blocks of best-of-K).
 //!
 //! Randomness: candidate d of choice j (draw j·MAX_N + d, rewind's j·MAX_DRAWS + d, as
 //! locally) is asked with seed [`candidate_seed`]`(seed, index, draw)`; where the engine
@@ -175,6 +177,9 @@ impl RemoteEngine {
     pub fn generate(&self, request: &Request) -> Result<Response> {
         request.validate()?;
         let p = &request.params;
+        // cd-block samples p itself (temperature 1, no truncation), as locally.
+        let model_law = SamplingParams::default();
+        let mut block: Option<usize> = None;
         let (n, rule, name, sampling, rewind) = match &p.strategy {
             Strategy::Sample { sampling } => (1, Rule::Sample, "sample", sampling, None),
             Strategy::Bon { n, sampling } => (*n, Rule::Best, "bon", sampling, None),
@@ -211,13 +216,17 @@ impl RemoteEngine {
                      rewind, or cd-token on a local model)",
                 ))
             }
-            Strategy::CdBlock { .. } => {
-                return Err(EngineError::invalid(
-                    "strategy",
-                    "cd-block on a remote engine is not supported in this version (its \
-                     blocks continue a partial answer, which needs the model's chat template \
-                     on the tilt side); use bon, soft-bon or rewind, or cd-block on a local model",
-                ))
+            Strategy::CdBlock { k, m, scorer } => {
+                if scorer.is_some() {
+                    return Err(EngineError::invalid(
+                        "scorer",
+                        "a prefix scorer reads the model's hidden states, which a remote engine \
+                         does not expose: on a remote engine cd-block is guided by the reward \
+                         on the partial text (give no scorer)",
+                    ));
+                }
+                block = Some(*m);
+                (*k, Rule::Best, "cd-block", &model_law, None)
             }
         };
         let reward = Arc::clone(find_named(&self.rewards, p.reward.as_deref(), "reward")?);
@@ -242,6 +251,15 @@ impl RemoteEngine {
                     .collect(),
             ),
         };
+        if block.is_some() && !matches!(prompt, Prompt::Text(_)) {
+            return Err(EngineError::invalid(
+                "prompt",
+                "cd-block on a remote engine continues the partial answer through /completions, \
+                 so it takes a raw prompt (the engine's chat template is not known here): give \
+                 the prompt raw (--no-chat-template), with the template written out if the \
+                 model needs one",
+            ));
+        }
         let reward_prompt: Arc<str> = Arc::from(request.input.reward_prompt());
         let info = self.policy.info();
         let per_candidate = !match prompt {
@@ -272,6 +290,20 @@ impl RemoteEngine {
                 self.draw(&prompt, sampling, p, &seeds, &reward, &reward_prompt, usage)
             };
             let mut o = match rewind {
+                None if block.is_some() => {
+                    let m = block.unwrap_or(1);
+                    self.blocks(
+                        &prompt,
+                        p,
+                        request.index,
+                        j,
+                        n,
+                        m,
+                        &out,
+                        &mut selector,
+                        &mut usage,
+                    )?
+                }
                 None => {
                     let candidates = draw(j * MAX_N as u64, n, &mut usage)?;
                     let rewards: Vec<f64> = candidates.iter().map(|c| c.reward).collect();
@@ -328,6 +360,112 @@ impl RemoteEngine {
             outputs,
             usage,
         })
+    }
+
+    /// Remote cd-block for one choice: blocks of `m` tokens, each the best of `k`
+    /// continuations of the text so far (a `/completions` request whose prompt is the raw
+    /// prompt followed by the answer so far) under the request's reward of the partial
+    /// answer, until a chosen block ends (an end token or a stop sequence) or the budget is
+    /// spent (arXiv 2310.17022 §3, with the reward of the partial text as the value of the
+    /// prefix). Block b's candidate i is draw `j·2^24 + b·k + i` of the request.
+    #[allow(clippy::too_many_arguments)]
+    fn blocks(
+        &self,
+        prompt: &Prompt,
+        p: &crate::request::Params,
+        index: u64,
+        j: u64,
+        k: usize,
+        m: usize,
+        out: &OutputSpec,
+        selector: &mut SequenceSampler,
+        usage: &mut Usage,
+    ) -> Result<crate::request::Output> {
+        let Prompt::Text(base) = prompt else {
+            return Err(EngineError::Internal("cd-block needs a raw prompt".into()));
+        };
+        let (mut text, mut tokens, mut lps, mut texts) =
+            (String::new(), 0usize, Vec::new(), Vec::new());
+        let (mut blocks, mut reward, mut finish) = (0usize, f64::NAN, Finish::Length);
+        while tokens < p.max_new_tokens {
+            let budget = m.min(p.max_new_tokens - tokens);
+            let seeds: Vec<u64> = (0..k as u64)
+                .map(|i| candidate_seed(p.seed, index, (j << 24) + (blocks * k) as u64 + i))
+                .collect();
+            let ask_prompt = Prompt::Text(format!("{base}{text}"));
+            let ask = Ask {
+                prompt: &ask_prompt,
+                max_tokens: budget,
+                temperature: 1.0,
+                top_p: None,
+                top_k: None,
+                stop: &p.stop,
+                seeds: &seeds,
+            };
+            let got = self.policy.complete(&ask)?;
+            if got.candidates.len() != k {
+                return Err(EngineError::Remote(format!(
+                    "engine {}: {} candidates for {k} asked",
+                    self.policy.info().url,
+                    got.candidates.len()
+                )));
+            }
+            if blocks == 0 {
+                usage.prompt_tokens = got.prompt_tokens;
+            }
+            usage.completion_tokens += got.completion_tokens;
+            let partial: Vec<String> = got
+                .candidates
+                .iter()
+                .map(|c| format!("{text}{}", c.text))
+                .collect();
+            let values = score_pairs(
+                out.reward.as_ref(),
+                partial.iter().map(|t| (&*out.prompt, t.as_str())),
+            )?;
+            let chosen = crate::select::select_best(&values, selector)?;
+            let c = got
+                .candidates
+                .into_iter()
+                .nth(chosen)
+                .ok_or_else(|| EngineError::Internal("the chosen block is missing".into()))?;
+            blocks += 1;
+            reward = values[chosen];
+            text = partial[chosen].clone();
+            tokens += c.token_log_probs.len();
+            lps.extend_from_slice(&c.token_log_probs);
+            texts.extend(c.tokens);
+            finish = c.finish;
+            if c.finish == Finish::Stop || c.token_log_probs.is_empty() {
+                break;
+            }
+        }
+        let per_block = tilt_core::bounds::bon_kl_bound(k as u64)?;
+        let finish = match finish {
+            Finish::Length => FinishReason::Length,
+            Finish::Stop if p.stop.is_empty() => FinishReason::Eos,
+            Finish::Stop => FinishReason::Stop,
+        };
+        let candidate = Candidate {
+            text: text.clone(),
+            reward,
+            new_tokens: lps.len(),
+            finish,
+            log_prob: lps.iter().sum(),
+            tokens: Vec::new(),
+            token_log_probs: lps,
+            token_texts: texts,
+        };
+        let cost = crate::cost::Cost {
+            kl_bound: Some(blocks as f64 * per_block),
+            kl_estimate: None,
+            kl_note: crate::request::KlNote::CdBlockChainBound,
+            distinct: None,
+        };
+        let mut o = output_of(out, "cd-block", None, vec![candidate], 0, cost, None);
+        o.draws = blocks * k;
+        o.blocks = Some(blocks);
+        Ok(o)
     }
 
     /// Candidates for `seeds`, scored.

@@ -36,11 +36,19 @@ struct Scripted {
     seeds: Mutex<Vec<u64>>,
     /// Return one candidate too few.
     short: bool,
+    /// How every candidate ends.
+    finish: Finish,
     asks: AtomicUsize,
+    /// The prompts asked, in order.
+    prompts: Mutex<Vec<String>>,
 }
 
 impl Scripted {
     fn new(short: bool) -> Arc<Scripted> {
+        Scripted::ending(short, Finish::Stop)
+    }
+
+    fn ending(short: bool, finish: Finish) -> Arc<Scripted> {
         let e = EndpointInfo {
             available: true,
             honours_n: false,
@@ -56,7 +64,9 @@ impl Scripted {
             },
             seeds: Mutex::new(Vec::new()),
             short,
+            finish,
             asks: AtomicUsize::new(0),
+            prompts: Mutex::new(Vec::new()),
         })
     }
 }
@@ -67,6 +77,9 @@ impl RemotePolicy for Scripted {
     }
     fn complete(&self, ask: &Ask<'_>) -> Result<Completions, RemoteError> {
         self.asks.fetch_add(1, Ordering::SeqCst);
+        if let tilt_remote::Prompt::Text(t) = ask.prompt {
+            self.prompts.lock().unwrap().push(t.clone());
+        }
         self.seeds.lock().unwrap().extend_from_slice(ask.seeds);
         let mut candidates: Vec<Completion> = ask
             .seeds
@@ -75,7 +88,7 @@ impl RemotePolicy for Scripted {
                 let k = outcome(s);
                 Completion {
                     text: format!("y{k}"),
-                    finish: Finish::Stop,
+                    finish: self.finish,
                     token_log_probs: vec![P[k].ln()],
                     tokens: vec![format!("y{k}")],
                 }
@@ -305,7 +318,7 @@ fn what_a_remote_engine_cannot_do_is_refused_clearly() {
         },
         0,
     );
-    assert_eq!(e.generate(&block).unwrap_err().param(), Some("strategy"));
+    assert_eq!(e.generate(&block).unwrap_err().param(), Some("prompt"));
     let mut bad = request(bon(2), 0);
     bad.params.reward = Some("nope".into());
     assert_eq!(e.generate(&bad).unwrap_err().param(), Some("reward"));
@@ -352,4 +365,93 @@ fn many_requests_come_back_in_order() {
         (0..20).collect::<Vec<_>>()
     );
     assert_eq!(got.into_iter().map(|(_, s)| s).collect::<Vec<_>>(), lone);
+}
+
+/// The sum of the digits of a text, each capped at 2 (a reward of partial answers).
+struct Digits;
+impl Reward for Digits {
+    fn name(&self) -> String {
+        "digits".into()
+    }
+    fn score(&self, pairs: &[(&str, &str)]) -> Result<Vec<f32>, RewardError> {
+        Ok(pairs
+            .iter()
+            .map(|(_, r)| {
+                r.chars()
+                    .filter_map(|c| c.to_digit(10))
+                    .map(|d| d.min(2) as f32)
+                    .sum()
+            })
+            .collect())
+    }
+}
+
+#[test]
+fn cd_block_continues_the_text_so_far_and_keeps_the_best_block() {
+    let policy = Scripted::ending(false, Finish::Length);
+    let e = RemoteEngine::from_parts(
+        Arc::clone(&policy) as Arc<dyn RemotePolicy>,
+        vec![("digits".into(), Arc::new(Digits) as Arc<dyn Reward>)],
+        2,
+    )
+    .unwrap();
+    let (k, blocks) = (3usize, 4usize);
+    let mut r = request(
+        Strategy::CdBlock {
+            k,
+            m: 1,
+            scorer: None,
+        },
+        8,
+    );
+    r.input = Input::Raw("Q:".into());
+    r.params.max_new_tokens = blocks;
+    let o = e.generate(&r).unwrap().outputs.remove(0);
+    // Each block: the candidate whose digit (capped at 2) is largest; its text appended.
+    let mut text = String::new();
+    let mut expected_prompts = Vec::new();
+    for b in 0..blocks {
+        expected_prompts.push(format!("Q:{text}"));
+        let digits: Vec<usize> = (0..k as u64)
+            .map(|i| outcome(candidate_seed(8, 0, (b * k) as u64 + i)))
+            .collect();
+        let best = digits.iter().map(|&d| d.min(2)).max().unwrap();
+        // The kept digit is one of the candidates' and has the best capped value (ties, as
+        // y2 and y3, split uniformly).
+        let got: usize = o.text[2 * b + 1..2 * b + 2].parse().unwrap();
+        assert!(
+            digits.contains(&got),
+            "block {b}: {got} not among {digits:?}"
+        );
+        assert_eq!(got.min(2), best, "block {b}: {digits:?} in {}", o.text);
+        text.push_str(&o.text[2 * b..2 * b + 2]);
+    }
+    assert_eq!(o.text, text);
+    assert_eq!(*policy.prompts.lock().unwrap(), expected_prompts);
+    assert_eq!((o.blocks, o.draws), (Some(blocks), blocks * k));
+    let bound = blocks as f64 * (3f64.ln() - 2.0 / 3.0);
+    assert!((o.kl_bound.unwrap() - bound).abs() < 1e-12);
+    assert_eq!(o.kl_note, tilt_engine::KlNote::CdBlockChainBound);
+    let digits_sum: f64 = o
+        .text
+        .chars()
+        .filter_map(|c| c.to_digit(10))
+        .map(|d| d.min(2) as f64)
+        .sum();
+    assert_eq!(o.reward, digits_sum);
+    assert_eq!(
+        o.candidates[0].log_prob,
+        o.candidates[0].token_log_probs.iter().sum::<f64>()
+    );
+    // A chat prompt, or a scorer on hidden states: refused, naming what.
+    let mut chat = r.clone();
+    chat.input = Input::Prompt("Q".into());
+    assert_eq!(e.generate(&chat).unwrap_err().param(), Some("prompt"));
+    let mut scored = r.clone();
+    scored.params.strategy = Strategy::CdBlock {
+        k,
+        m: 1,
+        scorer: Some("s".into()),
+    };
+    assert_eq!(e.generate(&scored).unwrap_err().param(), Some("scorer"));
 }

@@ -92,7 +92,8 @@ pub(crate) fn quote_excerpt(text: &str, max_chars: usize) -> String {
 /// Options: `model=NAME` (default: the first model the engine lists), `api-key-env=VAR`
 /// (send `Authorization: Bearer $VAR`), `max-concurrency=K` (requests in flight at once,
 /// default [`DEFAULT_MAX_CONCURRENCY`]), `timeout=SECS` (per request, default 300),
-/// `retries=R` (default [`DEFAULT_RETRIES`]).
+/// `retries=R` (default [`DEFAULT_RETRIES`]), `echo-prefix=TEXT` (put before a text scored
+/// by `echo`: the model's BOS token where the engine's echo needs it).
 ///
 /// ```
 /// use tilt_remote::EngineSpec;
@@ -116,6 +117,10 @@ pub struct EngineSpec {
     pub timeout_s: u64,
     /// Retries on 429/502/503/504 and dropped connections.
     pub retries: u32,
+    /// Text put before what [`RemotePolicy::log_prob`] scores (the model's BOS token, for an
+    /// engine whose echo is right only after it, as llama-cpp-python's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub echo_prefix: Option<String>,
 }
 
 impl EngineSpec {
@@ -145,6 +150,7 @@ impl EngineSpec {
             max_concurrency: DEFAULT_MAX_CONCURRENCY,
             timeout_s: DEFAULT_TIMEOUT.as_secs(),
             retries: DEFAULT_RETRIES,
+            echo_prefix: None,
         };
         let mut seen: Vec<&str> = Vec::new();
         for part in parts {
@@ -166,6 +172,7 @@ impl EngineSpec {
             };
             match k {
                 "model" if !v.is_empty() => out.model = Some(v.to_string()),
+                "echo-prefix" if !v.is_empty() => out.echo_prefix = Some(v.to_string()),
                 "api-key-env" if !v.is_empty() => out.api_key_env = Some(v.to_string()),
                 "max-concurrency" => out.max_concurrency = number(MAX_CONCURRENCY as u64)? as usize,
                 "timeout" => out.timeout_s = number(24 * 3600)?,
@@ -180,11 +187,13 @@ impl EngineSpec {
                         }
                     }
                 }
-                "model" | "api-key-env" => return Err(bad(format!("{k} is empty"))),
+                "model" | "api-key-env" | "echo-prefix" => {
+                    return Err(bad(format!("{k} is empty")))
+                }
                 other => {
                     return Err(bad(format!(
                         "unknown option {} (options: model, api-key-env, max-concurrency, \
-                         timeout, retries)",
+                         timeout, retries, echo-prefix)",
                         quote(other)
                     )))
                 }
@@ -210,6 +219,9 @@ impl EngineSpec {
         }
         if self.retries != DEFAULT_RETRIES {
             s.push_str(&format!(",retries={}", self.retries));
+        }
+        if let Some(p) = &self.echo_prefix {
+            s.push_str(&format!(",echo-prefix={p}"));
         }
         s
     }
@@ -361,7 +373,7 @@ mod tests {
     #[test]
     fn specs_parse_round_trip_and_reject() {
         let s = EngineSpec::parse(
-            "openai:http://h:8000/v1/,model=a,api-key-env=K,max-concurrency=3,timeout=9,retries=0",
+            "openai:http://h:8000/v1/,model=a,api-key-env=K,max-concurrency=3,timeout=9,retries=0,echo-prefix=<s>",
         )
         .unwrap();
         assert_eq!(s.url, "http://h:8000/v1");

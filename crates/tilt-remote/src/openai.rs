@@ -324,8 +324,14 @@ impl OpenAiEngine {
                 engine: self.info.url.clone(),
                 message: format!(
                     "{} returns no token log-probabilities; tilt reports log p(y) of every \
-                     candidate and needs them",
-                    route.path()
+                     candidate and needs them{}",
+                    route.path(),
+                    if route == Route::Chat && self.info.completions.log_probs {
+                        " (/completions does: send the prompt raw, with the chat template \
+                         written out if the model needs one, e.g. --no-chat-template)"
+                    } else {
+                        ""
+                    }
                 ),
             });
         }
@@ -534,7 +540,14 @@ impl RemotePolicy for OpenAiEngine {
                     .into(),
             });
         }
-        let full = format!("{prompt}{response}");
+        if response.is_empty() {
+            return Err(RemoteError::Invalid {
+                engine: self.info.url.clone(),
+                message: "an empty response has nothing to score".into(),
+            });
+        }
+        let prefix = self.spec.echo_prefix.as_deref().unwrap_or("");
+        let full = format!("{prefix}{prompt}{response}");
         let body = json!({
             "model": self.info.model,
             "prompt": full,
@@ -547,63 +560,84 @@ impl RemotePolicy for OpenAiEngine {
             .client
             .json("/completions", Some(&body))
             .map_err(|m| self.fail(format!("scoring a text: {m}")))?;
-        let l = v
-            .pointer("/choices/0/logprobs")
+        let bad = |m: String| self.fail(format!("scoring a text: {m}"));
+        let choice = v.pointer("/choices/0").cloned().unwrap_or(Value::Null);
+        let l = choice
+            .get("logprobs")
             .filter(|l| !l.is_null())
             .ok_or_else(|| {
-                self.fail(format!(
-                    "scoring a text: the answer has no choices[0].logprobs (the engine does \
-                     not support echo with logprobs?): {}",
+                bad(format!(
+                    "the answer has no choices[0].logprobs (the engine does not support echo \
+                 with logprobs?): {}",
                     quote_excerpt(&v.to_string(), QUOTED)
                 ))
             })?;
-        let arr = |k: &str| l.get(k).and_then(Value::as_array);
-        let (Some(toks), Some(lps), Some(offs)) =
-            (arr("tokens"), arr("token_logprobs"), arr("text_offset"))
-        else {
-            return Err(self.fail(format!(
-                "scoring a text: logprobs lacks tokens, token_logprobs or text_offset: {}",
+        let (Some(toks), Some(lps)) = (
+            l.get("tokens").and_then(Value::as_array),
+            l.get("token_logprobs").and_then(Value::as_array),
+        ) else {
+            return Err(bad(format!(
+                "logprobs lacks tokens or token_logprobs: {}",
                 quote_excerpt(&l.to_string(), QUOTED)
             )));
         };
-        if toks.len() != lps.len() || toks.len() != offs.len() {
-            return Err(self.fail(
-                "scoring a text: tokens, token_logprobs and text_offset differ in length".into(),
-            ));
+        if toks.len() != lps.len() {
+            return Err(bad("tokens and token_logprobs differ in length".into()));
         }
-        // text_offset counts characters of the echoed text (OpenAI's convention); the
-        // response is the tokens from the prompt's end to the end of the echo.
-        let start = prompt.chars().count() as u64;
-        let end = full.chars().count() as u64;
-        let offsets: Vec<u64> = offs
-            .iter()
-            .map(|o| o.as_u64().unwrap_or(u64::MAX))
-            .collect();
-        if !response.is_empty() && !offsets.contains(&start) {
+        let toks: Vec<&str> = toks.iter().map(|t| t.as_str().unwrap_or("")).collect();
+        // The echo is the text followed by the one generated token, which must be the last
+        // entry of the list: an engine that leaves it out has shifted every value by one
+        // position (llama-cpp-python does, unless the text starts with the BOS token).
+        let echoed = choice.get("text").and_then(Value::as_str).unwrap_or("");
+        let Some(generated) = echoed.strip_prefix(full.as_str()) else {
+            return Err(bad(format!(
+                "the echoed text does not start with the text sent: {}",
+                quote_excerpt(echoed, QUOTED)
+            )));
+        };
+        let mut end = toks.len();
+        if !generated.is_empty() {
+            let mut tail = String::new();
+            while end > 0 && tail.len() < generated.len() {
+                end -= 1;
+                tail.insert_str(0, toks[end]);
+            }
+            if tail != generated {
+                return Err(RemoteError::Invalid {
+                    engine: self.info.url.clone(),
+                    message: format!(
+                        "its echo leaves the generated token {} out of the log-probabilities, \
+                         so they are shifted by one position and cannot be used; start the \
+                         scored text with the model's BOS token (option echo-prefix=TEXT, \
+                         e.g. echo-prefix=<|im_start|> for SmolLM2 on llama-cpp-python)",
+                        quote(generated)
+                    ),
+                });
+            }
+        }
+        // The response is the last tokens before it.
+        let mut start = end;
+        let mut acc = String::new();
+        while start > 0 && acc.len() < response.len() {
+            start -= 1;
+            acc.insert_str(0, toks[start]);
+        }
+        if acc != response {
             return Err(RemoteError::Invalid {
                 engine: self.info.url.clone(),
                 message: format!(
-                    "the engine's tokens of the prompt followed by the response do not split at \
-                     the prompt's end (character {start}); end the prompt where a token ends \
-                     (e.g. before a space)"
+                    "the engine's tokens of the prompt followed by the response do not split \
+                     at the prompt's end (its last tokens spell {}, not the response); end the \
+                     prompt where a token ends (e.g. before a space)",
+                    quote_excerpt(&acc, 80)
                 ),
             });
         }
-        let mut tokens = Vec::new();
-        let mut values = Vec::new();
-        for i in 0..toks.len() {
-            if offsets[i] >= start && offsets[i] < end {
-                tokens.push(toks[i].as_str().unwrap_or("").to_string());
-                values.push(lps[i].clone());
-            }
-        }
-        let token_log_probs =
-            numbers(&values).map_err(|m| self.fail(format!("scoring a text: {m}")))?;
-        let total = token_log_probs.iter().sum();
+        let token_log_probs = numbers(&lps[start..end]).map_err(&bad)?;
         Ok(TextLogProb {
-            tokens,
+            tokens: toks[start..end].iter().map(|t| t.to_string()).collect(),
+            total: token_log_probs.iter().sum(),
             token_log_probs,
-            total,
         })
     }
 }

@@ -20,10 +20,12 @@ enum Reply {
 }
 
 type Handler = Arc<dyn Fn(&str, &Value) -> Reply + Send + Sync>;
+/// What a server received: (path, body) of each request.
+type Log = Arc<Mutex<Vec<(String, Value)>>>;
 
 /// Serve `handler(path, body)` for up to `connections` connections; returns the base URL
 /// (`http://127.0.0.1:PORT/v1`) and a log of (path, body) received.
-fn serve(connections: usize, handler: Handler) -> (String, Arc<Mutex<Vec<(String, Value)>>>) {
+fn serve(connections: usize, handler: Handler) -> (String, Log) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}/v1", listener.local_addr().unwrap());
     let log = Arc::new(Mutex::new(Vec::new()));
@@ -40,11 +42,7 @@ fn serve(connections: usize, handler: Handler) -> (String, Arc<Mutex<Vec<(String
     (url, log)
 }
 
-fn handle(
-    stream: TcpStream,
-    handler: Handler,
-    log: Arc<Mutex<Vec<(String, Value)>>>,
-) -> std::io::Result<()> {
+fn handle(stream: TcpStream, handler: Handler, log: Log) -> std::io::Result<()> {
     stream.set_read_timeout(Some(Duration::from_secs(20)))?;
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut request_line = String::new();
@@ -101,6 +99,8 @@ fn good(path: &str, body: &Value, honour_n: bool) -> Reply {
         let prompt = body["prompt"].as_str().unwrap();
         let (toks, offs): (Vec<&str>, Vec<u64>) = match prompt {
             "The cat sat" => (vec!["The", " cat", " sat", "."], vec![0, 3, 7, 11]),
+            // llama-cpp-python without a BOS token: the generated token left out.
+            "A cat sat" => (vec!["A", " cat", " sat"], vec![0, 1, 5]),
             _ => (vec!["Th", "e cat sat", "."], vec![0, 2, 11]),
         };
         let mut lps: Vec<Value> = vec![Value::Null];
@@ -224,6 +224,10 @@ fn a_given_text_is_scored_from_the_echo_at_the_prompts_end() {
     assert_eq!(s.tokens, [" sat"]);
     assert_eq!((s.token_log_probs.clone(), s.total), (vec![-2.0], -2.0));
     // A prompt that ends inside a token: refused, saying where.
+    // An echo that leaves the generated token out is shifted: refused, saying what to do.
+    let err = e.log_prob("A cat", " sat").unwrap_err();
+    assert!(err.is_invalid_input(), "{err}");
+    assert!(err.to_string().contains("echo-prefix"), "{err}");
     let err = e.log_prob("The c", "at sat").unwrap_err();
     assert!(err.is_invalid_input(), "{err}");
     assert!(
