@@ -5,8 +5,9 @@ The engine is a `tilt serve` started here on 127.0.0.1 (any OpenAI-compatible en
 do; this one is deterministic by seed and honours `n`). For each of 4 prompts, 16 candidates
 of 64 new tokens:
 
-  engine alone   one POST /v1/chat/completions per prompt with n = 16 and logprobs, one
-                 prompt after another (what a client that does no selection pays);
+  engine alone   one POST /v1/chat/completions per prompt with n = 16 and logprobs, the 4
+                 prompts at once (what a client that does no selection pays, with the
+                 concurrency tilt uses); the same one prompt after another is shown too;
   tilt           `tilt generate --engine openai:URL --prompts FILE --strategy bon --n 16`:
                  the same requests (4 prompts in flight at once, as max-concurrency allows),
                  plus MiniLM scoring of the 64 candidates, selection and KL accounting;
@@ -28,6 +29,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 PROMPTS = [
     "Give me three tips for sleeping well.",
@@ -69,13 +71,20 @@ def main():
             cmd = [tilt, "generate", "--engine", f"openai:{base}", "--prompts", prompts,
                    "--strategy", "bon", "--max-new-tokens", str(TOKENS)]
 
+            def one(i):
+                r = post(base + "/chat/completions", {
+                    "model": model, "messages": [{"role": "user", "content": PROMPTS[i]}],
+                    "n": N, "max_tokens": TOKENS, "seed": i, "logprobs": True,
+                })
+                assert len(r["choices"]) == N
+
             def engine_alone():
-                for i, p in enumerate(PROMPTS):
-                    r = post(base + "/chat/completions", {
-                        "model": model, "messages": [{"role": "user", "content": p}],
-                        "n": N, "max_tokens": TOKENS, "seed": i, "logprobs": True,
-                    })
-                    assert len(r["choices"]) == N
+                with ThreadPoolExecutor(len(PROMPTS)) as ex:
+                    list(ex.map(one, range(len(PROMPTS))))
+
+            def engine_sequential():
+                for i in range(len(PROMPTS)):
+                    one(i)
 
             def through_tilt(n, tokens):
                 c = list(cmd)
@@ -83,12 +92,15 @@ def main():
                 subprocess.run(c + ["--n", str(n)], check=True, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
 
-            te, tt, ts = [], [], []
+            te, tq, tt, ts = [], [], [], []
             engine_alone()  # warm
             for _ in range(repeats):
                 t0 = time.perf_counter()
                 engine_alone()
                 te.append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                engine_sequential()
+                tq.append(time.perf_counter() - t0)
                 t0 = time.perf_counter()
                 through_tilt(N, TOKENS)
                 tt.append(time.perf_counter() - t0)
@@ -96,12 +108,13 @@ def main():
                 through_tilt(1, 1)
                 ts.append(time.perf_counter() - t0)
         med = lambda xs: sorted(xs)[len(xs) // 2]
-        e, t, s = med(te), med(tt), med(ts)
+        e, q, t, s = med(te), med(tq), med(tt), med(ts)
         print(f"best-of-{N}, {len(PROMPTS)} prompts x {TOKENS} new tokens, engine = tilt serve "
               f"on 127.0.0.1, medians of {repeats}")
         print("| what | seconds | / engine alone |")
         print("|---|---|---|")
-        print(f"| engine alone (n = {N}, one prompt after another) | {e:.3f} | 1.00 |")
+        print(f"| engine alone (n = {N}, the {len(PROMPTS)} prompts at once) | {e:.3f} | 1.00 |")
+        print(f"| engine alone, one prompt after another | {q:.3f} | {q / e:.2f} |")
         print(f"| tilt generate --engine (bon:{N}, MiniLM reward) | {t:.3f} | {t / e:.2f} |")
         print(f"| tilt startup (process, MiniLM load, probe) | {s:.3f} | {s / e:.2f} |")
         print(f"| tilt without its startup | {t - s:.3f} | {(t - s) / e:.2f} |")

@@ -295,11 +295,14 @@ fn llama_cpp_python() -> PathBuf {
     test_venv(
         "llama-cpp-python-0.3.36-avx2",
         "llama-cpp-python[server]==0.3.36",
-        &[(
-            "CMAKE_ARGS",
-            "-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
+        &[
+            (
+                "CMAKE_ARGS",
+                "-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
              -DGGML_AVX512=OFF",
-        )],
+            ),
+            ("CMAKE_BUILD_PARALLEL_LEVEL", "2"),
+        ],
     )
 }
 
