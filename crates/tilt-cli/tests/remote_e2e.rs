@@ -8,16 +8,14 @@ use serde_json::Value;
 use std::io::{BufRead, BufReader};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+mod common;
+use common::Server;
+
 fn binary() -> &'static Path {
-    static COPY: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    COPY.get_or_init(|| {
-        let path = Path::new(env!("CARGO_TARGET_TMPDIR")).join("remote_e2e_tilt");
-        std::fs::copy(env!("CARGO_BIN_EXE_tilt"), &path).unwrap();
-        path
-    })
+    common::binary("remote_e2e_tilt")
 }
 
 fn tilt(args: &[&str]) -> Output {
@@ -37,27 +35,6 @@ fn lines(out: &Output) -> Vec<Value> {
 
 fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-/// A server child, killed when dropped.
-struct Server(Child);
-
-impl Drop for Server {
-    /// The child is `timeout`, which passes SIGTERM on to the server (a SIGKILL would leave
-    /// the server running without it): TERM, a bounded wait, then KILL.
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.0.id().to_string()])
-            .status();
-        for _ in 0..100 {
-            if matches!(self.0.try_wait(), Ok(Some(_))) {
-                return;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 fn tilt_serve() -> (Server, String) {

@@ -7,7 +7,7 @@
 use serde_json::Value;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 
 /// The openai client the test drives the server with.
 const OPENAI_CLIENT: &str = "openai==1.109.1";
@@ -44,26 +44,8 @@ fn client_python() -> PathBuf {
     python
 }
 
-/// A `tilt serve` child, killed when dropped.
-struct Serve(Child);
-
-impl Drop for Serve {
-    /// The child is `timeout`, which passes SIGTERM on to the server (a SIGKILL would leave
-    /// the server running without it): TERM, a bounded wait, then KILL.
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.0.id().to_string()])
-            .status();
-        for _ in 0..100 {
-            if matches!(self.0.try_wait(), Ok(Some(_))) {
-                return;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+mod common;
+use common::Server as Serve;
 
 /// Start `tilt serve` on a free port; return it and its base URL once it serves.
 fn serve(extra: &[&str]) -> (Serve, String) {

@@ -15,39 +15,6 @@ pub(crate) const MAX_ANSWER_BYTES: u64 = 64 << 20;
 const FIRST_BACKOFF: Duration = Duration::from_millis(200);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
-/// Why `url` is not a base URL this crate can talk to.
-pub(crate) fn check_url(url: &str) -> Result<(), String> {
-    if url.starts_with("https://") {
-        return Err(
-            "https is not supported by this build (no TLS library); use http:// or a local \
-             TLS proxy"
-                .into(),
-        );
-    }
-    if !url.starts_with("http://") {
-        return Err("the URL must start with http://".into());
-    }
-    let uri: ureq::http::Uri = url.parse().map_err(|e| format!("not a valid URL: {e}"))?;
-    match uri.host() {
-        None | Some("") => Err("the URL has no host".into()),
-        Some(_) => Ok(()),
-    }
-}
-
-/// Whether `url`'s host is a loopback address (such requests skip any proxy).
-fn is_loopback(url: &str) -> bool {
-    let host = url
-        .parse::<ureq::http::Uri>()
-        .ok()
-        .and_then(|u| u.host().map(str::to_string))
-        .unwrap_or_default();
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    host.eq_ignore_ascii_case("localhost")
-        || host
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|a| a.is_loopback())
-}
-
 /// A counting semaphore: at most `limit` holders at once.
 struct Slots {
     free: Mutex<usize>,
@@ -106,16 +73,9 @@ impl Client {
         retries: u32,
         max_concurrency: usize,
     ) -> Client {
-        let mut config = ureq::Agent::config_builder()
-            .timeout_global(Some(timeout))
-            .http_status_as_error(false)
-            .max_redirects(0);
-        if is_loopback(base) {
-            config = config.proxy(None);
-        }
         Client {
             base: base.to_string(),
-            agent: config.build().new_agent(),
+            agent: crate::net::new_agent(base, timeout),
             api_key,
             timeout,
             retries,

@@ -23,6 +23,7 @@
 #![deny(missing_docs)]
 
 mod http;
+pub mod net;
 mod openai;
 
 pub use openai::OpenAiEngine;
@@ -73,18 +74,7 @@ impl RemoteError {
     }
 }
 
-/// `text` as a JSON string literal, how messages quote what a user or an engine wrote.
-pub(crate) fn quote(text: &str) -> String {
-    serde_json::Value::String(text.to_string()).to_string()
-}
-
-/// [`quote`] of at most `max_chars` characters of `text`, saying how long it was when cut.
-pub(crate) fn quote_excerpt(text: &str, max_chars: usize) -> String {
-    match text.char_indices().nth(max_chars) {
-        None => quote(text),
-        Some((cut, _)) => format!("{}… ({} bytes in all)", quote(&text[..cut]), text.len()),
-    }
-}
+pub(crate) use net::{quote, quote_excerpt};
 
 /// A remote engine as data: `openai:URL` followed by comma-separated options.
 ///
@@ -142,7 +132,7 @@ impl EngineSpec {
         };
         let mut parts = rest.split(',');
         let url = parts.next().unwrap_or("").trim_end_matches('/').to_string();
-        http::check_url(&url).map_err(|m| bad(format!("URL {}: {m}", quote(&url))))?;
+        net::check_url(&url).map_err(|m| bad(format!("URL {}: {m}", quote(&url))))?;
         let mut out = EngineSpec {
             url,
             model: None,

@@ -143,19 +143,7 @@ impl From<RewardSpecError> for RewardError {
     }
 }
 
-/// `text` as a JSON string literal (`"a \"b\"\n"`): how messages quote what a user or a
-/// reward wrote, never Rust's `Debug`.
-pub(crate) fn quote(text: &str) -> String {
-    serde_json::Value::String(text.to_string()).to_string()
-}
-
-/// [`quote`] of at most `max_chars` characters of `text`, saying how long it was when cut.
-pub(crate) fn quote_excerpt(text: &str, max_chars: usize) -> String {
-    match text.char_indices().nth(max_chars) {
-        None => quote(text),
-        Some((cut, _)) => format!("{}… ({} bytes in all)", quote(&text[..cut]), text.len()),
-    }
-}
+pub(crate) use tilt_remote::net::{quote, quote_excerpt};
 
 /// A reward model: scores a batch of (prompt, response) pairs.
 pub trait Reward: Send + Sync {

@@ -115,16 +115,11 @@ pub async fn serve<P: Policy + 'static>(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let engine = Arc::new(engine);
-    let metrics = Arc::new(Metrics::default());
-    // The channel only hands work over: the bound that matters is `max_queue`, counted in
-    // `outstanding`.
-    let (tx, rx) = sync_channel::<Work>(config.max_queue.max(1));
-    let worker = {
+    let (tx, metrics, worker) = {
         let engine = Arc::clone(&engine);
-        let metrics = Arc::clone(&metrics);
-        std::thread::Builder::new()
-            .name("tilt-worker".into())
-            .spawn(move || worker::run(engine, rx, metrics))?
+        spawn_worker("tilt-worker", &config, move |rx, m| {
+            worker::run(engine, rx, m)
+        })?
     };
     let sha = engine
         .hashed_files()
@@ -158,14 +153,11 @@ pub async fn serve_remote(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let engine = Arc::new(engine);
-    let metrics = Arc::new(Metrics::default());
-    let (tx, rx) = sync_channel::<Work>(config.max_queue.max(1));
-    let worker = {
+    let (tx, metrics, worker) = {
         let engine = Arc::clone(&engine);
-        let metrics = Arc::clone(&metrics);
-        std::thread::Builder::new()
-            .name("tilt-remote-worker".into())
-            .spawn(move || worker::run_remote(engine, rx, metrics))?
+        spawn_worker("tilt-remote-worker", &config, move |rx, m| {
+            worker::run_remote(engine, rx, m)
+        })?
     };
     let app: Arc<App<tilt_models::LlamaPolicy>> = Arc::new(App {
         model_id: engine.info().model.clone(),
@@ -177,6 +169,24 @@ pub async fn serve_remote(
         next_id: AtomicU64::new(0),
     });
     serve_app(app, worker, listener, shutdown).await
+}
+
+/// The worker thread `run` and the channel that hands it work, with the metrics both see.
+/// The channel only hands work over: the bound that matters is `max_queue`, counted in
+/// `outstanding`.
+#[allow(clippy::type_complexity)]
+fn spawn_worker(
+    name: &str,
+    config: &ServerConfig,
+    run: impl FnOnce(std::sync::mpsc::Receiver<Work>, Arc<Metrics>) + Send + 'static,
+) -> std::io::Result<(SyncSender<Work>, Arc<Metrics>, std::thread::JoinHandle<()>)> {
+    let metrics = Arc::new(Metrics::default());
+    let (tx, rx) = sync_channel::<Work>(config.max_queue.max(1));
+    let m = Arc::clone(&metrics);
+    let worker = std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || run(rx, m))?;
+    Ok((tx, metrics, worker))
 }
 
 async fn serve_app<P: Policy + 'static>(
