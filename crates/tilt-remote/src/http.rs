@@ -11,9 +11,6 @@ use std::time::Duration;
 pub(crate) const QUOTED: usize = 300;
 /// The longest answer read, in bytes.
 pub(crate) const MAX_ANSWER_BYTES: u64 = 64 << 20;
-/// The first backoff; it doubles per retry up to [`MAX_BACKOFF`].
-const FIRST_BACKOFF: Duration = Duration::from_millis(200);
-const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 /// A counting semaphore: at most `limit` holders at once.
 struct Slots {
@@ -97,9 +94,7 @@ impl Client {
                 let _slot = self.slots.take();
                 self.attempt(&url, body)
             };
-            let backoff = FIRST_BACKOFF
-                .saturating_mul(1 << (attempts - 1).min(16))
-                .min(MAX_BACKOFF);
+            let backoff = crate::net::backoff(attempts as u32 - 1);
             match outcome {
                 Ok((status, text)) => {
                     let again = matches!(status, 429 | 502 | 503 | 504);

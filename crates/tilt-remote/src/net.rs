@@ -4,6 +4,19 @@
 
 use std::time::Duration;
 
+/// The first wait before a retry; it doubles with each retry, up to [`MAX_BACKOFF`].
+pub const FIRST_BACKOFF: Duration = Duration::from_millis(200);
+/// The longest wait between two attempts.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// The wait before retry `k` (from 0): [`FIRST_BACKOFF`] · 2^k, at most [`MAX_BACKOFF`]
+/// (the backoff of every retried request to an engine or a reward service).
+pub fn backoff(k: u32) -> Duration {
+    FIRST_BACKOFF
+        .saturating_mul(1u32.checked_shl(k).unwrap_or(u32::MAX))
+        .min(MAX_BACKOFF)
+}
+
 /// `text` as a JSON string literal (`"a \"b\"\n"`): how messages quote what a user or a
 /// reward wrote, never Rust's `Debug`.
 pub fn quote(text: &str) -> String {

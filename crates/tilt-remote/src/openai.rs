@@ -28,7 +28,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
-/// An engine behind an OpenAI-compatible API (see the [module docs](self)).
+/// An engine behind an OpenAI-compatible API: `/completions` and `/chat/completions` as
+/// OpenAI's API reference gives them (<https://platform.openai.com/docs/api-reference/completions>),
+/// which vLLM, SGLang, llama.cpp's server, llama-cpp-python and `tilt serve` implement.
 pub struct OpenAiEngine {
     spec: EngineSpec,
     client: Client,

@@ -82,10 +82,8 @@ pub const MAX_TIMEOUT_SECS: f64 = 86_400.0;
 pub const DEFAULT_RETRIES: u32 = 2;
 /// The most retries `retries=` allows.
 pub const MAX_RETRIES: u32 = 10;
-/// The first wait before a retry; it doubles with each retry, up to [`MAX_BACKOFF`].
-pub const FIRST_BACKOFF: Duration = Duration::from_millis(200);
-/// The longest wait before a retry.
-pub const MAX_BACKOFF: Duration = Duration::from_secs(5);
+use tilt_remote::net::backoff;
+pub use tilt_remote::net::{FIRST_BACKOFF, MAX_BACKOFF};
 
 /// How requests to a served reward are made: the options common to every kind.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -750,13 +748,6 @@ impl ServedReward {
             }
         }
     }
-}
-
-/// The wait before retry `k` (from 0): [`FIRST_BACKOFF`] · 2^k, at most [`MAX_BACKOFF`].
-fn backoff(k: u32) -> Duration {
-    FIRST_BACKOFF
-        .saturating_mul(1u32.checked_shl(k).unwrap_or(u32::MAX))
-        .min(MAX_BACKOFF)
 }
 
 /// `items` (each with an `"index"`) in index order, each index 0..n exactly once.
