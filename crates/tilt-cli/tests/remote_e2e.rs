@@ -38,27 +38,8 @@ fn stderr(out: &Output) -> String {
 }
 
 fn tilt_serve() -> (Server, String) {
-    let mut child = Command::new("timeout")
-        .args(["600"])
-        .arg(binary())
-        .args(["serve", "--port", "0", "--threads", "1"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start tilt serve");
-    let stderr = child.stderr.take().unwrap();
-    let mut lines = BufReader::new(stderr).lines();
-    let url = loop {
-        let line = lines
-            .next()
-            .expect("tilt serve ended before it served")
-            .unwrap();
-        if let Some(rest) = line.split(" on http://").nth(1) {
-            break format!("http://{}/v1", rest.split_whitespace().next().unwrap());
-        }
-    };
-    std::thread::spawn(move || lines.for_each(drop));
-    (Server(child), url)
+    let (server, url, _) = common::tilt_serve(binary(), &["--threads", "1"]);
+    (server, format!("{url}/v1"))
 }
 
 #[test]
@@ -588,25 +569,9 @@ except urllib.error.HTTPError as e:
 fn tilt_serve_in_front_of_a_remote_engine() {
     // A serves the model; B serves the OpenAI API in front of A, with its own reward.
     let (_a, a) = tilt_serve();
-    let mut child = Command::new("timeout")
-        .arg("600")
-        .arg(binary())
-        .args(["serve", "--port", "0", "--engine", &format!("openai:{a}")])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start tilt serve --engine");
-    let stderr_lines = child.stderr.take().unwrap();
-    let mut lines_it = BufReader::new(stderr_lines).lines();
-    let b = loop {
-        let line = lines_it.next().expect("tilt serve --engine ended").unwrap();
-        if let Some(rest) = line.split(" on http://").nth(1) {
-            assert!(line.contains(&format!("from {a}")), "{line}");
-            break format!("http://{}/v1", rest.split_whitespace().next().unwrap());
-        }
-    };
-    std::thread::spawn(move || lines_it.for_each(drop));
-    let _b = Server(child);
+    let (_b, b, line) = common::tilt_serve(binary(), &["--engine", &format!("openai:{a}")]);
+    assert!(line.contains(&format!("from {a}")), "{line}");
+    let b = format!("{b}/v1");
     let body = serde_json::json!({
         "messages": [{"role": "user", "content": "Name a fruit that is rich in vitamin C."}],
         "max_tokens": 12, "seed": 4, "strategy": "bon", "candidates": 4,

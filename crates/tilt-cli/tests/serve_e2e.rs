@@ -5,9 +5,8 @@
 //! `timeout`, so it stops by itself even if the test is killed.
 
 use serde_json::Value;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 /// The openai client the test drives the server with.
 const OPENAI_CLIENT: &str = "openai==1.109.1";
@@ -49,35 +48,10 @@ use common::Server as Serve;
 
 /// Start `tilt serve` on a free port; return it and its base URL once it serves.
 fn serve(extra: &[&str]) -> (Serve, String) {
-    let mut child = Command::new("timeout")
-        .args([
-            "600",
-            env!("CARGO_BIN_EXE_tilt"),
-            "serve",
-            "--port",
-            "0",
-            "--threads",
-            "2",
-        ])
-        .args(extra)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start tilt serve");
-    let stderr = child.stderr.take().unwrap();
-    let mut lines = BufReader::new(stderr).lines();
-    let url = loop {
-        let line = lines
-            .next()
-            .expect("tilt serve ended before it served")
-            .unwrap();
-        if let Some(rest) = line.split(" on http://").nth(1) {
-            break format!("http://{}", rest.split_whitespace().next().unwrap());
-        }
-    };
-    // Keep draining its log so that it never blocks on a full pipe.
-    std::thread::spawn(move || lines.for_each(drop));
-    (Serve(child), url)
+    let mut args = vec!["--threads", "2"];
+    args.extend_from_slice(extra);
+    let (server, url, _) = common::tilt_serve(Path::new(env!("CARGO_BIN_EXE_tilt")), &args);
+    (server, url)
 }
 
 const CLIENT: &str = r#"

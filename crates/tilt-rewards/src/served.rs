@@ -461,19 +461,28 @@ impl ServedReward {
         }
     }
 
-    /// The first model id of `GET /v1/models` (`{"data": [{"id": …}, …]}`).
-    fn ask_model(&self) -> Result<String, RewardError> {
-        let url = format!("{}/v1/models", self.base);
-        let what = format!("GET {url} (to learn the model name; give model=NAME to skip it)");
-        let text = self
-            .exchange(&what, || self.agent.get(&url).call())
-            .map_err(|m| self.fail(m))?;
+    /// [`Self::exchange`], then the answer's text and its JSON (Python's NaN literals
+    /// accepted, so that a non-finite score is named by its index).
+    fn exchange_json(
+        &self,
+        what: &str,
+        send: impl Fn() -> Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+    ) -> Result<(String, Value), RewardError> {
+        let text = self.exchange(what, send).map_err(|m| self.fail(m))?;
         let value = json::parse(&text).map_err(|e| {
             self.fail(format!(
                 "{what}: the answer is not JSON ({e}): {}",
                 quote_excerpt(&text, QUOTED_BODY)
             ))
         })?;
+        Ok((text, value))
+    }
+
+    /// The first model id of `GET /v1/models` (`{"data": [{"id": …}, …]}`).
+    fn ask_model(&self) -> Result<String, RewardError> {
+        let url = format!("{}/v1/models", self.base);
+        let what = format!("GET {url} (to learn the model name; give model=NAME to skip it)");
+        let (text, value) = self.exchange_json(&what, || self.agent.get(&url).call())?;
         match value.pointer("/data/0/id") {
             Some(Value::String(id)) if !id.is_empty() => Ok(id.clone()),
             _ => Err(self.fail(format!(
@@ -564,15 +573,8 @@ impl ServedReward {
     fn run(&self, job: &Job, total: usize) -> Result<Vec<Sent>, RewardError> {
         let url = format!("{}{}", self.base, job.path);
         let what = format!("POST {url} ({})", describe(&job.pairs, total));
-        let text = self
-            .exchange(&what, || self.agent.post(&url).send_json(&job.body))
-            .map_err(|m| self.fail(m))?;
-        let value = json::parse(&text).map_err(|e| {
-            self.fail(format!(
-                "{what}: the answer is not JSON ({e}): {}",
-                quote_excerpt(&text, QUOTED_BODY)
-            ))
-        })?;
+        let (_, value) =
+            self.exchange_json(&what, || self.agent.post(&url).send_json(&job.body))?;
         self.read(job, &value)
             .map_err(|m| self.fail(format!("{what}: {m}")))
     }

@@ -236,6 +236,18 @@ pub fn run_remote(
     addr: std::net::SocketAddr,
     on_ready: impl FnOnce(std::net::SocketAddr),
 ) -> std::io::Result<()> {
+    on_runtime(addr, on_ready, |listener| {
+        serve_remote(engine, config, listener, shutdown_signal())
+    })
+}
+
+/// Bind `addr` on a new tokio runtime, say where (`on_ready`), and run `serve` on the
+/// listener until it returns.
+fn on_runtime<F: Future<Output = std::io::Result<()>>>(
+    addr: std::net::SocketAddr,
+    on_ready: impl FnOnce(std::net::SocketAddr),
+    serve: impl FnOnce(tokio::net::TcpListener) -> F,
+) -> std::io::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -243,7 +255,7 @@ pub fn run_remote(
     rt.block_on(async move {
         let listener = tokio::net::TcpListener::bind(addr).await?;
         on_ready(listener.local_addr()?);
-        serve_remote(engine, config, listener, shutdown_signal()).await
+        serve(listener).await
     })
 }
 
@@ -257,14 +269,8 @@ pub fn run<P: Policy + 'static>(
     addr: std::net::SocketAddr,
     on_ready: impl FnOnce(std::net::SocketAddr),
 ) -> std::io::Result<()> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    rt.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(addr).await?;
-        on_ready(listener.local_addr()?);
-        serve(engine, config, listener, shutdown_signal()).await
+    on_runtime(addr, on_ready, |listener| {
+        serve(engine, config, listener, shutdown_signal())
     })
 }
 

@@ -36,3 +36,35 @@ impl Drop for Server {
         let _ = self.0.wait();
     }
 }
+
+/// Start `binary serve --port 0 ARGS…` under `timeout 600`; once it says where it serves,
+/// return it, its base URL (`http://HOST:PORT`) and that line. Its log keeps being drained so
+/// that it never blocks on a full pipe.
+pub fn tilt_serve(binary: &Path, args: &[&str]) -> (Server, String, String) {
+    use std::io::{BufRead, BufReader};
+    let mut child = Command::new("timeout")
+        .arg("600")
+        .arg(binary)
+        .args(["serve", "--port", "0"])
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start tilt serve");
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = BufReader::new(stderr).lines();
+    let (url, line) = loop {
+        let line = lines
+            .next()
+            .expect("tilt serve ended before it served")
+            .unwrap();
+        if let Some(rest) = line.split(" on http://").nth(1) {
+            break (
+                format!("http://{}", rest.split_whitespace().next().unwrap()),
+                line,
+            );
+        }
+    };
+    std::thread::spawn(move || lines.for_each(drop));
+    (Server(child), url, line)
+}
