@@ -6,37 +6,20 @@
 
 use serde_json::Value;
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
+
+mod common;
+use common::{lines, stderr};
 
 /// A private copy of the binary (overwritten at each run, in cargo's scratch directory for
 /// tests): in a target directory shared with other builds, the binary can be relinked
 /// between a run and its `reproduce`, which would then (rightly) differ.
 fn binary() -> &'static Path {
-    static COPY: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
-    COPY.get_or_init(|| {
-        let path = Path::new(env!("CARGO_TARGET_TMPDIR")).join("generate_e2e_tilt");
-        std::fs::copy(env!("CARGO_BIN_EXE_tilt"), &path).unwrap();
-        path
-    })
+    common::binary("generate_e2e_tilt")
 }
 
 fn tilt(args: &[&str]) -> Output {
-    Command::new(binary())
-        .args(args)
-        .output()
-        .expect("run the tilt binary")
-}
-
-fn lines(out: &Output) -> Vec<Value> {
-    String::from_utf8(out.stdout.clone())
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("each stdout line is JSON"))
-        .collect()
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
+    common::run(binary(), args)
 }
 
 fn write_prompts(dir: &Path) -> String {

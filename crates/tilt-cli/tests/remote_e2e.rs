@@ -12,29 +12,14 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::Server;
+use common::{lines, stderr, Server};
 
 fn binary() -> &'static Path {
     common::binary("remote_e2e_tilt")
 }
 
 fn tilt(args: &[&str]) -> Output {
-    Command::new(binary())
-        .args(args)
-        .output()
-        .expect("run the tilt binary")
-}
-
-fn lines(out: &Output) -> Vec<Value> {
-    String::from_utf8(out.stdout.clone())
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("each stdout line is JSON"))
-        .collect()
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
+    common::run(binary(), args)
 }
 
 fn tilt_serve() -> (Server, String) {

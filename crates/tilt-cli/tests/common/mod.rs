@@ -68,3 +68,25 @@ pub fn tilt_serve(binary: &Path, args: &[&str]) -> (Server, String, String) {
     std::thread::spawn(move || lines.for_each(drop));
     (Server(child), url, line)
 }
+
+/// Run `binary ARGS…` to the end.
+pub fn run(binary: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(binary)
+        .args(args)
+        .output()
+        .expect("run the tilt binary")
+}
+
+/// Each stdout line of `out` as JSON.
+pub fn lines(out: &std::process::Output) -> Vec<serde_json::Value> {
+    String::from_utf8(out.stdout.clone())
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("each stdout line is JSON"))
+        .collect()
+}
+
+/// The stderr of `out`, as text.
+pub fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
