@@ -37,7 +37,9 @@ pub struct EngineArgs {
     pub max_batch: usize,
     /// Draw candidates from a remote OpenAI-compatible engine instead of the local model:
     /// openai:URL[,model=NAME][,api-key-env=VAR][,max-concurrency=K][,timeout=SECS][,retries=R]
-    /// (URL the API base, e.g. http://127.0.0.1:8000/v1).
+    /// [,echo-prefix=TEXT][,chat-template=FILE.gguf|default] (URL the API base, e.g.
+    /// http://127.0.0.1:8000/v1; chat-template: tilt renders chats with that GGUF's template
+    /// and sends them to /completions).
     #[arg(long, value_name = "SPEC")]
     pub engine: Option<String>,
 }

@@ -12,8 +12,10 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 use tilt_engine::eval::{frontier_strategies, parse_strategies, EvalConfig, EvalReport};
 use tilt_engine::manifest::Manifest;
-use tilt_engine::run::{input_files, json_line, run_eval, Run};
-use tilt_engine::{Engine, ScorerSpec, Strategy};
+use tilt_engine::run::{
+    input_files, json_line, remote_input_files, run_eval, run_eval_remote, Run,
+};
+use tilt_engine::{Engine, RemoteEngine, ScorerSpec, Strategy};
 use tilt_output::{emit_to, Format};
 use tilt_plot::{write_svg, Panel, Series, SeriesStyle};
 
@@ -128,8 +130,11 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     };
     config.validate().map_err(|e| cli_error(e, &[]))?;
     let needs_scorer = config.strategies.iter().any(|s| s.scorer().is_some());
+    // On a remote engine cd-block is guided by the reward of the partial text (no scorer),
+    // and cd-token is refused by the engine library, naming it.
+    let remote = args.engine.engine.is_some();
     match (args.scorer.first(), needs_scorer) {
-        (None, true) => {
+        (None, true) if !remote => {
             return Err(crate::usage(
                 "--scorer: cd-block and cd-token need a prefix scorer file (train one with \
                  `tilt train-scorer`)",
@@ -160,33 +165,46 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         });
     }
     let progress = CliProgress::new();
-    let engine = Engine::load(&engine_config, &progress).map_err(|e| cli_error(e, &[]))?;
-    let t_load = t_start.elapsed().as_secs_f64();
-    let t_eval = Instant::now();
-    let report =
-        run_eval(&engine, &args.prompts, &config, &progress).map_err(|e| cli_error(e, &[]))?;
-    let eval_secs = t_eval.elapsed().as_secs_f64();
-    let bytes = json_line(&report).map_err(|e| cli_error(e, &[]))?;
     let run = Run::Eval {
         prompts: args.prompts.clone(),
-        config,
+        config: config.clone(),
     };
-    let files = input_files(&engine, &run).map_err(|e| cli_error(e, &[]))?;
+    let (report, files, threads, t_load, eval_secs) = match &engine_config.engine {
+        Some(spec) => {
+            let engine = RemoteEngine::connect(spec, &engine_config.rewards, &progress)
+                .map_err(|e| cli_error(e, &[]))?;
+            let t_load = t_start.elapsed().as_secs_f64();
+            let t_eval = Instant::now();
+            let report = run_eval_remote(&engine, &args.prompts, &config, &progress)
+                .map_err(|e| cli_error(e, &[]))?;
+            let files = remote_input_files(&run).map_err(|e| cli_error(e, &[]))?;
+            (report, files, 1, t_load, t_eval.elapsed().as_secs_f64())
+        }
+        None => {
+            let engine = Engine::load(&engine_config, &progress).map_err(|e| cli_error(e, &[]))?;
+            let t_load = t_start.elapsed().as_secs_f64();
+            let t_eval = Instant::now();
+            let report = run_eval(&engine, &args.prompts, &config, &progress)
+                .map_err(|e| cli_error(e, &[]))?;
+            let files = input_files(&engine, &run).map_err(|e| cli_error(e, &[]))?;
+            let threads = engine.threads();
+            (
+                report,
+                files,
+                threads,
+                t_load,
+                t_eval.elapsed().as_secs_f64(),
+            )
+        }
+    };
+    let bytes = json_line(&report).map_err(|e| cli_error(e, &[]))?;
     let wall: BTreeMap<String, f64> = [
         ("load".to_string(), t_load),
         ("eval".to_string(), eval_secs),
         ("total".to_string(), t_start.elapsed().as_secs_f64()),
     ]
     .into();
-    let manifest = Manifest::new(
-        engine_config,
-        run,
-        files,
-        Vec::new(),
-        engine.threads(),
-        wall,
-        &bytes,
-    );
+    let manifest = Manifest::new(engine_config, run, files, Vec::new(), threads, wall, &bytes);
     let plot = args.plot.as_deref().map(|path| {
         (path, |p: &Path| {
             write_plot(p, &report).map_err(|e| e.to_string())

@@ -104,23 +104,25 @@ pub fn run(args: ScoreArgs) -> anyhow::Result<()> {
     };
     let config = args.engine.config(&[]);
     config.validate().map_err(|e| engine_error(e, flag))?;
+    let input_of = |p: &str| {
+        if args.engine.no_chat_template {
+            Input::Raw(p.to_string())
+        } else {
+            Input::Prompt(p.to_string())
+        }
+    };
     let progress = CliProgress::new();
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     match &config.engine {
         Some(spec) => {
-            if !args.engine.no_chat_template {
-                return Err(usage(
-                    "--engine: a remote engine scores the prompt and response as raw text (its \
-                     chat template is the engine's, not applied by tilt); give \
-                     --no-chat-template to say so",
-                ));
-            }
             let engine = RemoteEngine::connect(spec, &config.rewards, &progress)
                 .map_err(|e| engine_error(e, flag))?;
             let url = engine.info().url.clone();
             for (i, (p, r)) in pairs.iter().enumerate() {
-                let lp = engine.log_prob(p, r).map_err(|e| engine_error(e, flag))?;
+                let lp = engine
+                    .log_prob(&input_of(p), r)
+                    .map_err(|e| engine_error(e, flag))?;
                 let line = Line {
                     index: i,
                     prompt: p,
@@ -137,13 +139,8 @@ pub fn run(args: ScoreArgs) -> anyhow::Result<()> {
         None => {
             let engine = Engine::load(&config, &progress).map_err(|e| engine_error(e, flag))?;
             for (i, (p, r)) in pairs.iter().enumerate() {
-                let input = if args.engine.no_chat_template {
-                    Input::Raw(p.clone())
-                } else {
-                    Input::Prompt(p.clone())
-                };
                 let lp = engine
-                    .log_prob(&input, r)
+                    .log_prob(&input_of(p), r)
                     .map_err(|e| engine_error(e, flag))?;
                 let line = Line {
                     index: i,

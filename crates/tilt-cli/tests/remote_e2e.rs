@@ -130,15 +130,59 @@ fn tilt_serve_is_the_engine_of_another_tilt() {
         "/nonexistent.safetensors",
     ]);
     assert_eq!(bad.status.code(), Some(2), "{}", stderr(&bad));
-    let bad = tilt(&[
-        "eval",
-        "--engine",
-        &engine,
-        "--prompts",
-        prompts.to_str().unwrap(),
-    ]);
+    // eval on the engine, chat prompts rendered by tilt with the served model's template
+    // (tilt serve runs the default model), so that cd-block runs on them too; its manifest
+    // reproduces.
+    let templated = format!("{engine},chat-template=default");
+    let eval_manifest = dir.path().join("eval.json");
+    let eval = |strategies: &str, m: &Path| {
+        tilt(&[
+            "eval",
+            "--engine",
+            &templated,
+            "--prompts",
+            prompts.to_str().unwrap(),
+            "--strategies",
+            strategies,
+            "--reference-samples",
+            "4",
+            "--samples-per-prompt",
+            "2",
+            "--max-new-tokens",
+            "8",
+            "--manifest",
+            m.to_str().unwrap(),
+        ])
+    };
+    let out = eval("sample; bon:2; cd-block:K=2,M=4", &eval_manifest);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["engine"]["url"], url.as_str());
+    assert!(
+        report["engine"]["prompt"]
+            .as_str()
+            .unwrap()
+            .contains("rendered by tilt"),
+        "{report}"
+    );
+    let names: Vec<&str> = report["strategies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["strategy"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["sample", "bon:2", "cd-block:K=2,M=4"]);
+    for s in report["strategies"].as_array().unwrap() {
+        assert_eq!(s["outputs"], 4, "{s}");
+        let w = s["win_rate"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&w), "{s}");
+    }
+    let r = tilt(&["reproduce", eval_manifest.to_str().unwrap()]);
+    assert!(r.status.success(), "{}", stderr(&r));
+    // cd-token cannot run there: exit 2 before any request, naming the strategy.
+    let bad = eval("sample; cd-token:lambda=1,k=4", &dir.path().join("x.json"));
     assert_eq!(bad.status.code(), Some(2), "{}", stderr(&bad));
-    assert!(stderr(&bad).contains("remote engine"), "{}", stderr(&bad));
+    assert!(stderr(&bad).contains("cd-token"), "{}", stderr(&bad));
     let bad = tilt(&[
         "generate",
         "--engine",
@@ -316,6 +360,31 @@ fn llama_cpp_pythons_server_is_an_engine_that_ignores_n() {
         "{}",
         stderr(&out)
     );
+    // With the model's chat template on tilt's side, the same chat prompt is rendered by
+    // tilt and continued by /completions, which does return log-probabilities.
+    let templated = format!("{engine},chat-template={}", gguf.display());
+    let out = tilt(&[
+        "generate",
+        "--engine",
+        &templated,
+        "--prompt",
+        "Name a fruit.",
+        "--max-new-tokens",
+        "4",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let l = &lines(&out)[0];
+    assert!(
+        l["engine"]["prompt"]
+            .as_str()
+            .unwrap()
+            .contains("rendered by tilt"),
+        "{l}"
+    );
+    assert!(
+        l["candidates"][0]["log_prob"].as_f64().unwrap() < 0.0,
+        "{l}"
+    );
     let prompt = "<|im_start|>user\nName a fruit that is rich in vitamin C.<|im_end|>\n\
                   <|im_start|>assistant\n";
     let out = tilt(&[
@@ -406,6 +475,30 @@ fn llama_cpp_pythons_server_is_an_engine_that_ignores_n() {
         "log p(response | prompt): llama.cpp {rt:.4} nats, tilt {lt:.4} nats, largest per-token \
          difference {worst:.4}"
     );
+    assert!(
+        (rt - lt).abs() < 0.05 * lt.abs().max(1.0),
+        "llama.cpp {rt} vs tilt {lt}"
+    );
+    // A chat prompt scored through the template: the rendered text starts with the BOS
+    // token, so llama.cpp's echo is not shifted; it agrees with tilt's score of the same
+    // chat.
+    let chat = |extra: &[&str]| {
+        let mut a = vec!["score"];
+        a.extend_from_slice(extra);
+        a.extend(["--prompt", "Name a fruit.", "--response", "An orange."]);
+        tilt(&a)
+    };
+    let remote = chat(&["--engine", &templated]);
+    assert!(remote.status.success(), "{}", stderr(&remote));
+    let local = chat(&[]);
+    assert!(local.status.success(), "{}", stderr(&local));
+    let (r, l) = (&lines(&remote)[0], &lines(&local)[0]);
+    assert_eq!(r["tokens"], l["tokens"], "{r}\n{l}");
+    let (rt, lt) = (
+        r["log_prob"].as_f64().unwrap(),
+        l["log_prob"].as_f64().unwrap(),
+    );
+    eprintln!("log p(chat answer): llama.cpp {rt:.4} nats, tilt {lt:.4} nats");
     assert!(
         (rt - lt).abs() < 0.05 * lt.abs().max(1.0),
         "llama.cpp {rt} vs tilt {lt}"

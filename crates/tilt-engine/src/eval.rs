@@ -46,6 +46,13 @@
 //! samples use `seed ^ REFERENCE_SEED_MIX`. The report holds no timings, so the same seed
 //! and configuration give the same bytes, whatever the thread count.
 //!
+//! **On a remote engine** ([`evaluate_remote`]): the same draws, seeds and rules, the
+//! samples asked of the engine with [`crate::remote::candidate_seed`] of the same draw
+//! numbers (reference draw d with `seed ^ REFERENCE_SEED_MIX`, shared candidate
+//! `s·MAX_N + d` with `seed`); cd strategies run through [`RemoteEngine::generate`] (so
+//! `cd-token` and prefix scorers are refused up front). Prompts are drawn concurrently and
+//! judged in prompt order, and the report names the engine.
+//!
 //! **Batching**: every job of a prompt — the reference samples, each repetition's shared
 //! candidates, each cd output — runs on one stepper ([`crate::stepper`]), their rows in one
 //! batch per step (up to the engine's `max_batch`); each reward call is as it would be alone
@@ -60,6 +67,7 @@ use crate::gold::{
     best_of_n_curve, strategy_gold, summarise_tails, GoldReport, PromptOutcome, ReferenceTails,
 };
 use crate::progress::Progress;
+use crate::remote::{candidate_seed, RemoteEngine};
 use crate::request::Input;
 use crate::select::select;
 use crate::stepper::{
@@ -77,6 +85,7 @@ use tilt_core::tilt::tilt_by_kl;
 use tilt_core::RewardDistribution;
 use tilt_models::sampling::{SamplingParams, SequenceSampler};
 use tilt_models::Policy;
+use tilt_rewards::Reward;
 
 /// XOR-ed into the seed for the reference samples, so that they are independent of every
 /// strategy's draws.
@@ -518,6 +527,9 @@ pub struct EvalReport {
     /// Proxy against gold, when the config names a gold reward.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gold: Option<GoldReport>,
+    /// The remote engine every sample was drawn from (absent for a local policy).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub engine: Option<crate::request::RemoteNote>,
     /// What the numbers are.
     pub notes: Vec<String>,
     /// Units of every divergence: `nats`.
@@ -621,6 +633,244 @@ fn sampled(f: Finished) -> Result<Vec<crate::stepper::SampledSequence>> {
     }
 }
 
+/// One drawn text with its reward and length, whichever engine drew it.
+pub(crate) struct Drawn {
+    pub(crate) text: String,
+    pub(crate) tokens: usize,
+    pub(crate) reward: f64,
+}
+
+/// What one prompt's draws gave: the M reference samples, repetition s's `max_n` shared
+/// candidates of the selection strategies, and each other strategy's S outputs (by its
+/// index in the config).
+pub(crate) struct PromptDraws {
+    pub(crate) refs: Vec<Drawn>,
+    pub(crate) shared: Vec<Vec<Drawn>>,
+    pub(crate) others: Vec<(usize, Vec<crate::request::Output>)>,
+}
+
+/// The gold reward `config` names, resolved by `lookup` (the proxy itself refused).
+fn resolve_gold<'r>(
+    config: &EvalConfig,
+    reward: &Arc<dyn Reward>,
+    lookup: impl Fn(&str) -> Result<&'r Arc<dyn Reward>>,
+) -> Result<Option<Arc<dyn Reward>>> {
+    let Some(name) = config.gold_reward.as_deref() else {
+        return Ok(None);
+    };
+    let g = Arc::clone(
+        lookup(name).map_err(|e| EngineError::invalid("gold_reward", format!("{name:?}: {e}")))?,
+    );
+    if Arc::ptr_eq(&g, reward) {
+        return Err(EngineError::invalid(
+            "gold_reward",
+            format!("{name:?} is the proxy reward itself; name a different reward as gold"),
+        ));
+    }
+    Ok(Some(g))
+}
+
+/// The engine-independent part of an evaluation: every prompt's draws judged against its
+/// reference samples, in prompt order, then the report.
+struct Tally<'c> {
+    config: &'c EvalConfig,
+    reward: Arc<dyn Reward>,
+    gold: Option<Arc<dyn Reward>>,
+    accs: Vec<Acc>,
+    ref_rewards: Vec<Vec<f64>>,
+    ref_golds: Vec<Vec<f64>>,
+}
+
+impl<'c> Tally<'c> {
+    fn new(config: &'c EvalConfig, reward: Arc<dyn Reward>, gold: Option<Arc<dyn Reward>>) -> Self {
+        Tally {
+            config,
+            reward,
+            gold,
+            accs: vec![Acc::default(); config.strategies.len()],
+            ref_rewards: Vec::new(),
+            ref_golds: Vec::new(),
+        }
+    }
+
+    /// Judge prompt `pi`'s draws (`prompt` is the text the rewards see).
+    fn add(&mut self, pi: usize, prompt: &str, draws: PromptDraws) -> Result<()> {
+        let config = self.config;
+        let gold = self.gold.as_ref();
+        let index = pi as u64;
+        let refs: Vec<f64> = draws.refs.iter().map(|d| d.reward).collect();
+        let ref_gold = gold_scores(gold, prompt, draws.refs.iter().map(|d| d.text.as_str()))?;
+        let mut selectors: Vec<SequenceSampler> = config
+            .strategies
+            .iter()
+            .map(|st| {
+                SequenceSampler::new(
+                    strategy_seed(config.seed, &st.label()),
+                    selection_stream(index, 0),
+                )
+            })
+            .collect();
+        for cands in &draws.shared {
+            let rewards: Vec<f64> = cands.iter().map(|d| d.reward).collect();
+            let golds = gold_scores(gold, prompt, cands.iter().map(|d| d.text.as_str()))?;
+            for (j, st) in config.strategies.iter().enumerate() {
+                let (rule, n, kl) = match *st {
+                    Strategy::Sample { .. } => (Rule::Sample, 1, 0.0),
+                    Strategy::Bon { n, .. } => (Rule::Best, n, bon_kl_bound(n as u64)?),
+                    Strategy::Won { n, .. } => (Rule::Worst, n, bon_kl_bound(n as u64)?),
+                    Strategy::SoftBon { n, lambda, .. } => {
+                        (Rule::Soft { lambda }, n, (n as f64).ln())
+                    }
+                    _ => continue,
+                };
+                let chosen = select(rule, None, &rewards[..n], &mut selectors[j])?;
+                let o = Scored {
+                    reward: rewards[chosen],
+                    gold: golds[chosen],
+                    kl,
+                    tokens: cands[chosen].tokens,
+                };
+                self.accs[j].add(pi, o, &refs);
+            }
+        }
+        for (j, outs) in &draws.others {
+            let scores = score_pairs(
+                self.reward.as_ref(),
+                outs.iter().map(|o| (prompt, o.text.as_str())),
+            )?;
+            let golds = gold_scores(gold, prompt, outs.iter().map(|o| o.text.as_str()))?;
+            for ((o, r), g) in outs.iter().zip(scores).zip(golds) {
+                let kl = o.kl_estimate.or(o.kl_bound).unwrap_or(0.0);
+                let s = Scored {
+                    reward: r,
+                    gold: g,
+                    kl,
+                    // A remote output carries no token ids: its length is its candidate's.
+                    tokens: match o.candidates.get(o.selected) {
+                        Some(c) if o.tokens.is_empty() => c.new_tokens,
+                        _ => o.tokens.len(),
+                    },
+                };
+                self.accs[*j].add(pi, s, &refs);
+            }
+        }
+        self.ref_rewards.push(refs);
+        self.ref_golds.push(ref_gold);
+        Ok(())
+    }
+
+    /// The report, once every prompt is in.
+    fn finish(
+        self,
+        policy: String,
+        scorers: Vec<String>,
+        engine: Option<crate::request::RemoteNote>,
+    ) -> Result<EvalReport> {
+        let config = self.config;
+        let mut results = Vec::with_capacity(config.strategies.len());
+        for (strat, acc) in config.strategies.iter().zip(&self.accs) {
+            let per =
+                |k: usize| -> Vec<f64> { acc.per_prompt.iter().map(|e| e[k] / e[4]).collect() };
+            let (mean_reward, mean_reward_stderr) = mean_se(&per(0));
+            let wins = per(1);
+            let (win_rate, win_rate_stderr) = mean_se(&wins);
+            let (kl, kl_kind, kl_stderr) = match strat {
+                Strategy::Sample { .. } => (0.0, "exact", None),
+                Strategy::Bon { .. } | Strategy::Won { .. } | Strategy::SoftBon { .. } => {
+                    (mean_se(&acc.kl_values).0, "bound", None)
+                }
+                Strategy::CdBlock { .. } => {
+                    let (m, se) = mean_se(&acc.kl_values);
+                    (m, "bound", se)
+                }
+                _ => {
+                    let (m, se) = mean_se(&acc.kl_values);
+                    (m, "estimate", se)
+                }
+            };
+            results.push(StrategyResult {
+                strategy: strat.label(),
+                outputs: acc.kl_values.len(),
+                mean_reward,
+                mean_reward_stderr,
+                win_rate,
+                win_rate_stderr,
+                win_rate_ci95: bootstrap_ci95(
+                    &wins,
+                    BOOTSTRAP_RESAMPLES,
+                    strategy_seed(config.seed, &format!("bootstrap {}", strat.label())),
+                ),
+                kl,
+                kl_kind: kl_kind.into(),
+                kl_stderr,
+                mean_new_tokens: mean_se(&per(3)).0,
+            });
+        }
+        let p = self.ref_rewards.len();
+        let max_n = config.max_n();
+        let (exact_best_of_n, exact_tilt) = exact_curves(&self.ref_rewards, max_n.max(16))?;
+        let reference_mean_reward =
+            self.ref_rewards.iter().flatten().sum::<f64>() / (p * config.reference_samples) as f64;
+        let gold = match &self.gold {
+            Some(g) => Some(gold_report(
+                g.name(),
+                config,
+                &self.accs,
+                self.ref_rewards
+                    .iter()
+                    .cloned()
+                    .zip(self.ref_golds)
+                    .collect(),
+            )?),
+            None => None,
+        };
+        let mut notes = eval_notes();
+        if gold.is_some() {
+            notes.push(GOLD_NOTE.into());
+        }
+        if engine.is_some() {
+            notes.push(REMOTE_NOTE.into());
+        }
+        Ok(EvalReport {
+            strategies: results,
+            config: config.clone(),
+            prompts: p,
+            reward: self.reward.name(),
+            policy,
+            scorers,
+            reference_mean_reward,
+            exact_best_of_n,
+            exact_tilt,
+            gold,
+            engine,
+            notes,
+            units: "nats".into(),
+        })
+    }
+}
+
+/// What an evaluation on a remote engine rests on.
+const REMOTE_NOTE: &str = "engine: every reference sample, shared candidate and cd-block block was drawn from the remote engine named in `engine` (seeds as in tilt generate --engine); the rewards, selection rules and KL numbers are tilt's own and rest on the candidates and their rewards only, as locally";
+
+/// The prompt checks every evaluation makes before any work.
+fn check_prompts(prompts: &[Input]) -> Result<()> {
+    if prompts.is_empty() {
+        return Err(EngineError::invalid("prompts", "no prompts given"));
+    }
+    if prompts.len() >= 1 << 31 {
+        return Err(EngineError::invalid("prompts", "too many prompts"));
+    }
+    Ok(())
+}
+
+/// `input` as the config says to send it (a bare prompt raw without the chat template).
+fn as_configured(input: &Input, config: &EvalConfig) -> Input {
+    match (input, config.chat_template) {
+        (Input::Prompt(p), false) => Input::Raw(p.clone()),
+        (other, _) => other.clone(),
+    }
+}
+
 /// Run an evaluation on `engine` (see the module docs); `progress` counts prompts.
 ///
 /// # Errors
@@ -633,31 +883,10 @@ pub fn evaluate<P: Policy>(
     progress: &dyn Progress,
 ) -> Result<EvalReport> {
     config.validate()?;
-    if prompts.is_empty() {
-        return Err(EngineError::invalid("prompts", "no prompts given"));
-    }
-    if prompts.len() >= 1 << 31 {
-        return Err(EngineError::invalid("prompts", "too many prompts"));
-    }
+    check_prompts(prompts)?;
     let policy = engine.policy();
     let reward = Arc::clone(engine.reward(config.reward.as_deref())?);
-    let gold = match config.gold_reward.as_deref() {
-        Some(name) => {
-            let g = Arc::clone(
-                engine
-                    .reward(Some(name))
-                    .map_err(|e| EngineError::invalid("gold_reward", format!("{name:?}: {e}")))?,
-            );
-            if Arc::ptr_eq(&g, &reward) {
-                return Err(EngineError::invalid(
-                    "gold_reward",
-                    format!("{name:?} is the proxy reward itself; name a different reward as gold"),
-                ));
-            }
-            Some(g)
-        }
-        None => None,
-    };
+    let gold = resolve_gold(config, &reward, |name| engine.reward(Some(name)))?;
     // Every cd strategy's scorer, resolved before any work.
     let mut scorers: Vec<Option<Arc<WeightedSum>>> = Vec::new();
     for s in &config.strategies {
@@ -700,16 +929,11 @@ pub fn evaluate<P: Policy>(
         keep_hidden: false,
     };
     let no_stops: Arc<[String]> = Arc::from(Vec::<String>::new());
-    let mut accs: Vec<Acc> = vec![Acc::default(); config.strategies.len()];
-    let mut ref_rewards_all: Vec<Vec<f64>> = Vec::with_capacity(prompts.len());
-    let mut ref_gold_all: Vec<Vec<f64>> = Vec::with_capacity(prompts.len());
+    let mut tally = Tally::new(config, Arc::clone(&reward), gold);
     progress.begin("prompts", prompts.len() as u64);
     for (pi, input) in prompts.iter().enumerate() {
         let index = pi as u64;
-        let input = match (input, config.chat_template) {
-            (Input::Prompt(p), false) => Input::Raw(p.clone()),
-            (other, _) => other.clone(),
-        };
+        let input = as_configured(input, config);
         let tokens = engine.encode(&input, config.max_new_tokens)?;
         let prefill = Arc::new(Prefilled::new(policy, tokens)?);
         let prompt: Arc<str> = Arc::from(input.reward_prompt());
@@ -731,29 +955,28 @@ pub fn evaluate<P: Policy>(
                 Some((Arc::clone(&reward), Arc::clone(&prompt))),
             )),
         ));
-        if max_n > 0 {
-            for s in 0..s_count {
-                let streams: Vec<u64> = (0..max_n as u64)
-                    .map(|d| draw_stream(index, (s * MAX_N) as u64 + d))
-                    .collect();
-                let g = Group::new(Arc::clone(&prefill), spec(config.seed), &streams, 0);
-                jobs.push((
-                    max_n,
-                    Box::new(SampleJob::new(
-                        g,
-                        Some((Arc::clone(&reward), Arc::clone(&prompt))),
-                    )),
-                ));
-            }
+        let reps = if max_n > 0 { s_count } else { 0 };
+        for s in 0..reps {
+            let streams: Vec<u64> = (0..max_n as u64)
+                .map(|d| draw_stream(index, (s * MAX_N) as u64 + d))
+                .collect();
+            let g = Group::new(Arc::clone(&prefill), spec(config.seed), &streams, 0);
+            jobs.push((
+                max_n,
+                Box::new(SampleJob::new(
+                    g,
+                    Some((Arc::clone(&reward), Arc::clone(&prompt))),
+                )),
+            ));
         }
         // Each cd strategy's S outputs: output s is choice s of a request with the
-        // strategy's own seed (stream draw_stream(index, s)); scored below, together.
-        let mut cd_slots: Vec<(usize, usize)> = Vec::new(); // (strategy, first job)
+        // strategy's own seed (stream draw_stream(index, s)); scored together.
+        let mut others: Vec<usize> = Vec::new();
         for (j, st) in config.strategies.iter().enumerate() {
             if EvalConfig::is_selection(st) {
                 continue;
             }
-            cd_slots.push((j, jobs.len()));
+            others.push(j);
             let seed = strategy_seed(config.seed, &st.label());
             for s in 0..s_count {
                 let out = OutputSpec {
@@ -777,165 +1000,214 @@ pub fn evaluate<P: Policy>(
             }
         }
         let mut results = run_jobs(policy, jobs, engine.max_batch(), |_| {})?.into_iter();
-        let ref_seqs = sampled(results.next().ok_or_else(lost)?)?;
-        let refs: Vec<f64> = ref_seqs
-            .iter()
-            .map(|s| s.reward.ok_or_else(lost))
-            .collect::<Result<_>>()?;
-        let ref_gold = gold_scores(
-            gold.as_ref(),
-            &prompt,
-            ref_seqs.iter().map(|s| s.text.as_str()),
-        )?;
-        if max_n > 0 {
-            let mut selectors: Vec<SequenceSampler> = config
-                .strategies
-                .iter()
-                .map(|st| {
-                    SequenceSampler::new(
-                        strategy_seed(config.seed, &st.label()),
-                        selection_stream(index, 0),
-                    )
+        let mut drawn = || -> Result<Vec<Drawn>> {
+            sampled(results.next().ok_or_else(lost)?)?
+                .into_iter()
+                .map(|s| {
+                    Ok(Drawn {
+                        tokens: s.tokens.len(),
+                        reward: s.reward.ok_or_else(lost)?,
+                        text: s.text,
+                    })
                 })
-                .collect();
-            for _ in 0..s_count {
-                let cands = sampled(results.next().ok_or_else(lost)?)?;
-                let rewards: Vec<f64> = cands
-                    .iter()
-                    .map(|s| s.reward.ok_or_else(lost))
-                    .collect::<Result<_>>()?;
-                let golds = gold_scores(
-                    gold.as_ref(),
-                    &prompt,
-                    cands.iter().map(|s| s.text.as_str()),
-                )?;
-                for (j, st) in config.strategies.iter().enumerate() {
-                    let (rule, n, kl) = match *st {
-                        Strategy::Sample { .. } => (Rule::Sample, 1, 0.0),
-                        Strategy::Bon { n, .. } => (Rule::Best, n, bon_kl_bound(n as u64)?),
-                        Strategy::Won { n, .. } => (Rule::Worst, n, bon_kl_bound(n as u64)?),
-                        Strategy::SoftBon { n, lambda, .. } => {
-                            (Rule::Soft { lambda }, n, (n as f64).ln())
-                        }
-                        _ => continue,
-                    };
-                    let chosen = select(rule, None, &rewards[..n], &mut selectors[j])?;
-                    let o = Scored {
-                        reward: rewards[chosen],
-                        gold: golds[chosen],
-                        kl,
-                        tokens: cands[chosen].tokens.len(),
-                    };
-                    accs[j].add(pi, o, &refs);
-                }
-            }
-        }
-        let cd_results: Vec<Finished> = results.collect();
-        for (j, first) in cd_slots {
-            let base = first - (1 + if max_n > 0 { s_count } else { 0 });
-            let outs: Vec<crate::request::Output> = cd_results[base..base + s_count]
-                .iter()
-                .map(|f| match &f.output {
-                    JobOutput::Output(o) => Ok((**o).clone()),
+                .collect::<Result<_>>()
+        };
+        let refs = drawn()?;
+        let shared = (0..reps).map(|_| drawn()).collect::<Result<_>>()?;
+        let mut draws = PromptDraws {
+            refs,
+            shared,
+            others: Vec::with_capacity(others.len()),
+        };
+        for j in others {
+            let outs = (0..s_count)
+                .map(|_| match results.next().ok_or_else(lost)?.output {
+                    JobOutput::Output(o) => Ok(*o),
                     JobOutput::Sampled(_) => Err(lost()),
                 })
                 .collect::<Result<_>>()?;
-            let scores = score_pairs(
-                reward.as_ref(),
-                outs.iter().map(|o| (&*prompt, o.text.as_str())),
-            )?;
-            let golds = gold_scores(gold.as_ref(), &prompt, outs.iter().map(|o| o.text.as_str()))?;
-            for ((o, r), g) in outs.iter().zip(scores).zip(golds) {
-                let kl = o.kl_estimate.or(o.kl_bound).unwrap_or(0.0);
-                let s = Scored {
-                    reward: r,
-                    gold: g,
-                    kl,
-                    tokens: o.tokens.len(),
-                };
-                accs[j].add(pi, s, &refs);
-            }
+            draws.others.push((j, outs));
         }
-        ref_rewards_all.push(refs);
-        ref_gold_all.push(ref_gold);
+        tally.add(pi, &prompt, draws)?;
         progress.advance("prompts", pi as u64 + 1);
     }
     progress.end("prompts");
-    let mut results = Vec::with_capacity(config.strategies.len());
-    for (strat, acc) in config.strategies.iter().zip(&accs) {
-        let per = |k: usize| -> Vec<f64> { acc.per_prompt.iter().map(|e| e[k] / e[4]).collect() };
-        let (mean_reward, mean_reward_stderr) = mean_se(&per(0));
-        let wins = per(1);
-        let (win_rate, win_rate_stderr) = mean_se(&wins);
-        let (kl, kl_kind, kl_stderr) = match strat {
-            Strategy::Sample { .. } => (0.0, "exact", None),
-            Strategy::Bon { .. } | Strategy::Won { .. } | Strategy::SoftBon { .. } => {
-                (mean_se(&acc.kl_values).0, "bound", None)
-            }
-            Strategy::CdBlock { .. } => {
-                let (m, se) = mean_se(&acc.kl_values);
-                (m, "bound", se)
-            }
-            _ => {
-                let (m, se) = mean_se(&acc.kl_values);
-                (m, "estimate", se)
-            }
-        };
-        results.push(StrategyResult {
-            strategy: strat.label(),
-            outputs: acc.kl_values.len(),
-            mean_reward,
-            mean_reward_stderr,
-            win_rate,
-            win_rate_stderr,
-            win_rate_ci95: bootstrap_ci95(
-                &wins,
-                BOOTSTRAP_RESAMPLES,
-                strategy_seed(config.seed, &format!("bootstrap {}", strat.label())),
-            ),
-            kl,
-            kl_kind: kl_kind.into(),
-            kl_stderr,
-            mean_new_tokens: mean_se(&per(3)).0,
-        });
-    }
-    let p = prompts.len();
-    let (exact_best_of_n, exact_tilt) = exact_curves(&ref_rewards_all, max_n.max(16))?;
-    let reference_mean_reward =
-        ref_rewards_all.iter().flatten().sum::<f64>() / (p * config.reference_samples) as f64;
     let mut scorer_names: Vec<String> = Vec::new();
     for name in scorers.iter().flatten().flat_map(|s| s.names()) {
         if !scorer_names.iter().any(|n| n == name) {
             scorer_names.push(name.to_string());
         }
     }
-    let gold = match &gold {
-        Some(g) => Some(gold_report(
-            g.name(),
-            config,
-            &accs,
-            ref_rewards_all.iter().cloned().zip(ref_gold_all).collect(),
-        )?),
-        None => None,
-    };
-    let mut notes = eval_notes();
-    if gold.is_some() {
-        notes.push(GOLD_NOTE.into());
+    tally.finish(policy.name().to_string(), scorer_names, None)
+}
+
+/// Run an evaluation with every sample drawn from a remote engine (see the module docs and
+/// [`crate::remote`]): the same reference samples, shared candidates, seeds, selection
+/// rules and KL numbers as [`evaluate`], the candidates from the engine. Up to the engine's
+/// `max-concurrency` prompts are drawn at once; they are judged in prompt order, so the
+/// report does not depend on the concurrency.
+///
+/// # Errors
+/// [`EngineError::Invalid`] for a bad config, no prompts, `cd-token` or a prefix scorer
+/// (naming `strategies`), before any request; the engine's and rewards' errors. Nothing
+/// partial is returned.
+pub fn evaluate_remote(
+    engine: &RemoteEngine,
+    prompts: &[Input],
+    config: &EvalConfig,
+    progress: &dyn Progress,
+) -> Result<EvalReport> {
+    config.validate()?;
+    check_prompts(prompts)?;
+    for st in &config.strategies {
+        match st {
+            Strategy::CdToken { .. } => {
+                return Err(EngineError::invalid(
+                    "strategies",
+                    format!(
+                        "{} cannot run on a remote engine: it needs the full next-token \
+                         distribution and a scorer on the model's hidden states, which an \
+                         OpenAI-style API does not expose",
+                        st.label()
+                    ),
+                ))
+            }
+            Strategy::CdBlock {
+                scorer: Some(_), ..
+            } => {
+                return Err(EngineError::invalid(
+                    "strategies",
+                    format!(
+                        "{}: a prefix scorer reads the model's hidden states, which a remote \
+                         engine does not expose; on a remote engine cd-block is guided by the \
+                         reward of the partial text (give no scorer)",
+                        st.label()
+                    ),
+                ))
+            }
+            _ => {}
+        }
     }
-    Ok(EvalReport {
-        strategies: results,
-        config: config.clone(),
-        prompts: p,
-        reward: reward.name(),
-        policy: policy.name().to_string(),
-        scorers: scorer_names,
-        reference_mean_reward,
-        exact_best_of_n,
-        exact_tilt,
-        gold,
-        notes,
-        units: "nats".into(),
-    })
+    let reward = Arc::clone(engine.reward(config.reward.as_deref())?);
+    let gold = resolve_gold(config, &reward, |name| engine.reward(Some(name)))?;
+    let inputs: Vec<Input> = prompts.iter().map(|i| as_configured(i, config)).collect();
+    // Every prompt renders (and a cd-block prompt is a text) before any request.
+    for input in &inputs {
+        input.validate()?;
+        let p = engine.prompt_of(input)?;
+        if !matches!(p, tilt_remote::Prompt::Text(_))
+            && config
+                .strategies
+                .iter()
+                .any(|s| matches!(s, Strategy::CdBlock { .. }))
+        {
+            return Err(EngineError::invalid(
+                "prompt",
+                "cd-block on a remote engine continues the partial answer through \
+                 /completions, so a chat prompt needs the model's chat template on tilt's \
+                 side: name it in the engine spec (chat-template=FILE.gguf, or \
+                 chat-template=default), or give the prompts raw (chat_template off)",
+            ));
+        }
+    }
+    let mut tally = Tally::new(config, Arc::clone(&reward), gold);
+    let mut failure: Option<EngineError> = None;
+    let mut note: Option<crate::request::RemoteNote> = None;
+    progress.begin("prompts", inputs.len() as u64);
+    crate::remote::in_order(
+        &inputs,
+        engine.parallel(),
+        |pi, input| remote_draws(engine, pi as u64, input, config, &reward),
+        |pi, got| {
+            let step = got.and_then(|(draws, n)| {
+                note.get_or_insert(n);
+                tally.add(pi, inputs[pi].reward_prompt(), draws)
+            });
+            match step {
+                Ok(()) => {
+                    progress.advance("prompts", pi as u64 + 1);
+                    true
+                }
+                Err(e) => {
+                    failure = Some(EngineError::context(format!("prompt {}", pi + 1), e));
+                    false
+                }
+            }
+        },
+    );
+    progress.end("prompts");
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    let note = note.ok_or_else(lost)?;
+    let policy = format!("{} at {}", note.model, note.url);
+    tally.finish(policy, Vec::new(), Some(note))
+}
+
+/// One prompt's draws on a remote engine, and how they were drawn.
+fn remote_draws(
+    engine: &RemoteEngine,
+    index: u64,
+    input: &Input,
+    config: &EvalConfig,
+    reward: &Arc<dyn Reward>,
+) -> Result<(PromptDraws, crate::request::RemoteNote)> {
+    let drawn = |seeds: Vec<u64>| -> Result<Vec<Drawn>> {
+        Ok(engine
+            .candidates(input, &seeds, config.max_new_tokens, reward)?
+            .into_iter()
+            .map(|c| Drawn {
+                tokens: c.new_tokens,
+                reward: c.reward,
+                text: c.text,
+            })
+            .collect())
+    };
+    let seeds = |seed: u64, first: u64, count: usize| -> Vec<u64> {
+        (0..count as u64)
+            .map(|d| candidate_seed(seed, index, first + d))
+            .collect()
+    };
+    let refs = drawn(seeds(
+        config.seed ^ REFERENCE_SEED_MIX,
+        0,
+        config.reference_samples,
+    ))?;
+    let max_n = config.max_n();
+    let reps = if max_n > 0 {
+        config.samples_per_prompt
+    } else {
+        0
+    };
+    let shared = (0..reps)
+        .map(|s| drawn(seeds(config.seed, (s * MAX_N) as u64, max_n)))
+        .collect::<Result<_>>()?;
+    let mut others = Vec::new();
+    for (j, st) in config.strategies.iter().enumerate() {
+        if EvalConfig::is_selection(st) {
+            continue;
+        }
+        let mut params = crate::request::Params::new(st.clone());
+        params.choices = config.samples_per_prompt;
+        params.seed = strategy_seed(config.seed, &st.label());
+        params.max_new_tokens = config.max_new_tokens;
+        params.reward = config.reward.clone();
+        let request = crate::request::Request {
+            input: input.clone(),
+            index,
+            params,
+        };
+        others.push((j, engine.generate(&request)?.outputs));
+    }
+    let note = engine.note(input);
+    Ok((
+        PromptDraws {
+            refs,
+            shared,
+            others,
+        },
+        note,
+    ))
 }
 
 /// The proxy-against-gold part of the report (see [`crate::gold`]).

@@ -13,8 +13,10 @@
 //! returned), and every output says in `engine` how it was drawn.
 //!
 //! `cd-token` is refused: it needs the full next-token distribution at every step and a
-//! scorer on the model's hidden states, which no such API exposes. `cd-block` runs on raw
-//! prompts: each block continues the text so far through `/completions`, and the value of a
+//! scorer on the model's hidden states, which no such API exposes. `cd-block` runs on text
+//! prompts (raw, or chats tilt renders with the served model's chat template, given as
+//! `chat-template=` in the spec): each block continues the text so far through
+//! `/completions`, and the value of a
 //! prefix is the request's reward of the partial answer (a prefix scorer, which reads hidden
 //! states, is refused); its KL note is the local one (B blocks of best-of-K).
 //!
@@ -35,6 +37,7 @@ use crate::strategy::{Strategy, MAX_DRAWS, MAX_N};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use tilt_models::sampling::{SamplingParams, SequenceSampler};
+use tilt_models::{ChatMessage, ChatTemplate};
 use tilt_remote::{
     Ask, Completion, EngineSpec, Finish, Message, OpenAiEngine, Prompt, RemoteError, RemotePolicy,
 };
@@ -71,6 +74,20 @@ pub struct RemoteEngine {
     spec: Option<EngineSpec>,
     /// Requests run at once by [`RemoteEngine::generate_many`].
     parallel: usize,
+    /// The model's chat template, when tilt renders chat prompts itself (then sent to
+    /// `/completions`), with where it came from.
+    template: Option<(String, ChatTemplate)>,
+}
+
+/// How a request's prompt reached the engine (the `prompt` of [`RemoteNote`]).
+fn prompt_note(input: &Input, template: Option<&str>) -> String {
+    match (input, template) {
+        (Input::Raw(_), _) => "raw: sent to /completions as given".into(),
+        (_, Some(source)) => format!(
+            "chat, rendered by tilt with the chat template of {source}, sent to /completions"
+        ),
+        (_, None) => "chat: sent to /chat/completions, rendered by the engine's template".into(),
+    }
 }
 
 impl std::fmt::Debug for RemoteEngine {
@@ -103,6 +120,19 @@ impl RemoteEngine {
             return Err(EngineError::invalid("reward", "no reward configured"));
         }
         crate::error::check_names(rewards.iter().map(|r| r.name.as_str()), "reward")?;
+        let template = match spec.chat_template.as_deref() {
+            None => None,
+            Some(source) => {
+                let path = match source {
+                    "default" => crate::progress::fetch_default_policy(progress)?,
+                    file => std::path::PathBuf::from(file),
+                };
+                let t = tilt_models::load_chat_template(&path).map_err(|e| {
+                    EngineError::invalid("engine", format!("chat-template={source}: {e}"))
+                })?;
+                Some((path.display().to_string(), t))
+            }
+        };
         let built = build_rewards(rewards, progress)?;
         progress.note(&format!("probing the engine at {}", spec.url));
         let policy = OpenAiEngine::connect(&spec)?;
@@ -112,6 +142,43 @@ impl RemoteEngine {
             rewards: built,
             spec: Some(spec),
             parallel,
+            template,
+        })
+    }
+
+    /// This engine, rendering chat prompts itself with `template` (from `source`, said in
+    /// every output) and sending them to `/completions`.
+    pub fn with_chat_template(mut self, source: &str, template: ChatTemplate) -> Self {
+        self.template = Some((source.to_string(), template));
+        self
+    }
+
+    /// What a request's `input` is sent as: a raw text as it is; a chat rendered with the
+    /// model's chat template when tilt has it (then continued by `/completions`), else the
+    /// conversation for the engine's `/chat/completions`.
+    ///
+    /// # Errors
+    /// [`EngineError::Invalid`] naming `prompt` when the template refuses the messages.
+    pub fn prompt_of(&self, input: &Input) -> Result<Prompt> {
+        let messages = match input {
+            Input::Raw(t) => return Ok(Prompt::Text(t.clone())),
+            Input::Prompt(t) => vec![ChatMessage::user(t.clone())],
+            Input::Messages(m) => m.clone(),
+        };
+        Ok(match &self.template {
+            Some((_, t)) => Prompt::Text(
+                t.render(&messages, true)
+                    .map_err(|e| EngineError::invalid("prompt", e.to_string()))?,
+            ),
+            None => Prompt::Chat(
+                messages
+                    .iter()
+                    .map(|m| Message {
+                        role: m.role.as_str().into(),
+                        content: m.content.clone(),
+                    })
+                    .collect(),
+            ),
         })
     }
 
@@ -133,6 +200,7 @@ impl RemoteEngine {
             rewards,
             spec: None,
             parallel: parallel.max(1),
+            template: None,
         })
     }
 
@@ -151,13 +219,25 @@ impl RemoteEngine {
         self.rewards.iter().map(|(n, _)| n.as_str()).collect()
     }
 
-    /// log p(response | prompt) under the engine, token by token (where it can score a
-    /// given text).
+    /// log p(response | input) under the engine, token by token (where it can score a
+    /// given text: the prompt raw, or a chat rendered with the model's chat template when
+    /// tilt has it, see [`RemoteEngine::prompt_of`]).
     ///
     /// # Errors
-    /// [`EngineError::Invalid`] naming `engine` when it cannot; [`EngineError::Remote`].
-    pub fn log_prob(&self, prompt: &str, response: &str) -> Result<tilt_remote::TextLogProb> {
-        Ok(self.policy.log_prob(prompt, response)?)
+    /// [`EngineError::Invalid`] naming `prompt` for a chat without a template on tilt's side,
+    /// or `engine` when the engine cannot score a text; [`EngineError::Remote`].
+    pub fn log_prob(&self, input: &Input, response: &str) -> Result<tilt_remote::TextLogProb> {
+        input.validate()?;
+        match self.prompt_of(input)? {
+            Prompt::Text(prompt) => Ok(self.policy.log_prob(&prompt, response)?),
+            Prompt::Chat(_) => Err(EngineError::invalid(
+                "prompt",
+                "a remote engine scores a given text through /completions, so a chat prompt \
+                 needs the model's chat template on tilt's side: name it in the engine spec \
+                 (chat-template=FILE.gguf, or chat-template=default for the embedded default \
+                 model), or give the prompt raw (--no-chat-template)",
+            )),
+        }
     }
 
     /// Score (prompt, response) pairs with the reward named `reward` (None: the first).
@@ -236,42 +316,19 @@ impl RemoteEngine {
                 .map_err(|e| EngineError::invalid("report_rewards", e.problem()))?;
             report.push((r.clone(), Arc::clone(found)));
         }
-        let prompt = match &request.input {
-            Input::Raw(t) => Prompt::Text(t.clone()),
-            Input::Prompt(t) => Prompt::Chat(vec![Message {
-                role: "user".into(),
-                content: t.clone(),
-            }]),
-            Input::Messages(m) => Prompt::Chat(
-                m.iter()
-                    .map(|m| Message {
-                        role: m.role.as_str().into(),
-                        content: m.content.clone(),
-                    })
-                    .collect(),
-            ),
-        };
+        let prompt = self.prompt_of(&request.input)?;
         if block.is_some() && !matches!(prompt, Prompt::Text(_)) {
             return Err(EngineError::invalid(
                 "prompt",
                 "cd-block on a remote engine continues the partial answer through /completions, \
-                 so it takes a raw prompt (the engine's chat template is not known here): give \
-                 the prompt raw (--no-chat-template), with the template written out if the \
-                 model needs one",
+                 so a chat prompt needs the model's chat template on tilt's side: name it in \
+                 the engine spec (chat-template=FILE.gguf, or chat-template=default for the \
+                 embedded default model), or give the prompt raw (--no-chat-template) with \
+                 the template written out",
             ));
         }
         let reward_prompt: Arc<str> = Arc::from(request.input.reward_prompt());
-        let info = self.policy.info();
-        let per_candidate = !match prompt {
-            Prompt::Text(_) => info.completions.honours_n,
-            Prompt::Chat(_) => info.chat.honours_n,
-        };
-        let note = RemoteNote {
-            url: info.url.clone(),
-            model: info.model.clone(),
-            requests: if per_candidate { "per-candidate" } else { "n" }.into(),
-            log_probs: "engine".into(),
-        };
+        let note = self.note(&request.input);
         let mut usage = Usage::default();
         let mut outputs = Vec::with_capacity(p.choices);
         for choice in 0..p.choices {
@@ -519,44 +576,115 @@ impl RemoteEngine {
     pub fn generate_many(
         &self,
         requests: Vec<Request>,
-        mut on_response: impl FnMut(usize, Result<Response>) -> bool,
+        on_response: impl FnMut(usize, Result<Response>) -> bool,
     ) {
-        let total = requests.len();
-        let next = AtomicUsize::new(0);
-        let stop = AtomicBool::new(false);
-        let (tx, rx) = mpsc::channel::<(usize, Result<Response>)>();
-        std::thread::scope(|s| {
-            for _ in 0..self.parallel.min(total) {
-                let tx = tx.clone();
-                let (next, stop, requests) = (&next, &stop, &requests);
-                s.spawn(move || loop {
-                    if stop.load(Ordering::SeqCst) {
-                        break;
-                    }
-                    let i = next.fetch_add(1, Ordering::SeqCst);
-                    if i >= total {
-                        break;
-                    }
-                    if tx.send((i, self.generate(&requests[i]))).is_err() {
-                        break;
-                    }
-                });
-            }
-            drop(tx);
-            let mut done: std::collections::HashMap<usize, Result<Response>> = Default::default();
-            let mut next_out = 0;
-            for (i, r) in rx {
-                done.insert(i, r);
-                while let Some(r) = done.remove(&next_out) {
-                    if !on_response(next_out, r) {
-                        stop.store(true, Ordering::SeqCst);
-                        return;
-                    }
-                    next_out += 1;
-                }
-            }
-        });
+        in_order(
+            &requests,
+            self.parallel,
+            |_, r| self.generate(r),
+            on_response,
+        );
     }
+
+    /// Requests (or prompts) run at once.
+    pub(crate) fn parallel(&self) -> usize {
+        self.parallel
+    }
+
+    /// The reward named `name` (None: the first).
+    pub(crate) fn reward(&self, name: Option<&str>) -> Result<&Arc<dyn Reward>> {
+        find_named(&self.rewards, name, "reward")
+    }
+
+    /// One candidate per seed for `input` from the engine at temperature 1 (p itself, as
+    /// the local reference samples), each scored by `reward`.
+    pub(crate) fn candidates(
+        &self,
+        input: &Input,
+        seeds: &[u64],
+        max_new_tokens: usize,
+        reward: &Arc<dyn Reward>,
+    ) -> Result<Vec<Candidate>> {
+        let prompt = self.prompt_of(input)?;
+        let mut params = crate::request::Params::new(Strategy::Sample {
+            sampling: SamplingParams::default(),
+        });
+        params.max_new_tokens = max_new_tokens;
+        let reward_prompt = input.reward_prompt();
+        self.draw(
+            &prompt,
+            &SamplingParams::default(),
+            &params,
+            seeds,
+            reward,
+            reward_prompt,
+            &mut Usage::default(),
+        )
+    }
+
+    /// What every output drawn for `input` says of the engine.
+    pub(crate) fn note(&self, input: &Input) -> RemoteNote {
+        let info = self.policy.info();
+        let text = matches!(input, Input::Raw(_)) || self.template.is_some();
+        let honours_n = if text {
+            info.completions.honours_n
+        } else {
+            info.chat.honours_n
+        };
+        RemoteNote {
+            url: info.url.clone(),
+            model: info.model.clone(),
+            requests: if honours_n { "n" } else { "per-candidate" }.into(),
+            log_probs: "engine".into(),
+            prompt: prompt_note(input, self.template.as_ref().map(|t| t.0.as_str())),
+        }
+    }
+}
+
+/// `f` on every item, up to `workers` at once on scoped threads, each result handed to
+/// `on_result` in item order as soon as the ones before it are in; `on_result` returning
+/// false stops the run (items not yet started are not started).
+pub(crate) fn in_order<T: Sync, R: Send>(
+    items: &[T],
+    workers: usize,
+    f: impl Fn(usize, &T) -> R + Sync,
+    mut on_result: impl FnMut(usize, R) -> bool,
+) {
+    let total = items.len();
+    let next = AtomicUsize::new(0);
+    let stop = AtomicBool::new(false);
+    let (tx, rx) = mpsc::channel::<(usize, R)>();
+    std::thread::scope(|s| {
+        for _ in 0..workers.max(1).min(total) {
+            let tx = tx.clone();
+            let (next, stop, f) = (&next, &stop, &f);
+            s.spawn(move || loop {
+                if stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                let i = next.fetch_add(1, Ordering::SeqCst);
+                if i >= total {
+                    break;
+                }
+                if tx.send((i, f(i, &items[i]))).is_err() {
+                    break;
+                }
+            });
+        }
+        drop(tx);
+        let mut done: std::collections::HashMap<usize, R> = Default::default();
+        let mut next_out = 0;
+        for (i, r) in rx {
+            done.insert(i, r);
+            while let Some(r) = done.remove(&next_out) {
+                if !on_result(next_out, r) {
+                    stop.store(true, Ordering::SeqCst);
+                    return;
+                }
+                next_out += 1;
+            }
+        }
+    });
 }
 
 fn candidate(c: Completion, reward: f64, had_stops: bool) -> Candidate {

@@ -448,6 +448,10 @@ pub struct RemoteNote {
     /// token log-probabilities the engine returned). The KL numbers of the strategies that
     /// select among candidates (bon, won, soft-bon, rewind) do not depend on them.
     pub log_probs: String,
+    /// How the prompt reached the engine: raw to `/completions`, a chat rendered by tilt
+    /// with the model's chat template (named) to `/completions`, or a chat to
+    /// `/chat/completions` rendered by the engine.
+    pub prompt: String,
 }
 
 /// An output's value under one named reward.

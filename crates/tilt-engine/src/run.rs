@@ -8,7 +8,7 @@
 
 use crate::engine::{Engine, EngineConfig, HashedFile};
 use crate::error::{EngineError, ErrorKind, Result};
-use crate::eval::{evaluate, EvalConfig, EvalReport};
+use crate::eval::{evaluate, evaluate_remote, EvalConfig, EvalReport};
 use crate::manifest::{check_files, compare_outputs, sha256_hex, Comparison, FileCheck, Manifest};
 use crate::progress::Progress;
 use crate::prompts::{read_prompt_lines, read_prompts, PromptLine};
@@ -340,6 +340,21 @@ pub fn run_eval<P: Policy>(
     evaluate(engine, &inputs, config, progress)
 }
 
+/// Run an evaluation of the prompts file with every sample drawn from a remote engine.
+///
+/// # Errors
+/// The file's and [`evaluate_remote`]'s.
+pub fn run_eval_remote(
+    engine: &RemoteEngine,
+    prompts: &Path,
+    config: &EvalConfig,
+    progress: &dyn Progress,
+) -> Result<EvalReport> {
+    config.validate()?;
+    let inputs = read_prompts(prompts)?;
+    evaluate_remote(engine, &inputs, config, progress)
+}
+
 /// Train a scorer on the prompts file (nothing written).
 ///
 /// # Errors
@@ -502,34 +517,39 @@ pub fn replay(
     })
 }
 
-/// [`replay`] of a generate run drawn from a remote engine: connect again and compare. The
-/// same bytes come back only if the engine is deterministic under the seeds tilt sends.
+/// [`replay`] of a generate or eval run drawn from a remote engine: connect again and
+/// compare. The same bytes come back only if the engine is deterministic under the seeds
+/// tilt sends.
 fn replay_remote(
     manifest: &Manifest,
     spec: &str,
     config: &EngineConfig,
     progress: &dyn Progress,
 ) -> Result<Replay> {
-    let Run::Generate {
-        prompts,
-        chat_template,
-        params,
-    } = &manifest.run
-    else {
-        return Err(EngineError::invalid(
-            "engine",
-            format!(
-                "a {} run cannot use a remote engine",
-                manifest.run.command()
-            ),
-        ));
-    };
     let engine = RemoteEngine::connect(spec, &config.rewards, progress)?;
-    let mut bytes = Vec::new();
-    run_generate(&engine, prompts, *chat_template, params, progress, |l| {
-        bytes.extend(json_line(l)?);
-        Ok(())
-    })?;
+    let bytes = match &manifest.run {
+        Run::Generate {
+            prompts,
+            chat_template,
+            params,
+        } => {
+            let mut bytes = Vec::new();
+            run_generate(&engine, prompts, *chat_template, params, progress, |l| {
+                bytes.extend(json_line(l)?);
+                Ok(())
+            })?;
+            bytes
+        }
+        Run::Eval { prompts, config } => {
+            json_line(&run_eval_remote(&engine, prompts, config, progress)?)?
+        }
+        other => {
+            return Err(EngineError::invalid(
+                "engine",
+                format!("a {} run cannot use a remote engine", other.command()),
+            ))
+        }
+    };
     let comparison = compare_outputs(&manifest.output, &bytes);
     let current_inputs = remote_input_files(&manifest.run)?;
     Ok(Replay {

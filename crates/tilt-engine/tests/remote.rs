@@ -337,7 +337,7 @@ fn what_a_remote_engine_cannot_do_is_refused_clearly() {
         "{err}"
     );
     // A text the engine cannot score.
-    let err = e.log_prob("a", "b").unwrap_err();
+    let err = e.log_prob(&Input::Raw("a".into()), "b").unwrap_err();
     assert_eq!(err.param(), Some("engine"));
 }
 
@@ -454,4 +454,169 @@ fn cd_block_continues_the_text_so_far_and_keeps_the_best_block() {
         scorer: Some("s".into()),
     };
     assert_eq!(e.generate(&scored).unwrap_err().param(), Some("scorer"));
+}
+
+/// The reward `Digit` gives outcome k.
+fn digit(k: usize) -> f64 {
+    k.min(2) as f64
+}
+
+#[test]
+fn eval_on_a_remote_engine_judges_what_the_engine_drew() {
+    use tilt_engine::eval::{evaluate_remote, parse_strategies, EvalConfig, REFERENCE_SEED_MIX};
+    use tilt_engine::strategy::MAX_N;
+    use tilt_engine::NoProgress;
+    let prompts: Vec<Input> = ["a", "b", "c"].map(|p| Input::Raw(p.into())).into();
+    let (m, s_count, seed) = (64usize, 8usize, 5u64);
+    let config = EvalConfig {
+        strategies: parse_strategies("sample; bon:4; won:2; cd-block:K=2,M=1").unwrap(),
+        reference_samples: m,
+        samples_per_prompt: s_count,
+        max_new_tokens: 4,
+        seed,
+        chat_template: false,
+        reward: None,
+        gold_reward: None,
+    };
+    let policy = Scripted::new(false);
+    let report =
+        evaluate_remote(&engine(Arc::clone(&policy)), &prompts, &config, &NoProgress).unwrap();
+    let note = report.engine.as_ref().expect("the engine is named");
+    assert_eq!(
+        (note.url.as_str(), note.requests.as_str()),
+        ("http://fake/v1", "per-candidate")
+    );
+    assert!(note.prompt.starts_with("raw"), "{}", note.prompt);
+    assert_eq!(report.policy, "fake at http://fake/v1");
+    // Every number recomputed from the seeds alone: reference draw d of prompt i has seed
+    // candidate_seed(seed ^ MIX, i, d); shared candidate d of repetition s has
+    // candidate_seed(seed, i, s·MAX_N + d).
+    let reward_of = |sd: u64, i: u64, d: u64| digit(outcome(candidate_seed(sd, i, d)));
+    let refs: Vec<Vec<f64>> = (0..3u64)
+        .map(|i| {
+            (0..m as u64)
+                .map(|d| reward_of(seed ^ REFERENCE_SEED_MIX, i, d))
+                .collect()
+        })
+        .collect();
+    let ref_mean = refs.iter().flatten().sum::<f64>() / (3 * m) as f64;
+    assert_eq!(report.reference_mean_reward, ref_mean);
+    let shared = |i: u64, s: usize, n: usize| -> Vec<f64> {
+        (0..n as u64)
+            .map(|d| reward_of(seed, i, (s * MAX_N) as u64 + d))
+            .collect()
+    };
+    let win = |r: f64, refs: &[f64]| {
+        refs.iter()
+            .map(|&x| {
+                if r > x {
+                    1.0
+                } else if r == x {
+                    0.5
+                } else {
+                    0.0
+                }
+            })
+            .sum::<f64>()
+            / refs.len() as f64
+    };
+    // The reward a selection strategy returns does not depend on how ties are broken.
+    let pick = |n: usize, f: fn(f64, f64) -> f64| -> (f64, f64) {
+        let per_prompt: Vec<(f64, f64)> = (0..3u64)
+            .map(|i| {
+                let picked: Vec<f64> = (0..s_count)
+                    .map(|s| shared(i, s, n).into_iter().reduce(f).unwrap())
+                    .collect();
+                let r = picked.iter().sum::<f64>() / s_count as f64;
+                let w = picked
+                    .iter()
+                    .map(|&x| win(x, &refs[i as usize]))
+                    .sum::<f64>()
+                    / s_count as f64;
+                (r, w)
+            })
+            .collect();
+        (
+            per_prompt.iter().map(|x| x.0).sum::<f64>() / 3.0,
+            per_prompt.iter().map(|x| x.1).sum::<f64>() / 3.0,
+        )
+    };
+    let by = |label: &str| {
+        report
+            .strategies
+            .iter()
+            .find(|s| s.strategy == label)
+            .unwrap()
+    };
+    for (label, n, f) in [
+        ("sample", 1, f64::max as fn(f64, f64) -> f64),
+        ("bon:4", 4, f64::max),
+        ("won:2", 2, f64::min),
+    ] {
+        let (r, w) = pick(n, f);
+        let got = by(label);
+        assert!(
+            (got.mean_reward - r).abs() < 1e-12,
+            "{label}: {} vs {r}",
+            got.mean_reward
+        );
+        assert!(
+            (got.win_rate - w).abs() < 1e-12,
+            "{label}: {} vs {w}",
+            got.win_rate
+        );
+        assert_eq!(got.outputs, 3 * s_count);
+    }
+    assert!(by("bon:4").mean_reward > by("sample").mean_reward);
+    assert!(by("won:2").mean_reward < by("sample").mean_reward);
+    assert!((by("bon:4").kl - (4f64.ln() - 0.75)).abs() < 1e-12);
+    assert_eq!(
+        (by("sample").kl, by("sample").kl_kind.as_str()),
+        (0.0, "exact")
+    );
+    // cd-block: every candidate ends at once, so one block of best-of-2 each.
+    let cd = by("cd-block:K=2,M=1");
+    assert_eq!((cd.outputs, cd.kl_kind.as_str()), (3 * s_count, "bound"));
+    assert!((cd.kl - (2f64.ln() - 0.5)).abs() < 1e-12);
+    // The same bytes at any concurrency.
+    let one = RemoteEngine::from_parts(
+        Scripted::new(false),
+        vec![("digit".into(), Arc::new(Digit) as Arc<dyn Reward>)],
+        1,
+    )
+    .unwrap();
+    let again = evaluate_remote(&one, &prompts, &config, &NoProgress).unwrap();
+    assert_eq!(
+        serde_json::to_string(&again).unwrap(),
+        serde_json::to_string(&report).unwrap()
+    );
+    // cd-token and a prefix scorer are refused before any request, naming `strategies`.
+    let scored = parse_strategies("cd-block:K=2,M=1")
+        .unwrap()
+        .into_iter()
+        .map(|s| s.with_scorer(Some("scorer.safetensors".into())))
+        .collect::<Vec<_>>();
+    for (strategies, says) in [
+        (
+            parse_strategies("bon:2; cd-token:lambda=1,k=4").unwrap(),
+            "cd-token",
+        ),
+        (scored, "prefix scorer"),
+    ] {
+        let policy = Scripted::new(false);
+        let mut c = config.clone();
+        c.strategies = strategies;
+        let err =
+            evaluate_remote(&engine(Arc::clone(&policy)), &prompts, &c, &NoProgress).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidInput);
+        assert_eq!(err.param(), Some("strategies"), "{err}");
+        assert!(err.to_string().contains(says), "{err}");
+        assert_eq!(policy.asks.load(Ordering::SeqCst), 0);
+    }
+    // An engine that returns fewer candidates than asked: the evaluation fails, naming the
+    // prompt; nothing is reported.
+    let err =
+        evaluate_remote(&engine(Scripted::new(true)), &prompts, &config, &NoProgress).unwrap_err();
+    assert!(err.to_string().contains("prompt 1"), "{err}");
+    assert_eq!(err.kind(), ErrorKind::Unavailable);
 }

@@ -17,7 +17,9 @@ mod vecmath;
 
 pub use chat_template::{ChatMessage, ChatTemplate, Role};
 pub use gguf::GgufFile;
-pub use llama::{Llama, LlamaCache, LlamaConfig, LlamaPolicy, LoadOptions, Outputs};
+pub use llama::{
+    load_chat_template, Llama, LlamaCache, LlamaConfig, LlamaPolicy, LoadOptions, Outputs,
+};
 pub use policy::{Policy, StepOutput, TokenId};
 pub use threads::set_num_threads;
 pub use tokenizer::GgufTokenizer;

@@ -913,6 +913,56 @@ impl Default for LoadOptions {
     }
 }
 
+/// The chat template `gguf` ships (`tokenizer.chat_template`), compiled with its BOS and
+/// EOS token strings from `tokenizer`; None when the file has none.
+///
+/// # Errors
+/// [`ModelError::BadFile`] naming the file when the template does not parse.
+pub fn chat_template_of(
+    gguf: &GgufFile,
+    tokenizer: &GgufTokenizer,
+) -> Result<Option<ChatTemplate>, ModelError> {
+    if !gguf.has("tokenizer.chat_template") {
+        return Ok(None);
+    }
+    let token = |id: Option<TokenId>| {
+        id.and_then(|i| tokenizer.token(i))
+            .unwrap_or_default()
+            .to_string()
+    };
+    let bos = token(tokenizer.bos_id());
+    let eos = token(tokenizer.eos_ids().first().copied());
+    let source = gguf.string("tokenizer.chat_template")?;
+    ChatTemplate::new(source, &bos, &eos)
+        .map(Some)
+        .map_err(|e| ModelError::BadFile {
+            path: gguf.path().display().to_string(),
+            problem: format!(
+                "its chat template (tokenizer.chat_template) {e}; load it without the chat \
+                 template to use raw prompts"
+            ),
+        })
+}
+
+/// The chat template of the GGUF file at `path`, read from its metadata alone (no weights
+/// are loaded): what a remote engine serving that file applies, for a face that renders
+/// prompts itself.
+///
+/// # Errors
+/// [`ModelError::BadFile`] naming the file: missing, malformed, no tokenizer, no chat
+/// template, or one that does not parse.
+pub fn load_chat_template(path: &std::path::Path) -> Result<ChatTemplate, ModelError> {
+    let gguf = GgufFile::open(path)?;
+    let tokenizer = GgufTokenizer::from_gguf(&gguf).map_err(|e| ModelError::BadFile {
+        path: path.display().to_string(),
+        problem: format!("tokenizer: {e}"),
+    })?;
+    chat_template_of(&gguf, &tokenizer)?.ok_or_else(|| ModelError::BadFile {
+        path: path.display().to_string(),
+        problem: "it has no chat template (tokenizer.chat_template)".into(),
+    })
+}
+
 impl LlamaPolicy {
     /// Load a Llama-architecture GGUF file (weights, tokenizer, chat template), with
     /// `threads` threads (0: [`crate::threads::num_threads`]).
@@ -954,21 +1004,8 @@ impl LlamaPolicy {
                 model.config().vocab_size
             )));
         }
-        let chat = if options.chat_template && gguf.has("tokenizer.chat_template") {
-            let token = |id: Option<TokenId>| {
-                id.and_then(|i| tokenizer.token(i))
-                    .unwrap_or_default()
-                    .to_string()
-            };
-            let bos = token(tokenizer.bos_id());
-            let eos = token(tokenizer.eos_ids().first().copied());
-            let source = gguf.string("tokenizer.chat_template")?;
-            Some(ChatTemplate::new(source, &bos, &eos).map_err(|e| {
-                bad(format!(
-                    "its chat template (tokenizer.chat_template) {e}; load it without the \
-                     chat template to use raw prompts"
-                ))
-            })?)
+        let chat = if options.chat_template {
+            chat_template_of(&gguf, &tokenizer)?
         } else {
             None
         };

@@ -83,7 +83,11 @@ pub(crate) use net::{quote, quote_excerpt};
 /// (send `Authorization: Bearer $VAR`), `max-concurrency=K` (requests in flight at once,
 /// default [`DEFAULT_MAX_CONCURRENCY`]), `timeout=SECS` (per request, default 300),
 /// `retries=R` (default [`DEFAULT_RETRIES`]), `echo-prefix=TEXT` (put before a text scored
-/// by `echo`: the model's BOS token where the engine's echo needs it).
+/// by `echo`: the model's BOS token where the engine's echo needs it),
+/// `chat-template=FILE.gguf|default` (render chat prompts with the chat template that GGUF
+/// file ships, `default` the embedded default model's, and send them to `/completions`:
+/// for an engine serving that model whose chat endpoint lacks log-probabilities or `n`).
+/// The template is loaded by the caller; this crate keeps the value.
 ///
 /// ```
 /// use tilt_remote::EngineSpec;
@@ -111,6 +115,10 @@ pub struct EngineSpec {
     /// engine whose echo is right only after it, as llama-cpp-python's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub echo_prefix: Option<String>,
+    /// Where the model's chat template comes from (a GGUF path, or `default`), when tilt
+    /// renders chat prompts itself and sends them to `/completions`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chat_template: Option<String>,
 }
 
 impl EngineSpec {
@@ -126,7 +134,7 @@ impl EngineSpec {
         let Some(rest) = spec.strip_prefix("openai:") else {
             return Err(bad(
                 "expected openai:URL[,model=NAME][,api-key-env=VAR][,max-concurrency=K]\
-                 [,timeout=SECS][,retries=R] (only OpenAI-compatible engines are supported)"
+                 [,timeout=SECS][,retries=R][,echo-prefix=TEXT][,chat-template=FILE.gguf|default] (only OpenAI-compatible engines are supported)"
                     .into(),
             ));
         };
@@ -141,6 +149,7 @@ impl EngineSpec {
             timeout_s: DEFAULT_TIMEOUT.as_secs(),
             retries: DEFAULT_RETRIES,
             echo_prefix: None,
+            chat_template: None,
         };
         let mut seen: Vec<&str> = Vec::new();
         for part in parts {
@@ -163,6 +172,7 @@ impl EngineSpec {
             match k {
                 "model" if !v.is_empty() => out.model = Some(v.to_string()),
                 "echo-prefix" if !v.is_empty() => out.echo_prefix = Some(v.to_string()),
+                "chat-template" if !v.is_empty() => out.chat_template = Some(v.to_string()),
                 "api-key-env" if !v.is_empty() => out.api_key_env = Some(v.to_string()),
                 "max-concurrency" => out.max_concurrency = number(MAX_CONCURRENCY as u64)? as usize,
                 "timeout" => out.timeout_s = number(24 * 3600)?,
@@ -177,13 +187,13 @@ impl EngineSpec {
                         }
                     }
                 }
-                "model" | "api-key-env" | "echo-prefix" => {
+                "model" | "api-key-env" | "echo-prefix" | "chat-template" => {
                     return Err(bad(format!("{k} is empty")))
                 }
                 other => {
                     return Err(bad(format!(
                         "unknown option {} (options: model, api-key-env, max-concurrency, \
-                         timeout, retries, echo-prefix)",
+                         timeout, retries, echo-prefix, chat-template)",
                         quote(other)
                     )))
                 }
@@ -212,6 +222,9 @@ impl EngineSpec {
         }
         if let Some(p) = &self.echo_prefix {
             s.push_str(&format!(",echo-prefix={p}"));
+        }
+        if let Some(t) = &self.chat_template {
+            s.push_str(&format!(",chat-template={t}"));
         }
         s
     }
@@ -363,7 +376,7 @@ mod tests {
     #[test]
     fn specs_parse_round_trip_and_reject() {
         let s = EngineSpec::parse(
-            "openai:http://h:8000/v1/,model=a,api-key-env=K,max-concurrency=3,timeout=9,retries=0,echo-prefix=<s>",
+            "openai:http://h:8000/v1/,model=a,api-key-env=K,max-concurrency=3,timeout=9,retries=0,echo-prefix=<s>,chat-template=default",
         )
         .unwrap();
         assert_eq!(s.url, "http://h:8000/v1");
@@ -372,6 +385,7 @@ mod tests {
             (Some("a"), Some("K"))
         );
         assert_eq!((s.max_concurrency, s.timeout_s, s.retries), (3, 9, 0));
+        assert_eq!(s.chat_template.as_deref(), Some("default"));
         assert_eq!(EngineSpec::parse(&s.to_spec_string()).unwrap(), s);
         let d = EngineSpec::parse("openai:http://127.0.0.1:1/v1").unwrap();
         assert_eq!(d.to_spec_string(), "openai:http://127.0.0.1:1/v1");
@@ -382,6 +396,10 @@ mod tests {
             ("openai:https://h/v1", "https"),
             ("openai:http://h/v1,model", "not key=value"),
             ("openai:http://h/v1,model=", "model is empty"),
+            (
+                "openai:http://h/v1,chat-template=",
+                "chat-template is empty",
+            ),
             (
                 "openai:http://h/v1,max-concurrency=0",
                 "max-concurrency=\"0\"",
