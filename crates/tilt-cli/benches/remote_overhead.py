@@ -11,6 +11,9 @@ of 64 new tokens:
   tilt           `tilt generate --engine openai:URL --prompts FILE --strategy bon --n 16`:
                  the same requests (4 prompts in flight at once, as max-concurrency allows),
                  plus MiniLM scoring of the 64 candidates, selection and KL accounting;
+  tilt, free reward  the same with a reward that costs next to nothing (`command:` running a
+                 shell loop, the length of each request line), so that what remains is tilt's own
+                 overhead: requests, answers, selection, KL accounting, output;
   tilt startup   the same command with --n 1 --max-new-tokens 1 (process start, MiniLM load,
                  the engine's probe), reported so that the per-request overhead can be read.
 
@@ -86,13 +89,14 @@ def main():
                 for i in range(len(PROMPTS)):
                     one(i)
 
-            def through_tilt(n, tokens):
+            def through_tilt(n, tokens, extra=()):
                 c = list(cmd)
                 c[c.index("--max-new-tokens") + 1] = str(tokens)
-                subprocess.run(c + ["--n", str(n)], check=True, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+                subprocess.run(c + ["--n", str(n), *extra], check=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
-            te, tq, tt, ts = [], [], [], []
+            free = ["--reward", "command:while IFS= read -r l; do echo ${#l}; done"]
+            te, tq, tt, tf, ts = [], [], [], [], []
             engine_alone()  # warm
             for _ in range(repeats):
                 t0 = time.perf_counter()
@@ -105,10 +109,13 @@ def main():
                 through_tilt(N, TOKENS)
                 tt.append(time.perf_counter() - t0)
                 t0 = time.perf_counter()
+                through_tilt(N, TOKENS, free)
+                tf.append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
                 through_tilt(1, 1)
                 ts.append(time.perf_counter() - t0)
         med = lambda xs: sorted(xs)[len(xs) // 2]
-        e, q, t, s = med(te), med(tq), med(tt), med(ts)
+        e, q, t, f, s = med(te), med(tq), med(tt), med(tf), med(ts)
         print(f"best-of-{N}, {len(PROMPTS)} prompts x {TOKENS} new tokens, engine = tilt serve "
               f"on 127.0.0.1, medians of {repeats}")
         print("| what | seconds | / engine alone |")
@@ -116,6 +123,8 @@ def main():
         print(f"| engine alone (n = {N}, the {len(PROMPTS)} prompts at once) | {e:.3f} | 1.00 |")
         print(f"| engine alone, one prompt after another | {q:.3f} | {q / e:.2f} |")
         print(f"| tilt generate --engine (bon:{N}, MiniLM reward) | {t:.3f} | {t / e:.2f} |")
+        print(f"| tilt generate --engine (bon:{N}, a reward that costs nothing) | {f:.3f} | "
+              f"{f / e:.2f} |")
         print(f"| tilt startup (process, MiniLM load, probe) | {s:.3f} | {s / e:.2f} |")
         print(f"| tilt without its startup | {t - s:.3f} | {(t - s) / e:.2f} |")
     finally:

@@ -60,7 +60,7 @@ impl Scripted {
                 model: "fake".into(),
                 completions: e,
                 chat: e,
-                scores_text: false,
+                scoring: None,
             },
             seeds: Mutex::new(Vec::new()),
             short,

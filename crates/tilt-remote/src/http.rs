@@ -83,10 +83,21 @@ impl Client {
         }
     }
 
+    /// The server's root: the base without a trailing `/v1` (where engines put their native
+    /// routes, SGLang's `/generate`).
+    fn root(&self) -> &str {
+        self.base.strip_suffix("/v1").unwrap_or(&self.base)
+    }
+
     /// POST `body` to `base/path` (GET when `body` is None), retrying as the module docs
     /// say. Returns the last answer whatever its status, or the transport failure.
-    pub fn call(&self, path: &str, body: Option<&serde_json::Value>) -> Result<Answer, String> {
-        let url = format!("{}{path}", self.base);
+    fn call_at(
+        &self,
+        base: &str,
+        path: &str,
+        body: Option<&serde_json::Value>,
+    ) -> Result<Answer, String> {
+        let url = format!("{base}{path}");
         let mut attempts = 0usize;
         loop {
             attempts += 1;
@@ -199,15 +210,34 @@ impl Client {
         Ok((status, text))
     }
 
-    /// [`Client::call`], then the body as JSON when the status is 2xx; otherwise an error
-    /// quoting the answer (OpenAI-style `{"error": {"message": …}}` quoted as the engine's
-    /// error).
+    /// POST (or GET) `base/path` as [`Client::call_at`] does, then the body as JSON when the
+    /// status is 2xx; otherwise an error quoting the answer (OpenAI-style
+    /// `{"error": {"message": …}}` quoted as the engine's error).
     pub fn json(
         &self,
         path: &str,
         body: Option<&serde_json::Value>,
     ) -> Result<(serde_json::Value, usize), String> {
-        let a = self.call(path, body)?;
+        self.json_at(&self.base, path, body)
+    }
+
+    /// [`Client::json`] on a route of the server's root (`http://host:port/generate` for a
+    /// base `http://host:port/v1`).
+    pub fn json_root(
+        &self,
+        path: &str,
+        body: Option<&serde_json::Value>,
+    ) -> Result<(serde_json::Value, usize), String> {
+        self.json_at(self.root(), path, body)
+    }
+
+    fn json_at(
+        &self,
+        base: &str,
+        path: &str,
+        body: Option<&serde_json::Value>,
+    ) -> Result<(serde_json::Value, usize), String> {
+        let a = self.call_at(base, path, body)?;
         let tries = if a.attempts > 1 {
             format!(" (after {} attempts)", a.attempts)
         } else {

@@ -348,8 +348,21 @@ pub struct EngineInfo {
     pub completions: EndpointInfo,
     /// `/chat/completions` (conversations, templated by the engine).
     pub chat: EndpointInfo,
-    /// Whether the engine scores a given text (`echo` with `logprobs` on `/completions`).
-    pub scores_text: bool,
+    /// How the engine scores a given text (None: the probe found no way).
+    pub scoring: Option<Scoring>,
+}
+
+/// A route by which an engine gives the log-probabilities of a given text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Scoring {
+    /// `/completions` with `echo` and `logprobs` (OpenAI's completions API; vLLM,
+    /// llama-cpp-python after a BOS token).
+    Echo,
+    /// `/completions` with vLLM's `prompt_logprobs` extension.
+    PromptLogprobs,
+    /// SGLang's native `/generate` with `return_logprob` and `logprob_start_len: 0`.
+    SglangGenerate,
 }
 
 /// A language model behind an API, as tilt's strategies use it.
@@ -364,7 +377,7 @@ pub trait RemotePolicy: Send + Sync {
     /// log p(response | prompt) token by token, where the engine can score a given text.
     ///
     /// # Errors
-    /// [`RemoteError::Invalid`] when it cannot ([`EngineInfo::scores_text`] false);
+    /// [`RemoteError::Invalid`] when it cannot ([`EngineInfo::scoring`] None);
     /// [`RemoteError::Failed`] when it fails.
     fn log_prob(&self, prompt: &str, response: &str) -> Result<TextLogProb, RemoteError>;
 }

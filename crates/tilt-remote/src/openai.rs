@@ -17,11 +17,24 @@
 //!   → "logprobs": {"tokens", "token_logprobs", "text_offset"} over the prompt and the
 //!     generated token
 //! ```
+//!
+//! Where `echo` does not work, a given text is scored by one of the two engine-specific
+//! routes the probe tries next:
+//!
+//! ```text
+//! POST {url}/completions   {"prompt": TEXT, "max_tokens": 1, "prompt_logprobs": 0}   (vLLM)
+//!   → "choices": [{"prompt_logprobs": [null, {"ID": {"logprob", "decoded_token"}}, …]}]
+//! POST {root}/generate     {"text": TEXT, "sampling_params": {"max_new_tokens": 1},
+//!                           "return_logprob": true, "logprob_start_len": 0,
+//!                           "return_text_in_logprobs": true}                  (SGLang)
+//!   → {"meta_info": {"input_token_logprobs": [[LOGPROB|null, ID, TOKEN], …]}}
+//! ```
+//! (`root` is the URL without its trailing `/v1`.)
 
 use crate::http::{Client, QUOTED};
 use crate::{
     quote, quote_excerpt, Ask, Completion, Completions, EndpointInfo, EngineInfo, EngineSpec,
-    Finish, Prompt, RemoteError, RemotePolicy, TextLogProb,
+    Finish, Prompt, RemoteError, RemotePolicy, Scoring, TextLogProb,
 };
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -135,7 +148,7 @@ impl OpenAiEngine {
                 model,
                 completions: EndpointInfo::default(),
                 chat: EndpointInfo::default(),
-                scores_text: false,
+                scoring: None,
             },
         };
         engine.info.completions = engine.probe(Route::Completions);
@@ -147,8 +160,14 @@ impl OpenAiEngine {
                     .into(),
             ));
         }
-        engine.info.scores_text =
-            engine.info.completions.available && engine.log_prob("The cat", " sat").is_ok();
+        // The first route that scores a probe text correctly is the one used.
+        engine.info.scoring = [
+            Scoring::Echo,
+            Scoring::PromptLogprobs,
+            Scoring::SglangGenerate,
+        ]
+        .into_iter()
+        .find(|&route| engine.score_by(route, "The cat", " sat").is_ok());
         tracing::info!(info = ?engine.info, "remote engine probed");
         Ok(engine)
     }
@@ -535,6 +554,110 @@ impl RemotePolicy for OpenAiEngine {
     }
 
     fn log_prob(&self, prompt: &str, response: &str) -> Result<TextLogProb, RemoteError> {
+        if response.is_empty() {
+            return Err(RemoteError::Invalid {
+                engine: self.info.url.clone(),
+                message: "an empty response has nothing to score".into(),
+            });
+        }
+        match self.info.scoring {
+            Some(route) => self.score_by(route, prompt, response),
+            // No route passed the probe: echo says best why (a shifted echo, say).
+            None if self.info.completions.available => {
+                self.score_by(Scoring::Echo, prompt, response)
+            }
+            None => Err(RemoteError::Invalid {
+                engine: self.info.url.clone(),
+                message: "it cannot score a given text: /completions did not answer the probe, \
+                          and neither vLLM's prompt_logprobs nor SGLang's /generate did"
+                    .into(),
+            }),
+        }
+    }
+}
+
+impl OpenAiEngine {
+    /// log p(response | prompt) through `route` (the spec's `echo-prefix` put first).
+    fn score_by(
+        &self,
+        route: Scoring,
+        prompt: &str,
+        response: &str,
+    ) -> Result<TextLogProb, RemoteError> {
+        let prefix = self.spec.echo_prefix.as_deref().unwrap_or("");
+        let full = format!("{prefix}{prompt}{response}");
+        let bad = |m: String| self.fail(format!("scoring a text: {m}"));
+        match route {
+            Scoring::Echo => self.score_by_echo(&full, response),
+            Scoring::PromptLogprobs => {
+                let body = json!({
+                    "model": self.info.model,
+                    "prompt": full,
+                    "max_tokens": 1,
+                    "temperature": 1.0,
+                    "prompt_logprobs": 0,
+                });
+                let (v, _) = self
+                    .client
+                    .json("/completions", Some(&body))
+                    .map_err(&bad)?;
+                let entries = v
+                    .pointer("/choices/0/prompt_logprobs")
+                    .and_then(Value::as_array)
+                    .ok_or_else(|| bad("the answer has no choices[0].prompt_logprobs".into()))?;
+                // Each entry after the first (null) holds the prompt's own token.
+                let mut toks = Vec::with_capacity(entries.len());
+                let mut lps = Vec::with_capacity(entries.len());
+                for (i, e) in entries.iter().enumerate().skip(1) {
+                    let one = e.as_object().filter(|o| o.len() == 1).ok_or_else(|| {
+                        bad(format!(
+                            "prompt_logprobs[{i}] is not one token's entry: {}",
+                            quote_excerpt(&e.to_string(), QUOTED)
+                        ))
+                    })?;
+                    let (_, t) = one.iter().next().expect("one entry");
+                    toks.push(t.get("decoded_token").and_then(Value::as_str).unwrap_or(""));
+                    lps.push(t.get("logprob").cloned().unwrap_or(Value::Null));
+                }
+                self.response_tail(&toks, &lps, response)
+            }
+            Scoring::SglangGenerate => {
+                let body = json!({
+                    "text": full,
+                    "sampling_params": {"max_new_tokens": 1, "temperature": 1.0},
+                    "return_logprob": true,
+                    "logprob_start_len": 0,
+                    "return_text_in_logprobs": true,
+                });
+                let (v, _) = self
+                    .client
+                    .json_root("/generate", Some(&body))
+                    .map_err(&bad)?;
+                let entries = v
+                    .pointer("/meta_info/input_token_logprobs")
+                    .and_then(Value::as_array)
+                    .ok_or_else(
+                        || bad("the answer has no meta_info.input_token_logprobs".into()),
+                    )?;
+                let mut toks = Vec::with_capacity(entries.len());
+                let mut lps = Vec::with_capacity(entries.len());
+                for (i, e) in entries.iter().enumerate() {
+                    let (Some(lp), Some(t)) = (e.get(0), e.get(2).and_then(Value::as_str)) else {
+                        return Err(bad(format!(
+                            "input_token_logprobs[{i}] is not [logprob, id, text]: {}",
+                            quote_excerpt(&e.to_string(), QUOTED)
+                        )));
+                    };
+                    toks.push(t);
+                    lps.push(lp.clone());
+                }
+                self.response_tail(&toks, &lps, response)
+            }
+        }
+    }
+
+    /// [`OpenAiEngine::score_by`] through `echo` on `/completions`.
+    fn score_by_echo(&self, full: &str, response: &str) -> Result<TextLogProb, RemoteError> {
         if !self.info.completions.available {
             return Err(RemoteError::Invalid {
                 engine: self.info.url.clone(),
@@ -542,14 +665,6 @@ impl RemotePolicy for OpenAiEngine {
                     .into(),
             });
         }
-        if response.is_empty() {
-            return Err(RemoteError::Invalid {
-                engine: self.info.url.clone(),
-                message: "an empty response has nothing to score".into(),
-            });
-        }
-        let prefix = self.spec.echo_prefix.as_deref().unwrap_or("");
-        let full = format!("{prefix}{prompt}{response}");
         let body = json!({
             "model": self.info.model,
             "prompt": full,
@@ -591,7 +706,7 @@ impl RemotePolicy for OpenAiEngine {
         // entry of the list: an engine that leaves it out has shifted every value by one
         // position (llama-cpp-python does, unless the text starts with the BOS token).
         let echoed = choice.get("text").and_then(Value::as_str).unwrap_or("");
-        let Some(generated) = echoed.strip_prefix(full.as_str()) else {
+        let Some(generated) = echoed.strip_prefix(full) else {
             return Err(bad(format!(
                 "the echoed text does not start with the text sent: {}",
                 quote_excerpt(echoed, QUOTED)
@@ -617,6 +732,19 @@ impl RemotePolicy for OpenAiEngine {
                 });
             }
         }
+        self.response_tail(&toks[..end], &lps[..end], response)
+    }
+
+    /// The log-probabilities of `response` as the last tokens of a scored text's `toks`
+    /// (with their `lps`): the tokens read from the end until they spell it.
+    fn response_tail(
+        &self,
+        toks: &[&str],
+        lps: &[Value],
+        response: &str,
+    ) -> Result<TextLogProb, RemoteError> {
+        let bad = |m: String| self.fail(format!("scoring a text: {m}"));
+        let end = toks.len();
         // The response is the last tokens before it.
         let mut start = end;
         let mut acc = String::new();

@@ -169,7 +169,8 @@ fn an_engine_that_honours_n_gets_one_request_per_batch() {
     let info = e.info();
     assert_eq!(info.model, "m");
     assert!(info.chat.honours_n && info.completions.honours_n);
-    assert!(info.chat.log_probs && info.completions.log_probs && info.scores_text);
+    assert!(info.chat.log_probs && info.completions.log_probs);
+    assert_eq!(info.scoring, Some(tilt_remote::Scoring::Echo));
     let before = log.lock().unwrap().len();
     let prompt = chat();
     let got = e.complete(&ask(&prompt, &[7, 8, 9])).unwrap();
@@ -384,4 +385,135 @@ fn a_silent_engine_times_out_and_a_dead_one_fails_the_probe() {
     let err = OpenAiEngine::connect(&spec(&url, ",model=other")).unwrap_err();
     assert!(err.is_invalid_input());
     assert!(err.to_string().contains("\"other\" is not among"), "{err}");
+}
+
+/// The fake tokenizer of the scoring routes: "The big cat" → "The", " big", " cat"; token
+/// i has log-probability −i (the first none).
+fn words(text: &str) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for (i, w) in text.split(' ').enumerate() {
+        out.push(if i == 0 {
+            w.to_string()
+        } else {
+            format!(" {w}")
+        });
+    }
+    out
+}
+
+/// vLLM without `echo` (an older one answered 500 to it), with `prompt_logprobs`; or, with
+/// `sglang`, an engine that ignores both `echo` and `prompt_logprobs` on `/completions`
+/// (as llama.cpp's server does with echo) and answers SGLang's native `/generate`.
+fn no_echo(path: &str, body: &Value, sglang: bool) -> Reply {
+    let prompt = body["prompt"].as_str().unwrap_or("");
+    if path == "/completions" && !sglang && body.get("echo") == Some(&json!(true)) {
+        return Reply::Json(
+            500,
+            json!({"error": {"message": "echo is not supported"}}).to_string(),
+        );
+    }
+    if path == "/completions" && !sglang && body.get("prompt_logprobs").is_some() {
+        let mut entries = vec![Value::Null];
+        for (i, t) in words(prompt).iter().enumerate().skip(1) {
+            entries.push(
+                json!({ (100 + i).to_string(): {"logprob": -(i as f64), "rank": 1,
+                                                          "decoded_token": t} }),
+            );
+        }
+        return Reply::Json(
+            200,
+            json!({"choices": [{"index": 0, "text": ".", "finish_reason": "length",
+                "logprobs": null, "prompt_logprobs": entries}]})
+            .to_string(),
+        );
+    }
+    if path == "/generate" {
+        if !sglang {
+            return Reply::Json(404, json!({"detail": "Not Found"}).to_string());
+        }
+        let text = body["text"].as_str().unwrap();
+        let entries: Vec<Value> = words(text)
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                let lp = if i == 0 {
+                    Value::Null
+                } else {
+                    json!(-(i as f64))
+                };
+                json!([lp, 100 + i, t])
+            })
+            .collect();
+        return Reply::Json(
+            200,
+            json!({"text": ".", "meta_info": {"input_token_logprobs": entries}}).to_string(),
+        );
+    }
+    // Everything else (echo included, on the SGLang-like one) is a plain completion.
+    let mut plain = body.clone();
+    if let Some(o) = plain.as_object_mut() {
+        o.remove("echo");
+    }
+    good(path, &plain, true)
+}
+
+#[test]
+fn where_echo_fails_a_text_is_scored_by_prompt_logprobs_or_sglangs_generate() {
+    for (sglang, route) in [
+        (false, tilt_remote::Scoring::PromptLogprobs),
+        (true, tilt_remote::Scoring::SglangGenerate),
+    ] {
+        let (url, log) = serve(
+            30,
+            Arc::new(move |p: &str, b: &Value| no_echo(p, b, sglang)),
+        );
+        let e = OpenAiEngine::connect(&spec(&url, "")).unwrap();
+        assert_eq!(e.info().scoring, Some(route), "sglang: {sglang}");
+        let s = e.log_prob("The big cat", " sat on").unwrap();
+        assert_eq!(s.tokens, [" sat", " on"]);
+        assert_eq!(
+            (s.token_log_probs.clone(), s.total),
+            (vec![-3.0, -4.0], -7.0)
+        );
+        // The request each route sent, as the engines document it.
+        let log = log.lock().unwrap();
+        let (path, body) = log.last().unwrap();
+        if sglang {
+            assert_eq!(path, "/generate");
+            assert_eq!(body["text"], json!("The big cat sat on"));
+            assert_eq!(
+                (
+                    body["return_logprob"].clone(),
+                    body["logprob_start_len"].clone()
+                ),
+                (json!(true), json!(0))
+            );
+        } else {
+            assert_eq!(path, "/completions");
+            assert_eq!(body["prompt_logprobs"], json!(0));
+        }
+        drop(log);
+        // A prompt that ends inside a token is refused as with echo.
+        let err = e.log_prob("The big c", "at sat").unwrap_err();
+        assert!(err.to_string().contains("do not split"), "{err}");
+    }
+    // An engine with none of the three routes: scoring is refused, naming the engine.
+    let (url, _) = serve(
+        30,
+        Arc::new(|p: &str, b: &Value| {
+            if p == "/generate" {
+                return Reply::Json(404, "{}".into());
+            }
+            let mut plain = b.clone();
+            if let Some(o) = plain.as_object_mut() {
+                o.remove("echo");
+                o.remove("prompt_logprobs");
+            }
+            good(p, &plain, true)
+        }),
+    );
+    let e = OpenAiEngine::connect(&spec(&url, "")).unwrap();
+    assert_eq!(e.info().scoring, None);
+    let err = e.log_prob("The cat", " sat").unwrap_err();
+    assert!(err.to_string().contains(&url), "{err}");
 }
