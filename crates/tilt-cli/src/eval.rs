@@ -12,9 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 use tilt_engine::eval::{frontier_strategies, parse_strategies, EvalConfig, EvalReport};
 use tilt_engine::manifest::Manifest;
-use tilt_engine::run::{
-    input_files, json_line, remote_input_files, run_eval, run_eval_remote, Run,
-};
+use tilt_engine::run::{input_files, json_line, remote_input_files, run_eval, Run};
 use tilt_engine::{Engine, RemoteEngine, ScorerSpec, Strategy};
 use tilt_output::{emit_to, Format};
 use tilt_plot::{write_svg, Panel, Series, SeriesStyle};
@@ -175,7 +173,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
                 .map_err(|e| cli_error(e, &[]))?;
             let t_load = t_start.elapsed().as_secs_f64();
             let t_eval = Instant::now();
-            let report = run_eval_remote(&engine, &args.prompts, &config, &progress)
+            let report = run_eval(&engine, &args.prompts, &config, &progress)
                 .map_err(|e| cli_error(e, &[]))?;
             let files = remote_input_files(&run).map_err(|e| cli_error(e, &[]))?;
             (report, files, 1, t_load, t_eval.elapsed().as_secs_f64())

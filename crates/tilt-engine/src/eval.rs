@@ -1101,13 +1101,7 @@ pub fn evaluate_remote(
                 .iter()
                 .any(|s| matches!(s, Strategy::CdBlock { .. }))
         {
-            return Err(EngineError::invalid(
-                "prompt",
-                "cd-block on a remote engine continues the partial answer through \
-                 /completions, so a chat prompt needs the model's chat template on tilt's \
-                 side: name it in the engine spec (chat-template=FILE.gguf, or \
-                 chat-template=default), or give the prompts raw (chat_template off)",
-            ));
+            return Err(crate::remote::cd_block_needs_text());
         }
     }
     let mut tally = Tally::new(config, Arc::clone(&reward), gold);

@@ -79,6 +79,17 @@ pub struct RemoteEngine {
     template: Option<(String, ChatTemplate)>,
 }
 
+/// The refusal of `cd-block` on a chat prompt that tilt cannot render itself.
+pub(crate) fn cd_block_needs_text() -> EngineError {
+    EngineError::invalid(
+        "prompt",
+        "cd-block on a remote engine continues the partial answer through /completions, so a \
+         chat prompt needs the model's chat template on tilt's side: name it in the engine \
+         spec (chat-template=FILE.gguf, or chat-template=default for the embedded default \
+         model), or give the prompt raw (--no-chat-template) with the template written out",
+    )
+}
+
 /// How a request's prompt reached the engine (the `prompt` of [`RemoteNote`]).
 fn prompt_note(input: &Input, template: Option<&str>) -> String {
     match (input, template) {
@@ -318,14 +329,7 @@ impl RemoteEngine {
         }
         let prompt = self.prompt_of(&request.input)?;
         if block.is_some() && !matches!(prompt, Prompt::Text(_)) {
-            return Err(EngineError::invalid(
-                "prompt",
-                "cd-block on a remote engine continues the partial answer through /completions, \
-                 so a chat prompt needs the model's chat template on tilt's side: name it in \
-                 the engine spec (chat-template=FILE.gguf, or chat-template=default for the \
-                 embedded default model), or give the prompt raw (--no-chat-template) with \
-                 the template written out",
-            ));
+            return Err(cd_block_needs_text());
         }
         let reward_prompt: Arc<str> = Arc::from(request.input.reward_prompt());
         let note = self.note(&request.input);

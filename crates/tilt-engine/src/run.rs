@@ -165,7 +165,8 @@ pub struct GenerateSummary {
     pub failures: Vec<String>,
 }
 
-/// What runs a batch of requests: the local [`Engine`] or a [`RemoteEngine`].
+/// What runs a batch of requests or an evaluation: the local [`Engine`] or a
+/// [`RemoteEngine`].
 pub trait Generator {
     /// Run `requests`, handing each result to `on_response` in input order; it returns
     /// false to stop the run.
@@ -174,6 +175,17 @@ pub trait Generator {
         requests: Vec<Request>,
         on_response: &mut dyn FnMut(usize, Result<crate::request::Response>) -> bool,
     );
+
+    /// Evaluate `config` on `prompts` ([`evaluate`] or [`evaluate_remote`]).
+    ///
+    /// # Errors
+    /// Those of the evaluation.
+    fn evaluate(
+        &self,
+        prompts: &[Input],
+        config: &EvalConfig,
+        progress: &dyn Progress,
+    ) -> Result<EvalReport>;
 }
 
 impl<P: Policy> Generator for Engine<P> {
@@ -184,6 +196,15 @@ impl<P: Policy> Generator for Engine<P> {
     ) {
         self.generate_many(requests, on_response)
     }
+
+    fn evaluate(
+        &self,
+        prompts: &[Input],
+        config: &EvalConfig,
+        progress: &dyn Progress,
+    ) -> Result<EvalReport> {
+        evaluate(self, prompts, config, progress)
+    }
 }
 
 impl Generator for RemoteEngine {
@@ -193,6 +214,15 @@ impl Generator for RemoteEngine {
         on_response: &mut dyn FnMut(usize, Result<crate::request::Response>) -> bool,
     ) {
         self.generate_many(requests, on_response)
+    }
+
+    fn evaluate(
+        &self,
+        prompts: &[Input],
+        config: &EvalConfig,
+        progress: &dyn Progress,
+    ) -> Result<EvalReport> {
+        evaluate_remote(self, prompts, config, progress)
     }
 }
 
@@ -325,34 +355,19 @@ pub fn run_generate<G: Generator + ?Sized>(
     Ok(summary)
 }
 
-/// Run an evaluation of the prompts file.
+/// Run an evaluation of the prompts file, on the local model or a remote engine.
 ///
 /// # Errors
-/// The file's and [`evaluate`]'s.
-pub fn run_eval<P: Policy>(
-    engine: &Engine<P>,
+/// The file's and the evaluation's ([`evaluate`], [`evaluate_remote`]).
+pub fn run_eval<G: Generator + ?Sized>(
+    engine: &G,
     prompts: &Path,
     config: &EvalConfig,
     progress: &dyn Progress,
 ) -> Result<EvalReport> {
     config.validate()?;
     let inputs = read_prompts(prompts)?;
-    evaluate(engine, &inputs, config, progress)
-}
-
-/// Run an evaluation of the prompts file with every sample drawn from a remote engine.
-///
-/// # Errors
-/// The file's and [`evaluate_remote`]'s.
-pub fn run_eval_remote(
-    engine: &RemoteEngine,
-    prompts: &Path,
-    config: &EvalConfig,
-    progress: &dyn Progress,
-) -> Result<EvalReport> {
-    config.validate()?;
-    let inputs = read_prompts(prompts)?;
-    evaluate_remote(engine, &inputs, config, progress)
+    engine.evaluate(&inputs, config, progress)
 }
 
 /// Train a scorer on the prompts file (nothing written).
@@ -540,9 +555,7 @@ fn replay_remote(
             })?;
             bytes
         }
-        Run::Eval { prompts, config } => {
-            json_line(&run_eval_remote(&engine, prompts, config, progress)?)?
-        }
+        Run::Eval { prompts, config } => json_line(&run_eval(&engine, prompts, config, progress)?)?,
         other => {
             return Err(EngineError::invalid(
                 "engine",
