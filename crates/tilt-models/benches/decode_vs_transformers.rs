@@ -11,11 +11,14 @@
 //! ```text
 //! cargo bench -p tilt-models --bench decode_vs_transformers
 //! ```
-//! Each tilt setting runs 3 times; the table shows the medians. For one sequence it also
-//! runs llama.cpp on the same file (the prebuilt CPU engine of the npm package
-//! `node-llama-cpp`, token by token through its sequence API: the engine, not a
-//! high-level sampling loop), at the same thread count and at 1 thread (llama.cpp's best
-//! here), and prints the ratio.
+//! Each tilt setting runs 3 times; the table shows the medians. At every N it also runs
+//! llama.cpp on the same file (the prebuilt CPU engine of the npm package `node-llama-cpp`,
+//! N sequences in one context decoding together, token by token through its sequence API:
+//! the engine, not a high-level sampling loop), at the same thread count and at 1 thread
+//! (llama.cpp's best for one sequence here), and prints the decode ratios. llama.cpp
+//! prefills each sequence's own copy of the prompt (node-llama-cpp shares no cache between
+//! sequences); tilt prefills it once and forks: the prefill columns show that difference,
+//! the decode ratios leave it out.
 //!
 //! Environment: `TILT_BENCH_MODEL` (a GGUF path; default: the embedded SmolLM2),
 //! `TILT_BENCH_THREADS` (default 2), `TILT_BENCH_BATCHES` (default `1,4,16`),
@@ -28,10 +31,14 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
-use tilt_models::{Llama, LlamaPolicy, Outputs, Policy, TokenId};
+use tilt_models::{LlamaPolicy, Policy, TokenId};
 
-const PROMPT_TOKENS: usize = 64;
-const NEW_TOKENS: usize = 64;
+mod common;
+use common::{
+    bench_tilt, fma_peak, handoff_s, median, profile_decode, prompt_tokens, read_bandwidth, Row,
+    NEW_TOKENS, PROMPT_TOKENS,
+};
+
 const BATCHES: [usize; 3] = [1, 4, 16];
 
 /// `TILT_BENCH_BATCHES` (e.g. `16` or `1,16`: profile one setting), else [`BATCHES`].
@@ -50,75 +57,6 @@ const HF_REQUIREMENTS: &[&str] = &[
     "accelerate==1.15.0",
     "numpy",
 ];
-
-struct Row {
-    n: usize,
-    prefill_s: f64,
-    decode_tok_s: f64,
-    total_tok_s: f64,
-    /// CPU seconds of the decode (tilt only).
-    decode_cpu_s: Option<f64>,
-}
-
-/// CPU seconds this process has used (user + system, all threads), from `/proc/self/stat`
-/// (Linux; 10 ms ticks). Beside wall time it shows when another process took the cores.
-fn cpu_seconds() -> Option<f64> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
-    let rest = stat.rsplit_once(')')?.1;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
-    Some(ticks / 100.0)
-}
-
-fn argmax(v: &[f32]) -> TokenId {
-    let mut best = 0;
-    for (i, &x) in v.iter().enumerate() {
-        if x > v[best] {
-            best = i;
-        }
-    }
-    best as TokenId
-}
-
-fn prompt_tokens(policy: &LlamaPolicy) -> Result<Vec<TokenId>, Box<dyn std::error::Error>> {
-    let text = "The history of computing is a story of people and machines. ".repeat(20);
-    let ids = policy.encode(&text)?;
-    Ok(ids[..PROMPT_TOKENS].to_vec())
-}
-
-fn bench_tilt(
-    policy: &LlamaPolicy,
-    prompt: &[TokenId],
-    n: usize,
-    new_tokens: usize,
-) -> Result<Row, Box<dyn std::error::Error>> {
-    let model: &Llama = policy.model();
-    let t0 = Instant::now();
-    let (cache, first) = policy.prefill(prompt)?;
-    let prefill_s = t0.elapsed().as_secs_f64();
-    let mut caches = vec![cache; n];
-    let mut next: Vec<TokenId> = vec![argmax(&first.log_probs); n];
-    let t1 = Instant::now();
-    let cpu0 = cpu_seconds();
-    for _ in 0..new_tokens - 1 {
-        let lists: Vec<&[TokenId]> = next.iter().map(std::slice::from_ref).collect();
-        let outs = model.forward(&mut caches, &lists, Outputs::Last)?;
-        next = outs.iter().map(|o| argmax(&o[0].log_probs)).collect();
-    }
-    let decode_s = t1.elapsed().as_secs_f64();
-    let decode_cpu_s = cpu_seconds().zip(cpu0).map(|(b, a)| b - a);
-    // The first new token came from the prefill; new_tokens - 1 decode steps follow.
-    let decode_tok_s = (n * (new_tokens - 1)) as f64 / decode_s;
-    let total_tok_s = (n * new_tokens) as f64 / (prefill_s + decode_s);
-    Ok(Row {
-        n,
-        prefill_s,
-        decode_tok_s,
-        total_tok_s,
-        decode_cpu_s,
-    })
-}
 
 fn venv_python() -> Result<PathBuf, Box<dyn std::error::Error>> {
     let venv = std::env::var_os("TILT_BENCH_VENV")
@@ -192,18 +130,14 @@ fn bench_transformers(
     Ok(rows)
 }
 
-/// Median of a non-empty list.
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
-/// llama.cpp on `gguf`, one sequence: (median prefill s of all but the last prompt token,
-/// median decode tok/s) over the script's 3 runs.
+/// llama.cpp on `gguf`, `n` sequences in one context: (median prefill s of all but the last
+/// prompt token, each sequence its own copy, evaluated together; median aggregated decode
+/// tok/s) over the script's 3 runs.
 fn bench_llama_cpp(
     gguf: &Path,
     prompt: &[TokenId],
     threads: usize,
+    n: usize,
 ) -> Result<(f64, f64), Box<dyn std::error::Error>> {
     let dir = std::env::var_os("TILT_BENCH_NODE_DIR")
         .map(PathBuf::from)
@@ -237,6 +171,7 @@ fn bench_llama_cpp(
         .arg(threads.to_string())
         .arg(ids.join(","))
         .arg(NEW_TOKENS.to_string())
+        .arg(n.to_string())
         .current_dir(&dir)
         .output()?;
     if !out.status.success() {
@@ -260,6 +195,91 @@ fn bench_llama_cpp(
         return Err("llamacpp_eval.mjs printed no result".into());
     }
     Ok((median(prefill), median(decode)))
+}
+
+/// Print where one decode step of `n` sequences spends its time, beside what the cores
+/// could do: the weights' bytes over the measured read bandwidth, and the step's
+/// multiply-adds over the measured FMA peak.
+fn print_profile(
+    policy: &LlamaPolicy,
+    prompt: &[TokenId],
+    n: usize,
+    threads: usize,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let model = policy.model();
+    profile_decode(policy, prompt, n, 8)?; // warm-up
+    let p = profile_decode(policy, prompt, n, NEW_TOKENS)?;
+    let handoff = handoff_s(model);
+    let bandwidth = read_bandwidth(threads);
+    let peak = fma_peak(threads);
+    let (bytes, macs) = model.step_footprint();
+    let ms = |s: f64| s * 1e3;
+    println!(
+        "one decode step, N = {n}, {threads} threads, mean of {} steps: {:.2} ms",
+        NEW_TOKENS - 1,
+        ms(p.step_s)
+    );
+    println!("| part | ms per step | share |");
+    println!("|---|---|---|");
+    let mut matmul = 0.0;
+    for (phase, s) in &p.phases {
+        if phase.is_matmul() {
+            matmul += s;
+        }
+        println!(
+            "| {} | {:.3} | {:.1}% |",
+            phase.name(),
+            ms(*s),
+            100.0 * s / p.step_s
+        );
+    }
+    println!(
+        "| sampling ({n} rows, temperature 1) | {:.3} | {:.1}% |",
+        ms(p.sampling_s),
+        100.0 * p.sampling_s / p.step_s
+    );
+    let counted: f64 = p.phases.iter().map(|(_, s)| s).sum::<f64>() + p.sampling_s;
+    println!(
+        "| the rest (batch bookkeeping, the caller) | {:.3} | {:.1}% |",
+        ms(p.step_s - counted),
+        100.0 * (p.step_s - counted) / p.step_s
+    );
+    println!(
+        "thread hand-offs: {:.0} parallel regions per step × {:.1} µs (an empty one, measured) \
+         = {:.3} ms, inside the parts above",
+        p.regions_per_step,
+        handoff * 1e6,
+        ms(p.regions_per_step * handoff)
+    );
+    println!(
+        "waiting in the matrix products for the last block of another thread: {:.3} ms a step",
+        ms(p.wait_s)
+    );
+    let mem_s = bytes as f64 / bandwidth;
+    println!(
+        "limits: the matrix products read {:.1} MB of weights a step; at the measured read \
+         bandwidth of {:.1} GB/s ({threads} threads) that is {:.2} ms",
+        bytes as f64 / 1e6,
+        bandwidth / 1e9,
+        ms(mem_s)
+    );
+    if let Some(peak) = peak {
+        let fma_s = (macs * n) as f64 / peak;
+        println!(
+            "limits: {n} rows × {:.1} M multiply-adds = {:.2} G a step; at the measured FMA peak \
+             of {:.1} G/s ({threads} threads) that is {:.2} ms",
+            macs as f64 / 1e6,
+            (macs * n) as f64 / 1e9,
+            peak / 1e9,
+            ms(fma_s)
+        );
+        println!(
+            "the matrix products take {:.2} ms a step: {:.1}× the larger of the two limits",
+            ms(matmul),
+            matmul / mem_s.max(fma_s)
+        );
+    }
+    Ok(())
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -304,19 +324,25 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             decode_cpu_s: None,
         });
     }
+    let profile_n = *batches().iter().max().unwrap_or(&16);
+    print_profile(&policy, &prompt, profile_n, threads)?;
+    // llama.cpp at every N, at the bench's thread count and at 1 thread (its best for one
+    // sequence on these cores).
     let llama_cpp = if std::env::var_os("TILT_BENCH_SKIP_LLAMACPP").is_some() {
         Vec::new()
     } else {
         let mut rows = Vec::new();
-        for t in [threads, 1]
-            .into_iter()
-            .take(if threads == 1 { 1 } else { 2 })
-        {
-            match bench_llama_cpp(&path, &prompt, t) {
-                Ok(r) => rows.push((t, r)),
-                Err(e) => {
-                    eprintln!("llama.cpp baseline unavailable: {e}");
-                    break;
+        'outer: for n in batches() {
+            for t in [threads, 1]
+                .into_iter()
+                .take(if threads == 1 { 1 } else { 2 })
+            {
+                match bench_llama_cpp(&path, &prompt, t, n) {
+                    Ok(r) => rows.push((n, t, r)),
+                    Err(e) => {
+                        eprintln!("llama.cpp baseline unavailable: {e}");
+                        break 'outer;
+                    }
                 }
             }
         }
@@ -363,14 +389,22 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             r.n, r.prefill_s, r.decode_tok_s, r.total_tok_s, hp, hd, ht, ratio
         );
     }
-    if let Some(one) = tilt.iter().find(|r| r.n == 1) {
-        for (t, (prefill, decode)) in &llama_cpp {
+    for r in &tilt {
+        let rows: Vec<_> = llama_cpp.iter().filter(|(n, ..)| *n == r.n).collect();
+        for (n, t, (prefill, decode)) in &rows {
             println!(
-                "one sequence: llama.cpp ({LLAMA_CPP_PACKAGE}, {t} thread{}) prefill {prefill:.3} s \
-                 ({} tokens), decode {decode:.1} tok/s; tilt ({threads} threads) decodes {:.2}x that",
+                "N = {n}: llama.cpp ({LLAMA_CPP_PACKAGE}, one context, {t} thread{}) prefill {prefill:.3} s \
+                 ({n} × {} tokens), decode {decode:.1} tok/s; tilt ({threads} threads) decodes {:.2}x that",
                 if *t == 1 { "" } else { "s" },
                 PROMPT_TOKENS - 1,
-                one.decode_tok_s / decode
+                r.decode_tok_s / decode
+            );
+        }
+        if let Some(best) = rows.iter().map(|(_, _, (_, d))| *d).max_by(f64::total_cmp) {
+            println!(
+                "N = {}: tilt / llama.cpp at its best thread count: {:.2}x",
+                r.n,
+                r.decode_tok_s / best
             );
         }
     }

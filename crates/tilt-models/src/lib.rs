@@ -9,6 +9,7 @@ pub mod gguf;
 pub mod llama;
 mod matmul;
 pub mod policy;
+pub mod profile;
 pub mod sampling;
 pub mod threads;
 pub mod tokenizer;

@@ -44,6 +44,7 @@ use rayon::prelude::*;
 use crate::chat_template::{ChatMessage, ChatTemplate};
 use crate::gguf::GgufFile;
 use crate::matmul::Linear;
+use crate::profile::{time, Phase};
 use crate::tokenizer::GgufTokenizer;
 use crate::{ModelError, Policy, StepOutput, TokenId};
 
@@ -541,6 +542,27 @@ impl Llama {
         self.threads
     }
 
+    /// What one step's matrix products cost, for the physical limits of a step: (bytes of
+    /// weights they read, which every step reads once whatever the batch; multiply-adds per
+    /// row). The output layer is counted; embedding lookups (one row each) and attention
+    /// (which grows with the context) are not.
+    pub fn step_footprint(&self) -> (usize, usize) {
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        let matrices = self
+            .blocks
+            .iter()
+            .flat_map(|b| [&b.wqkv, &b.wo, &b.w_gate_up, &b.w_down])
+            .chain(std::iter::once(head));
+        matrices.fold((0, 0), |(bytes, macs), m| {
+            (bytes + m.bytes(), macs + m.out() * m.inp())
+        })
+    }
+
+    /// Run `f` on this model's thread pool (what the benches use to time the pool itself).
+    pub fn install<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        self.pool.install(f)
+    }
+
     /// An empty cache.
     pub fn new_cache(&self) -> LlamaCache {
         LlamaCache {
@@ -570,8 +592,7 @@ impl Llama {
                 tokens.len()
             )));
         }
-        // (sequence, position, token) of every new row.
-        let mut rows: Vec<(usize, usize, TokenId)> = Vec::new();
+        let mut rows: Vec<Row> = Vec::new();
         for (s, (cache, toks)) in caches.iter().zip(tokens).enumerate() {
             if let Some(&t) = toks.iter().find(|&&t| t as usize >= cfg.vocab_size) {
                 return Err(ModelError::InvalidInput(format!(
@@ -601,7 +622,7 @@ impl Llama {
         &self,
         caches: &mut [LlamaCache],
         tokens: &[&[TokenId]],
-        rows: &[(usize, usize, TokenId)],
+        rows: &[Row],
         outputs: Outputs,
     ) -> Result<Vec<Vec<StepOutput>>, ModelError> {
         let cfg = &self.cfg;
@@ -610,25 +631,32 @@ impl Llama {
         let qkv_w = qd + 2 * kvd;
         let n = rows.len();
         let eps = cfg.rms_norm_eps;
+        // The row-wise regions run on the pool unless the threads adapted down to one
+        // (see `crate::threads`); either way each row is computed by one task.
+        let parallel = crate::threads::region_threads(self.threads) > 1;
 
-        // Residual stream h: (n, d), starting from the token embeddings.
-        let mut h = vec![0f32; n * d];
-        for (r, &(_, _, t)) in rows.iter().enumerate() {
-            let t = t as usize;
-            self.embed.dequantize_row(t, &mut h[r * d..(r + 1) * d]);
-        }
-        // RoPE angles per row: cos/sin (n, hd/2), θ_i = base^(-2i/hd) (arXiv:2104.09864).
         let half = hd / 2;
-        let mut cos = vec![0f32; n * half];
-        let mut sin = vec![0f32; n * half];
-        for (r, &(_, pos, _)) in rows.iter().enumerate() {
-            for i in 0..half {
-                let inv_freq = 1.0 / (cfg.rope_freq_base as f64).powf(2.0 * i as f64 / hd as f64);
-                let angle = pos as f64 * (inv_freq as f32) as f64;
-                cos[r * half + i] = angle.cos() as f32;
-                sin[r * half + i] = angle.sin() as f32;
+        let (mut h, cos, sin) = time(Phase::Embed, 0, || {
+            // Residual stream h: (n, d), starting from the token embeddings.
+            let mut h = vec![0f32; n * d];
+            for (r, &(_, _, t)) in rows.iter().enumerate() {
+                let t = t as usize;
+                self.embed.dequantize_row(t, &mut h[r * d..(r + 1) * d]);
             }
-        }
+            // RoPE angles per row: cos/sin (n, hd/2), θ_i = base^(-2i/hd) (arXiv:2104.09864).
+            let mut cos = vec![0f32; n * half];
+            let mut sin = vec![0f32; n * half];
+            for (r, &(_, pos, _)) in rows.iter().enumerate() {
+                for i in 0..half {
+                    let inv_freq =
+                        1.0 / (cfg.rope_freq_base as f64).powf(2.0 * i as f64 / hd as f64);
+                    let angle = pos as f64 * (inv_freq as f32) as f64;
+                    cos[r * half + i] = angle.cos() as f32;
+                    sin[r * half + i] = angle.sin() as f32;
+                }
+            }
+            (h, cos, sin)
+        });
         let mut xn = vec![0f32; n * d];
         let mut qkv = vec![0f32; n * qkv_w];
         let mut attn = vec![0f32; n * qd];
@@ -637,47 +665,73 @@ impl Llama {
 
         for (l, blk) in self.blocks.iter().enumerate() {
             // Attention sub-block.
-            rms_norm(&h, &blk.attn_norm, eps, &mut xn);
-            blk.wqkv.matmul(&xn, n, &mut qkv, false)?; // (n, qd + 2 kvd)
-            for r in 0..n {
-                let row = &mut qkv[r * qkv_w..(r + 1) * qkv_w];
-                let (c, s) = (
-                    &cos[r * half..(r + 1) * half],
-                    &sin[r * half..(r + 1) * half],
-                );
-                for head in row[..qd + kvd].chunks_exact_mut(hd) {
-                    rope_interleaved(head, c, s);
+            time(Phase::Norm, 0, || {
+                rms_norm(&h, &blk.attn_norm, eps, &mut xn)
+            });
+            time(Phase::QkvMatmul, 1, || {
+                blk.wqkv.matmul(&xn, n, &mut qkv, false) // (n, qd + 2 kvd)
+            })?;
+            time(Phase::RopeAndCache, 0, || {
+                for r in 0..n {
+                    let row = &mut qkv[r * qkv_w..(r + 1) * qkv_w];
+                    let (c, s) = (
+                        &cos[r * half..(r + 1) * half],
+                        &sin[r * half..(r + 1) * half],
+                    );
+                    for head in row[..qd + kvd].chunks_exact_mut(hd) {
+                        rope_interleaved(head, c, s);
+                    }
                 }
-            }
-            for (r, &(s, _, _)) in rows.iter().enumerate() {
-                let row = &qkv[r * qkv_w..(r + 1) * qkv_w];
-                let suffix = &mut caches[s].suffix;
-                suffix.k[l].extend_from_slice(&row[qd..qd + kvd]);
-                suffix.v[l].extend_from_slice(&row[qd + kvd..]);
-            }
+                for (r, &(s, _, _)) in rows.iter().enumerate() {
+                    let row = &qkv[r * qkv_w..(r + 1) * qkv_w];
+                    let suffix = &mut caches[s].suffix;
+                    suffix.k[l].extend_from_slice(&row[qd..qd + kvd]);
+                    suffix.v[l].extend_from_slice(&row[qd + kvd..]);
+                }
+            });
             {
                 let caches: &[LlamaCache] = caches;
                 let qkv = &qkv;
-                attn.par_chunks_mut(qd)
-                    .zip(rows.par_iter())
-                    .enumerate()
-                    .for_each(|(r, (out, &(s, pos, _)))| {
-                        let q = &qkv[r * qkv_w..r * qkv_w + qd];
-                        attend(cfg, &caches[s], l, pos, q, out);
-                    });
+                let body = |(r, (out, &(s, pos, _))): (usize, (&mut [f32], &Row))| {
+                    let q = &qkv[r * qkv_w..r * qkv_w + qd];
+                    attend(cfg, &caches[s], l, pos, q, out);
+                };
+                time(Phase::Attention, 1, || {
+                    if parallel {
+                        attn.par_chunks_mut(qd)
+                            .zip(rows.par_iter())
+                            .enumerate()
+                            .for_each(body)
+                    } else {
+                        attn.chunks_mut(qd).zip(rows).enumerate().for_each(body)
+                    }
+                });
             }
-            blk.wo.matmul(&attn, n, &mut h, true)?; // h += attn Woᵀ
+            time(Phase::OutMatmul, 1, || {
+                blk.wo.matmul(&attn, n, &mut h, true)
+            })?; // h += attn Woᵀ
 
             // Gated MLP (SwiGLU, arXiv:2002.05202): h += W_down (silu(W_gate x) ⊙ W_up x).
-            rms_norm(&h, &blk.ffn_norm, eps, &mut xn);
-            blk.w_gate_up.matmul(&xn, n, &mut gate_up, false)?; // (n, 2f)
-            act.par_chunks_mut(f)
-                .zip(gate_up.par_chunks(2 * f))
-                .for_each(|(a, gu)| {
-                    let (g, u) = gu.split_at(f);
-                    crate::vecmath::silu_mul(g, u, a);
-                });
-            blk.w_down.matmul(&act, n, &mut h, true)?;
+            time(Phase::Norm, 0, || rms_norm(&h, &blk.ffn_norm, eps, &mut xn));
+            time(Phase::GateUpMatmul, 1, || {
+                blk.w_gate_up.matmul(&xn, n, &mut gate_up, false) // (n, 2f)
+            })?;
+            let body = |(a, gu): (&mut [f32], &[f32])| {
+                let (g, u) = gu.split_at(f);
+                crate::vecmath::silu_mul(g, u, a);
+            };
+            time(Phase::Silu, 1, || {
+                if parallel {
+                    act.par_chunks_mut(f)
+                        .zip(gate_up.par_chunks(2 * f))
+                        .for_each(body)
+                } else {
+                    act.chunks_mut(f).zip(gate_up.chunks(2 * f)).for_each(body)
+                }
+            });
+            time(Phase::DownMatmul, 1, || {
+                blk.w_down.matmul(&act, n, &mut h, true)
+            })?;
         }
         for (cache, toks) in caches.iter_mut().zip(tokens) {
             cache.suffix.len += toks.len();
@@ -697,20 +751,33 @@ impl Llama {
             hidden[i * d..(i + 1) * d].copy_from_slice(&h[r * d..(r + 1) * d]);
         }
         let mut normed = vec![0f32; m * d];
-        rms_norm(&hidden, &self.final_norm, eps, &mut normed);
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         let vocab = head.out();
         let mut logits = vec![0f32; m * vocab];
-        head.matmul(&normed, m, &mut logits, false)?;
+        time(Phase::LmHead, 1, || {
+            rms_norm(&hidden, &self.final_norm, eps, &mut normed);
+            head.matmul(&normed, m, &mut logits, false)
+        })?;
         let mut out: Vec<Vec<StepOutput>> = vec![Vec::new(); caches.len()];
-        let results: Vec<StepOutput> = logits
-            .par_chunks(vocab)
-            .zip(normed.par_chunks(d))
-            .map(|(lg, hn)| StepOutput {
-                log_probs: crate::vecmath::log_softmax(lg),
-                hidden: hn.to_vec(),
-            })
-            .collect();
+        let body = |(lg, hn): (&[f32], &[f32])| StepOutput {
+            log_probs: crate::vecmath::log_softmax(lg),
+            hidden: hn.to_vec(),
+        };
+        let results: Vec<StepOutput> = time(Phase::LogSoftmax, 1, || {
+            if parallel {
+                logits
+                    .par_chunks(vocab)
+                    .zip(normed.par_chunks(d))
+                    .map(body)
+                    .collect()
+            } else {
+                logits
+                    .chunks(vocab)
+                    .zip(normed.chunks(d))
+                    .map(body)
+                    .collect()
+            }
+        });
         for (&r, res) in picked.iter().zip(results) {
             out[rows[r].0].push(res);
         }
@@ -719,6 +786,9 @@ impl Llama {
 }
 
 /// Why tensor `name` is not one a Llama of `n_layers` blocks uses (`None`: it is).
+/// (sequence, position, token) of a new row of a forward.
+type Row = (usize, usize, TokenId);
+
 fn unused_tensor(name: &str, n_layers: usize) -> Option<String> {
     if matches!(
         name,
@@ -1142,6 +1212,15 @@ impl Policy for LlamaPolicy {
 
     fn cache_len(&self, cache: &LlamaCache) -> usize {
         cache.len()
+    }
+
+    /// On the model's pool (as many of its threads as [`crate::threads`] lets a region use).
+    fn for_each_parallel(&self, n: usize, f: &(dyn Fn(usize) + Sync)) {
+        if n <= 1 || crate::threads::region_threads(self.model.threads) <= 1 {
+            (0..n).for_each(f);
+        } else {
+            self.model.install(|| (0..n).into_par_iter().for_each(f));
+        }
     }
 
     /// Share the suffix when the forks would copy more than sharing does: always when the

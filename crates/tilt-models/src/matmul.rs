@@ -48,9 +48,16 @@
 //! arithmetic per cache line is heavy enough that the out-of-order window alone keeps
 //! too few lines in flight.
 
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Instant;
+
 use rayon::prelude::*;
 
 use crate::ModelError;
+
+/// Column blocks per pool thread in a product: enough that a thread preempted in one holds
+/// up little, few enough that each block still streams whole groups of weight rows.
+const BLOCKS_PER_THREAD: usize = 4;
 
 /// Weights per block of the quantised formats (Q4_1, Q8_0).
 pub(crate) const QK: usize = 32;
@@ -246,6 +253,11 @@ impl Linear {
         self.out
     }
 
+    /// Input size (columns of W).
+    pub(crate) fn inp(&self) -> usize {
+        self.inp
+    }
+
     /// The storage format, for logs.
     pub(crate) fn format(&self) -> &'static str {
         self.weights.format()
@@ -337,10 +349,17 @@ impl Linear {
             padded = p;
             &padded
         };
-        let threads = rayon::current_num_threads().max(1);
-        // Column blocks: a few per thread (for balance when a core is busy), in whole
-        // groups of 8 (the widest kernel's). The split does not change any result.
-        let block = self.out.div_ceil(4 * threads).div_ceil(8).max(1) * 8;
+        let pool = rayon::current_num_threads().max(1);
+        // Column blocks: several per thread, in whole groups of 8 (the widest kernel's),
+        // claimed one at a time by whichever thread is free, so that a thread the OS
+        // preempts holds up at most the block it is in. The split does not change any
+        // result.
+        let block = self
+            .out
+            .div_ceil(BLOCKS_PER_THREAD * pool)
+            .div_ceil(8)
+            .max(1)
+            * 8;
         let n_blocks = self.out.div_ceil(block);
         let dst = SendPtr(out.as_mut_ptr());
         let run = |b: usize| {
@@ -348,14 +367,40 @@ impl Linear {
             let c1 = (c0 + block).min(self.out);
             let dst = &dst;
             // SAFETY: this task writes only columns c0..c1 of `out`, (rows, self.out)
-            // row-major, whose length was checked above; no other task writes them.
+            // row-major, whose length was checked above; block b is claimed by one task
+            // only (the counter below), so no other task writes them.
             unsafe { self.columns(x, stride, rows, c0, c1, dst.0, accumulate, isa) }
         };
-        if n_blocks == 1 {
-            run(0);
-        } else {
-            (0..n_blocks).into_par_iter().for_each(run);
+        let used = crate::threads::region_threads(pool).min(n_blocks);
+        if used <= 1 {
+            (0..n_blocks).for_each(run);
+            if pool > 1 && n_blocks > 1 {
+                // Threads were held back: count the region, so that the next probe comes.
+                crate::threads::record_region(pool, 1, 0, 0);
+            }
+            return Ok(());
         }
+        let next = AtomicUsize::new(0);
+        let caller = rayon::current_thread_index();
+        let start = Instant::now();
+        // When the calling thread found no block left (the rest of the region it waits).
+        let caller_done = AtomicU64::new(0);
+        (0..used).into_par_iter().for_each(|_| {
+            loop {
+                let b = next.fetch_add(1, Ordering::Relaxed);
+                if b >= n_blocks {
+                    break;
+                }
+                run(b);
+            }
+            if rayon::current_thread_index() == caller {
+                caller_done.fetch_max(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            }
+        });
+        let wall = start.elapsed().as_nanos() as u64;
+        let wait = wall.saturating_sub(caller_done.load(Ordering::Relaxed));
+        crate::threads::record_region(pool, used, wall, wait);
+        crate::profile::add_wait(wait);
         Ok(())
     }
 

@@ -111,6 +111,14 @@ pub trait Policy: Send + Sync {
         let _ = (cache, forks);
     }
 
+    /// Run `f(0)`, …, `f(n − 1)`, in any order and possibly at once on the policy's own
+    /// threads (the engine samples its sequences' next tokens this way). Each call must
+    /// touch only its own index's data: then the results do not depend on the order. The
+    /// default runs them one after another.
+    fn for_each_parallel(&self, n: usize, f: &(dyn Fn(usize) + Sync)) {
+        (0..n).for_each(f);
+    }
+
     /// log p(response | context) token by token: element i is log p(response[i] | context,
     /// response[..i]). Their sum is the full-sequence log-probability.
     ///
