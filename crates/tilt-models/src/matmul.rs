@@ -397,10 +397,14 @@ impl Linear {
                 caller_done.fetch_max(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
             }
         });
-        let wall = start.elapsed().as_nanos() as u64;
-        let wait = wall.saturating_sub(caller_done.load(Ordering::Relaxed));
-        crate::threads::record_region(pool, used, wall, wait);
-        crate::profile::add_wait(wait);
+        // Only a caller that is one of the pool's threads takes part (the model's forward
+        // always is); from outside, the whole region is a wait that says nothing.
+        if caller.is_some() {
+            let wall = start.elapsed().as_nanos() as u64;
+            let wait = wall.saturating_sub(caller_done.load(Ordering::Relaxed));
+            crate::threads::record_region(pool, used, wall, wait);
+            crate::profile::add_wait(wait);
+        }
         Ok(())
     }
 

@@ -4,6 +4,7 @@
 // Each bench binary uses its own part of this module.
 #![allow(dead_code)]
 
+use std::sync::Mutex;
 use std::time::Instant;
 
 use tilt_models::{Llama, LlamaPolicy, Outputs, Policy, TokenId};
@@ -97,7 +98,8 @@ pub fn median(mut v: Vec<f64>) -> f64 {
 
 /// Where one decode step of `n` sequences spends its time: the mean per step of each phase
 /// of the forward (from [`tilt_models::profile`]), of sampling each row at temperature 1
-/// with the seeded sampler the engine uses, and of the whole step.
+/// with the seeded sampler the engine uses, on the model's threads as the engine does, and
+/// of the whole step.
 pub struct StepProfile {
     /// (phase, seconds per step).
     pub phases: Vec<(tilt_models::profile::Phase, f64)>,
@@ -140,9 +142,24 @@ pub fn profile_decode(
     for _ in 0..steps {
         let lists: Vec<&[TokenId]> = next.iter().map(std::slice::from_ref).collect();
         let outs = model.forward(&mut caches, &lists, Outputs::Last)?;
+        // As the engine samples: each row on the model's threads.
         let ts = Instant::now();
-        for ((o, s), tok) in outs.iter().zip(&mut samplers).zip(&mut next) {
-            *tok = s.sample(&o[0].log_probs, &params)?.token;
+        let cells: Vec<Mutex<(&mut SequenceSampler, Option<TokenId>)>> =
+            samplers.iter_mut().map(|s| Mutex::new((s, None))).collect();
+        policy.for_each_parallel(n, &|j| {
+            if let Ok(mut c) = cells[j].lock() {
+                c.1 =
+                    c.0.sample(&outs[j][0].log_probs, &params)
+                        .ok()
+                        .map(|d| d.token);
+            }
+        });
+        for (c, tok) in cells.into_iter().zip(&mut next) {
+            *tok = c
+                .into_inner()
+                .ok()
+                .and_then(|c| c.1)
+                .ok_or("a row failed to sample")?;
         }
         sampling += ts.elapsed().as_secs_f64();
     }
