@@ -26,7 +26,7 @@ The two alternate, REPEATS times each; figures are medians.
 usage: python crates/tilt-cli/benches/bon_vs_transformers.py TILT_BINARY [REPEATS]
        (a Python with torch, transformers, gguf, accelerate and sentence-transformers: the
        venv `cargo bench -p tilt-models --bench decode_vs_transformers` makes in
-       target/tilt-bench-venv, plus `pip install sentence-transformers`)
+       target/tilt-bench-venv, e.g. target/tilt-bench-venv/bin/python)
 """
 
 import json

@@ -56,6 +56,8 @@ const HF_REQUIREMENTS: &[&str] = &[
     "gguf==0.19.0",
     "accelerate==1.15.0",
     "numpy",
+    // For crates/tilt-cli/benches/bon_vs_transformers.py, which runs in this venv.
+    "sentence-transformers==6.3.0",
 ];
 
 fn venv_python() -> Result<PathBuf, Box<dyn std::error::Error>> {

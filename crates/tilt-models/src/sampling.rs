@@ -203,8 +203,7 @@ impl SequenceSampler {
     /// [`ModelError::InvalidInput`] when `log_weights` is empty, holds NaN or +∞, or is all
     /// −∞.
     pub fn sample_index(&mut self, log_weights: &[f64]) -> Result<usize, ModelError> {
-        let order: Vec<usize> = (0..log_weights.len()).collect();
-        let (idx, _) = self.draw_from(log_weights, &order)?;
+        let (idx, _) = self.draw_from(log_weights, 0..log_weights.len())?;
         Ok(idx)
     }
 
@@ -237,6 +236,19 @@ impl SequenceSampler {
         let scaled: Vec<f64> = log_probs.iter().map(|&l| f64::from(l) * inv_t).collect();
         // Candidate tokens: all with nonzero probability, in token-id order unless truncation
         // needs them ranked (descending probability, ties by token id).
+        let truncates =
+            params.top_k.is_some_and(|k| k < scaled.len()) || params.top_p.is_some_and(|p| p < 1.0);
+        if !truncates {
+            // Every token in id order: the walk below over all of them, without building
+            // the index list (a token of probability 0 adds exactly 0 to every sum, so
+            // this is the same arithmetic as the list of the others).
+            let (token, sampling_log_prob) = self.draw_from(&scaled, 0..scaled.len())?;
+            return Ok(Sampled {
+                token: token as TokenId,
+                log_prob: f64::from(log_probs[token]),
+                sampling_log_prob,
+            });
+        }
         let mut kept: Vec<usize> = (0..scaled.len())
             .filter(|&i| scaled[i] > f64::NEG_INFINITY)
             .collect();
@@ -263,7 +275,7 @@ impl SequenceSampler {
         }
         // A fixed order for the inverse-CDF walk, whatever the truncation did.
         kept.sort_unstable();
-        let (token, sampling_log_prob) = self.draw_from(&scaled, &kept)?;
+        let (token, sampling_log_prob) = self.draw_from(&scaled, kept.iter().copied())?;
         Ok(Sampled {
             token: token as TokenId,
             log_prob: f64::from(log_probs[token]),
@@ -273,17 +285,21 @@ impl SequenceSampler {
 
     /// Draw one of `order` with probability ∝ exp(logits[i]); return it and its normalised
     /// log-probability.
-    fn draw_from(&mut self, logits: &[f64], order: &[usize]) -> Result<(usize, f64), ModelError> {
-        if let Some(&i) = order
-            .iter()
-            .find(|&&i| logits[i].is_nan() || logits[i] == f64::INFINITY)
+    fn draw_from(
+        &mut self,
+        logits: &[f64],
+        order: impl Iterator<Item = usize> + Clone,
+    ) -> Result<(usize, f64), ModelError> {
+        if let Some(i) = order
+            .clone()
+            .find(|&i| logits[i].is_nan() || logits[i] == f64::INFINITY)
         {
             return Err(ModelError::InvalidInput(format!(
                 "sampling: weight {i} is {}",
                 logits[i]
             )));
         }
-        let lse = log_sum_exp(order.iter().map(|&i| logits[i]));
+        let lse = log_sum_exp(order.clone().map(|i| logits[i]));
         if !lse.is_finite() {
             return Err(ModelError::InvalidInput(
                 "sampling: every token has probability 0".into(),
@@ -292,7 +308,7 @@ impl SequenceSampler {
         let u = self.uniform();
         let mut acc = 0.0;
         let mut last = None;
-        for &i in order {
+        for i in order {
             if logits[i] == f64::NEG_INFINITY {
                 continue;
             }
