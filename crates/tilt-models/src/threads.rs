@@ -12,23 +12,25 @@
 //! `TILT_NUM_THREADS`, then `RAYON_NUM_THREADS`, then the number of available cores.
 //! Results do not depend on the thread count: the matrix products split work over output
 //! columns, never over the summed dimension, and attention is computed one row per task.
-
 //!
 //! # Threads that adapt to a busy machine
 //!
 //! A parallel region ends when its slowest thread does. When another process keeps one of
 //! the cores busy, the scheduler preempts one of the pool's threads in the middle of its
-//! share and the others wait for it: measured on 2 cores beside one busy loop, 2 threads
-//! decoded 16 sequences at 174 tok/s where 1 thread decoded 217 (and quiet, 2 threads 370,
-//! 1 thread 214). So the matrix products measure, in each parallel region, how long the
-//! calling thread waits for the others once no work is left for it, and the model adapts how
-//! many of its pool's threads a region uses ([`region_threads`]): over a window of
-//! [`WINDOW`] regions, a waiting share above [`HIGH_WAIT`] holds one thread back; while
-//! threads are held back, every [`PROBE_EVERY`] windows one window runs with one more, which
-//! stays if its waiting share is below [`LOW_WAIT`]. This is "thread counts that adapt"
-//! rather than a spin-then-park pool: rayon's workers already spin briefly, then park, so
-//! wake-ups are cheap (a few µs a region, see the speed docs); what a busy core costs is
-//! a preempted thread holding work, which no waiting strategy recovers.
+//! share and the others wait for it. Measured on 2 cores beside one busy loop, with each
+//! product's blocks dealt out in advance, 2 threads decoded 16 sequences at 174 tok/s where
+//! 1 thread decoded 217 (quiet: 370 and 214). Blocks claimed one at a time from a counter
+//! (`matmul.rs`) brought 2 threads to 201, and holding a thread back while the others
+//! wait to 207 (`cargo bench -p tilt-models --bench contention`). So the matrix products
+//! measure, in each parallel region, how long the calling thread waits for the others once
+//! no work is left for it, and the model adapts how many of its pool's threads a region
+//! uses ([`region_threads`]): over a window of [`WINDOW`] regions, a waiting share above
+//! [`HIGH_WAIT`] holds one thread back; while threads are held back, every [`PROBE_EVERY`]
+//! windows one window runs with one more, which stays if its waiting share is below
+//! [`LOW_WAIT`]. This is "thread counts that adapt" rather than a spin-then-park pool:
+//! rayon's workers already spin briefly, then park, so a hand-off is cheap (0.1 µs to a
+//! spinning worker, measured by the decode bench); what a busy core costs is a preempted
+//! thread holding work, which no waiting strategy recovers.
 //!
 //! The choice changes no result (each output element is computed wholly by one task, in
 //! one fixed order, whatever the split). `TILT_ADAPT_THREADS=0` (or
