@@ -3,7 +3,8 @@
 //! exactly which line and field differ and which file changed.
 //!
 //! Output: one JSON object on stdout (`reproduced`, `identical`, both sha256s, `inputs`,
-//! `outputs`, `differences`), or a table; the verdict, with every changed file, on stderr.
+//! `outputs`, `differences`, `largest_relative_difference` when every difference is a
+//! number), or a table; the verdict, with every changed file, on stderr.
 //! Exit code 0 when reproduced, 1 when the output or any file differs, 2 when the manifest
 //! itself is unreadable.
 
@@ -56,6 +57,7 @@ pub fn run(args: ReproduceArgs) -> anyhow::Result<()> {
         "git_commit": GIT_COMMIT,
         "threads": r.threads,
         "n_differences": cmp.differences.len(),
+        "largest_relative_difference": cmp.largest_relative_difference(),
         "differences": shown,
     });
     emit(&report, args.format)?;
@@ -95,8 +97,16 @@ pub fn run(args: ReproduceArgs) -> anyhow::Result<()> {
         } else {
             &d.field
         };
+        let numeric = match cmp.largest_relative_difference() {
+            Some(r) => format!(
+                " (every difference is a number, the largest {r:.1e} relative: what rounding \
+                 differences give, as a reward model's kernels do on another CPU)"
+            ),
+            None => String::new(),
+        };
         why.push(format!(
-            "{} output difference(s), the first at line {} ({field}): recorded {} vs now {}",
+            "{} output difference(s), the first at line {} ({field}): recorded {} vs now \
+             {}{numeric}",
             cmp.differences.len(),
             d.line,
             d.expected,

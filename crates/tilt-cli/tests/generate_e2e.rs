@@ -146,6 +146,7 @@ fn same_seed_same_bytes_across_threads_and_reproduce_verifies() {
     let verdict: Value = serde_json::from_slice(&rep.stdout).unwrap();
     assert_eq!(verdict["identical"], true);
     assert_eq!(verdict["reproduced"], true);
+    assert_eq!(verdict["largest_relative_difference"], Value::Null);
     assert!(stderr(&rep).contains("identical"));
 
     // Tamper with the recorded output: reproduce says exactly what differs.
@@ -167,6 +168,16 @@ fn same_seed_same_bytes_across_threads_and_reproduce_verifies() {
     assert_eq!(diffs[0]["expected"], 123.5);
     assert!(
         stderr(&rep).contains("candidates[2].reward"),
+        "{}",
+        stderr(&rep)
+    );
+    // Every difference is a number: the largest relative one is given (|r − 123.5| / 123.5,
+    // r the real reward in [-1, 1]).
+    let now = diffs[0]["actual"].as_f64().unwrap();
+    let rel = verdict["largest_relative_difference"].as_f64().unwrap();
+    assert!((rel - (now - 123.5).abs() / 123.5).abs() < 1e-12, "{rel}");
+    assert!(
+        stderr(&rep).contains("every difference is a number"),
         "{}",
         stderr(&rep)
     );

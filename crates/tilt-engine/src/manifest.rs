@@ -294,6 +294,28 @@ pub struct Comparison {
     pub differences: Vec<Difference>,
 }
 
+impl Comparison {
+    /// When every difference is between two finite numbers, the largest of
+    /// |now − recorded| / max(|recorded|, f64::MIN_POSITIVE); None when some difference is
+    /// anything else (a text, a missing field, a line) or there is none. A value near
+    /// f32 or f64 rounding (1e-7, 1e-15) says the run took the same path and rounded
+    /// differently: a reward model's kernels on another CPU do that.
+    pub fn largest_relative_difference(&self) -> Option<f64> {
+        let mut largest: Option<f64> = None;
+        for d in &self.differences {
+            let (Some(e), Some(a)) = (d.expected.as_f64(), d.actual.as_f64()) else {
+                return None;
+            };
+            if !(e.is_finite() && a.is_finite()) {
+                return None;
+            }
+            let r = (a - e).abs() / e.abs().max(f64::MIN_POSITIVE);
+            largest = Some(largest.map_or(r, |l: f64| l.max(r)));
+        }
+        largest
+    }
+}
+
 /// Compare a recorded output with the bytes of a re-run: byte identity, and where they
 /// differ, every differing field of every line (lines parsed as JSON; a line that is not
 /// JSON is compared as a string).
@@ -404,6 +426,32 @@ mod tests {
             (3, "")
         );
         assert_eq!(c.differences[1].expected, serde_json::Value::Null);
+    }
+
+    #[test]
+    fn the_largest_relative_difference_is_given_only_when_every_difference_is_a_number() {
+        let rec = RecordedOutput::from_bytes(b"{\"r\":0.5,\"s\":[2.0,4.0],\"t\":\"a\"}\n");
+        // Two numbers off in their last digits.
+        let c = compare_outputs(
+            &rec,
+            b"{\"r\":0.50000001,\"s\":[2.0,4.0000002],\"t\":\"a\"}\n",
+        );
+        assert_eq!(c.differences.len(), 2);
+        let r = c.largest_relative_difference().unwrap();
+        assert!((r - 5e-8).abs() < 1e-12, "{r}");
+        // A changed text, a missing field or an extra line: no such figure.
+        for other in [
+            &b"{\"r\":0.50000001,\"s\":[2.0,4.0],\"t\":\"b\"}\n"[..],
+            b"{\"r\":0.50000001,\"s\":[2.0],\"t\":\"a\"}\n",
+            b"{\"r\":0.5,\"s\":[2.0,4.0],\"t\":\"a\"}\n{}\n",
+        ] {
+            let c = compare_outputs(&rec, other);
+            assert!(!c.differences.is_empty());
+            assert_eq!(c.largest_relative_difference(), None);
+        }
+        // Identical: no differences, no figure.
+        let c = compare_outputs(&rec, b"{\"r\":0.5,\"s\":[2.0,4.0],\"t\":\"a\"}\n");
+        assert_eq!(c.largest_relative_difference(), None);
     }
 
     #[test]
