@@ -39,8 +39,8 @@ use crate::error::{EngineError, Result};
 use crate::request::{Candidate, FinishReason, KlNote, Output};
 use crate::select::{first_accepted, select};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use tilt_models::sampling::{Sampled, SamplingParams, SequenceSampler};
+use std::sync::Arc;
+use tilt_models::sampling::{SamplingParams, SequenceSampler};
 use tilt_models::{Policy, StepOutput, TokenId};
 use tilt_rewards::Reward;
 
@@ -654,35 +654,23 @@ impl<C: Clone + Send> Group<C> {
         // reads only its own sequence's sampler and log-probs, so the draws do not depend
         // on the order (a vocabulary-wide inverse-CDF walk per sequence, a large share of a
         // step at 16 sequences).
-        let draws: Vec<Mutex<Option<Result<Sampled>>>> = {
-            let live: Vec<Mutex<&mut Seq<C>>> = self
-                .seqs
-                .iter_mut()
-                .filter(|s| s.finish.is_none())
-                .map(Mutex::new)
-                .collect();
-            let draws: Vec<_> = live.iter().map(|_| Mutex::new(None)).collect();
-            let (prefill, sampling) = (&self.prefill.output, &self.spec.sampling);
-            policy.for_each_parallel(live.len(), &|j| {
-                let (Ok(mut s), Ok(mut slot)) = (live[j].lock(), draws[j].lock()) else {
-                    return;
-                };
-                let s = &mut **s;
+        let mut live: Vec<&mut Seq<C>> = self
+            .seqs
+            .iter_mut()
+            .filter(|s| s.finish.is_none())
+            .collect();
+        let (prefill, sampling) = (&self.prefill.output, &self.spec.sampling);
+        let mut draws = policy
+            .map_parallel(&mut live, |s| {
                 let out = s.last.as_ref().unwrap_or(prefill);
-                let d = s.sampler.sample(&out.log_probs, sampling);
-                *slot = Some(d.map_err(EngineError::from));
-            });
-            draws
-        };
-        let mut draws = draws.into_iter();
+                s.sampler.sample(&out.log_probs, sampling)
+            })
+            .into_iter();
         for (i, s) in self.seqs.iter_mut().enumerate() {
             if s.finish.is_some() {
                 continue;
             }
-            let d = draws
-                .next()
-                .and_then(|m| m.into_inner().ok().flatten())
-                .ok_or_else(|| missing_row("sampling"))??;
+            let d = draws.next().ok_or_else(|| missing_row("sampling"))??;
             s.tokens.push(d.token);
             s.token_log_probs.push(d.log_prob);
             s.log_prob += d.log_prob;

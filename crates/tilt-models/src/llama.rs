@@ -668,7 +668,7 @@ impl Llama {
             time(Phase::Norm, 0, || {
                 rms_norm(&h, &blk.attn_norm, eps, &mut xn)
             });
-            time(Phase::QkvMatmul, 1, || {
+            time(Phase::QkvMatmul, 0, || {
                 blk.wqkv.matmul(&xn, n, &mut qkv, false) // (n, qd + 2 kvd)
             })?;
             time(Phase::RopeAndCache, 0, || {
@@ -696,7 +696,7 @@ impl Llama {
                     let q = &qkv[r * qkv_w..r * qkv_w + qd];
                     attend(cfg, &caches[s], l, pos, q, out);
                 };
-                time(Phase::Attention, 1, || {
+                time(Phase::Attention, u64::from(parallel), || {
                     if parallel {
                         attn.par_chunks_mut(qd)
                             .zip(rows.par_iter())
@@ -707,20 +707,20 @@ impl Llama {
                     }
                 });
             }
-            time(Phase::OutMatmul, 1, || {
+            time(Phase::OutMatmul, 0, || {
                 blk.wo.matmul(&attn, n, &mut h, true)
             })?; // h += attn Woᵀ
 
             // Gated MLP (SwiGLU, arXiv:2002.05202): h += W_down (silu(W_gate x) ⊙ W_up x).
             time(Phase::Norm, 0, || rms_norm(&h, &blk.ffn_norm, eps, &mut xn));
-            time(Phase::GateUpMatmul, 1, || {
+            time(Phase::GateUpMatmul, 0, || {
                 blk.w_gate_up.matmul(&xn, n, &mut gate_up, false) // (n, 2f)
             })?;
             let body = |(a, gu): (&mut [f32], &[f32])| {
                 let (g, u) = gu.split_at(f);
                 crate::vecmath::silu_mul(g, u, a);
             };
-            time(Phase::Silu, 1, || {
+            time(Phase::Silu, u64::from(parallel), || {
                 if parallel {
                     act.par_chunks_mut(f)
                         .zip(gate_up.par_chunks(2 * f))
@@ -729,7 +729,7 @@ impl Llama {
                     act.chunks_mut(f).zip(gate_up.chunks(2 * f)).for_each(body)
                 }
             });
-            time(Phase::DownMatmul, 1, || {
+            time(Phase::DownMatmul, 0, || {
                 blk.w_down.matmul(&act, n, &mut h, true)
             })?;
         }
@@ -754,7 +754,7 @@ impl Llama {
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         let vocab = head.out();
         let mut logits = vec![0f32; m * vocab];
-        time(Phase::LmHead, 1, || {
+        time(Phase::LmHead, 0, || {
             rms_norm(&hidden, &self.final_norm, eps, &mut normed);
             head.matmul(&normed, m, &mut logits, false)
         })?;
@@ -763,7 +763,7 @@ impl Llama {
             log_probs: crate::vecmath::log_softmax(lg),
             hidden: hn.to_vec(),
         };
-        let results: Vec<StepOutput> = time(Phase::LogSoftmax, 1, || {
+        let results: Vec<StepOutput> = time(Phase::LogSoftmax, u64::from(parallel), || {
             if parallel {
                 logits
                     .par_chunks(vocab)
@@ -785,10 +785,10 @@ impl Llama {
     }
 }
 
-/// Why tensor `name` is not one a Llama of `n_layers` blocks uses (`None`: it is).
 /// (sequence, position, token) of a new row of a forward.
 type Row = (usize, usize, TokenId);
 
+/// Why tensor `name` is not one a Llama of `n_layers` blocks uses (`None`: it is).
 fn unused_tensor(name: &str, n_layers: usize) -> Option<String> {
     if matches!(
         name,
@@ -1215,11 +1215,15 @@ impl Policy for LlamaPolicy {
     }
 
     /// On the model's pool (as many of its threads as [`crate::threads`] lets a region use).
-    fn for_each_parallel(&self, n: usize, f: &(dyn Fn(usize) + Sync)) {
-        if n <= 1 || crate::threads::region_threads(self.model.threads) <= 1 {
-            (0..n).for_each(f);
+    fn map_parallel<T: Send, R: Send>(
+        &self,
+        items: &mut [T],
+        f: impl Fn(&mut T) -> R + Sync + Send,
+    ) -> Vec<R> {
+        if items.len() <= 1 || crate::threads::region_threads(self.model.threads) <= 1 {
+            items.iter_mut().map(f).collect()
         } else {
-            self.model.install(|| (0..n).into_par_iter().for_each(f));
+            self.model.install(|| items.par_iter_mut().map(f).collect())
         }
     }
 

@@ -403,7 +403,7 @@ impl Linear {
             let wall = start.elapsed().as_nanos() as u64;
             let wait = wall.saturating_sub(caller_done.load(Ordering::Relaxed));
             crate::threads::record_region(pool, used, wall, wait);
-            crate::profile::add_wait(wait);
+            crate::profile::add_handoff(wait);
         }
         Ok(())
     }

@@ -111,12 +111,19 @@ pub trait Policy: Send + Sync {
         let _ = (cache, forks);
     }
 
-    /// Run `f(0)`, …, `f(n − 1)`, in any order and possibly at once on the policy's own
-    /// threads (the engine samples its sequences' next tokens this way). Each call must
-    /// touch only its own index's data: then the results do not depend on the order. The
-    /// default runs them one after another.
-    fn for_each_parallel(&self, n: usize, f: &(dyn Fn(usize) + Sync)) {
-        (0..n).for_each(f);
+    /// `f` of each item, in order, computed possibly at once on the policy's own threads
+    /// (the engine samples its sequences' next tokens this way). Each call sees only its own
+    /// item, so the results do not depend on how the calls are spread. The default runs
+    /// them one after another.
+    fn map_parallel<T: Send, R: Send>(
+        &self,
+        items: &mut [T],
+        f: impl Fn(&mut T) -> R + Sync + Send,
+    ) -> Vec<R>
+    where
+        Self: Sized,
+    {
+        items.iter_mut().map(f).collect()
     }
 
     /// log p(response | context) token by token: element i is log p(response[i] | context,

@@ -126,15 +126,18 @@ pub fn take() -> Taken {
     }
 }
 
-/// Count `ns` of a matrix product's caller waiting for the other threads.
+/// Count one matrix product that handed work to the pool, its caller having waited
+/// `wait_ns` for the other threads (a product run on the caller alone counts nothing).
 #[inline]
-pub(crate) fn add_wait(ns: u64) {
+pub(crate) fn add_handoff(wait_ns: u64) {
     if ON.load(Ordering::Relaxed) {
-        WAIT.fetch_add(ns, Ordering::Relaxed);
+        REGIONS.fetch_add(1, Ordering::Relaxed);
+        WAIT.fetch_add(wait_ns, Ordering::Relaxed);
     }
 }
 
-/// Time `f` as `phase` when profiling is on; count it as `regions` hand-offs to the pool.
+/// Time `f` as `phase` when profiling is on; count it as `regions` hand-offs to the pool
+/// (the matrix products count their own, see [`add_handoff`]).
 #[inline]
 pub(crate) fn time<T>(phase: Phase, regions: u64, f: impl FnOnce() -> T) -> T {
     if !ON.load(Ordering::Relaxed) {

@@ -234,48 +234,19 @@ impl SequenceSampler {
         }
         let inv_t = 1.0 / params.temperature;
         let scaled: Vec<f64> = log_probs.iter().map(|&l| f64::from(l) * inv_t).collect();
-        // Candidate tokens: all with nonzero probability, in token-id order unless truncation
-        // needs them ranked (descending probability, ties by token id).
+        // The walk runs over the candidate tokens in token-id order: all of them, or those
+        // top-k / top-p keep (ranked by descending probability, ties by token id).
         let truncates =
             params.top_k.is_some_and(|k| k < scaled.len()) || params.top_p.is_some_and(|p| p < 1.0);
-        if !truncates {
-            // Every token in id order: the walk below over all of them, without building
-            // the index list (a token of probability 0 adds exactly 0 to every sum, so
-            // this is the same arithmetic as the list of the others).
-            let (token, sampling_log_prob) = self.draw_from(&scaled, 0..scaled.len())?;
-            return Ok(Sampled {
-                token: token as TokenId,
-                log_prob: f64::from(log_probs[token]),
-                sampling_log_prob,
-            });
-        }
-        let mut kept: Vec<usize> = (0..scaled.len())
-            .filter(|&i| scaled[i] > f64::NEG_INFINITY)
-            .collect();
-        let by_rank = |a: &usize, b: &usize| scaled[*b].total_cmp(&scaled[*a]).then(a.cmp(b));
-        if let Some(k) = params.top_k {
-            if k < kept.len() {
-                kept.select_nth_unstable_by(k - 1, by_rank);
-                kept.truncate(k);
-            }
-        }
-        if let Some(p) = params.top_p.filter(|&p| p < 1.0) {
-            kept.sort_unstable_by(by_rank);
-            let lse = log_sum_exp(kept.iter().map(|&i| scaled[i]));
-            let mut mass = 0.0;
-            let mut cut = kept.len();
-            for (j, &i) in kept.iter().enumerate() {
-                mass += (scaled[i] - lse).exp();
-                if mass >= p {
-                    cut = j + 1;
-                    break;
-                }
-            }
-            kept.truncate(cut);
-        }
-        // A fixed order for the inverse-CDF walk, whatever the truncation did.
-        kept.sort_unstable();
-        let (token, sampling_log_prob) = self.draw_from(&scaled, kept.iter().copied())?;
+        let (token, sampling_log_prob) = if truncates {
+            let kept = truncated(&scaled, params);
+            self.draw_from(&scaled, kept.iter().copied())?
+        } else {
+            // Every token in id order, without building the index list: a token of
+            // probability 0 adds exactly 0 to every sum, so this is the same arithmetic as
+            // the list of the others.
+            self.draw_from(&scaled, 0..scaled.len())?
+        };
         Ok(Sampled {
             token: token as TokenId,
             log_prob: f64::from(log_probs[token]),
@@ -324,6 +295,38 @@ impl SequenceSampler {
         })?;
         Ok((i, logits[i] - lse))
     }
+}
+
+/// The tokens of nonzero probability that `params` keep (top-k, then top-p), in token-id
+/// order.
+fn truncated(scaled: &[f64], params: &SamplingParams) -> Vec<usize> {
+    let mut kept: Vec<usize> = (0..scaled.len())
+        .filter(|&i| scaled[i] > f64::NEG_INFINITY)
+        .collect();
+    let by_rank = |a: &usize, b: &usize| scaled[*b].total_cmp(&scaled[*a]).then(a.cmp(b));
+    if let Some(k) = params.top_k {
+        if k < kept.len() {
+            kept.select_nth_unstable_by(k - 1, by_rank);
+            kept.truncate(k);
+        }
+    }
+    if let Some(p) = params.top_p.filter(|&p| p < 1.0) {
+        kept.sort_unstable_by(by_rank);
+        let lse = log_sum_exp(kept.iter().map(|&i| scaled[i]));
+        let mut mass = 0.0;
+        let mut cut = kept.len();
+        for (j, &i) in kept.iter().enumerate() {
+            mass += (scaled[i] - lse).exp();
+            if mass >= p {
+                cut = j + 1;
+                break;
+            }
+        }
+        kept.truncate(cut);
+    }
+    // A fixed order for the inverse-CDF walk, whatever the truncation did.
+    kept.sort_unstable();
+    kept
 }
 
 /// log Σ exp(x_i) in `f64`, stable; −∞ for an empty or all −∞ input.

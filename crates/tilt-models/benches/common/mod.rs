@@ -4,7 +4,6 @@
 // Each bench binary uses its own part of this module.
 #![allow(dead_code)]
 
-use std::sync::Mutex;
 use std::time::Instant;
 
 use tilt_models::{Llama, LlamaPolicy, Outputs, Policy, TokenId};
@@ -144,22 +143,14 @@ pub fn profile_decode(
         let outs = model.forward(&mut caches, &lists, Outputs::Last)?;
         // As the engine samples: each row on the model's threads.
         let ts = Instant::now();
-        let cells: Vec<Mutex<(&mut SequenceSampler, Option<TokenId>)>> =
-            samplers.iter_mut().map(|s| Mutex::new((s, None))).collect();
-        policy.for_each_parallel(n, &|j| {
-            if let Ok(mut c) = cells[j].lock() {
-                c.1 =
-                    c.0.sample(&outs[j][0].log_probs, &params)
-                        .ok()
-                        .map(|d| d.token);
-            }
-        });
-        for (c, tok) in cells.into_iter().zip(&mut next) {
-            *tok = c
-                .into_inner()
-                .ok()
-                .and_then(|c| c.1)
-                .ok_or("a row failed to sample")?;
+        let mut rows: Vec<(&mut SequenceSampler, &[f32])> = samplers
+            .iter_mut()
+            .zip(&outs)
+            .map(|(s, o)| (s, o[0].log_probs.as_slice()))
+            .collect();
+        let drawn = policy.map_parallel(&mut rows, |(s, lp)| s.sample(lp, &params));
+        for (d, tok) in drawn.into_iter().zip(&mut next) {
+            *tok = d?.token;
         }
         sampling += ts.elapsed().as_secs_f64();
     }
